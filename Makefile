@@ -1,0 +1,42 @@
+# Flora: `make demo` runs every stage on the bundled sample world; `make test` runs the test suite.
+# Both create .venv when it is missing and (re)install the project when setup.cfg changes.
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed-stamp
+DEMO   ?= demo_out
+PYTEST_ARGS ?=
+
+.PHONY: install demo test test-fast lint bench-catalog clean
+
+$(STAMP): setup.cfg pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[test]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+# The bundled sample world is generated deterministically (seed 0): no network, no GPU.
+demo: $(STAMP)
+	$(PY) -m sharding.world generate --out $(DEMO)/world --records 2000 --species 40 --seed 0
+	$(PY) -m sharding catalog --source $(DEMO)/world/catalog.jsonl --out $(DEMO)/splits \
+		--config config/catalog_smoke.yaml --region EU_SW
+	@echo "demo: outputs under $(DEMO)/ (world/, splits/)"
+
+# CI runs everything but GPU tests (slow, mongo and browser included).
+test: $(STAMP)
+	$(PY) -m pytest -m "not gpu" $(PYTEST_ARGS)
+
+test-fast: $(STAMP)
+	$(PY) -m pytest -m "not gpu and not slow" $(PYTEST_ARGS)
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check sharding loaders training export tests benchmarks
+	$(VENV)/bin/ruff format --check sharding loaders training export tests benchmarks
+
+bench-catalog: $(STAMP)
+	$(PY) benchmarks/catalog.py
+
+clean:
+	rm -rf $(DEMO) .pytest_cache

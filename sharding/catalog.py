@@ -1,0 +1,309 @@
+"""The catalog stage: a source of raw records -> validated, deduplicated, split JSONL + reports.
+
+Owns the order of operations and every file the stage writes into ``--out``:
+
+1. read (sources.py) and validate (records.py) each record; licenses (licenses.py) and regions
+   (regions.py) are resolved here; a bad record goes to ``rejects.jsonl`` with its position;
+2. dedup by normalised URL, with the species-conflict policy (split.py) -> ``duplicates.jsonl``;
+3. ``production_only`` rejects restrictive records (reason ``restrictive_license``), then species
+   under ``split.min_images_per_species`` (reason ``rare_species``);
+4. the split (split.py), labels from ``class_mapping.json`` (species sorted by name -> 0..K-1);
+5. ``dataset_{train,val,test}.jsonl``, ``dataset_splits.jsonl``, ``split_analysis.json``,
+   ``export_stats.json``, and per requested region ``dataset_<region>_{split}.jsonl``,
+   ``class_mapping_<region>.json``, ``analysis_<region>.json``.
+
+Accounting: input records = written + rejected + duplicates, checked and stored in export_stats.
+Determinism: output files are sorted and carry no timings or absolute paths, so the same input (in
+any order) and seed give byte-identical files; only the ``position`` of a reject depends on order.
+A regional subset keeps each record's global split (no leakage between a regional and the global
+set); its ``label`` indexes the regional mapping and ``global_label`` the global one.
+Every file is written to a temporary name and renamed into place, so a crash leaves old or new
+files, never half-written ones.
+
+Leaves out: downloading (the sharder, issue 4), and anything about image content.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+from collections import Counter
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .config import SPLIT_NAMES, CatalogConfig, to_dict
+from .licenses import PERMISSIVE, LicenseTable
+from .records import Record, RecordError, validate
+from .regions import RegionTable
+from .sources import Unparseable, open_source, redact
+from .split import assign_splits, canonical_json, dedup, leakage_report
+
+BUNDLED_CONFIG_DIR = Path(__file__).resolve().parents[1] / "config"
+
+
+def resolve_table(name: str, config_dir: Path | None) -> Path:
+    """A table file by name: as given, beside the config file, or in the bundled config/."""
+    for base in (Path.cwd(), config_dir, BUNDLED_CONFIG_DIR):
+        if base is not None and (base / name).is_file():
+            return base / name
+    return Path(name)
+
+
+def _json_default(value: Any) -> Any:
+    # MongoDB documents may hold datetimes, ObjectIds, Decimal128: keep them as text, never fail.
+    iso = getattr(value, "isoformat", None)
+    return iso() if callable(iso) else str(value)
+
+
+def _dumps(obj: Any) -> str:
+    return json.dumps(obj, ensure_ascii=False, default=_json_default)
+
+
+class _AtomicWriter:
+    """Writes text to ``path`` through ``path.tmp`` and renames on success."""
+
+    def __init__(self, path: Path):
+        self.path, self.tmp = path, path.with_name(path.name + ".tmp")
+
+    def __enter__(self):
+        self.fh = open(self.tmp, "w", encoding="utf-8", newline="\n")  # noqa: SIM115 - closed in __exit__
+        return self.fh
+
+    def __exit__(self, exc_type, exc, tb):
+        self.fh.close()
+        if exc_type is None:
+            os.replace(self.tmp, self.path)
+        else:
+            self.tmp.unlink(missing_ok=True)
+
+
+def write_jsonl(path: Path, rows: Iterable[Any]) -> int:
+    count = 0
+    with _AtomicWriter(path) as fh:
+        for row in rows:
+            fh.write(_dumps(row))
+            fh.write("\n")
+            count += 1
+    return count
+
+
+def write_json(path: Path, obj: Any) -> None:
+    with _AtomicWriter(path) as fh:
+        fh.write(json.dumps(obj, ensure_ascii=False, indent=2, sort_keys=True, default=_json_default))
+        fh.write("\n")
+
+
+@dataclass
+class CatalogResult:
+    """What a run produced (also written as export_stats.json)."""
+
+    out_dir: Path
+    stats: dict[str, Any]
+    class_mapping: dict[str, int]
+    subsets: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+
+def _summary(records: list[Record]) -> dict[str, Any]:
+    per_class = Counter(r.latin_name for r in records)
+    licenses = Counter(r.license for r in records)
+    classes = Counter(r.license_class for r in records)
+    sizes = sorted(per_class.values())
+    return {
+        "records": len(records),
+        "classes": len(per_class),
+        "images_per_class": {
+            "min": sizes[0] if sizes else 0,
+            "median": statistics.median(sizes) if sizes else 0,
+            "max": sizes[-1] if sizes else 0,
+        },
+        "license_class": dict(sorted(classes.items())),
+        "permissive_fraction": round(classes.get(PERMISSIVE, 0) / len(records), 4) if records else None,
+        "licenses": dict(sorted(licenses.items())),
+        "regions": dict(sorted(Counter(r.region for r in records).items())),
+        "sources": dict(sorted(Counter(r.source for r in records).items())),
+    }
+
+
+def analyse(records: list[Record], train_only: list[str], group_by: str | None) -> dict[str, Any]:
+    """Per split counts, classes, license and region mix, and the leakage check."""
+    splits = {s: [r for r in records if r.split == s] for s in SPLIT_NAMES}
+    train_classes = {r.latin_name for r in splits["train"]}
+    return {
+        "total": _summary(records),
+        "splits": {s: _summary(rs) for s, rs in splits.items()},
+        "train_only_species": sorted(train_only),
+        "classes_missing_from": {
+            s: len(train_classes - {r.latin_name for r in splits[s]}) for s in SPLIT_NAMES if s != "train"
+        },
+        "leakage": leakage_report(records, group_by),
+    }
+
+
+def _write_dataset(out: Path, prefix: str, records: list[Record], extra: dict[int, dict] | None = None) -> None:
+    def rows(selected: Iterable[Record]):
+        for r in selected:
+            row = r.to_dict()
+            if extra is not None:
+                row.update(extra[id(r)])
+            yield row
+
+    for split in SPLIT_NAMES:
+        write_jsonl(out / f"{prefix}_{split}.jsonl", rows(r for r in records if r.split == split))
+    if extra is None:
+        write_jsonl(out / f"{prefix}_splits.jsonl", rows(records))
+
+
+def _build(position: str, raw: Any, licenses: LicenseTable, regions: RegionTable) -> Record:
+    if isinstance(raw, Unparseable):
+        raise RecordError("invalid_json", raw.message)
+    fields, meta = validate(raw)
+    license_id, license_class = licenses.classify(fields["license"])
+    country, region = regions.resolve(fields["country"], fields["region"])
+    if fields["license"] is not None:
+        meta["license_raw"] = fields["license"]
+    if fields["url_raw"] != fields["image_url"]:
+        meta["image_url_raw"] = fields["url_raw"]
+    if fields["country"] is not None and fields["country"] != country:
+        meta["country_raw"] = fields["country"]
+    record = Record(
+        plant_id=fields["plant_id"],
+        latin_name=fields["latin_name"],
+        image_url=fields["image_url"],
+        license=license_id,
+        license_class=license_class,
+        source=fields["source"],
+        country=country,
+        region=region,
+        meta=dict(sorted(meta.items())),
+    )
+    return record
+
+
+def run_catalog(
+    source: str, out_dir: str | Path, cfg: CatalogConfig, config_dir: Path | None = None
+) -> CatalogResult:
+    """Runs the whole catalog stage (see module docstring) and returns its statistics."""
+    from tqdm import tqdm
+
+    licenses = LicenseTable.load(resolve_table(cfg.licenses_file, config_dir))
+    regions = RegionTable.load(resolve_table(cfg.regions_file, config_dir))
+    subset_names = regions.check_names(cfg.regions)
+    reader = open_source(source, cfg.mongo)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+
+    total = reader.count() if hasattr(reader, "count") else None
+    valid: list[Record] = []
+    positions: dict[int, str] = {}
+    rejects: list[dict[str, Any]] = []
+    n_input = 0
+    hide = not os.isatty(2) if cfg.progress is None else not cfg.progress
+    for position, raw in tqdm(reader, total=total, unit=" rec", desc="catalog", disable=hide):
+        n_input += 1
+        try:
+            record = _build(position, raw, licenses, regions)
+        except RecordError as exc:
+            shown = raw.text if isinstance(raw, Unparseable) else raw
+            rejects.append({"position": position, "reason": exc.reason, "message": str(exc), "record": shown})
+            continue
+        positions[id(record)] = position
+        valid.append(record)
+
+    def reject(record: Record, reason: str, message: str) -> None:
+        rejects.append(
+            {"position": positions[id(record)], "reason": reason, "message": message, "record": record.to_dict()}
+        )
+
+    result = dedup(valid, cfg.species_conflict)
+    for record, reason, message in result.rejected:
+        reject(record, reason, message)
+    kept = result.kept
+    if cfg.production_only:
+        for r in kept:
+            if r.license_class != PERMISSIVE:
+                reject(r, "restrictive_license", f"license {r.license} is {r.license_class}; production_only")
+        kept = [r for r in kept if r.license_class == PERMISSIVE]
+    per_species = Counter(r.latin_name for r in kept)
+    minimum = cfg.split.min_images_per_species
+    for r in kept:
+        if per_species[r.latin_name] < minimum:
+            reject(r, "rare_species", f"{r.latin_name} has {per_species[r.latin_name]} images (< {minimum})")
+    kept = [r for r in kept if per_species[r.latin_name] >= minimum]
+
+    train_only = assign_splits(kept, cfg.split)
+    mapping = {name: index for index, name in enumerate(sorted({r.latin_name for r in kept}))}
+    for r in kept:
+        r.label = mapping[r.latin_name]
+    kept.sort(key=lambda r: (r.label, r.image_url))
+
+    _write_dataset(out, "dataset", kept)
+    write_json(out / "class_mapping.json", mapping)
+    analysis = analyse(kept, train_only, cfg.split.group_by)
+    write_json(out / "split_analysis.json", analysis)
+
+    subsets = {}
+    for name in subset_names:
+        subsets[name] = _write_subset(out, name, kept, cfg)
+
+    rejects.sort(key=lambda row: (row["reason"], canonical_json(row["record"]), row["position"]))
+    write_jsonl(out / "rejects.jsonl", rejects)
+    duplicates = sorted(
+        (
+            {"reason": reason, "record": dup.to_dict(), "duplicate_of": keep.to_dict()}
+            for dup, keep, reason in result.duplicates
+        ),
+        key=canonical_json,
+    )
+    write_jsonl(out / "duplicates.jsonl", duplicates)
+
+    valid_classes = Counter(r.license_class for r in valid)
+    stats = {
+        "source": redact(reader.describe()),
+        "input_records": n_input,
+        "written": len(kept),
+        "rejected": len(rejects),
+        "duplicates": len(duplicates),
+        "accounting_ok": n_input == len(kept) + len(rejects) + len(duplicates),
+        "rejects_by_reason": dict(sorted(Counter(r["reason"] for r in rejects).items())),
+        "duplicates_by_reason": dict(sorted(Counter(d["reason"] for d in duplicates).items())),
+        "conflicting_urls": result.conflicting_urls,
+        "species": len(mapping),
+        "splits": {s: analysis["splits"][s]["records"] for s in SPLIT_NAMES},
+        "leakage_ok": analysis["leakage"]["ok"],
+        "licenses": {
+            "permissive_fraction_valid_input": round(valid_classes[PERMISSIVE] / len(valid), 4) if valid else None,
+            "permissive_fraction_written": analysis["total"]["permissive_fraction"],
+            "permissive_fraction_train": analysis["splits"]["train"]["permissive_fraction"],
+            "unknown_raw": dict(sorted(licenses.unknown_raw.items())),
+        },
+        "regions": {
+            "written": analysis["total"]["regions"],
+            "unknown_countries": dict(sorted(regions.unknown_countries.items())),
+            "region_conflicts": regions.conflicts,
+        },
+        "subsets": {name: {"records": s["total"]["records"], "classes": s["total"]["classes"]} for name, s in subsets.items()},
+        "config": to_dict(cfg),
+    }
+    if not stats["accounting_ok"]:  # a bug, not bad input: never let it pass silently
+        raise AssertionError(f"catalog accounting broken: {stats}")
+    write_json(out / "export_stats.json", stats)
+    return CatalogResult(out_dir=out, stats=stats, class_mapping=mapping, subsets=subsets)
+
+
+def _write_subset(out: Path, region: str, records: list[Record], cfg: CatalogConfig) -> dict[str, Any]:
+    subset = [r for r in records if r.region == region]
+    mapping = {name: index for index, name in enumerate(sorted({r.latin_name for r in subset}))}
+    extra = {id(r): {"label": mapping[r.latin_name], "global_label": r.label} for r in subset}
+    slug = region.lower()
+    _write_dataset(out, f"dataset_{slug}", subset, extra)
+    write_json(out / f"class_mapping_{slug}.json", mapping)
+    train_only = sorted(
+        {r.latin_name for r in subset} - {r.latin_name for r in subset if r.split != "train"}
+    )
+    analysis = analyse(subset, train_only, cfg.split.group_by)
+    analysis["region"] = region
+    write_json(out / f"analysis_{slug}.json", analysis)
+    return analysis

@@ -1,0 +1,257 @@
+"""Typed configuration: YAML -> dataclasses, validated on load, with dotted overrides.
+
+Owns the one mechanism every Flora stage uses to read its config: ``load_config(cls, path,
+overrides)`` builds a (nested) dataclass from a YAML mapping, rejects unknown keys and values of the
+wrong type with a message that names the dotted key, and applies ``key.sub=value`` overrides from the
+command line (values parsed as YAML scalars). It also holds the catalog stage's own config classes.
+
+Leaves out: per-stage semantics beyond type checks (each config's ``__post_init__`` validates its own
+ranges), and any environment-variable magic (secrets are read where they are used, see sources.py).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+
+T = TypeVar("T")
+
+
+class ConfigError(ValueError):
+    """A config file or override is invalid; the message names the key and the bad value."""
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Checks ``value`` against the annotation ``tp`` and builds nested dataclasses."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if tp is Any:
+        return value
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, key)
+            except ConfigError as exc:
+                errors.append(str(exc))
+        raise ConfigError(errors[0] if len(errors) == 1 else f"{key}: {value!r} matches none of {tp}")
+    if origin is typing.Literal:
+        if value not in args:
+            raise ConfigError(f"{key}: expected one of {list(args)}, got {value!r}")
+        return value
+    if dataclasses.is_dataclass(tp):
+        if isinstance(value, tp):
+            return value
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping for {tp.__name__}, got {type(value).__name__}")
+        return _build(tp, value, key)
+    if origin in (list, tuple):
+        if not isinstance(value, list | tuple):
+            raise ConfigError(f"{key}: expected a list, got {type(value).__name__} {value!r}")
+        item_tp = args[0] if args else Any
+        items = [_coerce(v, item_tp, f"{key}[{i}]") for i, v in enumerate(value)]
+        return items if origin is list else tuple(items)
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {type(value).__name__} {value!r}")
+        ktp, vtp = args if args else (Any, Any)
+        return {_coerce(k, ktp, f"{key}.<key>"): _coerce(v, vtp, f"{key}.{k}") for k, v in value.items()}
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ConfigError(f"{key}: expected a number, got {type(value).__name__} {value!r}")
+        return float(value)
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key}: expected an integer, got {type(value).__name__} {value!r}")
+        return value
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key}: expected true or false, got {type(value).__name__} {value!r}")
+        return value
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{key}: expected a string, got {type(value).__name__} {value!r}")
+        return value
+    if isinstance(tp, type) and not isinstance(value, tp):
+        raise ConfigError(f"{key}: expected {_type_name(tp)}, got {type(value).__name__} {value!r}")
+    return value
+
+
+def _build(cls: type[T], data: dict, prefix: str = "") -> T:
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls) if f.init}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        where = f"{prefix}." if prefix else ""
+        raise ConfigError(
+            f"unknown config key {where}{unknown[0]!s} (known keys{' of ' + prefix if prefix else ''}: "
+            f"{', '.join(sorted(names))})"
+        )
+    kwargs = {}
+    for name, value in data.items():
+        key = f"{prefix}.{name}" if prefix else name
+        kwargs[name] = _coerce(value, hints[name], key)
+    try:
+        return cls(**kwargs)
+    except ConfigError:
+        raise
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"{prefix or cls.__name__}: {exc}") from exc
+
+
+def apply_overrides(data: dict, overrides: list[str] | None) -> dict:
+    """Applies ``a.b.c=value`` overrides (value parsed as a YAML scalar) to a nested mapping copy."""
+    data = _deep_copy(data)
+    for item in overrides or []:
+        if "=" not in item:
+            raise ConfigError(f"override must look like key.sub=value, got {item!r}")
+        dotted, raw = item.split("=", 1)
+        parts = [p for p in dotted.strip().split(".") if p]
+        if not parts:
+            raise ConfigError(f"override has an empty key: {item!r}")
+        node = data
+        for part in parts[:-1]:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise ConfigError(f"override {dotted}: {part} is not a section")
+            node = child
+        try:
+            node[parts[-1]] = yaml.safe_load(raw) if raw.strip() else None
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"override {dotted}: cannot parse value {raw!r}: {exc}") from exc
+    return data
+
+
+def _deep_copy(data: dict) -> dict:
+    return {k: _deep_copy(v) if isinstance(v, dict) else v for k, v in data.items()}
+
+
+def read_yaml(path: str | Path) -> dict:
+    """Reads a YAML mapping; a missing file, bad YAML or a non-mapping top level is a ConfigError."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: invalid YAML: {exc}") from exc
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping at the top level, got {type(data).__name__}")
+    return data
+
+
+def load_config(cls: type[T], path: str | Path | None = None, overrides: list[str] | None = None) -> T:
+    """Builds ``cls`` from a YAML file (or defaults when ``path`` is None) plus dotted overrides."""
+    data = read_yaml(path) if path is not None else {}
+    return from_dict(cls, apply_overrides(data, overrides))
+
+
+def from_dict(cls: type[T], data: dict) -> T:
+    """Builds the dataclass ``cls`` from a plain mapping, validating keys and types."""
+    return _build(cls, data)
+
+
+def to_dict(cfg: Any) -> dict:
+    """The plain-data form of a config dataclass (for reports and checkpoints)."""
+    return dataclasses.asdict(cfg)
+
+
+# --------------------------------------------------------------------------------------------- catalog
+
+#: The seed's split: 80/10/10.
+DEFAULT_FRACTIONS = {"train": 0.8, "val": 0.1, "test": 0.1}
+SPLIT_NAMES = ("train", "val", "test")
+_FRACTION_TOLERANCE = 1e-6
+
+
+@dataclass
+class SplitConfig:
+    """How records are split. See split.py for the algorithm and the rare-species policy."""
+
+    seed: int = 42
+    fractions: dict[str, float] = field(default_factory=lambda: dict(DEFAULT_FRACTIONS))
+    #: Species with fewer than this many groups go entirely to train (they cannot be stratified).
+    min_for_stratify: int = 3
+    #: Species with fewer than this many records (after dedup and filters) are rejected as ``rare_species``.
+    min_images_per_species: int = 1
+    #: Optional record field (or ``meta.<name>``) whose equal values must stay in one split, e.g.
+    #: ``meta.observation_id`` so that photos of one observation never straddle train and test.
+    group_by: str | None = None
+
+    def __post_init__(self) -> None:
+        if set(self.fractions) != set(SPLIT_NAMES):
+            raise ConfigError(f"split.fractions must name exactly {list(SPLIT_NAMES)}, got {sorted(self.fractions)}")
+        if any(v < 0 for v in self.fractions.values()):
+            raise ConfigError(f"split.fractions must be non-negative, got {self.fractions}")
+        total = sum(self.fractions.values())
+        if abs(total - 1.0) > _FRACTION_TOLERANCE:
+            raise ConfigError(f"split.fractions must sum to 1.0, got {self.fractions} (sum {total})")
+        if self.fractions["train"] <= 0:
+            raise ConfigError(f"split.fractions.train must be > 0, got {self.fractions['train']}")
+        if self.min_for_stratify < 1:
+            raise ConfigError(f"split.min_for_stratify must be >= 1, got {self.min_for_stratify}")
+        if self.min_images_per_species < 1:
+            raise ConfigError(f"split.min_images_per_species must be >= 1, got {self.min_images_per_species}")
+
+
+@dataclass
+class MongoConfig:
+    """How the MongoDB source is read."""
+
+    batch_size: int = 2000
+    #: Seconds to wait for the server before failing with one clear line.
+    timeout_s: float = 10.0
+    #: Query filter applied server-side (a MongoDB filter document).
+    filter: dict[str, Any] = field(default_factory=dict)
+    #: Fields to read (inclusion projection). Empty: every field, so extra fields reach ``meta``.
+    fields: list[str] = field(default_factory=list)
+    #: Keep MongoDB's ``_id`` (as ``meta._id``, a string). Off by default: it is storage, not data,
+    #: and leaving it out makes a MongoDB catalog byte-identical to the same records from JSONL.
+    keep_id: bool = False
+    #: Environment variable holding the password when the URI names a user but no password.
+    password_env: str = "FLORA_MONGO_PASSWORD"
+
+    def __post_init__(self) -> None:
+        if self.batch_size < 1:
+            raise ConfigError(f"mongo.batch_size must be >= 1, got {self.batch_size}")
+        if self.timeout_s <= 0:
+            raise ConfigError(f"mongo.timeout_s must be > 0, got {self.timeout_s}")
+
+
+@dataclass
+class CatalogConfig:
+    """The catalog stage: sources -> validated, deduplicated, split records."""
+
+    split: SplitConfig = field(default_factory=SplitConfig)
+    mongo: MongoConfig = field(default_factory=MongoConfig)
+    #: Keep only records whose license is permissive (restrictive ones are rejected, reason
+    #: ``restrictive_license``).
+    production_only: bool = False
+    #: Regional subsets to write besides the global splits (names from regions.yaml).
+    regions: list[str] = field(default_factory=list)
+    #: What to do when one URL carries different species: ``drop`` rejects every record of that URL
+    #: (reason ``url_species_conflict``); ``majority`` keeps the species with the most records (ties:
+    #: none kept, as ``drop``) and logs the others as duplicates.
+    species_conflict: typing.Literal["drop", "majority"] = "drop"
+    #: License table and region table; relative paths are resolved against the config file's folder,
+    #: then against the project's bundled config/.
+    licenses_file: str = "licenses.yaml"
+    regions_file: str = "regions.yaml"
+    #: Show a progress bar (tqdm) while reading; ``None`` shows it only on a terminal.
+    progress: bool | None = None

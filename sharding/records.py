@@ -1,0 +1,167 @@
+"""The record schema: what an input record must hold, how it is validated and normalised.
+
+Owns ``Record`` (the catalog's output row, the contract every later stage reads), the validation of
+one raw input record (``validate``), and the two normalisations that identity depends on:
+
+* ``normalize_url``: scheme and host lower-cased, default port and fragment dropped, query
+  parameters sorted (raw, not re-encoded), empty path -> ``/``. Two URLs with the same key are the
+  same image for dedup and leakage checks.
+* ``normalize_latin_name``: whitespace collapsed, genus capitalised, the rest lower case (specific
+  epithets are lower case by the botanical code; author citations are rare in exports and would be
+  lower-cased too). The species (the class) is this normalised name, not ``plant_id``, because the
+  same species carries different ids in different sources.
+
+Input fields: ``plant_id``, ``latin_name``, ``image_url`` (required), ``license``, ``source``,
+``country``, ``region`` (optional). Every other field is kept in ``meta``, never dropped; an input
+``meta`` mapping is merged into it. A bad record raises ``RecordError`` with a reason code.
+
+Leaves out: licenses and regions (licenses.py, regions.py, applied by the catalog), splitting.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+INPUT_FIELDS = ("plant_id", "latin_name", "image_url", "license", "source", "country", "region")
+REQUIRED_FIELDS = ("plant_id", "latin_name", "image_url")
+OUTPUT_FIELDS = (
+    "plant_id", "latin_name", "image_url", "license", "license_class", "source",
+    "country", "region", "split", "label", "meta",
+)  # fmt: skip
+ALLOWED_SCHEMES = ("http", "https")
+_DEFAULT_PORTS = {"http": 80, "https": 443}
+#: Longest accepted Latin name / URL; longer values are corrupt exports, not species.
+MAX_NAME_CHARS = 200
+MAX_URL_CHARS = 4096
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+_HAS_LETTER = re.compile(r"[^\W\d_]")
+
+
+class RecordError(ValueError):
+    """A record failed validation; ``reason`` is a stable code for counting, the message explains."""
+
+    def __init__(self, reason: str, message: str):
+        super().__init__(message)
+        self.reason = reason
+
+
+@dataclass(slots=True)
+class Record:
+    """One image record after the catalog stage (see OUTPUT_FIELDS for the written order)."""
+
+    plant_id: int | str
+    latin_name: str
+    image_url: str
+    license: str
+    license_class: str
+    source: str
+    country: str | None
+    region: str
+    split: str | None = None
+    label: int | None = None
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {name: getattr(self, name) for name in OUTPUT_FIELDS}
+
+
+def normalize_url(url: str) -> str:
+    """The canonical form of an http(s) URL (see module docstring); raises RecordError if invalid."""
+    text = url.strip()
+    if not text:
+        raise RecordError("bad_url", "image_url is empty")
+    if len(text) > MAX_URL_CHARS:
+        raise RecordError("bad_url", f"image_url is {len(text)} characters long (max {MAX_URL_CHARS})")
+    if _CONTROL.search(text) or " " in text:
+        raise RecordError("bad_url", f"image_url contains whitespace or control characters: {text[:80]!r}")
+    try:
+        parts = urlsplit(text)
+        port = parts.port
+    except ValueError as exc:
+        raise RecordError("bad_url", f"image_url cannot be parsed ({exc}): {text[:80]!r}") from exc
+    scheme = parts.scheme.lower()
+    if scheme not in ALLOWED_SCHEMES:
+        shown = f"{scheme!r}" if scheme else "none"
+        raise RecordError("bad_scheme", f"image_url scheme must be http or https, got {shown}: {text[:80]!r}")
+    if not parts.hostname:
+        raise RecordError("bad_url", f"image_url has no host: {text[:80]!r}")
+    if parts.username is not None or parts.password is not None:
+        raise RecordError("bad_url", "image_url embeds credentials (user:password@host); refusing to keep it")
+    host = parts.hostname.lower()
+    if ":" in host:  # IPv6 literal
+        host = f"[{host}]"
+    netloc = host if port is None or port == _DEFAULT_PORTS[scheme] else f"{host}:{port}"
+    query = "&".join(sorted(p for p in parts.query.split("&") if p)) if parts.query else ""
+    return urlunsplit((scheme, netloc, parts.path or "/", query, ""))
+
+
+def normalize_latin_name(name: str) -> str:
+    """``"  quercus   ILEX "`` -> ``"Quercus ilex"``; raises RecordError if not a plausible name."""
+    words = name.split()
+    if not words:
+        raise RecordError("empty_latin_name", "latin_name is empty")
+    text = " ".join(words)
+    if len(text) > MAX_NAME_CHARS or _CONTROL.search(text) or not _HAS_LETTER.search(text):
+        raise RecordError("bad_latin_name", f"latin_name is not a plausible species name: {text[:80]!r}")
+    genus = words[0]
+    return " ".join([genus[:1].upper() + genus[1:].lower(), *(w.lower() for w in words[1:])])
+
+
+def _check_plant_id(value: Any) -> int | str:
+    if isinstance(value, bool) or not isinstance(value, int | str):
+        raise RecordError("bad_plant_id", f"plant_id must be an integer or a string, got {type(value).__name__}")
+    if isinstance(value, str):
+        value = value.strip()
+        if not value:
+            raise RecordError("bad_plant_id", "plant_id is an empty string")
+    return value
+
+
+def _optional_str(raw: dict, name: str) -> str | None:
+    value = raw.get(name)
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        raise RecordError("bad_type", f"{name} must be a string, got {type(value).__name__} {value!r}")
+    return value.strip() or None
+
+
+def validate(raw: Any) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Checks one input record.
+
+    Returns:
+        ``(fields, meta)``: the normalised schema fields (``plant_id``, ``latin_name``,
+        ``image_url``, ``url_raw``, ``license``, ``source``, ``country``, ``region``) and the extras.
+
+    Raises:
+        RecordError: with a reason code (``not_an_object``, ``missing_field``, ``bad_type``, ``bad_url``,
+            ``bad_scheme``, ``empty_latin_name``, ``bad_latin_name``, ``bad_plant_id``).
+    """
+    if not isinstance(raw, dict):
+        raise RecordError("not_an_object", f"a record must be a JSON object, got {type(raw).__name__}")
+    missing = [name for name in REQUIRED_FIELDS if raw.get(name) is None]
+    if missing:
+        raise RecordError("missing_field", f"missing required field(s): {', '.join(missing)}")
+    for name in ("latin_name", "image_url"):
+        if not isinstance(raw[name], str):
+            raise RecordError("bad_type", f"{name} must be a string, got {type(raw[name]).__name__}")
+    fields = {
+        "plant_id": _check_plant_id(raw["plant_id"]),
+        "latin_name": normalize_latin_name(raw["latin_name"]),
+        "image_url": normalize_url(raw["image_url"]),
+        "url_raw": raw["image_url"],
+        "license": raw.get("license"),
+        "source": _optional_str(raw, "source") or "unknown",
+        "country": _optional_str(raw, "country"),
+        "region": _optional_str(raw, "region"),
+    }
+    meta: dict[str, Any] = {}
+    if isinstance(raw.get("meta"), dict):
+        meta.update(raw["meta"])
+    for key, value in raw.items():
+        if key not in INPUT_FIELDS and not (key == "meta" and isinstance(value, dict)):
+            meta[key] = value
+    return fields, meta

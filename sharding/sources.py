@@ -1,0 +1,158 @@
+"""Record sources: a JSONL export file or a MongoDB collection, read as a stream of raw records.
+
+Owns opening a ``--source`` (``open_source``) and yielding ``(position, raw)`` pairs, where ``raw`` is
+the decoded JSON object (any JSON value: validation is records.py's job) or an ``Unparseable``
+for a line that is not JSON. Nothing is held beyond one line / one cursor batch.
+
+MongoDB: ``mongodb://[user[:password]@]host[:port]/DATABASE.COLLECTION[?options]`` (the connection
+string's ``database.collection`` form; ``mongodb+srv://`` works too). Read with one batch cursor
+(``mongo.batch_size``), the server-side ``mongo.filter`` and a projection (``mongo.fields``; ``_id`` is
+always fetched so rejects can name the document, and kept in ``meta`` only with ``mongo.keep_id``).
+A user without a password in the URI takes it from the environment variable ``mongo.password_env``.
+Passwords are never printed: every message goes through ``redact``. An unreachable server, failed
+authentication or a missing collection is a ``SourceError`` (one line; the CLI exits non-zero).
+
+Leaves out: writing to MongoDB (tests load data with sharding.world.mongo), change streams, sharded
+cluster tuning.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import os
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .config import MongoConfig
+
+_URI_PASSWORD = re.compile(r"(mongodb(?:\+srv)?://[^:/@\s]+:)([^@\s]*)(@)")
+MONGO_PREFIXES = ("mongodb://", "mongodb+srv://")
+
+
+class SourceError(RuntimeError):
+    """The source cannot be read at all (missing file, unreachable server, missing collection)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Unparseable:
+    """A line of a JSONL file that is not valid JSON (or not UTF-8)."""
+
+    text: str
+    message: str
+
+
+def redact(text: str) -> str:
+    """Replaces the password in any MongoDB URI inside ``text`` with ``***``."""
+    return _URI_PASSWORD.sub(r"\1***\3", text)
+
+
+class JsonlSource:
+    """A JSONL (optionally ``.gz``) file: one JSON object per line; blank lines are skipped."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise SourceError(f"source file not found: {self.path}")
+
+    def describe(self) -> str:
+        return f"jsonl:{self.path.name}"
+
+    def __iter__(self) -> Iterator[tuple[str, Any]]:
+        opener = gzip.open if self.path.suffix == ".gz" else open
+        with opener(self.path, "rb") as fh:
+            for lineno, line in enumerate(fh, start=1):
+                if not line.strip():
+                    continue
+                position = f"line {lineno}"
+                try:
+                    yield position, json.loads(line)
+                except UnicodeDecodeError as exc:
+                    yield position, Unparseable(line[:200].decode("utf-8", "replace"), f"not UTF-8: {exc}")
+                except json.JSONDecodeError as exc:
+                    yield position, Unparseable(line[:200].decode("utf-8", "replace").rstrip(), f"invalid JSON: {exc}")
+
+
+class MongoSource:
+    """A MongoDB collection read through one batch cursor (see module docstring)."""
+
+    def __init__(self, uri: str, cfg: MongoConfig):
+        try:
+            import pymongo
+            from pymongo import errors, uri_parser
+        except ImportError as exc:  # pragma: no cover - pymongo is a declared dependency
+            raise SourceError("reading from MongoDB needs pymongo (pip install pymongo)") from exc
+        self.cfg = cfg
+        self.shown_uri = redact(uri)
+        try:
+            parsed = uri_parser.parse_uri(uri)
+        except (errors.InvalidURI, errors.ConfigurationError, ValueError) as exc:
+            raise SourceError(f"invalid MongoDB URI {self.shown_uri}: {redact(str(exc))}") from None
+        self.database, self.collection = parsed.get("database"), parsed.get("collection")
+        if not self.database or not self.collection:
+            raise SourceError(
+                f"MongoDB URI must name database and collection (mongodb://host:port/DATABASE.COLLECTION), "
+                f"got {self.shown_uri}"
+            )
+        auth: dict[str, str] = {}
+        if parsed.get("username") and parsed.get("password") is None:
+            password = os.environ.get(cfg.password_env)
+            if password is None:
+                raise SourceError(f"MongoDB URI names a user but no password, and ${cfg.password_env} is not set")
+            auth["password"] = password
+        timeout_ms = int(cfg.timeout_s * 1000)
+        self._client = pymongo.MongoClient(
+            uri, serverSelectionTimeoutMS=timeout_ms, connectTimeoutMS=timeout_ms, appname="flora-catalog", **auth
+        )
+        try:
+            self._client.admin.command("ping")
+            names = self._client[self.database].list_collection_names()
+        except errors.OperationFailure as exc:
+            self.close()
+            raise SourceError(f"MongoDB refused {self.shown_uri}: {redact(str(exc)).splitlines()[0]}") from None
+        except errors.PyMongoError as exc:
+            self.close()
+            first = redact(str(exc)).splitlines()[0][:300]
+            raise SourceError(f"cannot reach MongoDB at {self.shown_uri}: {first}") from None
+        if self.collection not in names:
+            self.close()
+            raise SourceError(
+                f"collection {self.database}.{self.collection} not found at {self.shown_uri} "
+                f"(collections there: {', '.join(sorted(names)) or 'none'})"
+            )
+
+    def describe(self) -> str:
+        return f"mongodb:{self.database}.{self.collection}"
+
+    def count(self) -> int:
+        return self._client[self.database][self.collection].count_documents(self.cfg.filter)
+
+    def __iter__(self) -> Iterator[tuple[str, Any]]:
+        from pymongo import errors
+
+        projection = {name: 1 for name in self.cfg.fields} if self.cfg.fields else None
+        coll = self._client[self.database][self.collection]
+        try:
+            cursor = coll.find(self.cfg.filter, projection=projection, batch_size=self.cfg.batch_size)
+            for index, doc in enumerate(cursor):
+                doc_id = doc.pop("_id", None)
+                if self.cfg.keep_id and doc_id is not None:
+                    doc["_id"] = str(doc_id)
+                yield f"document {index} (_id {doc_id})", doc
+        except errors.PyMongoError as exc:
+            raise SourceError(f"reading {self.describe()} failed: {redact(str(exc)).splitlines()[0]}") from None
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        self._client.close()
+
+
+def open_source(source: str, mongo: MongoConfig) -> JsonlSource | MongoSource:
+    """Opens a JSONL path or a MongoDB URI (see module docstring)."""
+    if source.startswith(MONGO_PREFIXES):
+        return MongoSource(source, mongo)
+    return JsonlSource(source)
