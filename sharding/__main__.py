@@ -50,7 +50,8 @@ def _catalog(args: argparse.Namespace) -> int:
         print(f"  region {name}: {sub['records']} records, {sub['classes']} species")
     if s["rejects_by_reason"]:
         print("  rejects: " + ", ".join(f"{k} {v}" for k, v in s["rejects_by_reason"].items()))
-    print(f"  wrote {result.out_dir} in {seconds:.1f} s ({s['input_records'] / max(seconds, 1e-9):,.0f} records/s)")
+    rate = s["input_records"] / max(seconds, 1e-9)
+    print(f"  wrote {result.out_dir} in {seconds:.1f} s ({rate:,.0f} records/s)")
     return 0
 
 
@@ -61,7 +62,9 @@ def build_parser() -> argparse.ArgumentParser:
     cat.add_argument("--source", required=True, help="a JSONL(.gz) file or mongodb://host:port/DB.COLLECTION")
     cat.add_argument("--out", required=True, help="output folder")
     cat.add_argument("--config", help="YAML config (default: built-in defaults, as config/catalog.yaml)")
-    cat.add_argument("--region", action="append", default=[], help="also write this regional subset (repeatable)")
+    cat.add_argument(
+        "--region", action="append", default=[], help="also write this regional subset (repeatable)"
+    )
     cat.add_argument("--production-only", action="store_true", help="keep only permissive licenses")
     cat.add_argument("--seed", type=int, help="split seed (overrides split.seed)")
     cat.add_argument("--no-progress", action="store_true", help="no progress bar")

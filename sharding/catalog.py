@@ -142,7 +142,9 @@ def analyse(records: list[Record], train_only: list[str], group_by: str | None) 
     }
 
 
-def _write_dataset(out: Path, prefix: str, records: list[Record], extra: dict[int, dict] | None = None) -> None:
+def _write_dataset(
+    out: Path, prefix: str, records: list[Record], extra: dict[int, dict] | None = None
+) -> None:
     def rows(selected: Iterable[Record]):
         for r in selected:
             row = r.to_dict()
@@ -156,7 +158,7 @@ def _write_dataset(out: Path, prefix: str, records: list[Record], extra: dict[in
         write_jsonl(out / f"{prefix}_splits.jsonl", rows(records))
 
 
-def _build(position: str, raw: Any, licenses: LicenseTable, regions: RegionTable) -> Record:
+def _build(raw: Any, licenses: LicenseTable, regions: RegionTable) -> Record:
     if isinstance(raw, Unparseable):
         raise RecordError("invalid_json", raw.message)
     fields, meta = validate(raw)
@@ -197,24 +199,23 @@ def run_catalog(
 
     total = reader.count() if hasattr(reader, "count") else None
     valid: list[Record] = []
-    positions: dict[int, str] = {}
     rejects: list[dict[str, Any]] = []
     n_input = 0
     hide = not os.isatty(2) if cfg.progress is None else not cfg.progress
     for position, raw in tqdm(reader, total=total, unit=" rec", desc="catalog", disable=hide):
         n_input += 1
         try:
-            record = _build(position, raw, licenses, regions)
+            record = _build(raw, licenses, regions)
         except RecordError as exc:
             shown = raw.text if isinstance(raw, Unparseable) else raw
             rejects.append({"position": position, "reason": exc.reason, "message": str(exc), "record": shown})
             continue
-        positions[id(record)] = position
+        record.position = position
         valid.append(record)
 
     def reject(record: Record, reason: str, message: str) -> None:
         rejects.append(
-            {"position": positions[id(record)], "reason": reason, "message": message, "record": record.to_dict()}
+            {"position": record.position, "reason": reason, "message": message, "record": record.to_dict()}
         )
 
     result = dedup(valid, cfg.species_conflict)
@@ -274,7 +275,9 @@ def run_catalog(
         "splits": {s: analysis["splits"][s]["records"] for s in SPLIT_NAMES},
         "leakage_ok": analysis["leakage"]["ok"],
         "licenses": {
-            "permissive_fraction_valid_input": round(valid_classes[PERMISSIVE] / len(valid), 4) if valid else None,
+            "permissive_fraction_valid_input": round(valid_classes[PERMISSIVE] / len(valid), 4)
+            if valid
+            else None,
             "permissive_fraction_written": analysis["total"]["permissive_fraction"],
             "permissive_fraction_train": analysis["splits"]["train"]["permissive_fraction"],
             "unknown_raw": dict(sorted(licenses.unknown_raw.items())),
@@ -284,7 +287,10 @@ def run_catalog(
             "unknown_countries": dict(sorted(regions.unknown_countries.items())),
             "region_conflicts": regions.conflicts,
         },
-        "subsets": {name: {"records": s["total"]["records"], "classes": s["total"]["classes"]} for name, s in subsets.items()},
+        "subsets": {
+            name: {"records": s["total"]["records"], "classes": s["total"]["classes"]}
+            for name, s in subsets.items()
+        },
         "config": to_dict(cfg),
     }
     if not stats["accounting_ok"]:  # a bug, not bad input: never let it pass silently
@@ -300,9 +306,7 @@ def _write_subset(out: Path, region: str, records: list[Record], cfg: CatalogCon
     slug = region.lower()
     _write_dataset(out, f"dataset_{slug}", subset, extra)
     write_json(out / f"class_mapping_{slug}.json", mapping)
-    train_only = sorted(
-        {r.latin_name for r in subset} - {r.latin_name for r in subset if r.split != "train"}
-    )
+    train_only = sorted({r.latin_name for r in subset} - {r.latin_name for r in subset if r.split != "train"})
     analysis = analyse(subset, train_only, cfg.split.group_by)
     analysis["region"] = region
     write_json(out / f"analysis_{slug}.json", analysis)

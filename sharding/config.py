@@ -196,7 +196,9 @@ class SplitConfig:
 
     def __post_init__(self) -> None:
         if set(self.fractions) != set(SPLIT_NAMES):
-            raise ConfigError(f"split.fractions must name exactly {list(SPLIT_NAMES)}, got {sorted(self.fractions)}")
+            raise ConfigError(
+                f"split.fractions must name exactly {list(SPLIT_NAMES)}, got {sorted(self.fractions)}"
+            )
         if any(v < 0 for v in self.fractions.values()):
             raise ConfigError(f"split.fractions must be non-negative, got {self.fractions}")
         total = sum(self.fractions.values())

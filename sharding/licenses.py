@@ -24,7 +24,16 @@ UNKNOWN = "unknown"
 LICENSE_CLASSES = (PERMISSIVE, RESTRICTIVE)
 
 #: Words that carry no license meaning in real exports ("CC0 1.0 Universal", "4.0 International").
-_NOISE_WORDS = {"international", "universal", "generic", "unported", "license", "licence", "deed", "legalcode"}
+_NOISE_WORDS = {
+    "international",
+    "universal",
+    "generic",
+    "unported",
+    "license",
+    "licence",
+    "deed",
+    "legalcode",
+}
 _NON_ALNUM = re.compile(r"[^a-z0-9]+")
 _CC_URL = re.compile(r"creativecommons\.org/(licenses|publicdomain)/([a-z-]+)", re.IGNORECASE)
 _CC_PREFIXES = ("creative-commons-", "creativecommons-")

@@ -63,6 +63,8 @@ class Record:
     split: str | None = None
     label: int | None = None
     meta: dict[str, Any] = field(default_factory=dict)
+    #: Where the record came from ("line 17", "document 3 (_id ...)"), for rejects; not written.
+    position: str = ""
 
     def to_dict(self) -> dict[str, Any]:
         return {name: getattr(self, name) for name in OUTPUT_FIELDS}
@@ -112,7 +114,9 @@ def normalize_latin_name(name: str) -> str:
 
 def _check_plant_id(value: Any) -> int | str:
     if isinstance(value, bool) or not isinstance(value, int | str):
-        raise RecordError("bad_plant_id", f"plant_id must be an integer or a string, got {type(value).__name__}")
+        raise RecordError(
+            "bad_plant_id", f"plant_id must be an integer or a string, got {type(value).__name__}"
+        )
     if isinstance(value, str):
         value = value.strip()
         if not value:

@@ -54,13 +54,17 @@ class RegionTable:
         country_region: dict[str, str] = {}
         for region, codes in regions.items():
             if region_key(region) != region or region == UNKNOWN_REGION:
-                raise ConfigError(f"{path}: region names are upper-case like EU_SW and not UNKNOWN, got {region!r}")
+                raise ConfigError(
+                    f"{path}: region names are upper-case like EU_SW and not UNKNOWN, got {region!r}"
+                )
             for code in codes or []:
                 code = str(code)
                 if not _CODE.match(code):
                     raise ConfigError(f"{path}: regions.{region}: {code!r} is not an ISO alpha-2 code")
                 if code in country_region:
-                    raise ConfigError(f"{path}: country {code} is in both {country_region[code]} and {region}")
+                    raise ConfigError(
+                        f"{path}: country {code} is in both {country_region[code]} and {region}"
+                    )
                 country_region[code] = region
         names: dict[str, str] = {}
         for code, spellings in (data.get("country_names") or {}).items():

@@ -26,10 +26,12 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote_plus
 
 from .config import MongoConfig
 
 _URI_PASSWORD = re.compile(r"(mongodb(?:\+srv)?://[^:/@\s]+:)([^@\s]*)(@)")
+_URI_USER_ONLY = re.compile(r"(mongodb(?:\+srv)?://[^:/@\s]+)@")
 MONGO_PREFIXES = ("mongodb://", "mongodb+srv://")
 
 
@@ -73,7 +75,10 @@ class JsonlSource:
                 except UnicodeDecodeError as exc:
                     yield position, Unparseable(line[:200].decode("utf-8", "replace"), f"not UTF-8: {exc}")
                 except json.JSONDecodeError as exc:
-                    yield position, Unparseable(line[:200].decode("utf-8", "replace").rstrip(), f"invalid JSON: {exc}")
+                    yield (
+                        position,
+                        Unparseable(line[:200].decode("utf-8", "replace").rstrip(), f"invalid JSON: {exc}"),
+                    )
 
 
 class MongoSource:
@@ -87,6 +92,14 @@ class MongoSource:
             raise SourceError("reading from MongoDB needs pymongo (pip install pymongo)") from exc
         self.cfg = cfg
         self.shown_uri = redact(uri)
+        user_only = _URI_USER_ONLY.match(uri)
+        if user_only:
+            password = os.environ.get(cfg.password_env)
+            if password is None:
+                raise SourceError(
+                    f"MongoDB URI names a user but no password, and ${cfg.password_env} is not set"
+                )
+            uri = f"{user_only.group(1)}:{quote_plus(password)}@{uri[user_only.end() :]}"
         try:
             parsed = uri_parser.parse_uri(uri)
         except (errors.InvalidURI, errors.ConfigurationError, ValueError) as exc:
@@ -97,22 +110,18 @@ class MongoSource:
                 f"MongoDB URI must name database and collection (mongodb://host:port/DATABASE.COLLECTION), "
                 f"got {self.shown_uri}"
             )
-        auth: dict[str, str] = {}
-        if parsed.get("username") and parsed.get("password") is None:
-            password = os.environ.get(cfg.password_env)
-            if password is None:
-                raise SourceError(f"MongoDB URI names a user but no password, and ${cfg.password_env} is not set")
-            auth["password"] = password
         timeout_ms = int(cfg.timeout_s * 1000)
         self._client = pymongo.MongoClient(
-            uri, serverSelectionTimeoutMS=timeout_ms, connectTimeoutMS=timeout_ms, appname="flora-catalog", **auth
+            uri, serverSelectionTimeoutMS=timeout_ms, connectTimeoutMS=timeout_ms, appname="flora-catalog"
         )
         try:
             self._client.admin.command("ping")
             names = self._client[self.database].list_collection_names()
         except errors.OperationFailure as exc:
             self.close()
-            raise SourceError(f"MongoDB refused {self.shown_uri}: {redact(str(exc)).splitlines()[0]}") from None
+            raise SourceError(
+                f"MongoDB refused {self.shown_uri}: {redact(str(exc)).splitlines()[0]}"
+            ) from None
         except errors.PyMongoError as exc:
             self.close()
             first = redact(str(exc)).splitlines()[0][:300]
@@ -143,7 +152,9 @@ class MongoSource:
                     doc["_id"] = str(doc_id)
                 yield f"document {index} (_id {doc_id})", doc
         except errors.PyMongoError as exc:
-            raise SourceError(f"reading {self.describe()} failed: {redact(str(exc)).splitlines()[0]}") from None
+            raise SourceError(
+                f"reading {self.describe()} failed: {redact(str(exc)).splitlines()[0]}"
+            ) from None
         finally:
             self.close()
 

@@ -98,7 +98,9 @@ def group_key(record: Record, group_by: str | None) -> str:
         if group_by.startswith("meta."):
             value = record.meta.get(group_by[len("meta.") :])
         else:
-            value = getattr(record, group_by, None) if group_by in Record.__slots__ else record.meta.get(group_by)
+            value = (
+                getattr(record, group_by, None) if group_by in Record.__slots__ else record.meta.get(group_by)
+            )
         if value is not None and value != "":
             return f"{group_by}={canonical_json(value)}"
     return f"url={record.image_url}"

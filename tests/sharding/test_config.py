@@ -47,7 +47,9 @@ def test_fractions_must_sum_to_one(tmp_path):
 
 
 def test_overrides_are_dotted_and_typed(tmp_path):
-    cfg = load_config(CatalogConfig, write(tmp_path, "split: {seed: 1}\n"), ["split.seed=7", "production_only=true"])
+    cfg = load_config(
+        CatalogConfig, write(tmp_path, "split: {seed: 1}\n"), ["split.seed=7", "production_only=true"]
+    )
     assert cfg.split.seed == 7 and cfg.production_only is True
     with pytest.raises(ConfigError, match=r"split\.sed"):
         load_config(CatalogConfig, None, ["split.sed=7"])

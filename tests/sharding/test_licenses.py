@@ -54,6 +54,8 @@ def test_table_rejects_bad_class_and_ambiguous_alias(tmp_path):
     bad.write_text("licenses:\n  x: {class: maybe}\n")
     with pytest.raises(ConfigError, match="class must be one of"):
         LicenseTable.load(bad)
-    bad.write_text("licenses:\n  a: {class: permissive, aliases: [z]}\n  b: {class: restrictive, aliases: [Z]}\n")
+    bad.write_text(
+        "licenses:\n  a: {class: permissive, aliases: [z]}\n  b: {class: restrictive, aliases: [Z]}\n"
+    )
     with pytest.raises(ConfigError, match="names both"):
         LicenseTable.load(bad)

@@ -46,7 +46,11 @@ def test_bad_urls_are_rejected_with_a_reason(raw, reason):
 def test_latin_name_normalisation():
     assert normalize_latin_name("  quercus   ILEX ") == "Quercus ilex"
     assert normalize_latin_name("Cistus albidus subsp. Albus") == "Cistus albidus subsp. albus"
-    for bad, reason in [("   ", "empty_latin_name"), ("1234", "bad_latin_name"), ("Q\x07x", "bad_latin_name")]:
+    for bad, reason in [
+        ("   ", "empty_latin_name"),
+        ("1234", "bad_latin_name"),
+        ("Q\x07x", "bad_latin_name"),
+    ]:
         with pytest.raises(RecordError) as info:
             normalize_latin_name(bad)
         assert info.value.reason == reason

@@ -18,8 +18,15 @@ def test_eu_sw_is_the_seeds_four_countries(table):
 
 @pytest.mark.parametrize(
     ("country", "expected"),
-    [("ES", ("ES", "EU_SW")), ("es", ("ES", "EU_SW")), ("España", ("ES", "EU_SW")), (" spain ", ("ES", "EU_SW")),
-     ("NO", ("NO", "EU_NORTH")), ("United States", ("US", "AMERICAS_NORTH")), ("U.S.A.", ("US", "AMERICAS_NORTH"))],
+    [
+        ("ES", ("ES", "EU_SW")),
+        ("es", ("ES", "EU_SW")),
+        ("España", ("ES", "EU_SW")),
+        (" spain ", ("ES", "EU_SW")),
+        ("NO", ("NO", "EU_NORTH")),
+        ("United States", ("US", "AMERICAS_NORTH")),
+        ("U.S.A.", ("US", "AMERICAS_NORTH")),
+    ],
 )
 def test_countries(table, country, expected):
     assert table.resolve(country, None) == expected

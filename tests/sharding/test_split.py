@@ -12,8 +12,15 @@ from sharding.split import allocate, assign_splits, dedup, leakage_report
 
 def rec(name, url, license_class="permissive", **meta):
     return Record(
-        plant_id=1, latin_name=name, image_url=url, license="cc-by" if license_class == "permissive" else "cc-by-nc",
-        license_class=license_class, source="iNaturalist", country="ES", region="EU_SW", meta=meta,
+        plant_id=1,
+        latin_name=name,
+        image_url=url,
+        license="cc-by" if license_class == "permissive" else "cc-by-nc",
+        license_class=license_class,
+        source="iNaturalist",
+        country="ES",
+        region="EU_SW",
+        meta=meta,
     )
 
 
@@ -49,7 +56,10 @@ def test_species_conflict_drop_and_majority():
     assert {reason for _, reason, _ in dropped.rejected} == {"url_species_conflict"}
     majority = dedup(recs, "majority")
     assert [r.latin_name for r in majority.kept] == ["A a"]
-    assert Counter(reason for _, _, reason in majority.duplicates) == {"same_url": 1, "url_species_conflict": 1}
+    assert Counter(reason for _, _, reason in majority.duplicates) == {
+        "same_url": 1,
+        "url_species_conflict": 1,
+    }
     tie = dedup([rec("A a", "http://h/y"), rec("B b", "http://h/y")], "majority")
     assert not tie.kept and len(tie.rejected) == 2
 
@@ -108,5 +118,10 @@ def test_leakage_report_finds_a_url_in_two_splits():
     a, b = rec("A a", "http://h/1"), rec("A a", "http://h/1")
     a.split, b.split = "train", "test"
     report = leakage_report([a, b])
-    assert report == {"urls_checked": 1, "urls_in_multiple_splits": 1, "groups_in_multiple_splits": 0,
-                      "examples": ["http://h/1"], "ok": False}
+    assert report == {
+        "urls_checked": 1,
+        "urls_in_multiple_splits": 1,
+        "groups_in_multiple_splits": 0,
+        "examples": ["http://h/1"],
+        "ok": False,
+    }
