@@ -36,7 +36,7 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff format --check sharding loaders training export tests benchmarks
 
 bench-catalog: $(STAMP)
-	$(PY) benchmarks/catalog.py
+	$(PY) -m benchmarks.catalog
 
 clean:
 	rm -rf $(DEMO) .pytest_cache

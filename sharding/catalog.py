@@ -25,6 +25,7 @@ Leaves out: downloading (the sharder, issue 4), and anything about image content
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import statistics
@@ -56,6 +57,10 @@ def _json_default(value: Any) -> Any:
     # MongoDB documents may hold datetimes, ObjectIds, Decimal128: keep them as text, never fail.
     iso = getattr(value, "isoformat", None)
     return iso() if callable(iso) else str(value)
+
+
+def _digest(record: Record) -> bytes:
+    return hashlib.sha256(canonical_json(record.to_dict()).encode()).digest()
 
 
 def _dumps(obj: Any) -> str:
@@ -251,14 +256,16 @@ def run_catalog(
 
     rejects.sort(key=lambda row: (row["reason"], canonical_json(row["record"]), row["position"]))
     write_jsonl(out / "rejects.jsonl", rejects)
-    duplicates = sorted(
+    # Sorted by URL then a digest of the content (not the content itself: 150k JSON strings would
+    # double the stage's peak memory), and streamed out row by row.
+    result.duplicates.sort(key=lambda d: (d[0].image_url, _digest(d[0]), d[2]))
+    n_duplicates = write_jsonl(
+        out / "duplicates.jsonl",
         (
             {"reason": reason, "record": dup.to_dict(), "duplicate_of": keep.to_dict()}
             for dup, keep, reason in result.duplicates
         ),
-        key=canonical_json,
     )
-    write_jsonl(out / "duplicates.jsonl", duplicates)
 
     valid_classes = Counter(r.license_class for r in valid)
     stats = {
@@ -266,10 +273,10 @@ def run_catalog(
         "input_records": n_input,
         "written": len(kept),
         "rejected": len(rejects),
-        "duplicates": len(duplicates),
-        "accounting_ok": n_input == len(kept) + len(rejects) + len(duplicates),
+        "duplicates": n_duplicates,
+        "accounting_ok": n_input == len(kept) + len(rejects) + n_duplicates,
         "rejects_by_reason": dict(sorted(Counter(r["reason"] for r in rejects).items())),
-        "duplicates_by_reason": dict(sorted(Counter(d["reason"] for d in duplicates).items())),
+        "duplicates_by_reason": dict(sorted(Counter(reason for _, _, reason in result.duplicates).items())),
         "conflicting_urls": result.conflicting_urls,
         "species": len(mapping),
         "splits": {s: analysis["splits"][s]["records"] for s in SPLIT_NAMES},

@@ -1,0 +1,44 @@
+"""The shared results writer of the benchmarks: a printed table and ``benchmarks/results/<name>.json``.
+
+Owns the format of results (one JSON object per benchmark, with the command that produced it and the
+machine it ran on) and the table printed to the terminal. Leaves out: measuring (each benchmark
+script does its own, always against a baseline in the same run).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+
+
+def _fmt(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:,.2f}" if abs(value) < 1000 else f"{value:,.0f}"
+    return str(value)
+
+
+def print_table(rows: list[dict[str, Any]], columns: list[str]) -> None:
+    """Prints ``rows`` as an aligned text table with the given columns."""
+    cells = [columns] + [[_fmt(row.get(c, "")) for c in columns] for row in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(columns))]
+    for n, row in enumerate(cells):
+        print(
+            "  ".join(
+                c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths, strict=True))
+            )
+        )
+        if n == 0:
+            print("  ".join("-" * w for w in widths))
+
+
+def write_result(name: str, result: dict[str, Any], results_dir: Path = RESULTS_DIR) -> Path:
+    """Writes ``result`` (plus a UTC timestamp) to ``results_dir/<name>.json`` and returns the path."""
+    results_dir.mkdir(parents=True, exist_ok=True)
+    path = results_dir / f"{name}.json"
+    payload = {**result, "measured_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    path.write_text(json.dumps(payload, indent=2, sort_keys=False) + "\n", encoding="utf-8")
+    return path
