@@ -44,7 +44,7 @@ def _catalog(args: argparse.Namespace) -> int:
     print(
         f"  {s['species']} species; train/val/test = {s['splits']['train']}/{s['splits']['val']}/"
         f"{s['splits']['test']}; leakage: {'none' if s['leakage_ok'] else 'FOUND'}; "
-        f"permissive {s['licenses']['permissive_fraction_written']}"
+        f"permissive {s['permissive_fraction']['written']}"
     )
     for name, sub in s["subsets"].items():
         print(f"  region {name}: {sub['records']} records, {sub['classes']} species")
@@ -77,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ConfigError, SourceError, FileNotFoundError, PermissionError) as exc:
+    except (ConfigError, SourceError, OSError) as exc:
         print(f"error: {redact(str(exc))}", file=sys.stderr)
         return EXIT_USAGE
 

@@ -17,8 +17,8 @@ Determinism: output files are sorted and carry no timings or absolute paths, so 
 any order) and seed give byte-identical files; only the ``position`` of a reject depends on order.
 A regional subset keeps each record's global split (no leakage between a regional and the global
 set); its ``label`` indexes the regional mapping and ``global_label`` the global one.
-Every file is written to a temporary name and renamed into place, so a crash leaves old or new
-files, never half-written ones.
+All files are staged under temporary names and renamed into place together once the run has
+succeeded (outputs.py), so a crash or a bad input leaves the previous run's files, never a mix.
 
 Leaves out: downloading (the sharder, issue 4), and anything about image content.
 """
@@ -26,7 +26,6 @@ Leaves out: downloading (the sharder, issue 4), and anything about image content
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import statistics
 from collections import Counter
@@ -37,7 +36,8 @@ from typing import Any
 
 from .config import SPLIT_NAMES, CatalogConfig, to_dict
 from .licenses import PERMISSIVE, LicenseTable
-from .records import Record, RecordError, validate
+from .outputs import OutputSet
+from .records import Record, RecordError, put_meta, url_key, validate
 from .regions import RegionTable
 from .sources import Unparseable, open_source, redact
 from .split import assign_splits, canonical_json, dedup, leakage_report
@@ -46,59 +46,15 @@ BUNDLED_CONFIG_DIR = Path(__file__).resolve().parents[1] / "config"
 
 
 def resolve_table(name: str, config_dir: Path | None) -> Path:
-    """A table file by name: as given, beside the config file, or in the bundled config/."""
+    """A table file by name: in the working directory, beside the config file, or in config/."""
     for base in (Path.cwd(), config_dir, BUNDLED_CONFIG_DIR):
         if base is not None and (base / name).is_file():
             return base / name
     return Path(name)
 
 
-def _json_default(value: Any) -> Any:
-    # MongoDB documents may hold datetimes, ObjectIds, Decimal128: keep them as text, never fail.
-    iso = getattr(value, "isoformat", None)
-    return iso() if callable(iso) else str(value)
-
-
 def _digest(record: Record) -> bytes:
     return hashlib.sha256(canonical_json(record.to_dict()).encode()).digest()
-
-
-def _dumps(obj: Any) -> str:
-    return json.dumps(obj, ensure_ascii=False, default=_json_default)
-
-
-class _AtomicWriter:
-    """Writes text to ``path`` through ``path.tmp`` and renames on success."""
-
-    def __init__(self, path: Path):
-        self.path, self.tmp = path, path.with_name(path.name + ".tmp")
-
-    def __enter__(self):
-        self.fh = open(self.tmp, "w", encoding="utf-8", newline="\n")  # noqa: SIM115 - closed in __exit__
-        return self.fh
-
-    def __exit__(self, exc_type, exc, tb):
-        self.fh.close()
-        if exc_type is None:
-            os.replace(self.tmp, self.path)
-        else:
-            self.tmp.unlink(missing_ok=True)
-
-
-def write_jsonl(path: Path, rows: Iterable[Any]) -> int:
-    count = 0
-    with _AtomicWriter(path) as fh:
-        for row in rows:
-            fh.write(_dumps(row))
-            fh.write("\n")
-            count += 1
-    return count
-
-
-def write_json(path: Path, obj: Any) -> None:
-    with _AtomicWriter(path) as fh:
-        fh.write(json.dumps(obj, ensure_ascii=False, indent=2, sort_keys=True, default=_json_default))
-        fh.write("\n")
 
 
 @dataclass
@@ -132,23 +88,23 @@ def _summary(records: list[Record]) -> dict[str, Any]:
     }
 
 
-def analyse(records: list[Record], train_only: list[str], group_by: str | None) -> dict[str, Any]:
-    """Per split counts, classes, license and region mix, and the leakage check."""
+def analyse(records: list[Record], group_by: str | None) -> dict[str, Any]:
+    """Per split counts, classes, license and region mix, coverage of species, and the leakage check."""
     splits = {s: [r for r in records if r.split == s] for s in SPLIT_NAMES}
-    train_classes = {r.latin_name for r in splits["train"]}
+    species = {s: {r.latin_name for r in rs} for s, rs in splits.items()}
     return {
         "total": _summary(records),
         "splits": {s: _summary(rs) for s, rs in splits.items()},
-        "train_only_species": sorted(train_only),
-        "classes_missing_from": {
-            s: len(train_classes - {r.latin_name for r in splits[s]}) for s in SPLIT_NAMES if s != "train"
-        },
+        # species that cannot be evaluated (only in train) or not learned (absent from train)
+        "train_only_species": sorted(species["train"] - species["val"] - species["test"]),
+        "species_without_train": sorted((species["val"] | species["test"]) - species["train"]),
+        "classes_missing_from": {s: len(species["train"] - species[s]) for s in ("val", "test")},
         "leakage": leakage_report(records, group_by),
     }
 
 
-def _write_dataset(
-    out: Path, prefix: str, records: list[Record], extra: dict[int, dict] | None = None
+def _stage_dataset(
+    outputs: OutputSet, prefix: str, records: list[Record], extra: dict[int, dict] | None = None
 ) -> None:
     def rows(selected: Iterable[Record]):
         for r in selected:
@@ -158,9 +114,9 @@ def _write_dataset(
             yield row
 
     for split in SPLIT_NAMES:
-        write_jsonl(out / f"{prefix}_{split}.jsonl", rows(r for r in records if r.split == split))
+        outputs.jsonl(f"{prefix}_{split}.jsonl", rows(r for r in records if r.split == split))
     if extra is None:
-        write_jsonl(out / f"{prefix}_splits.jsonl", rows(records))
+        outputs.jsonl(f"{prefix}_splits.jsonl", rows(records))
 
 
 def _build(raw: Any, licenses: LicenseTable, regions: RegionTable) -> Record:
@@ -170,12 +126,12 @@ def _build(raw: Any, licenses: LicenseTable, regions: RegionTable) -> Record:
     license_id, license_class = licenses.classify(fields["license"])
     country, region = regions.resolve(fields["country"], fields["region"])
     if fields["license"] is not None:
-        meta["license_raw"] = fields["license"]
+        put_meta(meta, "license_raw", fields["license"])
     if fields["url_raw"] != fields["image_url"]:
-        meta["image_url_raw"] = fields["url_raw"]
+        put_meta(meta, "image_url_raw", fields["url_raw"])
     if fields["country"] is not None and fields["country"] != country:
-        meta["country_raw"] = fields["country"]
-    record = Record(
+        put_meta(meta, "country_raw", fields["country"])
+    return Record(
         plant_id=fields["plant_id"],
         latin_name=fields["latin_name"],
         image_url=fields["image_url"],
@@ -185,8 +141,8 @@ def _build(raw: Any, licenses: LicenseTable, regions: RegionTable) -> Record:
         country=country,
         region=region,
         meta=dict(sorted(meta.items())),
+        url_key=url_key(fields["image_url"]),
     )
-    return record
 
 
 def run_catalog(
@@ -197,10 +153,8 @@ def run_catalog(
 
     licenses = LicenseTable.load(resolve_table(cfg.licenses_file, config_dir))
     regions = RegionTable.load(resolve_table(cfg.regions_file, config_dir))
-    subset_names = regions.check_names(cfg.regions)
+    subset_names = sorted(set(regions.check_names(cfg.regions)))
     reader = open_source(source, cfg.mongo)
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
 
     total = reader.count() if hasattr(reader, "count") else None
     valid: list[Record] = []
@@ -239,37 +193,65 @@ def run_catalog(
             reject(r, "rare_species", f"{r.latin_name} has {per_species[r.latin_name]} images (< {minimum})")
     kept = [r for r in kept if per_species[r.latin_name] >= minimum]
 
-    train_only = assign_splits(kept, cfg.split)
+    split = assign_splits(kept, cfg.split)
     mapping = {name: index for index, name in enumerate(sorted({r.latin_name for r in kept}))}
     for r in kept:
         r.label = mapping[r.latin_name]
     kept.sort(key=lambda r: (r.label, r.image_url))
-
-    _write_dataset(out, "dataset", kept)
-    write_json(out / "class_mapping.json", mapping)
-    analysis = analyse(kept, train_only, cfg.split.group_by)
-    write_json(out / "split_analysis.json", analysis)
-
-    subsets = {}
-    for name in subset_names:
-        subsets[name] = _write_subset(out, name, kept, cfg)
-
     rejects.sort(key=lambda row: (row["reason"], canonical_json(row["record"]), row["position"]))
-    write_jsonl(out / "rejects.jsonl", rejects)
     # Sorted by URL then a digest of the content (not the content itself: 150k JSON strings would
     # double the stage's peak memory), and streamed out row by row.
     result.duplicates.sort(key=lambda d: (d[0].image_url, _digest(d[0]), d[2]))
-    n_duplicates = write_jsonl(
-        out / "duplicates.jsonl",
-        (
-            {"reason": reason, "record": dup.to_dict(), "duplicate_of": keep.to_dict()}
-            for dup, keep, reason in result.duplicates
-        ),
-    )
 
+    with OutputSet(out_dir) as outputs:
+        _stage_dataset(outputs, "dataset", kept)
+        outputs.json("class_mapping.json", mapping)
+        analysis = analyse(kept, cfg.split.group_by)
+        analysis["split_policy"] = {
+            "group_by": cfg.split.group_by,
+            "group_by_missing": split.group_by_missing,
+            "groups_moved_to_train": split.groups_moved_to_train,
+            "too_few_to_stratify": split.train_only,
+        }
+        outputs.json("split_analysis.json", analysis)
+        subsets = {name: _stage_subset(outputs, name, kept, cfg) for name in subset_names}
+        outputs.jsonl("rejects.jsonl", rejects)
+        n_duplicates = outputs.jsonl(
+            "duplicates.jsonl",
+            (
+                {"reason": reason, "record": dup.to_dict(), "duplicate_of": keep.to_dict()}
+                for dup, keep, reason in result.duplicates
+            ),
+        )
+        stats = _stats(
+            reader.describe(), n_input, valid, kept, rejects, n_duplicates, result, analysis, subsets
+        )
+        stats.update(
+            licenses_unknown_raw=dict(sorted(licenses.unknown_raw.items())),
+            regions_unknown_countries=dict(sorted(regions.unknown_countries.items())),
+            region_conflicts=regions.conflicts,
+            config=to_dict(cfg),
+        )
+        if not stats["accounting_ok"]:  # a bug, not bad input: never let it pass silently
+            raise AssertionError(f"catalog accounting broken: {stats}")
+        outputs.json("export_stats.json", stats)
+    return CatalogResult(out_dir=Path(out_dir), stats=stats, class_mapping=mapping, subsets=subsets)
+
+
+def _stats(
+    source: str,
+    n_input: int,
+    valid: list[Record],
+    kept: list[Record],
+    rejects: list[dict[str, Any]],
+    n_duplicates: int,
+    result: Any,
+    analysis: dict[str, Any],
+    subsets: dict[str, dict[str, Any]],
+) -> dict[str, Any]:
     valid_classes = Counter(r.license_class for r in valid)
-    stats = {
-        "source": redact(reader.describe()),
+    return {
+        "source": redact(source),
         "input_records": n_input,
         "written": len(kept),
         "rejected": len(rejects),
@@ -278,43 +260,32 @@ def run_catalog(
         "rejects_by_reason": dict(sorted(Counter(r["reason"] for r in rejects).items())),
         "duplicates_by_reason": dict(sorted(Counter(reason for _, _, reason in result.duplicates).items())),
         "conflicting_urls": result.conflicting_urls,
-        "species": len(mapping),
+        "species": analysis["total"]["classes"],
         "splits": {s: analysis["splits"][s]["records"] for s in SPLIT_NAMES},
         "leakage_ok": analysis["leakage"]["ok"],
-        "licenses": {
-            "permissive_fraction_valid_input": round(valid_classes[PERMISSIVE] / len(valid), 4)
-            if valid
-            else None,
-            "permissive_fraction_written": analysis["total"]["permissive_fraction"],
-            "permissive_fraction_train": analysis["splits"]["train"]["permissive_fraction"],
-            "unknown_raw": dict(sorted(licenses.unknown_raw.items())),
+        "permissive_fraction": {
+            "valid_input": round(valid_classes[PERMISSIVE] / len(valid), 4) if valid else None,
+            "written": analysis["total"]["permissive_fraction"],
+            "train": analysis["splits"]["train"]["permissive_fraction"],
         },
-        "regions": {
-            "written": analysis["total"]["regions"],
-            "unknown_countries": dict(sorted(regions.unknown_countries.items())),
-            "region_conflicts": regions.conflicts,
-        },
+        "regions_written": analysis["total"]["regions"],
         "subsets": {
             name: {"records": s["total"]["records"], "classes": s["total"]["classes"]}
             for name, s in subsets.items()
         },
-        "config": to_dict(cfg),
     }
-    if not stats["accounting_ok"]:  # a bug, not bad input: never let it pass silently
-        raise AssertionError(f"catalog accounting broken: {stats}")
-    write_json(out / "export_stats.json", stats)
-    return CatalogResult(out_dir=out, stats=stats, class_mapping=mapping, subsets=subsets)
 
 
-def _write_subset(out: Path, region: str, records: list[Record], cfg: CatalogConfig) -> dict[str, Any]:
+def _stage_subset(
+    outputs: OutputSet, region: str, records: list[Record], cfg: CatalogConfig
+) -> dict[str, Any]:
     subset = [r for r in records if r.region == region]
     mapping = {name: index for index, name in enumerate(sorted({r.latin_name for r in subset}))}
     extra = {id(r): {"label": mapping[r.latin_name], "global_label": r.label} for r in subset}
     slug = region.lower()
-    _write_dataset(out, f"dataset_{slug}", subset, extra)
-    write_json(out / f"class_mapping_{slug}.json", mapping)
-    train_only = sorted({r.latin_name for r in subset} - {r.latin_name for r in subset if r.split != "train"})
-    analysis = analyse(subset, train_only, cfg.split.group_by)
+    _stage_dataset(outputs, f"dataset_{slug}", subset, extra)
+    outputs.json(f"class_mapping_{slug}.json", mapping)
+    analysis = analyse(subset, cfg.split.group_by)
     analysis["region"] = region
-    write_json(out / f"analysis_{slug}.json", analysis)
+    outputs.json(f"analysis_{slug}.json", analysis)
     return analysis

@@ -177,6 +177,8 @@ def to_dict(cfg: Any) -> dict:
 #: The seed's split: 80/10/10.
 DEFAULT_FRACTIONS = {"train": 0.8, "val": 0.1, "test": 0.1}
 SPLIT_NAMES = ("train", "val", "test")
+#: Record fields a split may be grouped by (besides ``meta.<field>``): input fields, known before the split.
+GROUPABLE_FIELDS = ("plant_id", "latin_name", "source", "country", "region", "license")
 _FRACTION_TOLERANCE = 1e-6
 
 
@@ -195,6 +197,12 @@ class SplitConfig:
     group_by: str | None = None
 
     def __post_init__(self) -> None:
+        if self.group_by is not None and not (
+            self.group_by in GROUPABLE_FIELDS
+            or (self.group_by.startswith("meta.") and len(self.group_by) > 5)
+        ):
+            allowed = [*GROUPABLE_FIELDS, "meta.<field>"]
+            raise ConfigError(f"split.group_by must be one of {allowed}, got {self.group_by!r}")
         if set(self.fractions) != set(SPLIT_NAMES):
             raise ConfigError(
                 f"split.fractions must name exactly {list(SPLIT_NAMES)}, got {sorted(self.fractions)}"
@@ -251,8 +259,8 @@ class CatalogConfig:
     #: (reason ``url_species_conflict``); ``majority`` keeps the species with the most records (ties:
     #: none kept, as ``drop``) and logs the others as duplicates.
     species_conflict: typing.Literal["drop", "majority"] = "drop"
-    #: License table and region table; relative paths are resolved against the config file's folder,
-    #: then against the project's bundled config/.
+    #: License table and region table; a relative name is looked up in the working directory, then
+    #: beside the config file, then in the project's bundled config/.
     licenses_file: str = "licenses.yaml"
     regions_file: str = "regions.yaml"
     #: Show a progress bar (tqdm) while reading; ``None`` shows it only on a terminal.

@@ -5,7 +5,9 @@ one raw input record (``validate``), and the two normalisations that identity de
 
 * ``normalize_url``: scheme and host lower-cased, default port and fragment dropped, query
   parameters sorted (raw, not re-encoded), empty path -> ``/``. Two URLs with the same key are the
-  same image for dedup and leakage checks.
+  same download.
+* ``url_key``: the normalised URL without scheme and with RFC 3986 percent-encoding
+  normalisation; equal keys are the same image (dedup, leakage checks).
 * ``normalize_latin_name``: whitespace collapsed, genus capitalised, the rest lower case (specific
   epithets are lower case by the botanical code; author citations are rare in exports and would be
   lower-cased too). The species (the class) is this normalised name, not ``plant_id``, because the
@@ -21,6 +23,7 @@ Leaves out: licenses and regions (licenses.py, regions.py, applied by the catalo
 from __future__ import annotations
 
 import re
+import string
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
@@ -38,6 +41,8 @@ MAX_NAME_CHARS = 200
 MAX_URL_CHARS = 4096
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 _HAS_LETTER = re.compile(r"[^\W\d_]")
+_PERCENT = re.compile(r"%([0-9A-Fa-f]{2})")
+_UNRESERVED = frozenset(string.ascii_letters + string.digits + "-._~")
 
 
 class RecordError(ValueError):
@@ -65,6 +70,8 @@ class Record:
     meta: dict[str, Any] = field(default_factory=dict)
     #: Where the record came from ("line 17", "document 3 (_id ...)"), for rejects; not written.
     position: str = ""
+    #: The image's identity for dedup and leakage checks (see ``url_key``); not written.
+    url_key: str = ""
 
     def to_dict(self) -> dict[str, Any]:
         return {name: getattr(self, name) for name in OUTPUT_FIELDS}
@@ -100,6 +107,19 @@ def normalize_url(url: str) -> str:
     return urlunsplit((scheme, netloc, parts.path or "/", query, ""))
 
 
+def url_key(image_url: str) -> str:
+    """The identity of a normalised URL for dedup and leakage checks: without its scheme (the
+    http and https forms of one URL are one image), percent-escapes upper-cased and unreserved
+    characters decoded (RFC 3986, 6.2.2: ``%7e`` and ``~`` are the same URL)."""
+    rest = image_url.split("://", 1)[-1]
+    return _PERCENT.sub(_fix_escape, rest) if "%" in rest else rest
+
+
+def _fix_escape(match: re.Match) -> str:
+    char = chr(int(match.group(1), 16))
+    return char if char in _UNRESERVED else "%" + match.group(1).upper()
+
+
 def normalize_latin_name(name: str) -> str:
     """``"  quercus   ILEX "`` -> ``"Quercus ilex"``; raises RecordError if not a plausible name."""
     words = name.split()
@@ -113,6 +133,8 @@ def normalize_latin_name(name: str) -> str:
 
 
 def _check_plant_id(value: Any) -> int | str:
+    if isinstance(value, float) and value.is_integer():  # mongosh and JS drivers store numbers as doubles
+        value = int(value)
     if isinstance(value, bool) or not isinstance(value, int | str):
         raise RecordError(
             "bad_plant_id", f"plant_id must be an integer or a string, got {type(value).__name__}"
@@ -162,10 +184,18 @@ def validate(raw: Any) -> tuple[dict[str, Any], dict[str, Any]]:
         "country": _optional_str(raw, "country"),
         "region": _optional_str(raw, "region"),
     }
-    meta: dict[str, Any] = {}
-    if isinstance(raw.get("meta"), dict):
-        meta.update(raw["meta"])
+    meta: dict[str, Any] = dict(raw["meta"]) if isinstance(raw.get("meta"), dict) else {}
     for key, value in raw.items():
         if key not in INPUT_FIELDS and not (key == "meta" and isinstance(value, dict)):
-            meta[key] = value
+            put_meta(meta, key, value)
     return fields, meta
+
+
+def put_meta(meta: dict[str, Any], key: str, value: Any) -> None:
+    """Adds ``key: value`` to ``meta`` without ever overwriting a different value: on a clash the new
+    value goes under ``key#2`` (``#3``, ...)."""
+    name, n = key, 1
+    while name in meta and meta[name] != value:
+        n += 1
+        name = f"{key}#{n}"
+    meta[name] = value

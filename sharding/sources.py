@@ -52,6 +52,18 @@ def redact(text: str) -> str:
     return _URI_PASSWORD.sub(r"\1***\3", text)
 
 
+def _parse(line: bytes) -> Any:
+    """One JSONL line -> its JSON value, or an ``Unparseable`` saying why not."""
+    try:
+        return json.loads(line)
+    except UnicodeDecodeError as exc:
+        return Unparseable(line[:200].decode("utf-8", "replace"), f"not UTF-8: {exc}")
+    except json.JSONDecodeError as exc:
+        return Unparseable(line[:200].decode("utf-8", "replace").rstrip(), f"invalid JSON: {exc}")
+    except (ValueError, RecursionError) as exc:  # e.g. integers over 4300 digits, nesting too deep
+        return Unparseable(line[:200].decode("utf-8", "replace").rstrip(), f"unreadable JSON value: {exc}")
+
+
 class JsonlSource:
     """A JSONL (optionally ``.gz``) file: one JSON object per line; blank lines are skipped."""
 
@@ -65,20 +77,14 @@ class JsonlSource:
 
     def __iter__(self) -> Iterator[tuple[str, Any]]:
         opener = gzip.open if self.path.suffix == ".gz" else open
-        with opener(self.path, "rb") as fh:
-            for lineno, line in enumerate(fh, start=1):
-                if not line.strip():
-                    continue
-                position = f"line {lineno}"
-                try:
-                    yield position, json.loads(line)
-                except UnicodeDecodeError as exc:
-                    yield position, Unparseable(line[:200].decode("utf-8", "replace"), f"not UTF-8: {exc}")
-                except json.JSONDecodeError as exc:
-                    yield (
-                        position,
-                        Unparseable(line[:200].decode("utf-8", "replace").rstrip(), f"invalid JSON: {exc}"),
-                    )
+        lineno = 0
+        try:
+            with opener(self.path, "rb") as fh:
+                for lineno, line in enumerate(fh, start=1):  # noqa: B007 - lineno is reported on failure
+                    if line.strip():
+                        yield f"line {lineno}", _parse(line)
+        except (OSError, EOFError) as exc:  # truncated or corrupt .gz, unreadable file
+            raise SourceError(f"cannot read {self.path} after line {lineno}: {exc}") from None
 
 
 class MongoSource:
@@ -137,7 +143,16 @@ class MongoSource:
         return f"mongodb:{self.database}.{self.collection}"
 
     def count(self) -> int:
-        return self._client[self.database][self.collection].count_documents(self.cfg.filter)
+        """Documents matching the filter (for the progress bar)."""
+        from pymongo import errors
+
+        try:
+            return self._client[self.database][self.collection].count_documents(self.cfg.filter)
+        except errors.PyMongoError as exc:
+            self.close()
+            raise SourceError(
+                f"counting {self.describe()} failed: {redact(str(exc)).splitlines()[0]}"
+            ) from None
 
     def __iter__(self) -> Iterator[tuple[str, Any]]:
         from pymongo import errors

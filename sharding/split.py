@@ -3,10 +3,11 @@
 Owns three decisions, each independent of the input order (so the same records and seed give the
 same result however they arrive):
 
-* **Which duplicate is kept.** Records whose normalised URL (records.normalize_url) is equal are one
-  image. The kept one is the first by (permissive license before restrictive, then the canonical
-  JSON of the record); permissive first so that ``production_only`` never loses an image that one
-  of its copies licenses permissively. The others go to ``duplicates.jsonl`` naming the kept record.
+* **Which duplicate is kept.** Records whose URL key (records.url_key: the normalised URL without
+  scheme, percent-encoding normalised) is equal are one image. The kept one is the first by
+  (permissive license before restrictive, https before http, then the canonical JSON of the
+  record); permissive first so that ``production_only`` never loses an image that one of its
+  copies licenses permissively. The others go to ``duplicates.jsonl`` naming the kept record.
 * **One URL, several species** (``species_conflict``): ``drop`` (default) rejects every record of
   that URL (reason ``url_species_conflict``): the label is unknown, and label noise in a long-tailed
   set hurts exactly the rare species. ``majority`` keeps the species with most records, logs the
@@ -16,7 +17,9 @@ same result however they arrive):
   by the fractions: every split with a non-zero fraction gets at least one group, the rest goes by
   largest remainder. Species with fewer than ``min_for_stratify`` groups go wholly to train (they
   cannot be evaluated honestly; they are listed in the analysis). A group spanning several species
-  belongs to its most frequent species (ties: the first name) and moves as one.
+  belongs to its most frequent species (ties: the first name) and moves as one; if that leaves
+  another species of the group without any train image, one of that species' groups moves to
+  train (moving to train can never take train images from anyone).
 
 No URL can be in two splits, since each URL is one record after dedup and groups move whole;
 ``leakage_report`` checks this again on the output rather than trusting the construction.
@@ -33,8 +36,9 @@ import math
 from collections import Counter, defaultdict
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import Any
 
-from .config import SPLIT_NAMES, SplitConfig
+from .config import SPLIT_NAMES, ConfigError, SplitConfig
 from .licenses import PERMISSIVE
 from .records import Record
 
@@ -44,8 +48,12 @@ def canonical_json(obj: object) -> str:
     return json.dumps(obj, sort_keys=True, ensure_ascii=False, default=str)
 
 
-def _keep_order(record: Record) -> tuple[bool, str]:
-    return (record.license_class != PERMISSIVE, canonical_json(record.to_dict()))
+def _keep_order(record: Record) -> tuple[bool, bool, str]:
+    return (
+        record.license_class != PERMISSIVE,
+        not record.image_url.startswith("https:"),
+        canonical_json(record.to_dict()),
+    )
 
 
 @dataclass
@@ -62,7 +70,7 @@ def dedup(records: Iterable[Record], species_conflict: str = "drop") -> DedupRes
     """Keeps one record per normalised URL; see the module docstring for the rules."""
     by_url: dict[str, list[Record]] = defaultdict(list)
     for record in records:
-        by_url[record.image_url].append(record)
+        by_url[record.url_key or record.image_url].append(record)
     kept, duplicates, rejected = [], [], []
     conflicting = 0
     for url, group in by_url.items():
@@ -92,25 +100,31 @@ def dedup(records: Iterable[Record], species_conflict: str = "drop") -> DedupRes
     return DedupResult(kept=kept, duplicates=duplicates, rejected=rejected, conflicting_urls=conflicting)
 
 
+def group_value(record: Record, group_by: str) -> Any:
+    """The record's value of ``group_by`` (a record field or ``meta.<name>``), None when absent."""
+    value = record.meta.get(group_by[5:]) if group_by.startswith("meta.") else getattr(record, group_by)
+    return None if value == "" else value
+
+
 def group_key(record: Record, group_by: str | None) -> str:
-    """The value that keeps records together in one split (the URL unless ``group_by`` names a field)."""
+    """The value that keeps records together in one split: the URL key, or the ``group_by`` value
+    when the record has one (a record without it is a group of its own)."""
     if group_by:
-        if group_by.startswith("meta."):
-            value = record.meta.get(group_by[len("meta.") :])
-        else:
-            value = (
-                getattr(record, group_by, None) if group_by in Record.__slots__ else record.meta.get(group_by)
-            )
-        if value is not None and value != "":
+        value = group_value(record, group_by)
+        if value is not None:
             return f"{group_by}={canonical_json(value)}"
-    return f"url={record.image_url}"
+    return f"url={record.url_key or record.image_url}"
 
 
 def allocate(n: int, fractions: dict[str, float]) -> dict[str, int]:
     """Splits ``n`` items by ``fractions``: each non-zero split at least 1 (when n allows), then
     largest remainder. Ties go to the earlier split in train/val/test order."""
+    total = sum(fractions.values())
+    fractions = {s: fractions[s] / total for s in SPLIT_NAMES}  # exact sum, whatever the rounding
     active = [s for s in SPLIT_NAMES if fractions[s] > 0]
-    counts = {s: math.floor(n * fractions[s]) for s in SPLIT_NAMES}
+    counts = {s: min(n, math.floor(n * fractions[s])) for s in SPLIT_NAMES}
+    while sum(counts.values()) > n:  # float error on huge n: take the excess from the largest
+        counts[max(active, key=lambda s: counts[s])] -= 1
     order = sorted(active, key=lambda s: (-(n * fractions[s] - counts[s]), SPLIT_NAMES.index(s)))
     for s in order[: n - sum(counts.values())]:
         counts[s] += 1
@@ -127,11 +141,30 @@ def _rank(seed: int, key: str) -> bytes:
     return hashlib.sha256(f"{seed}\x00{key}".encode()).digest()
 
 
-def assign_splits(records: list[Record], cfg: SplitConfig) -> list[str]:
-    """Sets ``record.split`` on every record; returns the species that went wholly to train."""
+@dataclass
+class SplitResult:
+    #: Species with too few groups to stratify, put wholly in train.
+    train_only: list[str]
+    #: Records without a ``group_by`` value (each then a group of its own).
+    group_by_missing: int
+    #: Groups moved to train so that a species sharing them keeps a train image.
+    groups_moved_to_train: int
+
+
+def assign_splits(records: list[Record], cfg: SplitConfig) -> SplitResult:
+    """Sets ``record.split`` on every record (rules in the module docstring).
+
+    Raises:
+        ConfigError: ``split.group_by`` names a field that no record has.
+    """
     groups: dict[str, list[Record]] = defaultdict(list)
+    missing = 0
     for record in records:
-        groups[group_key(record, cfg.group_by)].append(record)
+        key = group_key(record, cfg.group_by)
+        missing += cfg.group_by is not None and key.startswith("url=")
+        groups[key].append(record)
+    if cfg.group_by and records and missing == len(records):
+        raise ConfigError(f"split.group_by: no record has a value for {cfg.group_by!r} (misspelled?)")
     by_species: dict[str, list[str]] = defaultdict(list)
     for key, members in groups.items():
         counts = Counter(r.latin_name for r in members)
@@ -149,7 +182,27 @@ def assign_splits(records: list[Record], cfg: SplitConfig) -> list[str]:
         for key, split in zip(keys, names, strict=True):
             for record in groups[key]:
                 record.split = split
-    return train_only
+    moved = _keep_a_train_image(groups, cfg.seed)
+    return SplitResult(train_only=train_only, group_by_missing=missing, groups_moved_to_train=moved)
+
+
+def _keep_a_train_image(groups: dict[str, list[Record]], seed: int) -> int:
+    """Moves, per species without a train record, its first group (by rank) to train."""
+    in_train = {r.latin_name for members in groups.values() for r in members if r.split == "train"}
+    species_groups: dict[str, list[str]] = defaultdict(list)
+    for key, members in groups.items():
+        for name in {r.latin_name for r in members} - in_train:
+            species_groups[name].append(key)
+    moved = 0
+    for name in sorted(species_groups):
+        if name in in_train:
+            continue  # an earlier move already gave it a train image
+        key = min(species_groups[name], key=lambda k: _rank(seed, k))
+        for record in groups[key]:
+            record.split = "train"
+        in_train.update(r.latin_name for r in groups[key])
+        moved += 1
+    return moved
 
 
 def leakage_report(records: Iterable[Record], group_by: str | None = None) -> dict:
@@ -157,7 +210,7 @@ def leakage_report(records: Iterable[Record], group_by: str | None = None) -> di
     url_splits: dict[str, set[str]] = defaultdict(set)
     group_splits: dict[str, set[str]] = defaultdict(set)
     for record in records:
-        url_splits[record.image_url].add(record.split)
+        url_splits[record.url_key or record.image_url].add(record.split)
         if group_by:
             group_splits[group_key(record, group_by)].add(record.split)
     leaked_urls = sorted(url for url, splits in url_splits.items() if len(splits) > 1)

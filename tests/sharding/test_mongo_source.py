@@ -2,8 +2,10 @@
 projection and filter, and one-line errors with the password redacted."""
 
 import json
+from collections import Counter
 
 import pytest
+from pymongo import monitoring
 
 from sharding.__main__ import main
 from sharding.catalog import run_catalog
@@ -87,3 +89,56 @@ def test_user_without_password_needs_the_environment_variable(monkeypatch):
 def test_redact():
     assert redact("x mongodb+srv://u:p%40ss@h/db.c y") == "x mongodb+srv://u:***@h/db.c y"
     assert redact("mongodb://h:1/db.c") == "mongodb://h:1/db.c"
+
+
+class _CommandCounter(monitoring.CommandListener):
+    def __init__(self):
+        self.commands = Counter()
+
+    def started(self, event):
+        self.commands[event.command_name] += 1
+
+    def succeeded(self, event):
+        pass
+
+    def failed(self, event):
+        pass
+
+
+def test_reads_through_one_batch_cursor(loaded, records):
+    counter = _CommandCounter()
+    monitoring.register(counter)  # applies to clients created from now on, i.e. MongoSource's
+    docs = list(MongoSource(loaded, MongoConfig(batch_size=100)))
+    assert len(docs) == len(records)
+    assert counter.commands["find"] == 1
+    assert counter.commands["getMore"] >= len(records) // 100 - 1
+
+
+def test_password_from_the_environment_with_a_real_user(mongo_server, loaded, monkeypatch, tmp_path, capsys):
+    with mongo_server.client() as client:
+        if "flora_reader" not in {u["user"] for u in client.flora_test.command("usersInfo")["users"]}:
+            client.flora_test.command("createUser", "flora_reader", pwd="right-pw", roles=["read"])
+    uri = f"mongodb://flora_reader@127.0.0.1:{mongo_server.port}/flora_test.images"
+    monkeypatch.setenv("FLORA_MONGO_PASSWORD", "right-pw")
+    assert sum(1 for _ in MongoSource(uri, MongoConfig())) == 800
+    monkeypatch.setenv("FLORA_MONGO_PASSWORD", "wrong-pw")
+    assert main(["catalog", "--source", uri, "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: MongoDB refused mongodb://flora_reader@") and "wrong-pw" not in err
+
+
+def test_javascript_doubles_and_a_bad_filter(mongo_server, tmp_path, capsys):
+    with mongo_server.client() as client:
+        coll = client.flora_js.images
+        coll.drop()
+        coll.insert_many(
+            [{"plant_id": 2.0, "latin_name": "Olea europaea", "image_url": f"http://h/{i}"} for i in range(3)]
+        )
+    stats = run_catalog(
+        f"{mongo_server.uri}/flora_js.images", tmp_path / "o", CatalogConfig(progress=False)
+    ).stats
+    assert stats["written"] == 3 and stats["rejected"] == 0
+    code = main(["catalog", "--source", f"{mongo_server.uri}/flora_js.images", "--out", str(tmp_path / "p"),
+                 "mongo.filter={plant_id: {$badop: 1}}"])  # fmt: skip
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and "flora_js.images" in err

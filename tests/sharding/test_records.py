@@ -2,7 +2,7 @@
 
 import pytest
 
-from sharding.records import RecordError, normalize_latin_name, normalize_url, validate
+from sharding.records import RecordError, normalize_latin_name, normalize_url, put_meta, url_key, validate
 
 
 @pytest.mark.parametrize(
@@ -89,3 +89,19 @@ def test_validate_rejects_non_objects():
     with pytest.raises(RecordError) as info:
         validate([1, 2])
     assert info.value.reason == "not_an_object"
+
+
+def test_whole_float_plant_ids_from_javascript_clients_are_integers():
+    fields, _ = validate({**GOOD, "plant_id": 2.0})
+    assert fields["plant_id"] == 2 and isinstance(fields["plant_id"], int)
+
+
+def test_meta_never_loses_a_value_on_a_name_clash():
+    _, meta = validate({**GOOD, "meta": {"a": 1, "b": 2}, "a": 3, "b": 2})
+    assert meta == {"a": 1, "b": 2, "a#2": 3}
+    put_meta(meta, "a", 4)
+    assert meta["a#3"] == 4
+
+
+def test_url_key_is_scheme_free_and_percent_normalised():
+    assert url_key("http://h/a%7eb%2f") == url_key("https://h/a~b%2F") == "h/a~b%2F"

@@ -5,22 +5,25 @@ from collections import Counter
 
 import pytest
 
-from sharding.config import SplitConfig
-from sharding.records import Record
+from sharding.config import ConfigError, SplitConfig
+from sharding.records import Record, normalize_url, url_key
 from sharding.split import allocate, assign_splits, dedup, leakage_report
 
 
 def rec(name, url, license_class="permissive", **meta):
+    # The restrictive license sorts first by content, so preferring permissive copies is a real rule.
+    url = normalize_url(url)
     return Record(
         plant_id=1,
         latin_name=name,
         image_url=url,
-        license="cc-by" if license_class == "permissive" else "cc-by-nc",
+        license="cc-by" if license_class == "permissive" else "all-rights-reserved",
         license_class=license_class,
         source="iNaturalist",
         country="ES",
         region="EU_SW",
         meta=meta,
+        url_key=url_key(url),
     )
 
 
@@ -32,6 +35,11 @@ def test_allocate_sums_and_covers_every_split(n):
         assert min(counts.values()) >= 1
         assert counts["train"] >= counts["val"] and counts["train"] >= counts["test"]
     assert abs(counts["train"] - 0.8 * n) <= 2
+
+
+def test_allocate_survives_float_error_on_huge_species():
+    counts = allocate(2_000_000, {"train": 0.8000005, "val": 0.1, "test": 0.1})
+    assert sum(counts.values()) == 2_000_000
 
 
 def test_allocate_respects_zero_fractions():
@@ -47,6 +55,14 @@ def test_dedup_keeps_one_per_url_and_prefers_permissive():
         assert sorted(r.image_url for r in result.kept) == ["http://h/1.jpg", "http://h/2.jpg"]
         assert b in result.kept and a not in result.kept
         assert result.duplicates == [(a, b, "same_url")]
+
+
+def test_http_https_and_percent_encoding_are_one_image_and_https_is_kept():
+    a = rec("Olea europaea", "http://h/a%7eb.jpg")
+    b = rec("Olea europaea", "https://h/a~b.jpg")
+    result = dedup([a, b])
+    assert result.kept == [b] and result.duplicates == [(a, b, "same_url")]
+    assert url_key(normalize_url("http://h/%2f")) != url_key(normalize_url("http://h//"))  # reserved: kept
 
 
 def test_species_conflict_drop_and_majority():
@@ -77,8 +93,8 @@ def world(n_species=12, seed=0):
 
 def test_split_is_stratified_per_species():
     records = world()
-    train_only = assign_splits(records, SplitConfig(seed=1))
-    assert train_only == ["Rara avis"]
+    result = assign_splits(records, SplitConfig(seed=1))
+    assert result.train_only == ["Rara avis"] and result.groups_moved_to_train == 0
     by_species = Counter((r.latin_name, r.split) for r in records)
     for s in range(12):
         name = f"Species s{s:02d}"
@@ -114,14 +130,39 @@ def test_group_by_keeps_an_observation_in_one_split():
     assert leakage_report(records, "meta.obs")["groups_in_multiple_splits"] > 0
 
 
+def test_a_species_sharing_a_group_still_gets_a_train_image():
+    # Betula's only photo shares an observation with ten of Abies: it follows Abies's group.
+    records = [rec("Abies alba", f"http://h/a{i}.jpg", obs=i) for i in range(10)]
+    records.append(rec("Betula pendula", "http://h/b.jpg", obs=0))
+    for seed in range(20):
+        result = assign_splits(records, SplitConfig(seed=seed, group_by="meta.obs"))
+        assert {r.split for r in records if r.latin_name == "Betula pendula"} == {"train"}
+        assert leakage_report(records, "meta.obs")["ok"]
+        assert result.groups_moved_to_train in (0, 1)
+    assert any(
+        assign_splits(records, SplitConfig(seed=s, group_by="meta.obs")).groups_moved_to_train
+        for s in range(20)
+    )
+
+
+def test_group_by_must_exist_and_be_a_known_field():
+    with pytest.raises(ConfigError, match="split.group_by must be one of"):
+        SplitConfig(group_by="position")
+    records = [rec("A a", f"http://h/{i}.jpg") for i in range(5)]
+    with pytest.raises(ConfigError, match="no record has a value for 'meta.observaton_id'"):
+        assign_splits(records, SplitConfig(group_by="meta.observaton_id"))
+    records[0].meta["obs"] = 1
+    assert assign_splits(records, SplitConfig(group_by="meta.obs")).group_by_missing == 4
+
+
 def test_leakage_report_finds_a_url_in_two_splits():
     a, b = rec("A a", "http://h/1"), rec("A a", "http://h/1")
     a.split, b.split = "train", "test"
     report = leakage_report([a, b])
-    assert report == {
+    assert report == {  # the URL key drops the scheme
         "urls_checked": 1,
         "urls_in_multiple_splits": 1,
         "groups_in_multiple_splits": 0,
-        "examples": ["http://h/1"],
+        "examples": ["h/1"],
         "ok": False,
     }
