@@ -19,10 +19,7 @@ install: $(STAMP)
 
 # The bundled sample world is generated deterministically (seed 0): no network, no GPU.
 demo: $(STAMP)
-	$(PY) -m sharding.world generate --out $(DEMO)/world --records 2000 --species 40 --seed 0
-	$(PY) -m sharding catalog --source $(DEMO)/world/catalog.jsonl --out $(DEMO)/splits \
-		--config config/catalog_smoke.yaml --region EU_SW
-	@echo "demo: outputs under $(DEMO)/ (world/, splits/)"
+	$(PY) -m sharding.world.demo --out $(DEMO)
 
 # CI runs everything but GPU tests (slow, mongo and browser included).
 test: $(STAMP)

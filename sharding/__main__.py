@@ -3,7 +3,9 @@
 Owns argument parsing, turning anticipated failures (missing file, unreachable MongoDB, bad config
 key) into one ``error: ...`` line and exit status 2, and the end-of-run summary.
 
-Leaves out: the work itself (catalog.py); the ``build`` verb arrives with the sharder.
+Verbs: ``catalog`` (catalog.py) and ``build`` (build.py: the sharder).
+
+Leaves out: the work itself.
 """
 
 from __future__ import annotations
@@ -55,6 +57,42 @@ def _catalog(args: argparse.Namespace) -> int:
     return 0
 
 
+def _build(args: argparse.Namespace) -> int:
+    from .build import BuildConfig, build
+
+    overrides = list(args.overrides)
+    if args.cache:
+        overrides.append(f"cache.path={args.cache}")
+    if args.processes is not None:
+        overrides.append(f"processes={args.processes}")
+    if args.distributor:
+        overrides.append(f"distributor={args.distributor}")
+    if args.ray_address:
+        overrides.append(f"ray_address={args.ray_address}")
+    if args.no_progress:
+        overrides.append("progress=false")
+    cfg = load_config(BuildConfig, args.config, overrides)
+    cfg.download.allow_networks = sorted(set(cfg.download.allow_networks) | set(args.allow_network))
+    manifest = build(args.splits, args.out, cfg, retry_failed=args.retry_failed)
+    a, run = manifest["accounting"], manifest["last_run"]
+    print(
+        f"build: {a['records_in']} records in = {a['sharded']} sharded + {a['failed']} failed "
+        f"+ {a['content_duplicates']} content duplicates ({'ok' if a['ok'] else 'MISMATCH'})"
+    )
+    print(
+        f"  {len(manifest['shards'])} shards; this run: {run['chunks_run']} chunks run, "
+        f"{run['chunks_reused']} reused, "
+        f"{run['from_network']} downloaded, {run['from_cache']} from cache, {run['seconds']} s "
+        f"({run['images_per_s'] or 0} img/s)"
+    )
+    if run["cache"]:
+        print("  cache: " + ", ".join(f"{k} {v}" for k, v in run["cache"].items()))
+    if manifest["failures_by_reason"]:
+        print("  failures: " + ", ".join(f"{k} {v}" for k, v in manifest["failures_by_reason"].items()))
+    print(f"  wrote {args.out}/manifest.json")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m sharding", description=__doc__.splitlines()[0])
     verbs = parser.add_subparsers(dest="verb", required=True)
@@ -70,6 +108,28 @@ def build_parser() -> argparse.ArgumentParser:
     cat.add_argument("--no-progress", action="store_true", help="no progress bar")
     cat.add_argument("overrides", nargs="*", metavar="key.sub=value", help="config overrides")
     cat.set_defaults(func=_catalog)
+
+    bld = verbs.add_parser("build", help="splits -> cached, validated downloads -> WebDataset shards")
+    bld.add_argument("--splits", required=True, help="the catalog's output folder")
+    bld.add_argument("--out", required=True, help="shard folder (SHARDS)")
+    bld.add_argument("--cache", help="LMDB cache folder (overrides cache.path)")
+    bld.add_argument("--config", help="YAML config (default: built-in defaults, as config/sharding.yaml)")
+    bld.add_argument(
+        "--allow-network",
+        action="append",
+        default=[],
+        metavar="CIDR",
+        help="exempt a network from the private-address refusal, e.g. 127.0.0.1/32 (repeatable)",
+    )
+    bld.add_argument(
+        "--retry-failed", action="store_true", help="re-attempt only the records in failures.jsonl"
+    )
+    bld.add_argument("--distributor", choices=["local", "ray"], help="where shard jobs run (default local)")
+    bld.add_argument("--ray-address", help="address of an existing Ray cluster")
+    bld.add_argument("--processes", type=int, help="local worker processes (0: one per CPU)")
+    bld.add_argument("--no-progress", action="store_true", help="no progress bar")
+    bld.add_argument("overrides", nargs="*", metavar="key.sub=value", help="config overrides")
+    bld.set_defaults(func=_build)
     return parser
 
 

@@ -138,7 +138,15 @@ def test_javascript_doubles_and_a_bad_filter(mongo_server, tmp_path, capsys):
         f"{mongo_server.uri}/flora_js.images", tmp_path / "o", CatalogConfig(progress=False)
     ).stats
     assert stats["written"] == 3 and stats["rejected"] == 0
-    code = main(["catalog", "--source", f"{mongo_server.uri}/flora_js.images", "--out", str(tmp_path / "p"),
-                 "mongo.filter={plant_id: {$badop: 1}}"])  # fmt: skip
+    code = main(
+        [
+            "catalog",
+            "--source",
+            f"{mongo_server.uri}/flora_js.images",
+            "--out",
+            str(tmp_path / "p"),
+            "mongo.filter={plant_id: {$badop: 1}}",
+        ]
+    )
     err = capsys.readouterr().err
     assert code == 2 and err.count("\n") == 1 and "flora_js.images" in err

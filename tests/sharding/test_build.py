@@ -1,0 +1,343 @@
+"""The sharder end to end through the real loopback server with faults injected: layout, index files,
+manifest, failure reasons, accounting, content dedup, warm-cache rebuilds, determinism, SIGKILL and
+resume, --retry-failed, SSRF refusal and the Ray distributor."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import tarfile
+import time
+from collections import Counter
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+from sharding.__main__ import main
+from sharding.build import BuildConfig, build
+from sharding.catalog import run_catalog
+from sharding.config import CatalogConfig, load_config
+from sharding.outputs import read_jsonl
+from sharding.world import ImageServer, WorldSpec, build_world
+from sharding.writer import INDEX_VERSION
+
+REPO = Path(__file__).resolve().parents[2]
+LOOPBACK = "127.0.0.1/32"
+# Small, fast settings: short timeouts and backoff so that faults cost little time.
+TEST_OVERRIDES = [
+    "progress=false",
+    "shards.max_samples=40",
+    "download.threads=8",
+    "download.retries=2",
+    "download.backoff_base_s=0.01",
+    "download.backoff_max_s=0.05",
+    "download.read_timeout_s=1.0",
+    "download.retry_after_max_s=0.05",
+    "download.max_bytes=2097152",
+    "images.resize_shorter_side=128",
+    f"download.allow_networks=[{LOOPBACK}]",
+]
+
+
+def config(tmp_path: Path, *extra: str, cache: bool = True) -> BuildConfig:
+    overrides = [*TEST_OVERRIDES, "processes=1", *extra]
+    if cache:
+        overrides.append(f"cache.path={tmp_path / 'cache'}")
+    return load_config(BuildConfig, None, overrides)
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    root = tmp_path_factory.mktemp("world")
+    (root / "images").mkdir()
+    server = ImageServer(root / "images")
+    spec = WorldSpec(n_records=500, n_species=12, seed=2, fault_rate=0.05)
+    w = build_world(root, spec, base_url=server.base_url)
+    for path, fault in w.faults.items():
+        server.set_fault(path, fault)
+    cfg = load_config(CatalogConfig, None, ["progress=false"])
+    run_catalog(str(w.catalog_path), root / "splits", cfg)
+    with server:
+        yield SimpleNamespace(server=server, splits=root / "splits", world=w, root=root)
+
+
+@pytest.fixture(scope="module")
+def built(world, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("built")
+    manifest = build(world.splits, tmp / "shards", config(tmp))
+    return SimpleNamespace(out=tmp / "shards", manifest=manifest, tmp=tmp)
+
+
+def shard_bytes(out: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(out)): p.read_bytes() for p in sorted(out.glob("*/*/*.tar"))}
+
+
+def test_accounting_every_record_is_in_exactly_one_place(world, built):
+    records = read_jsonl(world.splits / "dataset_splits.jsonl")
+    acc = built.manifest["accounting"]
+    failures = read_jsonl(built.out / "failures.jsonl")
+    dups = read_jsonl(built.out / "duplicates.jsonl")
+    keys = []
+    for tar_path in built.out.glob("*/*/*.tar"):
+        with tarfile.open(tar_path) as tar:
+            keys += [m.name.split(".")[0] for m in tar if m.name.endswith(".jpg")]
+    assert acc["ok"] and acc["records_in"] == len(records)
+    assert acc["sharded"] == len(keys) == len(set(keys)), "no sample twice"
+    assert len(keys) + len(failures) + len(dups) == len(records)
+    urls = {r["image_url"] for r in records}
+    assert {f["image_url"] for f in failures} <= urls
+
+
+def test_each_fault_has_its_reason(world, built):
+    expected = {  # fault kind -> the reason its records must get
+        "html": "not_an_image",
+        "corrupt": "corrupt",
+        "tiny": "too_small",
+        "bomb": "decompression_bomb",
+        "huge": "too_large",
+        "redirect_loop": "too_many_redirects",
+        "truncated": "truncated",
+        "slow": "timeout",
+    }
+    by_url = {f["image_url"]: f["reason"] for f in read_jsonl(built.out / "failures.jsonl")}
+    records = read_jsonl(world.splits / "dataset_splits.jsonl")
+    seen = Counter()
+    for r in records:
+        path = "/" + r["image_url"].split("/", 3)[3].split("?")[0]
+        fault = world.world.faults.get(path)
+        if fault is None:
+            continue
+        kind = fault["kind"]
+        if kind in expected:
+            assert by_url.get(r["image_url"]) == expected[kind], (kind, r["image_url"])
+            seen[kind] += 1
+        elif kind == "status":
+            code = fault["status"]
+            want = {404: "http_404", 403: "http_403", 410: "http_410"}.get(
+                code, "http_5xx" if code >= 500 else f"http_{code}"
+            )
+            assert by_url.get(r["image_url"]) == want
+            seen[kind] += 1
+        elif kind == "flaky":
+            assert r["image_url"] not in by_url, "a flaky URL succeeds on retry"
+            seen[kind] += 1
+        elif kind == "redirect":
+            loc = fault["location"]
+            want = None if loc.startswith("/") else {"ftp": "bad_scheme", "http": None}[loc.split(":")[0]]
+            if "169.254" in loc:
+                want = "blocked_address"
+            elif "invalid" in loc:
+                want = "dns_error"
+            assert by_url.get(r["image_url"]) == want, loc
+            seen[kind] += 1
+    assert len(seen) >= 8, f"the world should exercise most fault kinds, saw {dict(seen)}"
+
+
+def test_layout_samples_and_index_files(world, built):
+    from wds2idx import IndexCreator  # DALI's own index writer, the reference for our format
+
+    mapping = json.loads((built.out / "class_mapping.json").read_text())
+    shards = built.manifest["shards"]
+    assert shards
+    for shard in shards:
+        path = built.out / shard["path"]
+        split, region = path.parent.parent.name, path.parent.name
+        assert path.name.startswith(f"{split}-{region}-") and len(path.stem.rsplit("-", 1)[1]) == 6
+        assert shard["samples"] <= 40
+        ours = path.with_suffix(".idx").read_text()
+        ref = built.tmp / "ref.idx"
+        with IndexCreator(str(path), str(ref), verbose=False) as creator:
+            creator.create_index()
+        assert ours == ref.read_text()
+        assert ours.startswith(f"{INDEX_VERSION} {shard['samples']}\n")
+        with tarfile.open(path) as tar:
+            members = tar.getmembers()
+            assert all(m.mtime == 0 and m.uname == "flora" for m in members)
+            names = [m.name for m in members]
+            stems = {n.split(".")[0] for n in names}
+            assert all(n.split(".")[1] in ("cls", "jpg", "json") for n in names) and len(names) == 3 * len(
+                stems
+            )
+            for stem in stems:
+                assert stem.isalnum() and "/" not in stem and ".." not in stem
+                meta = json.loads(tar.extractfile(f"{stem}.json").read())
+                cls = int(tar.extractfile(f"{stem}.cls").read())
+                assert mapping[meta["latin_name"]] == cls == meta["label"]
+                assert (meta["split"], meta["region"]) == (split, region)
+                assert min(meta["width"], meta["height"]) <= 128
+                for key in ("image_url", "license", "license_class", "source", "plant_id", "sha256"):
+                    assert key in meta
+
+
+def test_manifest_describes_each_shard(built):
+    import hashlib
+
+    totals = Counter()
+    for shard in built.manifest["shards"]:
+        path = built.out / shard["path"]
+        assert hashlib.sha256(path.read_bytes()).hexdigest() == shard["sha256"]
+        assert path.stat().st_size == shard["bytes"]
+        totals[(shard["split"], shard["region"])] += shard["samples"]
+        assert shard["classes"] == sorted(set(shard["classes"]))
+        assert sum(shard["licenses"].values()) == shard["samples"]
+    for split, regions in built.manifest["totals"].items():
+        for region, t in regions.items():
+            assert t["samples"] == totals[(split, region)]
+
+
+def test_warm_cache_rebuild_needs_no_network_and_gives_identical_shards(world, built):
+    before = world.server.request_count()
+    manifest = build(world.splits, built.tmp / "again", config(built.tmp))
+    assert world.server.request_count() == before, "a warm cache makes no request at all"
+    assert manifest["last_run"]["from_network"] == 0
+    assert shard_bytes(built.tmp / "again") == shard_bytes(built.out)
+    assert read_jsonl(built.tmp / "again" / "failures.jsonl") == read_jsonl(built.out / "failures.jsonl")
+
+
+def test_same_shards_whatever_the_process_and_thread_count(world, built, tmp_path):
+    build(world.splits, tmp_path / "par", config(built.tmp, "processes=2", "download.threads=3"))
+    assert shard_bytes(tmp_path / "par") == shard_bytes(built.out)
+
+
+def test_content_duplicates_are_written_once_and_logged(tmp_path):
+    images = tmp_path / "images"
+    images.mkdir()
+    from sharding.world import render_image
+
+    data = render_image("Olea europaea", 1, seed=0)
+    for name in ("a.jpg", "b.jpg", "c.jpg"):
+        (images / name).write_bytes(data)
+    (images / "d.jpg").write_bytes(render_image("Olea europaea", 2, seed=0))
+    with ImageServer(images) as srv:
+        rows = [
+            {"plant_id": i, "latin_name": "Olea europaea", "image_url": srv.url(n), "license": "cc0"}
+            for i, n in enumerate(["a.jpg", "b.jpg", "c.jpg", "d.jpg"])
+        ]
+        (tmp_path / "c.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        run_catalog(str(tmp_path / "c.jsonl"), tmp_path / "splits", CatalogConfig(progress=False))
+        manifest = build(tmp_path / "splits", tmp_path / "shards", config(tmp_path))
+    dups = read_jsonl(tmp_path / "shards" / "duplicates.jsonl")
+    assert manifest["accounting"] == {
+        "records_in": 4,
+        "sharded": 2,
+        "failed": 0,
+        "content_duplicates": 2,
+        "ok": True,
+    }
+    assert len(dups) == 2 and {d["reason"] for d in dups} == {"same_content"}
+    kept = dups[0]["duplicate_of"]
+    assert all(d["duplicate_of"] == kept for d in dups)
+    # splits are processed train -> val -> test: a copy in train is kept, evaluation loses it
+    order = {"train": 0, "val": 1, "test": 2}
+    assert all(order[kept["split"]] <= order[d["split"]] for d in dups)
+
+
+def test_without_allow_network_loopback_is_refused(world, tmp_path):
+    before = world.server.request_count()
+    cfg = load_config(BuildConfig, None, [*TEST_OVERRIDES[:-1], "processes=1"])
+    manifest = build(world.splits, tmp_path / "ssrf", cfg)
+    assert world.server.request_count() == before, "no request may reach a refused address"
+    assert manifest["accounting"]["sharded"] == 0
+    assert set(manifest["failures_by_reason"]) <= {"blocked_address"}
+
+
+def test_retry_failed_adds_recovered_records_to_new_shards(tmp_path):
+    images = tmp_path / "images"
+    images.mkdir()
+    from sharding.world import render_image
+
+    for i in range(6):
+        (images / f"{i}.jpg").write_bytes(render_image("Pinus pinea", i, seed=1))
+    with ImageServer(images) as srv:
+        rows = [
+            {"plant_id": i, "latin_name": "Pinus pinea", "image_url": srv.url(f"{i}.jpg"), "license": "cc-by"}
+            for i in range(6)
+        ]
+        (tmp_path / "c.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        run_catalog(str(tmp_path / "c.jsonl"), tmp_path / "splits", CatalogConfig(progress=False))
+        srv.set_fault("/2.jpg", {"kind": "status", "status": 404})
+        srv.set_fault("/4.jpg", {"kind": "status", "status": 503})
+        first = build(tmp_path / "splits", tmp_path / "shards", config(tmp_path))
+        assert first["failures_by_reason"] == {"http_404": 1, "http_5xx": 1}
+        shards_before = shard_bytes(tmp_path / "shards")
+        srv.clear_faults()
+        counts = {p: srv.request_count(p) for p in ("/0.jpg", "/2.jpg", "/4.jpg")}
+        assert (
+            main(
+                [
+                    "build",
+                    "--splits",
+                    str(tmp_path / "splits"),
+                    "--out",
+                    str(tmp_path / "shards"),
+                    "--retry-failed",
+                    *TEST_OVERRIDES,
+                    "processes=1",
+                    f"cache.path={tmp_path / 'cache'}",
+                ]
+            )
+            == 0
+        )
+        assert srv.request_count("/0.jpg") == counts["/0.jpg"], "only failed records are re-attempted"
+        assert srv.request_count("/2.jpg") == counts["/2.jpg"] + 1, (
+            "a cached 404 is bypassed by --retry-failed"
+        )
+        assert srv.request_count("/4.jpg") == counts["/4.jpg"] + 1
+    manifest = json.loads((tmp_path / "shards" / "manifest.json").read_text())
+    assert manifest["accounting"] == {
+        "records_in": 6,
+        "sharded": 6,
+        "failed": 0,
+        "content_duplicates": 0,
+        "ok": True,
+    }
+    assert read_jsonl(tmp_path / "shards" / "failures.jsonl") == []
+    after = shard_bytes(tmp_path / "shards")
+    assert all(after[name] == data for name, data in shards_before.items()), (
+        "existing shards are kept as they were"
+    )
+    assert len(after) > len(shards_before)
+
+
+@pytest.mark.slow
+def test_sigkill_mid_run_then_resume_gives_the_uninterrupted_shards(world, built, tmp_path):
+    """Kill a build in the middle (after some chunks finished), run it again, compare bytes."""
+    out = tmp_path / "killed"
+    argv = [
+        sys.executable,
+        "-m",
+        "sharding",
+        "build",
+        "--splits",
+        str(world.splits),
+        "--out",
+        str(out),
+        *TEST_OVERRIDES,
+        "processes=1",
+        f"cache.path={tmp_path / 'cache'}",
+        "download.threads=2",
+    ]
+    proc = subprocess.Popen(argv, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and len(list(out.glob("_work/*/*/*/chunk.json"))) < 2:
+        if proc.poll() is not None:
+            pytest.fail(f"build ended before it could be killed: {proc.stderr.read()[-2000:]}")
+        time.sleep(0.05)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (out / "manifest.json").exists(), "killed before finalize: nothing may look complete"
+    assert main(argv[3:]) == 0
+    assert shard_bytes(out) == shard_bytes(built.out)
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["last_run"]["chunks_reused"] >= 2 and manifest["accounting"]["ok"]
+
+
+@pytest.mark.slow
+def test_ray_distributor(world, built, tmp_path):
+    pytest.importorskip("ray")
+    cfg = config(built.tmp, "distributor=ray", "processes=2")
+    manifest = build(world.splits, tmp_path / "ray", cfg)
+    assert manifest["last_run"]["distributor"] == "ray"
+    assert shard_bytes(tmp_path / "ray") == shard_bytes(built.out)
