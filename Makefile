@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.installed-stamp
 DEMO   ?= demo_out
 PYTEST_ARGS ?=
 
-.PHONY: install demo test test-fast lint bench-catalog clean
+.PHONY: install demo test test-fast lint bench-catalog bench-sharder clean
 
 $(STAMP): setup.cfg pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -34,6 +34,14 @@ lint: $(STAMP)
 
 bench-catalog: $(STAMP)
 	$(PY) -m benchmarks.catalog
+
+# img2dataset gets a venv of its own: its pins clash with the main environment.
+.venv-img2dataset/bin/img2dataset:
+	$(PYTHON) -m venv .venv-img2dataset
+	.venv-img2dataset/bin/pip install --quiet img2dataset==1.47.0
+
+bench-sharder: $(STAMP) .venv-img2dataset/bin/img2dataset
+	$(PY) -m benchmarks.sharder --img2dataset .venv-img2dataset/bin/img2dataset
 
 clean:
 	rm -rf $(DEMO) .pytest_cache

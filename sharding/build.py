@@ -39,9 +39,12 @@ import json
 import os
 import re
 import shutil
+import sqlite3
+import threading
 import time
+from array import array
 from collections import Counter, defaultdict
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -63,6 +66,8 @@ PLAN_FILE = "plan.json"
 #: the same ones: a URL refused under one allow-list is retried under another).
 FAILURE_POLICY_KEYS = ("allow_networks", "max_bytes", "max_redirects")
 _SAFE_NAME = re.compile(r"[A-Za-z0-9_]{1,64}")
+#: Cache writes per commit (see _PutBuffer): 32 images of ~50 KB, a few MB per transaction.
+PUT_BATCH = 32
 #: Downloads kept in flight per worker thread: enough to hide latency, bounded memory.
 WINDOW_PER_THREAD = 2
 SAMPLE_FIELDS = (
@@ -119,7 +124,7 @@ class ChunkJob:
     region: str
     splits_path: str
     out_dir: str
-    offsets: list[int]
+    offsets: Sequence[int]  # a numpy int64 array when planned, a list when loaded from a retry round
     use_negative_cache: bool = True
     cfg: BuildConfig | None = None
 
@@ -146,8 +151,9 @@ def plan_jobs(splits_path: Path, out_dir: Path, cfg: BuildConfig) -> tuple[list[
     """Chunks every stream of the splits file; returns (jobs in global order, records, unreadable rows)."""
     import numpy as np
 
-    ranks: dict[tuple[str, str], list[int]] = defaultdict(list)
-    offsets: dict[tuple[str, str], list[int]] = defaultdict(list)
+    # 8 bytes a record for the rank and 8 for the offset: the plan's memory stays flat
+    ranks: dict[tuple[str, str], array] = defaultdict(lambda: array("Q"))
+    offsets: dict[tuple[str, str], array] = defaultdict(lambda: array("q"))
     unreadable: list[dict] = []
     n = 0
     with open(splits_path, "rb") as fh:
@@ -171,8 +177,8 @@ def plan_jobs(splits_path: Path, out_dir: Path, cfg: BuildConfig) -> tuple[list[
     jobs = []
     per = cfg.shards.max_samples
     for split, region in sorted(ranks, key=lambda s: (SPLIT_NAMES.index(s[0]), s[1])):
-        order = np.argsort(np.array(ranks[(split, region)], dtype=np.uint64), kind="stable")
-        offs = np.array(offsets[(split, region)], dtype=np.int64)[order]
+        order = np.argsort(np.frombuffer(ranks[(split, region)], dtype=np.uint64), kind="stable")
+        offs = np.frombuffer(offsets[(split, region)], dtype=np.int64)[order]
         for c, start in enumerate(range(0, len(offs), per)):
             jobs.append(
                 ChunkJob(
@@ -181,7 +187,7 @@ def plan_jobs(splits_path: Path, out_dir: Path, cfg: BuildConfig) -> tuple[list[
                     region,
                     str(splits_path),
                     str(out_dir),
-                    offs[start : start + per].tolist(),
+                    offs[start : start + per].copy(),
                 )
             )
         del ranks[(split, region)], offsets[(split, region)]
@@ -224,7 +230,7 @@ def _close_worker_state() -> None:
 
 def _read_records(job: ChunkJob) -> Iterator[dict]:
     with open(job.splits_path, "rb") as fh:
-        for offset in job.offsets:
+        for offset in map(int, job.offsets):
             fh.seek(offset)
             record = json.loads(fh.readline())
             record["_offset"] = offset
@@ -239,12 +245,39 @@ def failure_policy(cfg: DownloadConfig) -> str:
     return hashlib.sha256(dumps(policy, sort_keys=True).encode()).hexdigest()[:12]
 
 
+class _PutBuffer:
+    """Cache writes of one chunk, committed ``PUT_BATCH`` at a time (one fsync per batch, not per
+    image: per-image commits serialised the worker threads behind the disk) and all at chunk end."""
+
+    def __init__(self, cache: ImageCache | None):
+        self.cache, self.items, self.lock = cache, [], threading.Lock()
+
+    def add(self, key: str, data: bytes, meta: dict) -> None:
+        if self.cache is None:
+            return
+        with self.lock:
+            self.items.append((key, data, meta))
+            if len(self.items) < PUT_BATCH:
+                return
+            batch, self.items = self.items, []
+        self.cache.put_many(batch)
+
+    def flush(self) -> None:
+        if self.cache is None:
+            return
+        with self.lock:
+            batch, self.items = self.items, []
+        if batch:
+            self.cache.put_many(batch)
+        self.cache.flush()
+
+
 def _obtain(record: dict, state: dict, cfg: BuildConfig, prefix: str, use_negative: bool) -> dict:
     """Cache, else download + validate + cache. Returns {"ok", "jpg", "meta", "source"} or a failure."""
     url = record["image_url"]
     cache: ImageCache | None = state["cache"]
     key = f"{prefix}|{url}"
-    if cache is not None:
+    if cache is not None and key in state["present"]:
         entry = cache.get(key)
         if entry is not None:
             if entry.meta.get("failed"):
@@ -290,21 +323,19 @@ def _obtain(record: dict, state: dict, cfg: BuildConfig, prefix: str, use_negati
                 "original_height": image.original_height,
                 "original_format": image.original_format,
             }
-            if cache is not None:
-                cache.put(key, image.jpeg, meta)
+            state["puts"].add(key, image.jpeg, meta)
             return {"ok": True, "jpg": image.jpeg, "meta": meta, "from": "network"}
-    if cache is not None:
-        cache.put(
-            key,
-            b"",
-            {
-                "failed": failure["reason"],
-                "message": failure["message"][:300],
-                "status": failure["status"],
-                "attempts": failure["attempts"],
-                "policy": state["policy"],
-            },
-        )
+    state["puts"].add(
+        key,
+        b"",
+        {
+            "failed": failure["reason"],
+            "message": failure["message"][:300],
+            "status": failure["status"],
+            "attempts": failure["attempts"],
+            "policy": state["policy"],
+        },
+    )
     return failure
 
 
@@ -321,12 +352,14 @@ def _in_order(pool: ThreadPoolExecutor, fn, items: Iterator[dict], window: int) 
 
 
 def run_chunk(job: ChunkJob) -> dict:
-    """Runs one chunk job (see module docstring) and returns its marker (also written to disk)."""
+    """Runs one chunk job (see module docstring), writes its marker, returns the marker's summary
+    (counts, cache counters, memory) to the driver: the rest stays on disk until finalize."""
     cfg = job.cfg
     started = time.perf_counter()
     shutil.rmtree(job.work_dir, ignore_errors=True)  # a chunk without a marker is redone from scratch
     job.work_dir.mkdir(parents=True)
     state = _worker_state(cfg)
+    state["puts"] = puts = _PutBuffer(state["cache"])
     cache_before = state["cache"].stats() if state["cache"] is not None else {}
     prefix = image_fingerprint(cfg.images)
     writer = RollingTarWriter(job.work_dir, "part", cfg.shards.max_samples, cfg.shards.max_bytes)
@@ -334,8 +367,15 @@ def run_chunk(job: ChunkJob) -> dict:
     counts = Counter()
     window = max(1, cfg.download.threads * WINDOW_PER_THREAD)
     fetch = lambda r: _obtain(r, state, cfg, prefix, job.use_negative_cache)  # noqa: E731
+    records = list(_read_records(job))  # one chunk: at most shards.max_samples small dicts
+    keys = [f"{prefix}|{r['image_url']}" for r in records]
+    state["present"] = state["cache"].contains_many(keys) if state["cache"] is not None else set()
     try:
-        for record, got in _in_order(state["pool"], fetch, _read_records(job), window):
+        if len(state["present"]) == len(records):  # all cached (a rebuild): threads would only add overhead
+            outcomes = ((r, fetch(r)) for r in records)
+        else:
+            outcomes = _in_order(state["pool"], fetch, iter(records), window)
+        for record, got in outcomes:
             counts[f"from_{got['from']}"] += 1
             ident = {
                 k: record.get(k) for k in ("plant_id", "latin_name", "image_url", "split", "region", "label")
@@ -360,6 +400,7 @@ def run_chunk(job: ChunkJob) -> dict:
             writer.write(Sample(key=key, jpg=got["jpg"], label=int(record["label"]), meta=meta))
             samples.append({"key": key, "sha256": got["meta"]["sha256"], "image_url": record["image_url"]})
         parts = writer.close()
+        puts.flush()
     except BaseException:
         writer.abort()
         raise
@@ -374,6 +415,7 @@ def run_chunk(job: ChunkJob) -> dict:
                 "samples": p.samples,
                 "bytes": p.bytes,
                 "keys": p.keys,
+                "index": p.index,
                 "sha256": p.sha256,
                 "labels": p.labels,
                 "license_classes": p.license_classes,
@@ -385,11 +427,24 @@ def run_chunk(job: ChunkJob) -> dict:
         "counts": dict(counts),
         "cache": _delta(cache_before, state["cache"].stats() if state["cache"] is not None else {}),
         "seconds": round(time.perf_counter() - started, 3),
+        "peak_rss_mib": round(memory_mib("VmHWM"), 1),
+        "anon_rss_mib": round(memory_mib("RssAnon"), 1),
     }
     tmp = job.work_dir / (MARKER + ".tmp")
     tmp.write_text(dumps(marker), encoding="utf-8")
     os.replace(tmp, job.work_dir / MARKER)  # the chunk is complete only now
-    return marker
+    return {k: marker[k] for k in ("counts", "cache", "peak_rss_mib", "anon_rss_mib", "seconds")}
+
+
+def memory_mib(field: str = "VmHWM") -> float:
+    """A memory figure of this process from /proc/self/status: ``VmHWM`` (peak resident, its own
+    address space, not a forked parent's) or ``RssAnon`` (resident now, without file-backed pages
+    such as the LMDB cache's memory map, which the kernel can drop at any time). 0 off Linux."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as fh:
+            return next(int(line.split()[1]) for line in fh if line.startswith(field + ":")) / 1024
+    except (OSError, StopIteration):
+        return 0.0
 
 
 def _delta(before: dict[str, int], after: dict[str, int]) -> dict[str, int]:
@@ -415,53 +470,58 @@ def _stream_dir(out: Path, split: str, region: str) -> Path:
 
 
 def finalize(
-    out: Path,
-    jobs: list[ChunkJob],
-    markers: list[dict],
-    n_records: int,
-    unreadable: list[dict],
-    splits_dir: Path,
-    run_stats: dict,
+    out: Path, jobs: list[ChunkJob], n_records: int, unreadable: list[dict], splits_dir: Path, run_stats: dict
 ) -> dict:
-    """Dedups by content, moves parts to their final names, writes indexes, logs and the manifest."""
-    seen: dict[str, dict] = {}
+    """Dedups by content, moves parts to their final names, writes indexes, logs and the manifest.
+
+    Markers are read one at a time and the content index lives in SQLite beside the work area, so
+    finalizing 10^6 records needs no more memory than 10^4.
+    """
     failures: dict[str, dict] = {}  # by URL: a later round's outcome replaces an earlier failure
     duplicates, shards = [], []
     next_index: Counter = Counter()
-    for job, marker in zip(jobs, markers, strict=True):
-        by_key = {s["key"]: s for s in marker["samples"]}
-        for failure in marker["failures"]:
-            failures.pop(failure["image_url"], None)
-            failures[failure["image_url"]] = failure
-        for part in marker["parts"]:
-            dropped = set()
-            for key, label in zip(part["keys"], part["labels"], strict=True):
-                sample = by_key[key]
-                failures.pop(sample["image_url"], None)
-                first = seen.get(sample["sha256"])
-                if first is None:
-                    seen[sample["sha256"]] = {
-                        "image_url": sample["image_url"],
-                        "split": job.split,
-                        "region": job.region,
-                        "chunk": job.chunk_id,
-                    }
-                elif first["image_url"] != sample["image_url"]:
-                    dropped.add(key)
-                    duplicates.append(
-                        {
-                            "reason": "same_content",
-                            "image_url": sample["image_url"],
-                            "split": job.split,
-                            "region": job.region,
-                            "label": label,
-                            "sha256": sample["sha256"],
-                            "duplicate_of": first,
-                        }
+    index_path = out / WORK_DIR / "content.sqlite"
+    index_path.unlink(missing_ok=True)
+    db = sqlite3.connect(index_path)
+    db.execute("CREATE TABLE seen (sha BLOB PRIMARY KEY, url TEXT, split TEXT, region TEXT, chunk TEXT)")
+    try:
+        for job in jobs:
+            marker = load_marker(job)
+            by_key = {s["key"]: s for s in marker["samples"]}
+            for failure in marker["failures"]:
+                failures.pop(failure["image_url"], None)
+                failures[failure["image_url"]] = failure
+            for part in marker["parts"]:
+                dropped = set()
+                for key, label in zip(part["keys"], part["labels"], strict=True):
+                    sample = by_key[key]
+                    failures.pop(sample["image_url"], None)
+                    row = (
+                        bytes.fromhex(sample["sha256"]),
+                        sample["image_url"],
+                        job.split,
+                        job.region,
+                        job.chunk_id,
                     )
-            shard = _place_part(out, job, part, dropped, next_index)
-            if shard is not None:
-                shards.append(shard)
+                    if db.execute("INSERT OR IGNORE INTO seen VALUES (?, ?, ?, ?, ?)", row).rowcount:
+                        continue
+                    url, split, region, chunk = db.execute(
+                        "SELECT url, split, region, chunk FROM seen WHERE sha = ?", row[:1]
+                    ).fetchone()
+                    if url != sample["image_url"]:
+                        dropped.add(key)
+                        first = {"image_url": url, "split": split, "region": region, "chunk": chunk}
+                        duplicates.append(
+                            {"reason": "same_content", "image_url": sample["image_url"], "split": job.split,
+                             "region": job.region, "label": label, "sha256": sample["sha256"],
+                             "duplicate_of": first}
+                        )  # fmt: skip
+                shard = _place_part(out, job, part, dropped, next_index)
+                if shard is not None:
+                    shards.append(shard)
+    finally:
+        db.close()
+        index_path.unlink(missing_ok=True)
     for row in unreadable:
         failures[f"offset:{row['offset']}"] = row
     return _write_reports(out, shards, list(failures.values()), duplicates, n_records, splits_dir, run_stats)
@@ -484,7 +544,7 @@ def _place_part(out: Path, job: ChunkJob, part: dict, dropped: set[str], next_in
         os.replace(work, final)
     elif not final.exists():
         raise RuntimeError(f"{work} and {final} are both missing; remove {out / WORK_DIR} and run again")
-    write_index(final)
+    write_index(final, None if dropped else part["index"])
     keep = [i for i, k in enumerate(part["keys"]) if k not in dropped]
     labels = [part["labels"][i] for i in keep]
     return {
@@ -593,7 +653,10 @@ def _new_retry_round(out: Path, splits_path: Path, cfg: BuildConfig) -> list[Chu
                     use_negative_cache=False,
                 )
             )
-    saved = [{k: v for k, v in asdict(j).items() if k != "cfg"} for j in jobs]
+    saved = [
+        {**{k: v for k, v in asdict(j).items() if k != "cfg"}, "offsets": list(map(int, j.offsets))}
+        for j in jobs
+    ]
     (out / WORK_DIR / f"retry-round-{round_no:03d}.json").write_text(json.dumps(saved), encoding="utf-8")
     return jobs
 
@@ -634,18 +697,20 @@ def build(splits_dir: str | Path, out_dir: str | Path, cfg: BuildConfig, retry_f
 
     processes = cfg.processes or os.cpu_count() or 1
     counts, cache = Counter(), Counter()
+    worker_peak = worker_anon = 0.0
     started = time.perf_counter()
     hide = not os.isatty(2) if cfg.progress is None else not cfg.progress
     with tqdm(total=sum(j.size for j in todo), unit=" img", desc="shards", disable=hide) as bar:
         for job, marker in run_jobs(run_chunk, todo, cfg.distributor, processes, ray_address=cfg.ray_address):
             counts.update(marker["counts"])
+            worker_peak = max(worker_peak, marker["peak_rss_mib"])
+            worker_anon = max(worker_anon, marker["anon_rss_mib"])
             cache.update(marker["cache"])
             bar.update(job.size)
             served = counts["from_cache"] + counts["from_network"]
             bar.set_postfix(hit=f"{counts['from_cache'] / max(served, 1):.0%}", failed=counts["failed"])
     seconds = time.perf_counter() - started
-    markers = [load_marker(job) for job in jobs]
-    missing = [job.chunk_id for job, m in zip(jobs, markers, strict=True) if m is None]
+    missing = [job.chunk_id for job in jobs if not (job.work_dir / MARKER).is_file()]
     if missing:
         raise RuntimeError(f"chunks {missing[:5]} did not complete; run again to resume")
     run_stats = {
@@ -660,5 +725,7 @@ def build(splits_dir: str | Path, out_dir: str | Path, cfg: BuildConfig, retry_f
         "distributor": cfg.distributor,
         "processes": processes,
         "retry_failed": retry_failed,
+        "worker_peak_rss_mib": worker_peak,
+        "worker_anon_rss_mib": worker_anon,
     }
-    return finalize(out, jobs, markers, n_records, unreadable, splits_dir, run_stats)
+    return finalize(out, jobs, n_records, unreadable, splits_dir, run_stats)

@@ -571,6 +571,50 @@ class ImageCache:
             self._counters["puts"] += 1
             return True
 
+    def put_many(self, items: list[tuple[str, bytes, dict]]) -> int:
+        """Stores several ``(url, data, meta)`` entries in one write transaction: one commit, one
+        fsync for all of them (a put's cost is mostly its fsync). Same rules as ``put``; returns how
+        many were stored."""
+        records = []
+        for url, data, meta in items:
+            record = encode_record(data, meta)
+            if len(record) > self.max_bytes or len(record) > MAX_RECORD_BYTES:
+                self._counters["too_large_for_cache"] += 1
+            else:
+                records.append((url_hash(url), record))
+        if not records:
+            return 0
+        with self._guard():
+            low = int(self.config.low_water * self.max_bytes)
+
+            def store(writer: _Writer) -> None:
+                for key, record in records:
+                    writer.remove(key)
+                    if writer.total + len(record) > self.max_bytes:
+                        writer.evict_until(max(0, low - len(record)))
+                    writer.insert(key, record)
+
+            try:
+                self._write(store)
+            except _MapExhausted:  # fall back to one at a time, which can evict to make room
+                return sum(self.put(url, data, meta) for url, data, meta in items)
+            self._counters["puts"] += len(records)
+            return len(records)
+
+    def flush(self) -> None:
+        """Writes the queued recency updates of ``get`` hits now (``close`` does it too)."""
+        with self._guard():
+            self._flush()
+
+    def contains_many(self, urls: list[str]) -> set[str]:
+        """The subset of ``urls`` that have an entry, in one read transaction (no recency bump).
+        Lets a caller skip ``get`` for known misses, which would otherwise queue behind commits."""
+        keys = [(url, url_hash(url)) for url in urls]
+        with self._guard():
+            return self._read(
+                lambda txn, dbs: {url for url, key in keys if txn.get(key, db=dbs.index) is not None}
+            )
+
     def contains(self, url: str) -> bool:
         """Whether ``url`` has an entry (not checked for corruption; no recency bump)."""
         key = url_hash(url)

@@ -37,7 +37,7 @@ def _local(
         while pending:
             done, pending = wait(pending, return_when=FIRST_COMPLETED)
             for future in done:
-                yield futures[future], future.result()
+                yield futures.pop(future), future.result()  # dropped once yielded: flat memory
 
 
 def _ray(
@@ -58,7 +58,7 @@ def _ray(
         while pending:
             done, pending = ray.wait(pending, num_returns=1)
             for ref in done:
-                yield refs[ref], ray.get(ref)
+                yield refs.pop(ref), ray.get(ref)
     finally:
         if started_here:
             ray.shutdown()

@@ -24,7 +24,7 @@ from collections.abc import Mapping
 from functools import lru_cache
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from urllib.parse import unquote, urlsplit
+from urllib.parse import parse_qs, unquote, urlsplit
 
 from PIL import Image
 
@@ -133,6 +133,13 @@ def _check_fault(spec: Mapping) -> dict:
     return dict(spec)
 
 
+def jpeg_variant(data: bytes, tag: str) -> bytes:
+    """The same JPEG with a comment segment naming ``tag``: other bytes, same pixels. Scale
+    benchmarks serve ``?variant=N`` of a few files as many distinct images this way."""
+    comment = f"variant {tag}".encode()[:1000]
+    return data[:2] + b"\xff\xfe" + (len(comment) + 2).to_bytes(2, "big") + comment + data[2:]
+
+
 def _normalise(path: str) -> str:
     """URL path without query or fragment, percent-decoded, with one leading slash."""
     return "/" + unquote(urlsplit(path).path).lstrip("/")
@@ -183,6 +190,9 @@ class _Handler(BaseHTTPRequestHandler):
         if data is None:
             self._send(404, b"not found\n", "text/plain", head)
             return
+        variant = parse_qs(urlsplit(self.path).query).get("variant")
+        if variant and data[:2] == b"\xff\xd8":
+            data = jpeg_variant(data, variant[0])
         self._send(200, data, sniff_content_type(data), head)
 
     def _fault(self, fault: Mapping, path: str, head: bool) -> bool:

@@ -341,3 +341,46 @@ def test_ray_distributor(world, built, tmp_path):
     manifest = build(world.splits, tmp_path / "ray", cfg)
     assert manifest["last_run"]["distributor"] == "ray"
     assert shard_bytes(tmp_path / "ray") == shard_bytes(built.out)
+
+
+def test_a_small_cache_evicts_and_the_shards_stay_the_same(world, built, tmp_path):
+    manifest = build(world.splits, tmp_path / "small", config(tmp_path, "cache.max_bytes=300000"))
+    assert manifest["last_run"]["cache"]["evictions"] > 0
+    assert shard_bytes(tmp_path / "small") == shard_bytes(built.out)
+
+
+@pytest.mark.slow
+def test_two_sharders_on_one_cache_at_once(world, built, tmp_path):
+    procs = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "sharding",
+                "build",
+                "--splits",
+                str(world.splits),
+                "--out",
+                str(tmp_path / name),
+                *TEST_OVERRIDES,
+                "processes=2",
+                f"cache.path={tmp_path / 'shared-cache'}",
+                "cache.max_bytes=2000000",
+            ],
+            cwd=REPO,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+        )  # fmt: skip
+        for name in ("one", "two")
+    ]
+    for proc in procs:
+        _, err = proc.communicate(timeout=300)
+        assert proc.returncode == 0, err[-2000:]
+    assert shard_bytes(tmp_path / "one") == shard_bytes(tmp_path / "two") == shard_bytes(built.out)
+
+
+def test_missing_splits_is_one_error_line(tmp_path, capsys):
+    assert main(["build", "--splits", str(tmp_path / "nope"), "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: no dataset_splits.jsonl in") and err.count("\n") == 1

@@ -379,3 +379,16 @@ def test_constructor_rejects_bad_values_by_name(tmp_path):
         ImageCache(tmp_path, MiB, low_water=2)
     with pytest.raises(TypeError, match="meta must be a dict"):
         ImageCache(tmp_path, MiB).put("u", b"x", ["not", "a", "dict"])
+
+
+def test_put_many_is_one_commit_with_put_semantics(tmp_path):
+    cap = 10 * record_size("u0")
+    with ImageCache(tmp_path / "c", cap) as cache:
+        urls = [f"u{i}" for i in range(15)]
+        stored = cache.put_many([(u, payload(u), META) for u in urls] + [("big", b"x" * (cap + 1), META)])
+        assert stored == 15
+        stats = cache.stats()
+        assert stats["bytes"] <= cap and stats["too_large_for_cache"] == 1 and stats["evictions"] > 0
+        assert cache.contains_many(urls + ["nope"]) == {u for u in urls if cache.contains(u)}
+        assert cache.get("u14").data == payload("u14"), "the newest entries survive"
+        assert cache.get("u0") is None, "the oldest are evicted"

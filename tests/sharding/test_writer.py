@@ -5,7 +5,15 @@ import tarfile
 import pytest
 from wds2idx import IndexCreator
 
-from sharding.writer import RollingTarWriter, Sample, check_key, drop_samples, safe_key, write_index
+from sharding.writer import (
+    RollingTarWriter,
+    Sample,
+    check_key,
+    drop_samples,
+    index_lines,
+    safe_key,
+    write_index,
+)
 
 
 def sample(i, size=1000):
@@ -48,7 +56,8 @@ def test_same_samples_same_bytes_and_sha(tmp_path):
 
 def test_index_matches_dalis_wds2idx(tmp_path):
     (part,) = write(tmp_path, 3, max_samples=10)
-    ours = write_index(part.path).read_text()
+    assert part.index == index_lines(part.path), "offsets recorded while writing match the headers"
+    ours = write_index(part.path, part.index).read_text()
     with IndexCreator(str(part.path), str(tmp_path / "ref.idx"), verbose=False) as creator:
         creator.create_index()
     assert ours == (tmp_path / "ref.idx").read_text()
@@ -74,3 +83,13 @@ def test_unsafe_keys_are_refused(tmp_path):
         writer.write(Sample(key="../../etc", jpg=b"x", label=0, meta={}))
     writer.abort()
     assert not list(tmp_path.rglob("*.tmp")) and not list(tmp_path.rglob("*.tar"))
+
+
+def test_webdataset_reads_our_shards(tmp_path):
+    import webdataset as wds
+
+    (part,) = write(tmp_path, 5, max_samples=10)
+    samples = list(wds.WebDataset(str(part.path), shardshuffle=False))
+    assert [s["__key__"] for s in samples] == [safe_key(f"h/{i}") for i in range(5)]
+    assert [int(s["cls"]) for s in samples] == [i % 3 for i in range(5)]
+    assert all(set(s) >= {"jpg", "json", "cls"} for s in samples)

@@ -278,3 +278,22 @@ def test_exit_closes_the_socket(world):
 def test_only_loopback_by_default(srv):
     assert srv.base_url.startswith("http://127.0.0.1:")
     assert isinstance(srv.root, Path)
+
+
+def test_variant_query_serves_distinct_bytes_with_the_same_pixels(tmp_path):
+    import hashlib
+    import io
+
+    import requests
+    from PIL import Image
+
+    from sharding.world import render_image
+
+    (tmp_path / "a.jpg").write_bytes(render_image("Olea europaea", 0, seed=0))
+    with ImageServer(tmp_path) as srv:
+        plain = requests.get(srv.url("a.jpg"), timeout=5).content
+        one = requests.get(srv.url("a.jpg") + "?variant=1", timeout=5).content
+        two = requests.get(srv.url("a.jpg") + "?variant=2", timeout=5).content
+    assert len({hashlib.sha256(b).hexdigest() for b in (plain, one, two)}) == 3
+    pixels = [Image.open(io.BytesIO(b)).convert("RGB").tobytes() for b in (plain, one, two)]
+    assert pixels[0] == pixels[1] == pixels[2]
