@@ -93,3 +93,32 @@ def test_webdataset_reads_our_shards(tmp_path):
     assert [s["__key__"] for s in samples] == [safe_key(f"h/{i}") for i in range(5)]
     assert [int(s["cls"]) for s in samples] == [i % 3 for i in range(5)]
     assert all(set(s) >= {"jpg", "json", "cls"} for s in samples)
+
+
+@pytest.mark.parametrize(
+    ("name", "size"), [("a.jpg", 0), (f"{'k' * 24}.json", 1), (f"{'x' * 90}.json", 123456789)]
+)
+def test_our_headers_are_the_bytes_tarfile_writes(name, size):
+    from sharding.writer import TAR_MODE, TAR_MTIME, TAR_OWNER, tar_header
+
+    info = tarfile.TarInfo(name)
+    info.size, info.mtime, info.mode = size, TAR_MTIME, TAR_MODE
+    info.uname = info.gname = TAR_OWNER
+    assert tar_header(name, size) == info.tobuf(tarfile.PAX_FORMAT, "utf-8", "surrogateescape")
+
+
+def test_a_whole_part_is_the_tar_tarfile_writes(tmp_path):
+    import io
+
+    from sharding.writer import TAR_MODE, TAR_MTIME, TAR_OWNER
+
+    (part,) = write(tmp_path, 3, max_samples=10, size=700)
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w|") as tar:
+        for i in range(3):
+            for name, data in sample(i, 700).members():
+                info = tarfile.TarInfo(name)
+                info.size, info.mtime, info.mode = len(data), TAR_MTIME, TAR_MODE
+                info.uname = info.gname = TAR_OWNER
+                tar.addfile(info, io.BytesIO(data))
+    assert part.path.read_bytes() == buf.getvalue()
