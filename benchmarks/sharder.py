@@ -265,6 +265,7 @@ def main(argv: list[str] | None = None) -> int:
                     "main_peak_mib": peak,
                     "worker_peak_mib": run["worker_peak_rss_mib"],
                     "worker_anon_mib": run["worker_anon_rss_mib"],
+                    "worker_file_mib": run["worker_file_rss_mib"],
                 }
             )
             for path in (cache_n, root / f"flora_{n}", root / f"flora_{n}_warm"):
@@ -278,6 +279,7 @@ def main(argv: list[str] | None = None) -> int:
             "main_peak_mib",
             "worker_peak_mib",
             "worker_anon_mib",
+            "worker_file_mib",
         ]
         print_table(mem, cols)
         result["scale"] = mem

@@ -429,11 +429,14 @@ def run_chunk(job: ChunkJob) -> dict:
         "seconds": round(time.perf_counter() - started, 3),
         "peak_rss_mib": round(memory_mib("VmHWM"), 1),
         "anon_rss_mib": round(memory_mib("RssAnon"), 1),
+        "file_rss_mib": round(memory_mib("RssFile"), 1),
     }
     tmp = job.work_dir / (MARKER + ".tmp")
     tmp.write_text(dumps(marker), encoding="utf-8")
     os.replace(tmp, job.work_dir / MARKER)  # the chunk is complete only now
-    return {k: marker[k] for k in ("counts", "cache", "peak_rss_mib", "anon_rss_mib", "seconds")}
+    return {
+        k: marker[k] for k in ("counts", "cache", "peak_rss_mib", "anon_rss_mib", "file_rss_mib", "seconds")
+    }
 
 
 def memory_mib(field: str = "VmHWM") -> float:
@@ -697,7 +700,7 @@ def build(splits_dir: str | Path, out_dir: str | Path, cfg: BuildConfig, retry_f
 
     processes = cfg.processes or os.cpu_count() or 1
     counts, cache = Counter(), Counter()
-    worker_peak = worker_anon = 0.0
+    worker_peak = worker_anon = worker_file = 0.0
     started = time.perf_counter()
     hide = not os.isatty(2) if cfg.progress is None else not cfg.progress
     with tqdm(total=sum(j.size for j in todo), unit=" img", desc="shards", disable=hide) as bar:
@@ -705,6 +708,7 @@ def build(splits_dir: str | Path, out_dir: str | Path, cfg: BuildConfig, retry_f
             counts.update(marker["counts"])
             worker_peak = max(worker_peak, marker["peak_rss_mib"])
             worker_anon = max(worker_anon, marker["anon_rss_mib"])
+            worker_file = max(worker_file, marker["file_rss_mib"])
             cache.update(marker["cache"])
             bar.update(job.size)
             served = counts["from_cache"] + counts["from_network"]
@@ -727,5 +731,6 @@ def build(splits_dir: str | Path, out_dir: str | Path, cfg: BuildConfig, retry_f
         "retry_failed": retry_failed,
         "worker_peak_rss_mib": worker_peak,
         "worker_anon_rss_mib": worker_anon,
+        "worker_file_rss_mib": worker_file,
     }
     return finalize(out, jobs, n_records, unreadable, splits_dir, run_stats)

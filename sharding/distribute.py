@@ -15,6 +15,7 @@ Leaves out: what a job does (build.py), retries of crashed jobs (a re-run resume
 from __future__ import annotations
 
 import multiprocessing
+import os
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from typing import Any
@@ -31,6 +32,9 @@ def _local(
             yield job, fn(job)
         return
     ctx = multiprocessing.get_context("spawn")
+    # Workers run dozens of threads; glibc's default of 8 malloc arenas per core lets freed image
+    # buffers pile up per thread. Two arenas keep a long-running worker's memory flat.
+    os.environ.setdefault("MALLOC_ARENA_MAX", "2")
     with ProcessPoolExecutor(max_workers=min(processes, len(jobs)), mp_context=ctx) as pool:
         futures = {pool.submit(fn, job): job for job in jobs}
         pending = set(futures)
