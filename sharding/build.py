@@ -117,7 +117,7 @@ class BuildConfig:
 
 @dataclass
 class ChunkJob:
-    """One planned shard: records of one stream, by byte offset (or inline, for retries)."""
+    """One planned shard: records of one stream, by byte offset into the splits file."""
 
     chunk_id: str
     split: str

@@ -41,6 +41,22 @@ TEST_OVERRIDES = [
 ]
 
 
+def cli(splits: Path, out: Path, *extra: str) -> list[str]:
+    """``python -m sharding build ...`` with the test settings."""
+    return [
+        sys.executable,
+        "-m",
+        "sharding",
+        "build",
+        "--splits",
+        str(splits),
+        "--out",
+        str(out),
+        *TEST_OVERRIDES,
+        *extra,
+    ]
+
+
 def config(tmp_path: Path, *extra: str, cache: bool = True) -> BuildConfig:
     overrides = [*TEST_OVERRIDES, "processes=1", *extra]
     if cache:
@@ -305,20 +321,7 @@ def test_retry_failed_adds_recovered_records_to_new_shards(tmp_path):
 def test_sigkill_mid_run_then_resume_gives_the_uninterrupted_shards(world, built, tmp_path):
     """Kill a build in the middle (after some chunks finished), run it again, compare bytes."""
     out = tmp_path / "killed"
-    argv = [
-        sys.executable,
-        "-m",
-        "sharding",
-        "build",
-        "--splits",
-        str(world.splits),
-        "--out",
-        str(out),
-        *TEST_OVERRIDES,
-        "processes=1",
-        f"cache.path={tmp_path / 'cache'}",
-        "download.threads=2",
-    ]
+    argv = cli(world.splits, out, "processes=1", f"cache.path={tmp_path / 'cache'}", "download.threads=2")
     proc = subprocess.Popen(argv, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline and len(list(out.glob("_work/*/*/*/chunk.json"))) < 2:
@@ -353,20 +356,13 @@ def test_a_small_cache_evicts_and_the_shards_stay_the_same(world, built, tmp_pat
 def test_two_sharders_on_one_cache_at_once(world, built, tmp_path):
     procs = [
         subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "sharding",
-                "build",
-                "--splits",
-                str(world.splits),
-                "--out",
-                str(tmp_path / name),
-                *TEST_OVERRIDES,
+            cli(
+                world.splits,
+                tmp_path / name,
                 "processes=2",
                 f"cache.path={tmp_path / 'shared-cache'}",
                 "cache.max_bytes=2000000",
-            ],
+            ),
             cwd=REPO,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
