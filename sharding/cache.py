@@ -610,12 +610,16 @@ class ImageCache:
 
     def contains_many(self, urls: list[str]) -> set[str]:
         """The subset of ``urls`` that have an entry, in one read transaction (no recency bump).
-        Lets a caller skip ``get`` for known misses, which would otherwise queue behind commits."""
+        Lets a caller skip ``get`` for known misses, which would otherwise queue behind commits; the
+        absent ones count as misses (the caller will not ``get`` them), the present ones count when
+        they are fetched with ``get``."""
         keys = [(url, url_hash(url)) for url in urls]
         with self._guard():
-            return self._read(
+            found = self._read(
                 lambda txn, dbs: {url for url, key in keys if txn.get(key, db=dbs.index) is not None}
             )
+            self._counters["misses"] += len({url for url, _ in keys} - found)
+            return found
 
     def contains(self, url: str) -> bool:
         """Whether ``url`` has an entry (not checked for corruption; no recency bump)."""

@@ -208,6 +208,8 @@ def test_warm_cache_rebuild_needs_no_network_and_gives_identical_shards(world, b
     manifest = build(world.splits, built.tmp / "again", config(built.tmp))
     assert world.server.request_count() == before, "a warm cache makes no request at all"
     assert manifest["last_run"]["from_network"] == 0
+    lookups = manifest["last_run"]["cache"]
+    assert lookups["misses"] == 0 and lookups["hits"] == manifest["accounting"]["records_in"]
     assert shard_bytes(built.tmp / "again") == shard_bytes(built.out)
     assert read_jsonl(built.tmp / "again" / "failures.jsonl") == read_jsonl(built.out / "failures.jsonl")
 

@@ -389,6 +389,8 @@ def test_put_many_is_one_commit_with_put_semantics(tmp_path):
         assert stored == 15
         stats = cache.stats()
         assert stats["bytes"] <= cap and stats["too_large_for_cache"] == 1 and stats["evictions"] > 0
+        misses = cache.stats()["misses"]
         assert cache.contains_many(urls + ["nope"]) == {u for u in urls if cache.contains(u)}
+        assert cache.stats()["misses"] == misses + 1 + sum(not cache.contains(u) for u in urls)
         assert cache.get("u14").data == payload("u14"), "the newest entries survive"
         assert cache.get("u0") is None, "the oldest are evicted"
