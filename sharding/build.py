@@ -163,13 +163,18 @@ def plan_jobs(splits_path: Path, out_dir: Path, cfg: BuildConfig) -> tuple[list[
             if not line.strip():
                 continue
             n += 1
+            row = None
             try:
                 row = json.loads(line)
                 split, region, url = row["split"], row["region"], row["image_url"]
                 if split not in SPLIT_NAMES or not _SAFE_NAME.fullmatch(str(region)):
                     raise ValueError(f"split {split!r} / region {region!r} is not a valid stream")
             except (ValueError, KeyError, TypeError) as exc:
-                unreadable.append({"offset": here, "reason": "bad_record", "message": str(exc)[:300]})
+                known = row if isinstance(row, dict) else {}
+                unreadable.append(
+                    {"offset": here, "image_url": known.get("image_url"), "split": known.get("split"),
+                     "region": known.get("region"), "reason": "bad_record", "message": str(exc)[:300]}
+                )  # fmt: skip
                 continue
             stream = (split, region)
             ranks[stream].append(int.from_bytes(_rank(cfg.seed, url_key(url))[:8], "big"))
@@ -482,6 +487,7 @@ def finalize(
     """
     failures: dict[str, dict] = {}  # by URL: a later round's outcome replaces an earlier failure
     duplicates, shards = [], []
+    repeats = 0
     next_index: Counter = Counter()
     index_path = out / WORK_DIR / "content.sqlite"
     index_path.unlink(missing_ok=True)
@@ -511,7 +517,10 @@ def finalize(
                     url, split, region, chunk = db.execute(
                         "SELECT url, split, region, chunk FROM seen WHERE sha = ?", row[:1]
                     ).fetchone()
-                    if url != sample["image_url"]:
+                    if url == sample["image_url"]:  # the same record twice (never expected): shard it once
+                        dropped.add(key)
+                        repeats += 1
+                    else:
                         dropped.add(key)
                         first = {"image_url": url, "split": split, "region": region, "chunk": chunk}
                         duplicates.append(
@@ -527,6 +536,7 @@ def finalize(
         index_path.unlink(missing_ok=True)
     for row in unreadable:
         failures[f"offset:{row['offset']}"] = row
+    run_stats["repeated_records_dropped"] = repeats
     return _write_reports(out, shards, list(failures.values()), duplicates, n_records, splits_dir, run_stats)
 
 
@@ -598,6 +608,8 @@ def _write_reports(
         "accounting": accounting,
         "failures_by_reason": dict(sorted(Counter(f["reason"] for f in failures).items())),
         "class_mapping": "class_mapping.json",
+        "splits_sha256": run_stats["splits_sha256"],  # --retry-failed checks it against the catalog
+        "retry_rounds": run_stats["retry_rounds"],  # rounds finalized; a later one is unfinished
         "last_run": run_stats,
     }
     with OutputSet(out) as outputs:
@@ -605,8 +617,10 @@ def _write_reports(
             outputs.json(mapping.name, json.loads(mapping.read_text(encoding="utf-8")))
         outputs.jsonl("failures.jsonl", failures)
         outputs.jsonl("duplicates.jsonl", duplicates)
+        if not accounting["ok"]:  # a bug, not bad input: raise before anything is committed
+            raise AssertionError(f"sharder accounting broken: {accounting}")
         outputs.json("manifest.json", manifest)
-    if not accounting["ok"]:  # a bug, not bad input
+    if not accounting["ok"]:
         raise AssertionError(f"sharder accounting broken: {accounting}")
     return manifest
 
@@ -620,6 +634,7 @@ def _plan_fingerprint(splits_path: Path, cfg: BuildConfig) -> dict:
         "seed": cfg.seed,
         "shards": asdict(cfg.shards),
         "images": image_fingerprint(cfg.images),
+        "download_policy": failure_policy(cfg.download),  # a new allow-list re-attempts everything
     }
 
 
@@ -631,11 +646,20 @@ def _retry_rounds(out: Path) -> list[ChunkJob]:
     return jobs
 
 
-def _new_retry_round(out: Path, splits_path: Path, cfg: BuildConfig) -> list[ChunkJob]:
+def _new_retry_round(out: Path, splits_path: Path, cfg: BuildConfig, splits_sha256: str) -> list[ChunkJob]:
+    manifest = json.loads((out / "manifest.json").read_text(encoding="utf-8"))
+    if manifest.get("splits_sha256") != splits_sha256:
+        raise ConfigError(
+            f"--retry-failed: {out}/failures.jsonl belongs to another catalog than {splits_path}; "
+            "run a full build first"
+        )
+    rounds = sorted((out / WORK_DIR).glob("retry-round-*.json"))
+    if len(rounds) > manifest.get("retry_rounds", 0):
+        return []  # the last round never finished: it is resumed (see _retry_rounds), not planned again
     failures = [
         f for f in read_jsonl(out / "failures.jsonl") if "split" in f and f.get("reason") != "bad_record"
     ]
-    round_no = len(list((out / WORK_DIR).glob("retry-round-*.json"))) + 1
+    round_no = len(rounds) + 1
     by_stream: dict[tuple[str, str], list[int]] = defaultdict(list)
     for f in failures:
         by_stream[(f["split"], f["region"])].append(f["offset"])
@@ -688,12 +712,10 @@ def build(splits_dir: str | Path, out_dir: str | Path, cfg: BuildConfig, retry_f
 
     jobs, n_records, unreadable = plan_jobs(splits_path, out, cfg)
     if retry_failed:
-        if not (out / "failures.jsonl").is_file():
-            raise FileNotFoundError(f"--retry-failed: no failures.jsonl in {out} (build first)")
-        earlier = _retry_rounds(out)
-        jobs += earlier + _new_retry_round(out, splits_path, cfg)
-    else:
-        jobs += _retry_rounds(out)
+        if not (out / "manifest.json").is_file():
+            raise FileNotFoundError(f"--retry-failed: no manifest.json in {out} (build first)")
+        _new_retry_round(out, splits_path, cfg, fingerprint["splits_sha256"])  # saved; loaded just below
+    jobs += _retry_rounds(out)  # earlier rounds, and one that a crash left unfinished
     for job in jobs:
         job.cfg = cfg
     todo = [job for job in jobs if load_marker(job) is None]
@@ -718,6 +740,8 @@ def build(splits_dir: str | Path, out_dir: str | Path, cfg: BuildConfig, retry_f
     if missing:
         raise RuntimeError(f"chunks {missing[:5]} did not complete; run again to resume")
     run_stats = {
+        "splits_sha256": fingerprint["splits_sha256"],
+        "retry_rounds": len(list(work.glob("retry-round-*.json"))),
         "chunks_run": len(todo),
         "chunks_reused": len(jobs) - len(todo),
         "seconds": round(seconds, 3),

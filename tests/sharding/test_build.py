@@ -382,3 +382,63 @@ def test_missing_splits_is_one_error_line(tmp_path, capsys):
     assert main(["build", "--splits", str(tmp_path / "nope"), "--out", str(tmp_path / "o")]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: no dataset_splits.jsonl in") and err.count("\n") == 1
+
+
+def test_a_crashed_retry_round_is_resumed_not_repeated(tmp_path, monkeypatch):
+    from sharding import build as build_module
+    from sharding.world import render_image
+
+    images = tmp_path / "images"
+    images.mkdir()
+    for i in range(4):
+        (images / f"{i}.jpg").write_bytes(render_image("Pinus pinea", i, seed=3))
+    with ImageServer(images) as srv:
+        rows = [
+            {"plant_id": i, "latin_name": "Pinus pinea", "image_url": srv.url(f"{i}.jpg"), "license": "cc-by"}
+            for i in range(4)
+        ]
+        (tmp_path / "c.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        run_catalog(str(tmp_path / "c.jsonl"), tmp_path / "splits", CatalogConfig(progress=False))
+        srv.set_fault("/1.jpg", {"kind": "status", "status": 404})
+        build(tmp_path / "splits", tmp_path / "shards", config(tmp_path))
+        srv.clear_faults()
+
+        def crash(*args, **kwargs):
+            raise KeyboardInterrupt("killed before finalize")
+
+        monkeypatch.setattr(build_module, "finalize", crash)
+        with pytest.raises(KeyboardInterrupt):
+            build(tmp_path / "splits", tmp_path / "shards", config(tmp_path), retry_failed=True)
+        monkeypatch.undo()
+        manifest = build(tmp_path / "splits", tmp_path / "shards", config(tmp_path), retry_failed=True)
+    assert manifest["accounting"] == {
+        "records_in": 4,
+        "sharded": 4,
+        "failed": 0,
+        "content_duplicates": 0,
+        "ok": True,
+    }
+    assert manifest["retry_rounds"] == 1 and manifest["last_run"]["repeated_records_dropped"] == 0
+
+
+def test_retry_failed_refuses_failures_of_another_catalog(world, built, tmp_path, capsys):
+    import shutil
+
+    shutil.copytree(built.out, tmp_path / "shards", ignore=shutil.ignore_patterns("_work"))
+    other = tmp_path / "splits"
+    shutil.copytree(world.splits, other)
+    lines = (other / "dataset_splits.jsonl").read_text().splitlines(keepends=True)
+    (other / "dataset_splits.jsonl").write_text("".join(lines[1:]))  # the catalog changed
+    assert main(["build", "--splits", str(other), "--out", str(tmp_path / "shards"), "--retry-failed",
+                 *TEST_OVERRIDES]) == 2  # fmt: skip
+    assert "belongs to another catalog" in capsys.readouterr().err
+
+
+def test_a_new_allow_list_re_attempts_what_the_old_one_refused(world, tmp_path):
+    cfg = load_config(
+        BuildConfig, None, [*TEST_OVERRIDES[:-1], "processes=1", f"cache.path={tmp_path / 'c'}"]
+    )
+    first = build(world.splits, tmp_path / "s", cfg)
+    assert first["accounting"]["sharded"] == 0
+    second = build(world.splits, tmp_path / "s", config(tmp_path))  # same splits, loopback now allowed
+    assert second["accounting"]["sharded"] > 0 and "blocked_address" not in second["failures_by_reason"]
