@@ -261,20 +261,26 @@ def test_without_allow_network_loopback_is_refused(world, tmp_path):
     assert set(manifest["failures_by_reason"]) <= {"blocked_address"}
 
 
-def test_retry_failed_adds_recovered_records_to_new_shards(tmp_path):
-    images = tmp_path / "images"
-    images.mkdir()
+def small_world(tmp_path: Path, n: int) -> ImageServer:
+    """``n`` distinct images of one species behind a (not yet started) server, and their splits."""
     from sharding.world import render_image
 
-    for i in range(6):
+    images = tmp_path / "images"
+    images.mkdir()
+    for i in range(n):
         (images / f"{i}.jpg").write_bytes(render_image("Pinus pinea", i, seed=1))
-    with ImageServer(images) as srv:
-        rows = [
-            {"plant_id": i, "latin_name": "Pinus pinea", "image_url": srv.url(f"{i}.jpg"), "license": "cc-by"}
-            for i in range(6)
-        ]
-        (tmp_path / "c.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-        run_catalog(str(tmp_path / "c.jsonl"), tmp_path / "splits", CatalogConfig(progress=False))
+    srv = ImageServer(images)
+    rows = [
+        {"plant_id": i, "latin_name": "Pinus pinea", "image_url": srv.url(f"{i}.jpg"), "license": "cc-by"}
+        for i in range(n)
+    ]
+    (tmp_path / "c.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    run_catalog(str(tmp_path / "c.jsonl"), tmp_path / "splits", CatalogConfig(progress=False))
+    return srv
+
+
+def test_retry_failed_adds_recovered_records_to_new_shards(tmp_path):
+    with small_world(tmp_path, 6) as srv:
         srv.set_fault("/2.jpg", {"kind": "status", "status": 404})
         srv.set_fault("/4.jpg", {"kind": "status", "status": 503})
         first = build(tmp_path / "splits", tmp_path / "shards", config(tmp_path))
@@ -386,19 +392,8 @@ def test_missing_splits_is_one_error_line(tmp_path, capsys):
 
 def test_a_crashed_retry_round_is_resumed_not_repeated(tmp_path, monkeypatch):
     from sharding import build as build_module
-    from sharding.world import render_image
 
-    images = tmp_path / "images"
-    images.mkdir()
-    for i in range(4):
-        (images / f"{i}.jpg").write_bytes(render_image("Pinus pinea", i, seed=3))
-    with ImageServer(images) as srv:
-        rows = [
-            {"plant_id": i, "latin_name": "Pinus pinea", "image_url": srv.url(f"{i}.jpg"), "license": "cc-by"}
-            for i in range(4)
-        ]
-        (tmp_path / "c.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-        run_catalog(str(tmp_path / "c.jsonl"), tmp_path / "splits", CatalogConfig(progress=False))
+    with small_world(tmp_path, 4) as srv:
         srv.set_fault("/1.jpg", {"kind": "status", "status": 404})
         build(tmp_path / "splits", tmp_path / "shards", config(tmp_path))
         srv.clear_faults()
