@@ -56,7 +56,7 @@ from .download import DownloadConfig, Downloader
 from .images import ImageConfig, ImageError, process_image
 from .outputs import OutputSet, dumps, read_jsonl
 from .records import url_key
-from .split import _rank
+from .split import seeded_rank
 from .writer import RollingTarWriter, Sample, drop_samples, file_sha256, safe_key, write_index
 
 WORK_DIR = "_work"
@@ -177,7 +177,7 @@ def plan_jobs(splits_path: Path, out_dir: Path, cfg: BuildConfig) -> tuple[list[
                 )  # fmt: skip
                 continue
             stream = (split, region)
-            ranks[stream].append(int.from_bytes(_rank(cfg.seed, url_key(url))[:8], "big"))
+            ranks[stream].append(int.from_bytes(seeded_rank(cfg.seed, url_key(url))[:8], "big"))
             offsets[stream].append(here)
     jobs = []
     per = cfg.shards.max_samples

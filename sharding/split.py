@@ -137,7 +137,8 @@ def allocate(n: int, fractions: dict[str, float]) -> dict[str, int]:
     return counts
 
 
-def _rank(seed: int, key: str) -> bytes:
+def seeded_rank(seed: int, key: str) -> bytes:
+    """The seeded shuffle order of a key (split groups here, shard order in the sharder)."""
     return hashlib.sha256(f"{seed}\x00{key}".encode()).digest()
 
 
@@ -172,7 +173,7 @@ def assign_splits(records: list[Record], cfg: SplitConfig) -> SplitResult:
         by_species[owner].append(key)
     train_only = []
     for species in sorted(by_species):
-        keys = sorted(by_species[species], key=lambda k: _rank(cfg.seed, k))
+        keys = sorted(by_species[species], key=lambda k: seeded_rank(cfg.seed, k))
         if len(keys) < cfg.min_for_stratify:
             counts = {"train": len(keys), "val": 0, "test": 0}
             train_only.append(species)
@@ -197,7 +198,7 @@ def _keep_a_train_image(groups: dict[str, list[Record]], seed: int) -> int:
     for name in sorted(species_groups):
         if name in in_train:
             continue  # an earlier move already gave it a train image
-        key = min(species_groups[name], key=lambda k: _rank(seed, k))
+        key = min(species_groups[name], key=lambda k: seeded_rank(seed, k))
         for record in groups[key]:
             record.split = "train"
         in_train.update(r.latin_name for r in groups[key])
