@@ -162,9 +162,12 @@ def load_config(cls: type[T], path: str | Path | None = None, overrides: list[st
     return from_dict(cls, apply_overrides(data, overrides))
 
 
-def from_dict(cls: type[T], data: dict) -> T:
-    """Builds the dataclass ``cls`` from a plain mapping, validating keys and types."""
-    return _build(cls, data)
+def from_dict(cls: type[T], data: dict, prefix: str = "") -> T:
+    """Builds the dataclass ``cls`` from a plain mapping, validating keys and types.
+
+    ``prefix`` names the section in error messages (``data`` gives ``data.image_size: ...``).
+    """
+    return _build(cls, data, prefix)
 
 
 def to_dict(cfg: Any) -> dict:

@@ -1,0 +1,416 @@
+"""The sample index: which samples of which shards a loader reads, in which order, on which rank.
+
+Owns, for both loaders (so that they agree sample for sample):
+
+* **Selection**: shards of one split from ``manifest.json``, narrowed by region; then samples, by
+  ``production_only`` (each sample's ``license_class``) and, for ``label_space: region``, by the
+  region's class mapping. Labels come from here (the ``.cls`` member, or remapped by species name).
+* **Verification**: every sample's JPEG is checked once (sha256 against its ``.json`` under
+  ``verify: full``; markers and the json's width/height under ``header``). A corrupt sample that
+  slipped into a shard is skipped and counted with a reason, never fatal and never silent. Scan
+  results are cached per shard, keyed by the tar's and index's size and mtime.
+* **The epoch plan**: shard order shuffled per epoch by ``(seed, epoch)``; the concatenated samples
+  cut into ``world_size`` contiguous ranges exactly as DALI's reader cuts ``num_shards``
+  (``[n * r // w, n * (r + 1) // w)``), so every sample is on exactly one rank each epoch.
+* **Filtered index files** for DALI (wds2idx v1.2 lines with only the selected samples' ``jpg``).
+
+Leaves out: decoding and augmentation (dali.py, reference.py) and batching policy (the loaders).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import struct
+import tempfile
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from sharding.writer import INDEX_VERSION, index_lines
+
+from .config import DataConfig
+
+CACHE_FORMAT = 1
+PERMISSIVE = "permissive"
+_JPEG_SOI, _JPEG_EOI = b"\xff\xd8", b"\xff\xd9"
+#: Start-of-frame markers (baseline, extended, progressive, lossless...) that carry the image size.
+_SOF_MARKERS = {0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF}
+
+
+class LoaderError(ValueError):
+    """The shards cannot be loaded as configured; the message says what was found and expected."""
+
+
+@dataclass(frozen=True)
+class Shard:
+    path: Path  # absolute tar path
+    rel: str  # as in the manifest
+    split: str
+    region: str
+
+
+@dataclass
+class SampleIndex:
+    """The selected samples of one split, grouped by shard (shard ``i`` owns ``bounds[i]:bounds[i+1]``)."""
+
+    root: Path
+    split: str
+    shards: list[Shard]
+    bounds: np.ndarray  # int64, len(shards) + 1
+    keys: list[str]
+    labels: np.ndarray  # int64, in the configured label space
+    jpg_offset: np.ndarray  # int64 byte offset of each sample's jpg in its tar
+    jpg_size: np.ndarray  # int64
+    class_mapping: dict[str, int]
+    skipped: Counter = field(default_factory=Counter)  # reason -> samples left out
+    skipped_samples: list[dict] = field(default_factory=list)  # {shard, key, reason} of bad samples
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_mapping)
+
+    def shard_of(self, sample: int) -> int:
+        return int(np.searchsorted(self.bounds, sample, side="right") - 1)
+
+    def lookup(self) -> dict[tuple[str, int], int]:
+        """``(tar path, jpg offset) -> sample id``: how DALI's ``source_info`` is mapped back."""
+        out = {}
+        for i, shard in enumerate(self.shards):
+            p = str(shard.path)
+            for s in range(self.bounds[i], self.bounds[i + 1]):
+                out[(p, int(self.jpg_offset[s]))] = s
+        return out
+
+    # --------------------------------------------------------------------------------- epoch plan
+    def shard_order(self, epoch: int, seed: int, shuffle: bool) -> list[int]:
+        """Shard indices in this epoch's order: a permutation drawn from ``(seed, epoch)``, or as listed."""
+        n = len(self.shards)
+        if not shuffle:
+            return list(range(n))
+        return [int(i) for i in np.random.default_rng([seed, epoch]).permutation(n)]
+
+    def epoch_samples(self, order: list[int]) -> np.ndarray:
+        """All sample ids in the order the shards are read."""
+        parts = [np.arange(self.bounds[i], self.bounds[i + 1], dtype=np.int64) for i in order]
+        return np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
+
+    def rank_samples(self, order: list[int], rank: int, world_size: int) -> np.ndarray:
+        """This rank's contiguous slice of the epoch, cut as DALI's reader cuts ``num_shards``."""
+        samples = self.epoch_samples(order)
+        start, end = rank_bounds(len(samples), rank, world_size)
+        return samples[start:end]
+
+    # ----------------------------------------------------------------------- DALI's index files
+    def write_dali_index(self, directory: Path) -> list[Path | None]:
+        """One filtered wds2idx file per shard (only the selected samples' jpg); None for empty ones."""
+        directory.mkdir(parents=True, exist_ok=True)
+        out: list[Path | None] = []
+        for i, _shard in enumerate(self.shards):
+            lo, hi = int(self.bounds[i]), int(self.bounds[i + 1])
+            if lo == hi:
+                out.append(None)
+                continue
+            lines = [f"jpg {self.jpg_offset[s]} {self.jpg_size[s]} {self.keys[s]}.jpg" for s in range(lo, hi)]
+            path = directory / f"{i:06d}.idx"
+            path.write_text(f"{INDEX_VERSION} {len(lines)}\n" + "\n".join(lines) + "\n", encoding="ascii")
+            out.append(path)
+        return out
+
+
+def rank_bounds(n: int, rank: int, world_size: int) -> tuple[int, int]:
+    """DALI's shard cut: rank ``r`` of ``w`` reads ``[n * r // w, n * (r + 1) // w)``."""
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank must be in [0, world_size={world_size}), got {rank}")
+    return n * rank // world_size, n * (rank + 1) // world_size
+
+
+def buffer_shuffle(samples: np.ndarray, buffer: int, seed: int) -> np.ndarray:
+    """A shuffle buffer, as DALI's ``initial_fill`` and webdataset's ``shuffle``: fill ``buffer``
+    samples, then emit a random one and put the next sample in its place; drain randomly at the end."""
+    rng = random.Random(seed)
+    out, buf = [], []
+    for s in samples.tolist():
+        if len(buf) < buffer:
+            buf.append(s)
+            continue
+        j = rng.randrange(len(buf))
+        out.append(buf[j])
+        buf[j] = s
+    rng.shuffle(buf)
+    out.extend(buf)
+    return np.asarray(out, dtype=np.int64)
+
+
+# ------------------------------------------------------------------------------------------ building
+def read_manifest(root: Path) -> dict:
+    path = root / "manifest.json"
+    if not path.is_file():
+        raise LoaderError(f"no manifest.json in {root}: build shards first (python -m sharding build)")
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise LoaderError(f"{path}: not valid JSON ({exc})") from exc
+
+
+def read_class_mapping(root: Path, region: str | None = None) -> dict[str, int]:
+    name = "class_mapping.json" if region is None else f"class_mapping_{region.lower()}.json"
+    path = root / name
+    if not path.is_file():
+        raise LoaderError(f"{path} is missing: the class mapping travels with the shards")
+    mapping = json.loads(path.read_text(encoding="utf-8"))
+    if sorted(mapping.values()) != list(range(len(mapping))):
+        raise LoaderError(f"{path}: class indices must be 0..{len(mapping) - 1} without gaps")
+    return mapping
+
+
+def select_shards(root: Path, manifest: dict, split: str, regions: list[str] | None) -> list[Shard]:
+    entries = manifest.get("shards", [])
+    splits = sorted({e["split"] for e in entries})
+    if split not in splits:
+        raise LoaderError(f"split {split!r} has no shards in {root} (splits with shards: {splits})")
+    known = sorted({e["region"] for e in entries})
+    for region in regions or []:
+        if region not in known:
+            raise LoaderError(f"region_filter: unknown region {region!r} (regions in these shards: {known})")
+    wanted = set(regions) if regions else None
+    shards = [
+        Shard(path=(root / e["path"]).resolve(), rel=e["path"], split=e["split"], region=e["region"])
+        for e in sorted(entries, key=lambda e: e["path"])
+        if e["split"] == split and (wanted is None or e["region"] in wanted)
+    ]
+    if not shards:
+        raise LoaderError(f"no {split} shards in {root} for regions {regions}")
+    for shard in shards:
+        if not shard.path.is_file():
+            raise LoaderError(f"shard listed in the manifest is missing: {shard.path}")
+    return shards
+
+
+def build_index(cfg: DataConfig, split: str) -> SampleIndex:
+    """Selects, scans (or reads the scan cache) and filters the samples of ``split``."""
+    root = Path(cfg.shards).resolve()
+    manifest = read_manifest(root)
+    regions = cfg.regions
+    shards = select_shards(root, manifest, split, regions)
+    region_map = read_class_mapping(root, regions[0]) if cfg.label_space == "region" else None
+    global_map = read_class_mapping(root)
+    cache_dir = _cache_dir(root, cfg.index_cache)
+    with ThreadPoolExecutor(max_workers=max(1, cfg.threads)) as pool:
+        scans = list(pool.map(lambda s: scan_shard(s, cfg.verify, cache_dir), shards))
+    keys, labels, offsets, sizes, bounds = [], [], [], [], [0]
+    skipped: Counter = Counter()
+    bad: list[dict] = []
+    for shard, rows in zip(shards, scans, strict=True):
+        for key, label, off, size, license_class, latin, problem in rows:
+            reason = problem
+            if reason is None and cfg.production_only and license_class != PERMISSIVE:
+                reason = "license_filtered"
+            if reason is None and region_map is not None:
+                if latin not in region_map:
+                    reason = "not_in_label_space"
+                else:
+                    label = region_map[latin]
+            if reason is None and not 0 <= label < len(global_map if region_map is None else region_map):
+                reason = "label_out_of_range"
+            if reason is not None:
+                skipped[reason] += 1
+                if reason not in ("license_filtered",):
+                    bad.append({"shard": shard.rel, "key": key, "reason": reason})
+                continue
+            keys.append(key)
+            labels.append(label)
+            offsets.append(off)
+            sizes.append(size)
+        bounds.append(len(keys))
+    if not keys:
+        raise LoaderError(
+            f"no samples left in split {split!r} of {root} after filters (skipped: {dict(skipped)})"
+        )
+    return SampleIndex(
+        root=root,
+        split=split,
+        shards=shards,
+        bounds=np.asarray(bounds, dtype=np.int64),
+        keys=keys,
+        labels=np.asarray(labels, dtype=np.int64),
+        jpg_offset=np.asarray(offsets, dtype=np.int64),
+        jpg_size=np.asarray(sizes, dtype=np.int64),
+        class_mapping=region_map if region_map is not None else global_map,
+        skipped=skipped,
+        skipped_samples=bad,
+    )
+
+
+def _cache_dir(root: Path, setting: bool | str | None) -> Path | None:
+    if setting in (None, False, "off"):
+        return None
+    path = root / "_loader_index" if setting in (True, "auto") else Path(setting)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=path, prefix=".probe"):
+            pass
+    except OSError:
+        return None  # read-only shards: scan every time, which is correct, only slower
+    return path
+
+
+# ----------------------------------------------------------------------------------------- scanning
+Row = tuple  # (key, label, jpg offset, jpg size, license_class, latin_name, problem or None)
+
+
+def scan_shard(shard: Shard, verify: str, cache_dir: Path | None) -> list[Row]:
+    """Every sample of one tar with its label, jpg location and verification verdict (cached)."""
+    idx_path = shard.path.with_suffix(".idx")
+    stamp = _stamp(shard.path, idx_path)
+    cache = (
+        cache_dir / (hashlib.sha1(str(shard.path).encode()).hexdigest()[:20] + ".json") if cache_dir else None
+    )
+    if cache is not None and cache.is_file():
+        try:
+            data = json.loads(cache.read_text(encoding="utf-8"))
+            if (
+                data.get("format") == CACHE_FORMAT
+                and data.get("stamp") == stamp
+                and (data.get("verify") == verify or data.get("verify") == "full")
+            ):
+                return [tuple(r) for r in data["rows"]]
+        except (OSError, ValueError):
+            pass  # a damaged cache entry is rebuilt
+    rows = _scan(shard, idx_path, verify)
+    if cache is not None:
+        tmp = cache.with_name(cache.name + f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps({"format": CACHE_FORMAT, "stamp": stamp, "verify": verify, "rows": rows}))
+        os.replace(tmp, cache)
+    return rows
+
+
+def _stamp(*paths: Path) -> list:
+    out = []
+    for p in paths:
+        try:
+            st = p.stat()
+            out.append([p.name, st.st_size, st.st_mtime_ns])
+        except FileNotFoundError:
+            out.append([p.name, None, None])
+    return out
+
+
+def _parse_index(shard: Shard, idx_path: Path) -> list[dict[str, tuple[int, int, str]]]:
+    """``ext -> (offset, size, member)`` per sample, from the .idx file or, without one, the tar."""
+    if idx_path.is_file():
+        lines = idx_path.read_text(encoding="ascii").splitlines()
+        header = lines[0].split() if lines else []
+        if len(header) != 2 or header[0] != INDEX_VERSION:
+            raise LoaderError(f"{idx_path}: expected a '{INDEX_VERSION} <samples>' header, got {lines[:1]}")
+        lines = lines[1:]
+    else:
+        lines = index_lines(shard.path)
+    samples = []
+    for n, line in enumerate(lines):
+        parts = line.split()
+        if len(parts) % 4:
+            raise LoaderError(f"{idx_path}:{n + 2}: expected groups of '<ext> <offset> <size> <name>'")
+        comps = {}
+        for j in range(0, len(parts), 4):
+            comps[parts[j]] = (int(parts[j + 1]), int(parts[j + 2]), parts[j + 3])
+        samples.append(comps)
+    return samples
+
+
+def _scan(shard: Shard, idx_path: Path, verify: str) -> list[Row]:
+    rows: list[Row] = []
+    size_on_disk = shard.path.stat().st_size
+    with open(shard.path, "rb") as f:
+        for comps in _parse_index(shard, idx_path):
+            name = next(iter(comps.values()))[2]
+            key = name.split(".", 1)[0]
+            if "jpg" not in comps:
+                rows.append((key, -1, 0, 0, "", "", "missing_jpg"))
+                continue
+            off, size, _ = comps["jpg"]
+            if off + size > size_on_disk:
+                rows.append((key, -1, off, size, "", "", "truncated_shard"))
+                continue
+            meta, problem = {}, None
+            if "json" in comps:
+                try:
+                    meta = json.loads(_read(f, comps["json"]))
+                except ValueError:
+                    problem = "bad_json"
+            label = -1
+            try:
+                label = (
+                    int(_read(f, comps["cls"]).decode("ascii").strip())
+                    if "cls" in comps
+                    else int(meta["label"])
+                )
+            except (KeyError, ValueError, TypeError):
+                problem = problem or "bad_label"
+            if problem is None:
+                f.seek(off)
+                problem = check_jpeg(f.read(size), meta, verify)
+            rows.append(
+                (
+                    key,
+                    label,
+                    off,
+                    size,
+                    str(meta.get("license_class", "")),
+                    str(meta.get("latin_name", "")),
+                    problem,
+                )
+            )
+    return rows
+
+
+def _read(f, comp: tuple[int, int, str]) -> bytes:
+    f.seek(comp[0])
+    return f.read(comp[1])
+
+
+def check_jpeg(data: bytes, meta: dict, verify: str) -> str | None:
+    """None when the JPEG looks intact, else the reason it is skipped."""
+    if verify == "full" and meta.get("sha256"):
+        return None if hashlib.sha256(data).hexdigest() == meta["sha256"] else "sha256_mismatch"
+    if not data.startswith(_JPEG_SOI) or not data.rstrip(b"\0").endswith(_JPEG_EOI):
+        return "not_a_jpeg"
+    dims = jpeg_size(data)
+    if dims is None:
+        return "no_jpeg_frame"
+    if "width" in meta and "height" in meta and dims != (meta["width"], meta["height"]):
+        return "size_mismatch"
+    return None
+
+
+def jpeg_size(data: bytes) -> tuple[int, int] | None:
+    """(width, height) from the first start-of-frame segment, or None."""
+    i, n = 2, len(data)
+    while i + 4 <= n:
+        if data[i] != 0xFF:
+            return None
+        marker = data[i + 1]
+        if marker == 0xFF:  # fill byte
+            i += 1
+            continue
+        if marker in (0xD8, 0x01) or 0xD0 <= marker <= 0xD7:
+            i += 2
+            continue
+        (length,) = struct.unpack(">H", data[i + 2 : i + 4])
+        if marker in _SOF_MARKERS:
+            if i + 9 > n:
+                return None
+            h, w = struct.unpack(">HH", data[i + 5 : i + 9])
+            return w, h
+        if marker == 0xDA:  # start of scan before any frame header
+            return None
+        i += 2 + length
+    return None

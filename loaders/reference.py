@@ -1,0 +1,216 @@
+"""The reference loader: a torch ``DataLoader`` over the same shards, PIL decoding, torchvision v2.
+
+Owns the fallback when DALI is not installed and the baseline the benchmarks compare DALI with.
+Same config, same semantics as dali.py: the same selected samples (index.py), the same per-epoch
+shard order and rank cut, a shuffle buffer of the same size (a seeded one, so the order is known in
+advance), RandomResizedCrop / flip / rotation / ColorJitter / normalise with the same parameters
+for training, resize-shorter-side + center crop for validation.
+
+How it runs: the epoch's batches are planned in the main process (sample ids, in order); worker
+``w`` of the ``DataLoader`` reads batches ``w, w + workers, ...`` straight from the tars by byte
+offset, so the ``DataLoader``'s round-robin hands them back in plan order. A resumed epoch starts
+at batch ``k`` of the same plan. Each worker is a small pipeline of generator stages over dict
+samples (webdataset's ``DataPipeline``): read bytes -> decode (errors go to a ``handler``) ->
+transform -> batch. A sample that fails to decode is skipped and counted, not fatal.
+
+Leaves out: epochs/remainder/state bookkeeping (base.py) and shard selection (index.py).
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import math
+from collections.abc import Callable, Iterator
+
+import numpy as np
+import torch
+import webdataset as wds
+from PIL import Image
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+from torchvision.transforms import InterpolationMode, v2
+
+from .base import EpochLoader, epoch_seed
+from .config import DataConfig
+from .index import SampleIndex
+
+log = logging.getLogger(__name__)
+
+
+def build_transform(cfg: DataConfig, train: bool) -> Callable:
+    """torchvision v2 transforms with the DALI pipeline's semantics (PIL image in, CHW float out)."""
+    aug = cfg.augment
+    size = cfg.image_size
+    out_dtype = torch.float16 if cfg.dtype == "float16" else torch.float32
+    if train:
+        steps = [
+            v2.PILToTensor(),
+            v2.RandomResizedCrop(size, scale=tuple(aug.scale), ratio=tuple(aug.ratio), antialias=True),
+            v2.RandomHorizontalFlip(aug.hflip),
+        ]
+        if aug.rotate_degrees > 0:
+            steps.append(
+                v2.RandomRotation(aug.rotate_degrees, interpolation=InterpolationMode.BILINEAR, fill=0)
+            )
+        if max(aug.brightness, aug.contrast, aug.saturation, aug.hue) > 0:
+            steps.append(v2.ColorJitter(aug.brightness, aug.contrast, aug.saturation, aug.hue))
+    else:
+        steps = [v2.PILToTensor(), ResizeShorterCenterCrop(cfg.val_resize, size)]
+    steps += [v2.ToDtype(torch.float32, scale=True), v2.Normalize(aug.mean, aug.std)]
+    if out_dtype != torch.float32:
+        steps.append(v2.ToDtype(out_dtype))
+    return v2.Compose(steps)
+
+
+class ResizeShorterCenterCrop(torch.nn.Module):
+    """Validation geometry exactly as DALI computes it (``resize_shorter`` + ``crop_pos`` 0.5).
+
+    torchvision's ``Resize(int)`` truncates the longer side and ``CenterCrop`` rounds half to even;
+    DALI rounds the longer side and puts the crop at ``round((in - out) / 2)``, half up. Off by one
+    pixel either way, the two loaders would disagree far more than interpolation does.
+    """
+
+    def __init__(self, shorter: int, crop: int):
+        super().__init__()
+        self.shorter, self.crop = shorter, crop
+
+    def forward(self, img: torch.Tensor) -> torch.Tensor:
+        h, w = img.shape[-2:]
+        scale = self.shorter / min(h, w)
+        nh, nw = (self.shorter, max(self.shorter, round(w * scale))) if h <= w else (
+            max(self.shorter, round(h * scale)), self.shorter)  # fmt: skip
+        img = v2.functional.resize(img, [nh, nw], interpolation=InterpolationMode.BILINEAR, antialias=True)
+        top, left = math.floor((nh - self.crop) / 2 + 0.5), math.floor((nw - self.crop) / 2 + 0.5)
+        return img[..., top : top + self.crop, left : left + self.crop]
+
+
+# ------------------------------------------------------------------------------------- stages
+def warn_and_count(exc: Exception, sample: dict) -> bool:
+    """The handler: log, count (on the sample's batch), continue."""
+    log.warning("skipping sample %s of %s: %s", sample.get("__key__"), sample.get("__shard__"), exc)
+    return True
+
+
+def read_samples(batches, index: SampleIndex):
+    """Stage: planned batches of sample ids -> dict samples with the raw jpg bytes."""
+    handles: dict[int, object] = {}
+    try:
+        for batch_no, ids in batches:
+            for sid in ids.tolist():
+                shard = index.shard_of(sid)
+                f = handles.get(shard)
+                if f is None:
+                    f = handles[shard] = open(index.shards[shard].path, "rb")  # noqa: SIM115 - closed below
+                f.seek(int(index.jpg_offset[sid]))
+                yield {
+                    "__key__": index.keys[sid],
+                    "__shard__": index.shards[shard].rel,
+                    "id": sid,
+                    "batch": batch_no,
+                    "jpg": f.read(int(index.jpg_size[sid])),
+                }
+    finally:
+        for f in handles.values():
+            f.close()
+
+
+def decode_and_transform(samples, transform: Callable, handler: Callable):
+    """Stage: bytes -> PIL RGB -> transformed tensor; a failing sample goes to ``handler``."""
+    for sample in samples:
+        try:
+            with Image.open(io.BytesIO(sample["jpg"])) as img:
+                sample["image"] = transform(img.convert("RGB"))
+        except Exception as exc:  # noqa: BLE001 - the handler decides
+            if handler(exc, sample):
+                sample["image"] = None
+            else:
+                raise
+        yield sample
+
+
+def collate_planned(samples):
+    """Stage: samples -> one batch per planned batch number (skipped samples leave a smaller batch)."""
+    current, rows, skipped = None, [], 0
+    for sample in samples:
+        if current is not None and sample["batch"] != current:
+            yield _batch(current, rows, skipped)
+            rows, skipped = [], 0
+        current = sample["batch"]
+        if sample["image"] is None:
+            skipped += 1
+        else:
+            rows.append(sample)
+    if current is not None:
+        yield _batch(current, rows, skipped)
+
+
+def _batch(batch_no: int, rows: list[dict], skipped: int) -> dict:
+    images = torch.stack([r["image"] for r in rows]) if rows else torch.zeros(0)
+    return {
+        "batch": batch_no,
+        "image": images,
+        "id": torch.tensor([r["id"] for r in rows], dtype=torch.int64),
+        "skipped": skipped,
+    }
+
+
+class PlannedBatches(IterableDataset):
+    """Worker ``w`` of ``n`` reads planned batches ``w, w + n, ...`` (so round-robin keeps order)."""
+
+    def __init__(self, index: SampleIndex, batches: list[np.ndarray], first: int, transform: Callable):
+        self.index, self.batches, self.first, self.transform = index, batches, first, transform
+
+    def __iter__(self):
+        info = get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        mine = [(b, self.batches[b]) for b in range(self.first + worker, len(self.batches), workers)]
+        pipeline = wds.DataPipeline(
+            lambda: iter(mine),
+            wds.pipelinefilter(read_samples)(self.index),
+            wds.pipelinefilter(decode_and_transform)(self.transform, warn_and_count),
+            collate_planned,
+        )
+        return iter(pipeline)
+
+
+class ReferenceLoader(EpochLoader):
+    """The torch loader of one split on one rank (see base.py for epochs, remainder and state)."""
+
+    backend = "torch"
+
+    def __init__(self, *args, **kwargs):  # EpochLoader's arguments
+        super().__init__(*args, **kwargs)
+        self.transform = build_transform(self.cfg, self.train)
+
+    def close(self) -> None:
+        pass
+
+    def _raw_batches(self, epoch: int, resume: dict | None) -> Iterator[tuple[torch.Tensor, np.ndarray]]:
+        order = self.reference_order(epoch)
+        b = self.batch_size
+        batches = [order[i : i + b] for i in range(0, len(order), b)]
+        first = resume["batches_done"] if resume else 0
+        if first >= len(batches):
+            return
+        workers = min(self.cfg.threads, len(batches) - first)
+        generator = torch.Generator().manual_seed(epoch_seed(self.cfg.seed, epoch, self.rank, 2))
+        loader = DataLoader(
+            PlannedBatches(self.index, batches, first, self.transform),
+            batch_size=None,
+            num_workers=workers,
+            prefetch_factor=self.cfg.prefetch,
+            pin_memory=self.device.type == "cuda",
+            generator=generator,
+        )
+        expected = first
+        for item in loader:
+            if item["batch"] != expected:  # cannot happen with in-order workers; guard the invariant
+                raise RuntimeError(f"reference loader: batch {item['batch']} arrived, expected {expected}")
+            expected += 1
+            self.skipped_at_runtime += item["skipped"]
+            if item["id"].numel() == 0:
+                continue
+            images = item["image"]
+            if self.device.type != "cpu":
+                images = images.to(self.device, non_blocking=True)
+            yield images, item["id"].numpy()

@@ -1,0 +1,159 @@
+"""Sample selection and verification: region and license filters, regional labels, corrupt samples,
+the scan cache, and the epoch plan's rank cut (the same cut DALI's reader makes)."""
+
+import json
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from loaders.config import load_data_config
+from loaders.index import buffer_shuffle, build_index, jpeg_size, rank_bounds
+
+from .conftest import data_cfg
+
+
+def index_for(shards: Path, split: str = "train", **over):
+    return build_index(load_data_config(data_cfg(shards, **over)), split)
+
+
+def sample_meta(shards: Path) -> dict[str, dict]:
+    """key -> the sample's .json, read with tarfile (independently of the loader)."""
+    out = {}
+    for tar in shards.glob("*/*/*.tar"):
+        with tarfile.open(tar) as t:
+            for m in t.getmembers():
+                if m.name.endswith(".json"):
+                    out[m.name.split(".")[0]] = json.loads(t.extractfile(m).read())
+    return out
+
+
+def test_all_samples_of_a_split_by_default(shard_root):
+    manifest = json.loads((shard_root / "manifest.json").read_text())
+    idx = index_for(shard_root)
+    assert len(idx) == sum(s["samples"] for s in manifest["shards"] if s["split"] == "train")
+    meta = sample_meta(shard_root)
+    assert all(meta[k]["split"] == "train" for k in idx.keys)
+    assert [meta[k]["label"] for k in idx.keys] == idx.labels.tolist()
+    assert idx.num_classes == len(json.loads((shard_root / "class_mapping.json").read_text()))
+
+
+def test_region_filter(shard_root):
+    meta = sample_meta(shard_root)
+    one = index_for(shard_root, region_filter="EU_SW")
+    assert {meta[k]["region"] for k in one.keys} == {"EU_SW"}
+    assert len(one) == sum(1 for m in meta.values() if m["split"] == "train" and m["region"] == "EU_SW")
+    two = index_for(shard_root, region_filter=["EU_SW", "EU_SE"])
+    assert {meta[k]["region"] for k in two.keys} == {"EU_SW", "EU_SE"}
+    assert len(two) > len(one)
+
+
+def test_production_only_keeps_permissive_licenses(shard_root):
+    meta = sample_meta(shard_root)
+    everything = index_for(shard_root)
+    permissive = index_for(shard_root, production_only=True)
+    assert {meta[k]["license_class"] for k in everything.keys} > {"permissive"}  # the world mixes licenses
+    assert {meta[k]["license_class"] for k in permissive.keys} == {"permissive"}
+    restrictive = sum(1 for k in everything.keys if meta[k]["license_class"] != "permissive")
+    assert len(permissive) == len(everything) - restrictive
+    assert permissive.skipped["license_filtered"] == restrictive
+
+
+def test_regional_label_space(shard_root):
+    meta = sample_meta(shard_root)
+    regional = json.loads((shard_root / "class_mapping_eu_sw.json").read_text())
+    idx = index_for(shard_root, region_filter="EU_SW", label_space="region")
+    assert idx.class_mapping == regional
+    assert idx.labels.tolist() == [regional[meta[k]["latin_name"]] for k in idx.keys]
+
+
+def corrupt_member(tar: Path, nth: int, how: str) -> str:
+    """Damages the nth sample's jpg in place (same size, so offsets stay valid); returns its key."""
+    line = tar.with_suffix(".idx").read_text().splitlines()[1 + nth].split()
+    comps = {line[i]: (int(line[i + 1]), int(line[i + 2]), line[i + 3]) for i in range(0, len(line), 4)}
+    off, size, name = comps["jpg"]
+    data = bytearray(tar.read_bytes())
+    if how == "garbage":
+        data[off : off + size] = bytes(size)
+    else:  # a bit flip deep inside the entropy-coded data: markers intact, sha256 broken
+        data[off + size // 2] ^= 0x10
+    tar.write_bytes(bytes(data))
+    return name.split(".")[0]
+
+
+def test_corrupt_samples_are_skipped_and_counted(shard_copy):
+    tars = sorted((shard_copy / "train").glob("*/*.tar"))
+    zeroed = corrupt_member(tars[0], 1, "garbage")
+    flipped = corrupt_member(tars[1], 0, "flip")
+    full = index_for(shard_copy, verify="full")
+    assert zeroed not in full.keys and flipped not in full.keys
+    assert full.skipped["sha256_mismatch"] == 2
+    assert {(s["key"], s["reason"]) for s in full.skipped_samples} == {
+        (zeroed, "sha256_mismatch"),
+        (flipped, "sha256_mismatch"),
+    }
+    header = index_for(shard_copy, verify="header")
+    assert zeroed not in header.keys and header.skipped["not_a_jpeg"] == 1
+    assert flipped in header.keys  # the header check cannot see a flipped bit: that is what full is for
+
+
+def test_truncated_shard_keeps_what_is_intact(shard_copy):
+    tar = sorted((shard_copy / "train").glob("*/*.tar"))[0]
+    lines = tar.with_suffix(".idx").read_text().splitlines()[1:]
+    last_jpg = [int(x) for x in lines[-1].split()[5:7]]  # cls, then "jpg <offset> <size>"
+    tar.write_bytes(tar.read_bytes()[: last_jpg[0] + 10])
+    idx = index_for(shard_copy)
+    assert idx.skipped["truncated_shard"] == 1
+    assert idx.bounds[1] - idx.bounds[0] == len(lines) - 1
+
+
+def test_scan_cache_is_used_and_invalidated(shard_copy):
+    first = index_for(shard_copy, index_cache="auto")
+    cache_files = list((shard_copy / "_loader_index").glob("*.json"))
+    assert len(cache_files) == len(first.shards)
+    again = index_for(shard_copy, index_cache="auto")
+    assert again.keys == first.keys
+    tar = first.shards[0].path
+    key = corrupt_member(tar, 0, "flip")  # rewriting the tar changes its mtime: the cache entry is stale
+    after = index_for(shard_copy, index_cache="auto")
+    assert key not in after.keys and after.skipped["sha256_mismatch"] == 1
+
+
+def test_rank_cut_is_an_exact_partition():
+    for n in (0, 1, 7, 64, 1001):
+        for w in (1, 2, 3, 8):
+            cuts = [rank_bounds(n, r, w) for r in range(w)]
+            assert cuts[0][0] == 0 and cuts[-1][1] == n
+            assert all(a[1] == b[0] for a, b in zip(cuts, cuts[1:], strict=False))
+            assert max(e - s for s, e in cuts) - min(e - s for s, e in cuts) <= 1
+    with pytest.raises(ValueError, match="rank must be in"):
+        rank_bounds(10, 2, 2)
+
+
+def test_epoch_plan_shuffles_shards_per_epoch(shard_root):
+    idx = index_for(shard_root)
+    e0, e1 = idx.shard_order(0, 0, True), idx.shard_order(1, 0, True)
+    assert sorted(e0) == sorted(e1) == list(range(len(idx.shards))) and e0 != e1
+    assert idx.shard_order(0, 0, True) == e0  # seeded
+    assert idx.shard_order(0, 0, False) == list(range(len(idx.shards)))
+    halves = [idx.rank_samples(e1, r, 2) for r in range(2)]
+    assert sorted(np.concatenate(halves).tolist()) == list(range(len(idx)))
+
+
+def test_buffer_shuffle_is_a_seeded_permutation():
+    s = np.arange(500)
+    a, b = buffer_shuffle(s, 64, 1), buffer_shuffle(s, 64, 2)
+    assert sorted(a.tolist()) == s.tolist() and not np.array_equal(a, s) and not np.array_equal(a, b)
+    assert np.array_equal(a, buffer_shuffle(s, 64, 1))
+    # a buffer of 64 cannot move a sample more than 64 places earlier
+    assert all(pos >= val - 64 for pos, val in enumerate(a.tolist()))
+
+
+def test_jpeg_size_reads_the_frame_header(shard_root):
+    tar = next((shard_root / "train").glob("*/*.tar"))
+    with tarfile.open(tar) as t:
+        jpg = next(m for m in t.getmembers() if m.name.endswith(".jpg"))
+        meta = json.loads(t.extractfile(jpg.name.replace(".jpg", ".json")).read())
+        assert jpeg_size(t.extractfile(jpg).read()) == (meta["width"], meta["height"])
+    assert jpeg_size(b"\xff\xd8\xff\xda\x00\x02") is None
