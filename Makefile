@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.installed-stamp
 DEMO   ?= demo_out
 PYTEST_ARGS ?=
 
-.PHONY: install demo test test-fast lint bench-catalog bench-sharder clean
+.PHONY: install demo test test-fast lint bench-catalog bench-sharder bench-loader clean
 
 $(STAMP): setup.cfg pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -42,6 +42,10 @@ bench-catalog: $(STAMP)
 
 bench-sharder: $(STAMP) .venv-img2dataset/bin/img2dataset
 	$(PY) -m benchmarks.sharder --img2dataset .venv-img2dataset/bin/img2dataset
+
+# Loader images/s: sample world + opencv-doc photographs (fetched with apt-get download), one run.
+bench-loader: $(STAMP)
+	$(PY) -m benchmarks.loader
 
 clean:
 	rm -rf $(DEMO) .pytest_cache

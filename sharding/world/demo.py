@@ -98,6 +98,17 @@ def main(argv: list[str] | None = None) -> int:
                 "--no-progress",
             ],
         )
+    _run(
+        "loaders",
+        [
+            "-m",
+            "loaders",
+            "--config",
+            "config/data_smoke.yaml",
+            f"data.shards={out / 'shards'}",
+            "data.backend=dali",
+        ],
+    )
     stats = json.loads((out / "splits" / "export_stats.json").read_text())
     manifest = json.loads((out / "shards" / "manifest.json").read_text())
     acc = manifest["accounting"]

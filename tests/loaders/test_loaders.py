@@ -188,3 +188,17 @@ def test_corrupt_samples_do_not_stop_an_epoch(shard_copy, backend):
     with tarfile.open(tars[0]) as t:
         total = sum(1 for m in t.getmembers() if m.name.endswith(".jpg"))
     assert len(ids) == info.samples["val"] and total >= 1
+
+
+@pytest.mark.gpu
+def test_gpu_mixed_decoder_matches_cpu(shard_root):
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+    train, val, info = create_dataloaders(data_cfg(shard_root, device="gpu"))
+    assert info.device.startswith("cuda")
+    b = next(iter(train))
+    assert b["image"].is_cuda and b["label"].is_cuda and b["image"].shape == (16, 3, 64, 64)
+    gpu = torch.cat([b["image"].cpu() for b in epoch(val)])
+    _, cpu_val, _ = create_dataloaders(data_cfg(shard_root, device="cpu"))
+    cpu = torch.cat([b["image"] for b in epoch(cpu_val)])
+    assert (gpu - cpu).abs().mean().item() < 0.03  # nvJPEG vs libjpeg-turbo IDCT and GPU resize
