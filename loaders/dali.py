@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import math
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -42,6 +43,7 @@ from .index import LoaderError
 
 try:  # DALI is a hard dependency in setup.cfg, but the reference loader must work without it
     from nvidia.dali import fn, pipeline_def, types
+    from nvidia.dali import math as dmath
     from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
 
     HAVE_DALI = True
@@ -56,6 +58,31 @@ CROP_ATTEMPTS = 10
 
 def _uniform_around_one(jitter: float):
     return fn.random.uniform(range=[1.0 - jitter, 1.0 + jitter])
+
+
+def _resize_rotate(images, size: int, degrees: float, device: str):
+    """The crop scaled to ``size`` x ``size`` and rotated by U(-degrees, degrees) about its centre, as
+    one ``warp_affine`` (output -> input map: ``in = c_in + R(a) diag(w/size, h/size) (out - c_out)``).
+
+    Measured on 500x375 photos, 2 CPU threads: resize then rotate 446 img/s, this warp 599 img/s.
+    Bilinear without an antialias prefilter: the crop is at most ~2x the output on typical photos.
+    """
+    shape = images.shape(dtype=types.FLOAT)  # (h, w, c) of each decoded crop
+    h, w = shape[0], shape[1]
+    angle = fn.random.uniform(range=[-degrees, degrees]) * (math.pi / 180.0)
+    cos, sin = dmath.cos(angle), dmath.sin(angle)
+    sx, sy = w / size, h / size
+    m00, m01, m10, m11 = cos * sx, -sin * sy, sin * sx, cos * sy
+    centre = size / 2.0
+    t0 = w / 2.0 - (m00 * centre + m01 * centre)
+    t1 = h / 2.0 - (m10 * centre + m11 * centre)
+    matrix = fn.reshape(fn.cast(fn.stack(m00, m01, t0, m10, m11, t1), dtype=types.FLOAT), shape=[2, 3])
+    if device == "gpu":
+        matrix = matrix.gpu()
+    return fn.warp_affine(
+        images, device=device, matrix=matrix, size=[size, size], fill_value=0,
+        interp_type=types.INTERP_LINEAR, inverse_map=True,
+    )  # fmt: skip
 
 
 def build_pipeline(
@@ -104,15 +131,12 @@ def build_pipeline(
                 random_aspect_ratio=list(aug.ratio),
                 num_attempts=CROP_ATTEMPTS,
             )
-            images = fn.resize(
-                images, device=op_device, resize_x=size, resize_y=size, interp_type=types.INTERP_LINEAR
-            )
-            if aug.rotate_degrees > 0:
-                angle = fn.random.uniform(range=[-aug.rotate_degrees, aug.rotate_degrees])
-                images = fn.rotate(
-                    images, device=op_device, angle=angle, keep_size=True, fill_value=0,
-                    interp_type=types.INTERP_LINEAR,
-                )  # fmt: skip
+            if aug.rotate_degrees > 0:  # resize + rotation in one warp: DALI's CPU rotate is its slowest op
+                images = _resize_rotate(images, size, aug.rotate_degrees, op_device)
+            else:
+                images = fn.resize(
+                    images, device=op_device, resize_x=size, resize_y=size, interp_type=types.INTERP_LINEAR
+                )
             if max(aug.brightness, aug.contrast, aug.saturation, aug.hue) > 0:
                 images = fn.color_twist(
                     images,

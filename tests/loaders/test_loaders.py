@@ -202,3 +202,28 @@ def test_gpu_mixed_decoder_matches_cpu(shard_root):
     _, cpu_val, _ = create_dataloaders(data_cfg(shard_root, device="cpu"))
     cpu = torch.cat([b["image"] for b in epoch(cpu_val)])
     assert (gpu - cpu).abs().mean().item() < 0.03  # nvJPEG vs libjpeg-turbo IDCT and GPU resize
+
+
+def test_fused_resize_rotate_is_a_resize_at_angle_zero(shard_root):
+    """The train graph's one-warp resize + rotation: at (almost) no rotation it is DALI's resize."""
+    from nvidia.dali import fn, pipeline_def, types
+
+    from loaders.dali import _resize_rotate
+
+    tars = sorted(str(p) for p in (shard_root / "val").glob("*/*.tar"))[:2]
+
+    @pipeline_def
+    def pipe():
+        jpg = fn.readers.webdataset(
+            paths=tars, index_paths=[t[:-4] + ".idx" for t in tars], ext=["jpg"], dtypes=[types.UINT8]
+        )
+        img = fn.decoders.image(jpg, output_type=types.RGB)
+        return _resize_rotate(img, 48, 1e-6, "cpu"), fn.resize(img, resize_x=48, resize_y=48, antialias=False)
+
+    p = pipe(batch_size=4, num_threads=1, device_id=None)
+    p.build()
+    warped, resized = p.run()
+    for i in range(4):
+        a, b = np.asarray(warped.at(i), dtype=float), np.asarray(resized.at(i), dtype=float)
+        assert a.shape == b.shape == (48, 48, 3)
+        assert np.abs(a - b).mean() < 0.5  # of 255: the same sampling grid
