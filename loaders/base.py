@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from .config import DataConfig
-from .index import LoaderError, SampleIndex, buffer_shuffle, rank_bounds
+from .index import LoaderError, SampleIndex, rank_bounds
 
 STATE_FORMAT = 1
 
@@ -98,15 +98,6 @@ class EpochLoader:
         order = self.index.shard_order(epoch, self.cfg.seed, shuffle=self.train)
         return self.index.rank_samples(order, self.rank, self.world_size)
 
-    def reference_order(self, epoch: int) -> np.ndarray:
-        """The plan after a seeded shuffle buffer (train) - the order the reference loader reads."""
-        samples = self.plan(epoch)
-        if not self.train:
-            return samples
-        return buffer_shuffle(
-            samples, self.cfg.shuffle_buffer, epoch_seed(self.cfg.seed, epoch, self.rank, 1)
-        )
-
     # ----------------------------------------------------------------------------------- iteration
     def _raw_batches(self, epoch: int, resume: dict | None) -> Iterator[tuple[torch.Tensor, np.ndarray]]:
         """Yields (images on self.device, sample ids) for this rank's epoch, resumed at ``resume``."""
@@ -114,6 +105,9 @@ class EpochLoader:
 
     def _subclass_state(self) -> dict:
         return {}
+
+    def close(self) -> None:
+        """Releases what the backend holds between epochs (nothing, by default)."""
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
         epoch = self.epoch
@@ -136,11 +130,7 @@ class EpochLoader:
             last = {**filler, "valid": torch.zeros_like(filler["valid"])}
             self._done += 1
             yield last
-        self._finish(epoch)
-
-    def _finish(self, epoch: int) -> None:
-        self.epoch = epoch + 1
-        self._done = 0
+        self.epoch, self._done = epoch + 1, 0
 
     def _filler(self, epoch: int) -> dict:
         """A batch of repeated samples for a rank that has no real rows left (pad policy only)."""

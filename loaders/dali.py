@@ -191,11 +191,10 @@ class DaliLoader(EpochLoader):
                 "backend 'dali' needs nvidia-dali (pip install nvidia-dali-cuda120); or use backend: torch"
             )
         super().__init__(*args, **kwargs)
-        index = self.index
         self.gpu = self.device.type == "cuda"
         self._tmp = Path(tempfile.mkdtemp(prefix="flora-dali-idx-"))
-        self._index_paths = index.write_dali_index(self._tmp)
-        self._lookup = {(p.encode(), off): sid for (p, off), sid in index.lookup().items()}
+        self._index_paths = self.index.write_dali_index(self._tmp)
+        self._lookup = self.index.lookup()
         self._iterator = None
 
     def close(self) -> None:

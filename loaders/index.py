@@ -81,11 +81,11 @@ class SampleIndex:
     def shard_of(self, sample: int) -> int:
         return int(np.searchsorted(self.bounds, sample, side="right") - 1)
 
-    def lookup(self) -> dict[tuple[str, int], int]:
-        """``(tar path, jpg offset) -> sample id``: how DALI's ``source_info`` is mapped back."""
+    def lookup(self) -> dict[tuple[bytes, int], int]:
+        """``(tar path bytes, jpg offset) -> sample id``: how DALI's ``source_info`` is mapped back."""
         out = {}
         for i, shard in enumerate(self.shards):
-            p = str(shard.path)
+            p = str(shard.path).encode()
             for s in range(self.bounds[i], self.bounds[i + 1]):
                 out[(p, int(self.jpg_offset[s]))] = s
         return out

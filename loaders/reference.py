@@ -32,7 +32,7 @@ from torchvision.transforms import InterpolationMode, v2
 
 from .base import EpochLoader, epoch_seed
 from .config import DataConfig
-from .index import SampleIndex
+from .index import SampleIndex, buffer_shuffle
 
 log = logging.getLogger(__name__)
 
@@ -182,11 +182,17 @@ class ReferenceLoader(EpochLoader):
         super().__init__(*args, **kwargs)
         self.transform = build_transform(self.cfg, self.train)
 
-    def close(self) -> None:
-        pass
+    def order(self, epoch: int) -> np.ndarray:
+        """The plan after a seeded shuffle buffer (train): the order this loader reads, known upfront."""
+        samples = self.plan(epoch)
+        if not self.train:
+            return samples
+        return buffer_shuffle(
+            samples, self.cfg.shuffle_buffer, epoch_seed(self.cfg.seed, epoch, self.rank, 1)
+        )
 
     def _raw_batches(self, epoch: int, resume: dict | None) -> Iterator[tuple[torch.Tensor, np.ndarray]]:
-        order = self.reference_order(epoch)
+        order = self.order(epoch)
         b = self.batch_size
         batches = [order[i : i + b] for i in range(0, len(order), b)]
         first = resume["batches_done"] if resume else 0
