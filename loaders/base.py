@@ -85,6 +85,11 @@ class EpochLoader:
             return self.batches * self.batch_size
         return self.rank_size
 
+    @property
+    def batches_done(self) -> int:
+        """Batches of the current epoch already handed out (or restored by ``load_state_dict``)."""
+        return self._done
+
     def set_epoch(self, epoch: int) -> None:
         """Selects the epoch the next iteration runs (a pending resume of another epoch is dropped)."""
         if self._resume is not None and self._resume["epoch"] != epoch:

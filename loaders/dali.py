@@ -196,6 +196,7 @@ class DaliLoader(EpochLoader):
         self._index_paths = self.index.write_dali_index(self._tmp)
         self._lookup = self.index.lookup()
         self._iterator = None
+        self._reader_done = False
 
     def close(self) -> None:
         self._iterator = None
@@ -243,11 +244,13 @@ class DaliLoader(EpochLoader):
             auto_reset=False,
         )
         self._iterator = iterator
+        self._reader_done = False
         try:
             while True:
                 try:
                     out = next(iterator)[0]
                 except StopIteration:
+                    self._reader_done = True
                     return
                 except RuntimeError as exc:
                     raise LoaderError(
@@ -274,6 +277,11 @@ class DaliLoader(EpochLoader):
 
     def _subclass_state(self) -> dict:
         if self._iterator is None:
+            if not self._reader_done:
+                raise LoaderError(
+                    "DALI loader: state_dict() mid-epoch needs the epoch's iterator alive; take the state "
+                    "inside the loop over the batches, before leaving it"
+                )
             return {"exhausted": True}
         (checkpoint,) = self._iterator.checkpoints()
         if isinstance(checkpoint, str):

@@ -1,0 +1,215 @@
+"""The training config: one YAML per experiment, typed and validated on load, dotted overrides.
+
+Owns ``ExperimentConfig`` and its sections: ``run`` (name and folder), ``data`` (``loaders``'
+``DataConfig``, unchanged), ``model`` (timm name, weights, ``init_from``), ``optim`` (timm optimizer,
+learning rate, weight decay, clipping), ``schedule`` (timm scheduler, warmup), ``train`` (epochs,
+steps, accumulation, AMP, EMA, compile, checkpoints) and ``objective`` (what the loop minimises).
+Values derived from several sections (the learning rate scaled by the global batch) are computed
+here once (``effective_lr``), not in the loop.
+
+Leaves out: what the objectives need beyond their name (objectives.py reads its own section) and
+anything the data config already says (the loaders own it).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+from loaders.config import DataConfig
+from sharding.config import ConfigError, apply_overrides, from_dict, read_yaml, to_dict
+
+SECTIONS = ("run", "data", "model", "optim", "schedule", "train", "objective", "distill")
+
+
+@dataclass
+class RunConfig:
+    name: str = "experiment"  # the run folder is <root>/<name>
+    root: str = "runs"
+
+    def __post_init__(self) -> None:
+        if not self.name or "/" in self.name or self.name in (".", ".."):
+            raise ConfigError(f"run.name: expected a folder name without '/', got {self.name!r}")
+
+    @property
+    def dir(self) -> Path:
+        return Path(self.root) / self.name
+
+
+@dataclass
+class ModelConfig:
+    name: str = "vit_base_patch16_224"  # any timm model name
+    #: ImageNet weights: from ``pretrained_path`` (safetensors or a timm/torch checkpoint) when set,
+    #: else from the Hugging Face hub (online only; offline that is an error, not a hang).
+    pretrained: bool = False
+    pretrained_path: str | None = None
+    #: A Flora checkpoint (e.g. the global teacher's best_model.pt): backbone copied, head rows copied
+    #: by species name into this run's class mapping.
+    init_from: str | None = None
+    drop_path_rate: float = 0.0
+    drop_rate: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.pretrained_path and not self.pretrained:
+            raise ConfigError(
+                "model.pretrained_path is set but model.pretrained is false; set pretrained: true"
+            )
+        if self.pretrained and self.init_from:
+            raise ConfigError("model: pretrained and init_from both load weights; choose one")
+        for name in ("drop_path_rate", "drop_rate"):
+            if not 0 <= getattr(self, name) < 1:
+                raise ConfigError(f"model.{name}: expected [0, 1), got {getattr(self, name)}")
+
+
+@dataclass
+class OptimConfig:
+    name: str = "adamw"  # timm.optim.create_optimizer_v2 name
+    lr: float = 1e-5
+    #: When set, the lr is for this global batch and is scaled linearly to the actual global batch
+    #: (batch_size x grad_accum x world_size); null uses ``lr`` as given.
+    lr_base_batch: int | None = None
+    weight_decay: float = 0.05  # not applied to biases, norms and tokens (timm's param groups)
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    eps: float = 1e-8
+    layer_decay: float | None = None  # ViT layer-wise lr decay (timm), e.g. 0.75
+    clip_grad: float | None = 1.0  # max global gradient norm; null = no clipping
+
+    def __post_init__(self) -> None:
+        if self.lr <= 0:
+            raise ConfigError(f"optim.lr: expected > 0, got {self.lr}")
+        if self.weight_decay < 0:
+            raise ConfigError(f"optim.weight_decay: expected >= 0, got {self.weight_decay}")
+        if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
+            raise ConfigError(f"optim.betas: expected two values in [0, 1), got {self.betas}")
+        if self.clip_grad is not None and self.clip_grad <= 0:
+            raise ConfigError(f"optim.clip_grad: expected > 0 or null, got {self.clip_grad}")
+        if self.lr_base_batch is not None and self.lr_base_batch < 1:
+            raise ConfigError(f"optim.lr_base_batch: expected >= 1 or null, got {self.lr_base_batch}")
+        if self.layer_decay is not None and not 0 < self.layer_decay <= 1:
+            raise ConfigError(f"optim.layer_decay: expected (0, 1] or null, got {self.layer_decay}")
+
+
+@dataclass
+class ScheduleConfig:
+    name: Literal["cosine", "tanh", "poly"] = "cosine"  # timm scheduler, stepped per optimizer update
+    warmup_epochs: int = 1
+    warmup_lr: float = 1e-7
+    min_lr: float = 1e-7
+
+    def __post_init__(self) -> None:
+        if self.warmup_epochs < 0:
+            raise ConfigError(f"schedule.warmup_epochs: expected >= 0, got {self.warmup_epochs}")
+        if self.min_lr < 0 or self.warmup_lr < 0:
+            raise ConfigError(
+                f"schedule: min_lr / warmup_lr must be >= 0, got {self.min_lr} / {self.warmup_lr}"
+            )
+
+
+@dataclass
+class EmaConfig:
+    enabled: bool = False
+    decay: float = 0.9998
+    #: Validate (and pick best_model.pt) with the EMA weights instead of the raw ones.
+    evaluate: bool = True
+
+    def __post_init__(self) -> None:
+        if not 0 < self.decay < 1:
+            raise ConfigError(f"train.ema.decay: expected (0, 1), got {self.decay}")
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 15
+    #: Stop after this many optimizer steps (smoke runs); the schedule is laid out over the shorter
+    #: of ``epochs`` and ``max_steps``.
+    max_steps: int | None = None
+    grad_accum: int = 1  # micro-batches per optimizer step
+    label_smoothing: float = 0.1
+    amp: Literal["auto", "bf16", "fp16", "off"] = "auto"  # auto: bf16 on a GPU, off on the CPU
+    compile: bool = False  # torch.compile the model
+    channels_last: bool = False  # model memory format (set data.channels_last too for the inputs)
+    ema: EmaConfig = field(default_factory=EmaConfig)
+    checkpoint_every: int = 500  # optimizer steps between last_checkpoint.pt writes (and each epoch)
+    eval_every: int = 1  # epochs between validations
+    log_every: int = 20  # optimizer steps between scalar logs
+    seed: int = 0
+    progress: bool = True  # tqdm bar on rank 0
+
+    def __post_init__(self) -> None:
+        for name in ("epochs", "grad_accum", "checkpoint_every", "eval_every", "log_every"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"train.{name}: expected >= 1, got {getattr(self, name)}")
+        if self.max_steps is not None and self.max_steps < 1:
+            raise ConfigError(f"train.max_steps: expected >= 1 or null, got {self.max_steps}")
+        if not 0 <= self.label_smoothing < 1:
+            raise ConfigError(f"train.label_smoothing: expected [0, 1), got {self.label_smoothing}")
+
+
+@dataclass
+class ObjectiveConfig:
+    kind: Literal["classification", "distill"] = "classification"
+
+
+@dataclass
+class ExperimentConfig:
+    data: DataConfig
+    run: RunConfig = field(default_factory=RunConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
+    #: The distillation section (teachers, temperature, alpha); read by objectives.py when
+    #: ``objective.kind`` is ``distill``.
+    distill: dict | None = None
+
+    def effective_lr(self, world_size: int) -> float:
+        """The peak learning rate: ``optim.lr``, scaled to the global batch when ``lr_base_batch`` is set."""
+        if self.optim.lr_base_batch is None:
+            return self.optim.lr
+        global_batch = self.data.batch_size * self.train.grad_accum * world_size
+        return self.optim.lr * global_batch / self.optim.lr_base_batch
+
+    def as_dict(self) -> dict:
+        return to_dict(self)
+
+
+def load_experiment(source: str | Path | dict, overrides: list[str] | None = None) -> ExperimentConfig:
+    """An experiment from a YAML path (or a mapping) plus ``section.key=value`` overrides.
+
+    Every section is checked: unknown sections and keys are errors naming the dotted key.
+    """
+    raw = read_yaml(source) if not isinstance(source, dict) else source
+    raw = apply_overrides(raw, overrides)
+    unknown = sorted(set(raw) - set(SECTIONS))
+    if unknown:
+        raise ConfigError(f"{source if not isinstance(source, dict) else 'config'}: unknown section(s) "
+                          f"{unknown}; expected some of {list(SECTIONS)}")  # fmt: skip
+    if "data" not in raw:
+        raise ConfigError("config: no 'data' section (expected data: {shards: ..., ...})")
+    cfg = ExperimentConfig(
+        data=from_dict(DataConfig, _section(raw, "data"), "data"),
+        run=from_dict(RunConfig, _section(raw, "run"), "run"),
+        model=from_dict(ModelConfig, _section(raw, "model"), "model"),
+        optim=from_dict(OptimConfig, _section(raw, "optim"), "optim"),
+        schedule=from_dict(ScheduleConfig, _section(raw, "schedule"), "schedule"),
+        train=from_dict(TrainConfig, _section(raw, "train"), "train"),
+        objective=from_dict(ObjectiveConfig, _section(raw, "objective"), "objective"),
+        distill=raw.get("distill"),
+    )
+    if cfg.objective.kind == "distill" and not cfg.distill:
+        raise ConfigError(
+            "objective.kind: 'distill' needs a 'distill' section (teachers, temperature, alpha)"
+        )
+    if cfg.objective.kind != "distill" and cfg.distill:
+        raise ConfigError(f"distill: a distill section with objective.kind={cfg.objective.kind!r}; "
+                          "set objective.kind: distill or remove the section")  # fmt: skip
+    return cfg
+
+
+def _section(raw: dict, name: str) -> dict:
+    section = raw.get(name) or {}
+    if not isinstance(section, dict):
+        raise ConfigError(f"{name}: expected a mapping, got {type(section).__name__}")
+    return section
