@@ -442,6 +442,10 @@ class Trainer:
         if self.history:
             summary["last_epoch"] = self.history[-1]
         self._write_metrics(summary)
+        if self.ddp.main and self.history:
+            from .plots import training_curves
+
+            training_curves(self.history, self.run_dir / "curves.png", title=self.cfg.run.name)
         if self.writer is not None:
             self.writer.close()
         return summary

@@ -109,7 +109,7 @@ def fit_temperature(logits: torch.Tensor, labels: torch.Tensor, max_iter: int = 
         return loss
 
     optimizer.step(closure)
-    t = float(log_t.exp())
+    t = float(log_t.detach().exp())
     if not math.isfinite(t) or t <= 0:
         raise ValueError(f"fit_temperature: the fit diverged (T={t})")
     return t

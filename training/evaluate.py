@@ -1,0 +1,244 @@
+"""``python -m training.evaluate --checkpoint runs/x/best_model.pt --split test [--region EU_SW]``.
+
+Also under ``torchrun``: each rank predicts its share, the per-sample records are merged on every
+rank and checked (each sample of the split exactly once) before any metric is computed.
+
+Owns the evaluation report: top-1, top-5, macro top-1, NLL and ECE (15 bins) of the split, per region;
+a temperature fitted on the calibration split (``val`` by default; LBFGS on NLL), stored back into
+the checkpoint (``temperature``), with ECE and NLL before and after; the most-confused species
+pairs; ``results.json``, ``reliability.png`` and ``confusion.png`` in the output folder
+(``<checkpoint folder>/eval_<split>[_<region>]`` by default).
+
+The data come from the checkpoint's own ``data`` config (shards, image size, mean/std, label space),
+with ``--shards`` and ``data.key=value`` overrides; the class mapping of the evaluated shards must be
+the checkpoint's.
+
+Leaves out: the metric definitions (metrics.py) and the figures (plots.py).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from loaders.config import load_data_config
+from loaders.factory import dist_env, make_loader, resolve_device
+from loaders.index import LoaderError
+from sharding.config import ConfigError
+
+from . import plots
+from .checkpoint import CheckpointError, load_checkpoint, update_checkpoint
+from .config import ModelConfig
+from .loop import Dist, TrainingError, autocast_dtype, init_distributed, predict
+from .metrics import (
+    ECE_BINS,
+    Predictions,
+    calibration_bins,
+    confused_pairs,
+    expected_calibration_error,
+    fit_temperature,
+    summarize,
+)
+from .models import ModelError, build_model
+
+log = logging.getLogger(__name__)
+
+
+def load_model(checkpoint: dict, device: torch.device) -> torch.nn.Module:
+    """The checkpoint's network in eval mode (architecture from its config, weights from ``model``)."""
+    cfg = checkpoint["config"]["model"]
+    model = build_model(
+        ModelConfig(name=cfg["name"]),
+        num_classes=len(checkpoint["class_mapping"]),
+        image_size=checkpoint["preprocessing"]["image_size"],
+    )
+    model.load_state_dict(checkpoint["model"])
+    return model.to(device).eval()
+
+
+def data_config(checkpoint: dict, shards: str | None, region: str | None, overrides: list[str]):
+    """The checkpoint's data section for evaluation: its shards (or ``shards``), one region on request."""
+    data = dict(checkpoint["config"]["data"])
+    if shards:
+        data["shards"] = shards
+    if region:
+        if data.get("label_space") == "region" and data.get("region_filter") not in (region, [region]):
+            raise TrainingError(
+                f"--region {region}: this checkpoint predicts the classes of region "
+                f"{data.get('region_filter')!r} only"
+            )
+        data["region_filter"] = region
+    return load_data_config({"data": data}, overrides)
+
+
+def _records(model, loader, device, amp, ddp: Dist, keep_logits: bool = False) -> dict:
+    preds = predict(model, loader, 0, device, amp, keep_logits=keep_logits)
+    merged = Predictions.merge(ddp.gather(preds.arrays()))
+    if len(merged["index"]) != len(loader.index):
+        raise TrainingError(
+            f"evaluation of {loader.index.split!r} counted {len(merged['index'])} samples, "
+            f"the split has {len(loader.index)}"
+        )
+    return merged
+
+
+def _scaled(records: dict, logits: torch.Tensor, temperature: float) -> dict:
+    """Confidence and NLL of ``softmax(logits / T)`` (the top-k ranking does not change with T)."""
+    scaled = logits.float() / temperature
+    labels = torch.from_numpy(records["label"])
+    out = dict(records)
+    out["confidence"] = scaled.softmax(dim=1).max(dim=1).values.numpy()
+    out["nll"] = torch.nn.functional.cross_entropy(scaled, labels, reduction="none").numpy()
+    return out
+
+
+def evaluate(
+    checkpoint_path: str | Path,
+    split: str = "test",
+    region: str | None = None,
+    shards: str | None = None,
+    calibration_split: str | None = "val",
+    out_dir: str | Path | None = None,
+    overrides: list[str] | None = None,
+    confusion_classes: int = 20,
+    top_confusions: int = 20,
+) -> dict:
+    """Evaluates a checkpoint on ``split``; every rank returns the results, rank 0 writes the files."""
+    checkpoint = load_checkpoint(checkpoint_path)
+    cfg = data_config(checkpoint, shards, region, overrides or [])
+    ddp = init_distributed(cfg.device)
+    rank, world_size, local_rank = dist_env(ddp.rank, ddp.world_size)
+    device = resolve_device(cfg, local_rank)
+    amp = autocast_dtype("auto", device)
+    model = load_model(checkpoint, device)
+    names = [None] * len(checkpoint["class_mapping"])
+    for name, idx in checkpoint["class_mapping"].items():
+        names[idx] = name
+
+    def loader_for(split_name: str):
+        loader = make_loader(cfg, split_name, False, rank, world_size, device)
+        if loader.index.class_mapping != checkpoint["class_mapping"]:
+            raise TrainingError(
+                f"the {split_name!r} shards' class mapping ({loader.index.num_classes} classes) is not the "
+                f"checkpoint's ({len(names)}): evaluate on the shards (and label space) it was trained on"
+            )
+        return loader
+
+    test_loader = loader_for(split)
+    temperature = None
+    if calibration_split:
+        calib_loader = loader_for(calibration_split)
+        calib = _records(model, calib_loader, device, amp, ddp, keep_logits=True)
+        temperature = fit_temperature(calib["logits"], torch.from_numpy(calib["label"]))
+        calib_loader.close()
+    records = _records(model, test_loader, device, amp, ddp, keep_logits=temperature is not None)
+    top1 = records["topk"][:, 0] == records["label"]
+    results: dict = {
+        "checkpoint": str(checkpoint_path),
+        "split": split,
+        "region": region,
+        "samples": int(len(records["label"])),
+        "world_size": world_size,
+        "metrics": summarize(records),
+        "skipped_samples": dict(test_loader.index.skipped),
+        "temperature": temperature,
+        "calibration_split": calibration_split,
+        "ece_bins": ECE_BINS,
+    }
+    bins_before = calibration_bins(records["confidence"], top1)
+    bins_after = None
+    if temperature is not None:
+        scaled = _scaled(records, records["logits"], temperature)
+        bins_after = calibration_bins(scaled["confidence"], top1)
+        results["calibrated"] = {
+            "ece_before": results["metrics"]["ece"],
+            "ece_after": expected_calibration_error(scaled["confidence"], top1),
+            "nll_before": results["metrics"]["nll"],
+            "nll_after": float(scaled["nll"].mean()),
+        }
+    regions = np.array(
+        [test_loader.index.shards[test_loader.index.shard_of(int(i))].region for i in records["index"]]
+    )
+    results["per_region"] = {
+        str(r): summarize({k: v[regions == r] for k, v in records.items() if k != "logits"})
+        for r in sorted(set(regions.tolist()))
+    }
+    results["confused_pairs"] = confused_pairs(records, names, top_confusions)
+    results["reliability_bins"] = {"before": bins_before, "after": bins_after}
+    if ddp.main:
+        out = (
+            Path(out_dir)
+            if out_dir
+            else Path(checkpoint_path).parent / f"eval_{split}{'_' + region if region else ''}"
+        )
+        out.mkdir(parents=True, exist_ok=True)
+        title = f"{Path(checkpoint_path).parent.name}: {split}{' / ' + region if region else ''}"
+        plots.reliability_diagram(bins_before, bins_after, out / "reliability.png", title)
+        plots.confusion_matrix(records["label"], records["topk"][:, 0], names, out / "confusion.png",
+                               confusion_classes)  # fmt: skip
+        (out / "results.json").write_text(json.dumps(results, indent=2))
+        results["out_dir"] = str(out)
+        if temperature is not None and region is None and shards is None:  # the checkpoint's own data
+            update_checkpoint(checkpoint_path, temperature=temperature, temperature_split=calibration_split)
+    test_loader.close()
+    ddp.barrier()
+    return results
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m training.evaluate", description=__doc__.splitlines()[0])
+    parser.add_argument("--checkpoint", required=True, help="a Flora checkpoint (best_model.pt)")
+    parser.add_argument("--split", default="test")
+    parser.add_argument("--region", help="evaluate on this region's samples only (e.g. EU_SW)")
+    parser.add_argument("--shards", help="shard root (default: the one the checkpoint was trained on)")
+    parser.add_argument("--calibration-split", default="val", help="split the temperature is fitted on")
+    parser.add_argument("--no-calibration", action="store_true", help="skip temperature scaling")
+    parser.add_argument("--out", help="output folder (default: <checkpoint folder>/eval_<split>[_<region>])")
+    parser.add_argument("--confusion-classes", type=int, default=20, help="classes in confusion.png")
+    parser.add_argument("overrides", nargs="*", help="data.key=value (e.g. data.backend=torch)")
+    args = parser.parse_args(argv)
+    rank = int(os.environ.get("RANK", 0))
+    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING)
+    try:
+        results = evaluate(
+            args.checkpoint,
+            split=args.split,
+            region=args.region,
+            shards=args.shards,
+            calibration_split=None if args.no_calibration else args.calibration_split,
+            out_dir=args.out,
+            overrides=args.overrides,
+            confusion_classes=args.confusion_classes,
+        )
+    except (CheckpointError, ConfigError, LoaderError, ModelError, TrainingError, ValueError) as exc:
+        print(f"evaluate: {exc}", file=sys.stderr)
+        return 2
+    finally:
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
+    if rank == 0:
+        m = results["metrics"]
+        line = (
+            f"{results['split']}{' / ' + results['region'] if results['region'] else ''}: "
+            f"{m['samples']} samples, "
+            f"top-1 {m['top1']:.4f}, top-5 {m['top5']:.4f}, macro top-1 {m['macro_top1']:.4f}, "
+            f"NLL {m['nll']:.4f}, ECE {m['ece']:.4f}"
+        )
+        if results.get("calibrated"):
+            c = results["calibrated"]
+            line += f"; T={results['temperature']:.3f}: ECE {c['ece_before']:.4f} -> {c['ece_after']:.4f}"
+        print(line)
+        print(f"results: {results['out_dir']}/results.json")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
