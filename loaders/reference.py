@@ -114,9 +114,18 @@ def read_samples(batches, index: SampleIndex):
             f.close()
 
 
-def decode_and_transform(samples, transform: Callable, handler: Callable):
-    """Stage: bytes -> PIL RGB -> transformed tensor; a failing sample goes to ``handler``."""
+def decode_and_transform(samples, transform: Callable, handler: Callable, seed: int | None = None):
+    """Stage: bytes -> PIL RGB -> transformed tensor; a failing sample goes to ``handler``.
+
+    With ``seed``, torch's RNG is re-seeded at each new batch (``seed + batch number``): a batch's random
+    augmentations depend on the batch alone, not on which worker ran it or what it ran before, so a
+    mid-epoch resume (and any worker count) reproduces them exactly.
+    """
+    current = None
     for sample in samples:
+        if seed is not None and sample["batch"] != current:
+            current = sample["batch"]
+            torch.manual_seed(seed + current)
         try:
             with Image.open(io.BytesIO(sample["jpg"])) as img:
                 sample["image"] = transform(img.convert("RGB"))
@@ -157,8 +166,11 @@ def _batch(batch_no: int, rows: list[dict], skipped: int) -> dict:
 class PlannedBatches(IterableDataset):
     """Worker ``w`` of ``n`` reads planned batches ``w, w + n, ...`` (so round-robin keeps order)."""
 
-    def __init__(self, index: SampleIndex, batches: list[np.ndarray], first: int, transform: Callable):
+    def __init__(
+        self, index: SampleIndex, batches: list[np.ndarray], first: int, transform: Callable, seed: int | None
+    ):
         self.index, self.batches, self.first, self.transform = index, batches, first, transform
+        self.seed = seed
 
     def __iter__(self):
         info = get_worker_info()
@@ -167,7 +179,7 @@ class PlannedBatches(IterableDataset):
         pipeline = wds.DataPipeline(
             lambda: iter(mine),
             wds.pipelinefilter(read_samples)(self.index),
-            wds.pipelinefilter(decode_and_transform)(self.transform, warn_and_count),
+            wds.pipelinefilter(decode_and_transform)(self.transform, warn_and_count, self.seed),
             collate_planned,
         )
         return iter(pipeline)
@@ -201,7 +213,13 @@ class ReferenceLoader(EpochLoader):
         workers = min(self.cfg.threads, len(batches) - first)
         generator = torch.Generator().manual_seed(epoch_seed(self.cfg.seed, epoch, self.rank, 2))
         loader = DataLoader(
-            PlannedBatches(self.index, batches, first, self.transform),
+            PlannedBatches(
+                self.index,
+                batches,
+                first,
+                self.transform,
+                epoch_seed(self.cfg.seed, epoch, self.rank, 3) if self.train else None,
+            ),  # fmt: skip
             batch_size=None,
             num_workers=workers,
             prefetch_factor=self.cfg.prefetch,

@@ -1,8 +1,18 @@
-"""Shared fixtures: a real MongoDB wire-protocol server (SecantusDB) on 127.0.0.1 for `mongo` tests."""
+"""Shared fixtures: a real MongoDB wire-protocol server (SecantusDB) on 127.0.0.1 for `mongo` tests,
+and shards built by the real sharder from a small sample world over loopback (loaders, training)."""
+
+import shutil
+from pathlib import Path
 
 import pytest
 
+from sharding.build import BuildConfig, build
+from sharding.catalog import run_catalog
+from sharding.config import CatalogConfig, load_config
+from sharding.world import ImageServer, WorldSpec, build_world
 from sharding.world.mongo import HAVE_PYMONGO, HAVE_SECANTUS, MongoTestServer
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="session")
@@ -12,3 +22,34 @@ def mongo_server(tmp_path_factory):
         pytest.skip("pymongo and SecantusDB are needed (pip install -e '.[test]')")
     with MongoTestServer(tmp_path_factory.mktemp("mongo")) as server:
         yield server
+
+
+@pytest.fixture(scope="session")
+def shard_root(tmp_path_factory) -> Path:
+    """~400 samples over several regions and shards (max 40 samples each), resized to 128 px."""
+    root = tmp_path_factory.mktemp("loader-world")
+    (root / "images").mkdir()
+    server = ImageServer(root / "images")
+    world = build_world(
+        root, WorldSpec(n_records=520, n_species=12, seed=5, fault_rate=0.0), base_url=server.base_url
+    )
+    cfg = load_config(CatalogConfig, REPO / "config" / "catalog_smoke.yaml", ["progress=false"])
+    run_catalog(str(world.catalog_path), root / "splits", cfg)
+    overrides = [
+        "progress=false",
+        "processes=1",
+        "shards.max_samples=40",
+        "images.resize_shorter_side=128",
+        "download.allow_networks=[127.0.0.1/32]",
+    ]
+    with server:
+        build(root / "splits", root / "shards", load_config(BuildConfig, None, overrides))
+    return root / "shards"
+
+
+@pytest.fixture
+def shard_copy(shard_root, tmp_path) -> Path:
+    """A private copy of the shards that a test may damage."""
+    dest = tmp_path / "shards"
+    shutil.copytree(shard_root, dest, ignore=shutil.ignore_patterns("_work", "_loader_index"))
+    return dest

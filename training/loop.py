@@ -191,6 +191,7 @@ class Trainer:
         self.history: list[dict] = []
         self.epoch_sums: dict[str, float] = {}  # loss terms summed over this epoch's micro-batches
         self.epoch_seen = 0
+        self._loader_position: list[dict] | None = None  # every rank's, when an epoch was left early
         if resume:
             self._restore()
         torch.manual_seed(cfg.train.seed * 1000 + self.ddp.rank + 1 + self.step)  # dropout streams per rank
@@ -268,7 +269,7 @@ class Trainer:
     def _state(self, kind: str) -> dict:
         """The checkpoint dict (collective: every rank must call it)."""
         rngs = self.ddp.gather(rng_state())
-        loaders = self.ddp.gather(self.train_loader.state_dict())
+        loaders = self._loader_position or self.ddp.gather(self.train_loader.state_dict())
         return {
             "kind": kind,
             "model": self.model.state_dict(),
@@ -394,6 +395,7 @@ class Trainer:
             busy_total += stats["seconds"]
             stopped = stats["stopped"]
             if stopped and not stats["epoch_done"]:
+                self.save_last()
                 break
             epoch = self.epoch
             last_epoch = self.step >= self.total_steps
@@ -459,6 +461,7 @@ class Trainer:
         loader.set_epoch(self.epoch)
         micro_total = len(loader)
         micro = loader.batches_done  # > 0 when resuming mid-epoch
+        self._loader_position = None
         if micro == 0:  # else: resumed mid-epoch, the sums so far came with the checkpoint
             self.epoch_sums, self.epoch_seen = {}, 0
         sums, window, window_seen = self.epoch_sums, {}, 0
@@ -529,12 +532,10 @@ class Trainer:
                     bar.set_postfix(loss=f"{window['loss'] / window_seen:.4f}", lr=f"{self._lr():.2e}")
                 window_start, window_images, window_wait, window, window_seen = now, 0, 0.0, {}, 0
             done_now = self.step - start_step
-            if self.step >= self.total_steps:
-                break
-            if self.stop_after is not None and done_now >= self.stop_after:
-                stopped = True
-                if micro < micro_total:
-                    self.save_last()  # while the loader's iterator is alive: its position is exact
+            stopped = self.stop_after is not None and done_now >= self.stop_after
+            if self.step >= self.total_steps or stopped:
+                if micro < micro_total:  # taken while the loader's iterator is alive: the exact position
+                    self._loader_position = self.ddp.gather(loader.state_dict())
                 break
             if self.step % cfg.checkpoint_every == 0 and micro < micro_total:
                 self.save_last()

@@ -1,49 +1,8 @@
-"""Shards for the loader tests: built by the real sharder from a small sample world over loopback."""
+"""Helpers of the loader tests (the shard fixtures are shared: tests/conftest.py)."""
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
-
-import pytest
-
-from sharding.build import BuildConfig, build
-from sharding.catalog import run_catalog
-from sharding.config import CatalogConfig, load_config
-from sharding.world import ImageServer, WorldSpec, build_world
-
-REPO = Path(__file__).resolve().parents[2]
-
-
-@pytest.fixture(scope="session")
-def shard_root(tmp_path_factory) -> Path:
-    """~400 samples over several regions and shards (max 40 samples each), resized to 128 px."""
-    root = tmp_path_factory.mktemp("loader-world")
-    (root / "images").mkdir()
-    server = ImageServer(root / "images")
-    world = build_world(
-        root, WorldSpec(n_records=520, n_species=12, seed=5, fault_rate=0.0), base_url=server.base_url
-    )
-    cfg = load_config(CatalogConfig, REPO / "config" / "catalog_smoke.yaml", ["progress=false"])
-    run_catalog(str(world.catalog_path), root / "splits", cfg)
-    overrides = [
-        "progress=false",
-        "processes=1",
-        "shards.max_samples=40",
-        "images.resize_shorter_side=128",
-        "download.allow_networks=[127.0.0.1/32]",
-    ]
-    with server:
-        build(root / "splits", root / "shards", load_config(BuildConfig, None, overrides))
-    return root / "shards"
-
-
-@pytest.fixture
-def shard_copy(shard_root, tmp_path) -> Path:
-    """A private copy of the shards that a test may damage."""
-    dest = tmp_path / "shards"
-    shutil.copytree(shard_root, dest, ignore=shutil.ignore_patterns("_work", "_loader_index"))
-    return dest
 
 
 def data_cfg(shards: Path, **over) -> dict:

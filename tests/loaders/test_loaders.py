@@ -12,6 +12,7 @@ from PIL import Image
 
 from loaders import create_dataloaders
 from loaders.dali import HAVE_DALI
+from loaders.index import LoaderError
 
 from .conftest import data_cfg
 from .test_index import corrupt_member
@@ -170,11 +171,22 @@ def test_resume_mid_epoch_sees_exactly_the_unseen_samples(shard_root, backend, t
 
 def test_resume_refuses_a_different_run(shard_root):
     train, _, _ = create_dataloaders(data_cfg(shard_root))
-    next(iter(train))
+    batches = iter(train)
+    next(batches)
     state = train.state_dict()
     other, _, _ = create_dataloaders(data_cfg(shard_root, batch_size=8))
     with pytest.raises(Exception, match="batch_size=16"):
         other.load_state_dict(state)
+
+
+def test_dali_position_is_taken_while_the_epoch_runs(shard_root):
+    """A mid-epoch state of an epoch already abandoned would lose samples: refused, not guessed."""
+    if not HAVE_DALI:
+        pytest.skip("nvidia-dali is not installed")
+    train, _, _ = create_dataloaders(data_cfg(shard_root))
+    next(iter(train))  # the iterator is dropped at once: the epoch's pipeline is gone
+    with pytest.raises(LoaderError, match="iterator alive"):
+        train.state_dict()
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

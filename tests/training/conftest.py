@@ -1,0 +1,38 @@
+"""Helpers of the training tests: a tiny experiment on the shared test shards."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+def experiment(shards: Path, run_root: Path, name: str = "run", **sections) -> dict:
+    """A test_vit experiment at 48 px on CPU (a few seconds per epoch), as a mapping; ``sections``
+    update the defaults one section at a time (``train={"epochs": 1}``)."""
+    cfg = {
+        "run": {"name": name, "root": str(run_root)},
+        "data": {
+            "shards": str(shards),
+            "image_size": 48,
+            "batch_size": 16,
+            "val_batch_size": 32,
+            "threads": 2,
+            "device": "cpu",
+            "shuffle_buffer": 64,
+            "index_cache": "off",
+            "verify": "header",
+            "augment": {"rotate_degrees": 0.0, "scale": [0.5, 1.0]},
+        },
+        "model": {"name": "test_vit"},
+        "optim": {"lr": 2e-3, "weight_decay": 0.05},
+        "schedule": {"warmup_epochs": 0, "min_lr": 1e-5},
+        "train": {
+            "epochs": 2,
+            "checkpoint_every": 5,
+            "log_every": 2,
+            "progress": False,
+            "label_smoothing": 0.1,
+        },
+    }
+    for section, values in sections.items():
+        cfg.setdefault(section, {}).update(values)
+    return cfg
