@@ -124,38 +124,10 @@ def test_torchrun_two_ranks_train_and_evaluate_exactly(shard_root, tmp_path):
     assert [s["rank"] for s in last["loader"]] == [0, 1] and len(last["rng"]) == 2
     best = tmp_path / "ddp" / "best_model.pt"
     out2, out1 = tmp_path / "eval2", tmp_path / "eval1"
-    proc = subprocess.run(
-        [
-            *torchrun,
-            "-m",
-            "training.evaluate",
-            "--checkpoint",
-            str(best),
-            "--out",
-            str(out2),
-            "--no-calibration",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=900,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "training.evaluate",
-            "--checkpoint",
-            str(best),
-            "--out",
-            str(out1),
-            "--no-calibration",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=900,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    evaluate = ["-m", "training.evaluate", "--checkpoint", str(best), "--no-calibration", "--out"]
+    for launcher, out in ((torchrun, out2), ([sys.executable], out1)):
+        proc = subprocess.run([*launcher, *evaluate, str(out)], capture_output=True, text=True, timeout=900)
+        assert proc.returncode == 0, proc.stderr[-3000:]
     two, one = (json.loads((o / "results.json").read_text()) for o in (out2, out1))
     assert two["world_size"] == 2 and one["world_size"] == 1
     assert two["samples"] == one["samples"] == sum(r["samples"] for r in one["per_region"].values())
