@@ -41,7 +41,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--species", type=int, default=40)
     args = parser.parse_args(argv)
     out = args.out
-    for stale in ("world", "splits", "shards"):
+    for stale in ("world", "splits", "shards", "runs"):
         shutil.rmtree(out / stale, ignore_errors=True)  # the cache is kept: a second demo is warm
     (out / "world" / "images").mkdir(parents=True)
     with ImageServer(out / "world" / "images") as server:
@@ -109,6 +109,28 @@ def main(argv: list[str] | None = None) -> int:
             "data.backend=dali",
         ],
     )
+    runs = out / "runs"
+    teachers = {"global": "teacher_global_smoke", "regional": "teacher_regional_smoke"}
+    for kind, name in teachers.items():
+        extra = (
+            [f"model.init_from={runs / teachers['global'] / 'best_model.pt'}"] if kind == "regional" else []
+        )
+        _run(
+            f"teacher ({kind})",
+            ["-m", "training.train", "--config", f"config/{name}.yaml", f"run.root={runs}",
+             f"data.shards={out / 'shards'}", "train.progress=false", *extra],
+        )  # fmt: skip
+        _run(
+            f"evaluate ({kind})",
+            [
+                "-m",
+                "training.evaluate",
+                "--checkpoint",
+                str(runs / name / "best_model.pt"),
+                "--split",
+                "test",
+            ],
+        )
     stats = json.loads((out / "splits" / "export_stats.json").read_text())
     manifest = json.loads((out / "shards" / "manifest.json").read_text())
     acc = manifest["accounting"]
@@ -120,7 +142,17 @@ def main(argv: list[str] | None = None) -> int:
         f"(injected faults), {acc['content_duplicates']} content duplicates; "
         f"accounting {'ok' if acc['ok'] else 'BROKEN'}"
     )
-    print(f"   outputs: {out}/splits, {out}/shards (manifest.json, failures.jsonl)")
+    for kind, name in teachers.items():
+        summary = json.loads((runs / name / "metrics.json").read_text())["summary"]
+        test = json.loads((runs / name / "eval_test" / "results.json").read_text())
+        m, cal = test["metrics"], test["calibrated"]
+        print(
+            f"   teacher ({kind}): {summary['num_classes']} classes, {summary['steps']} steps at "
+            f"{summary['steps_per_s']:.1f} steps/s (data wait {summary['data_wait_fraction']:.0%}); "
+            f"test top-1 {m['top1']:.3f}, top-5 {m['top5']:.3f}, macro {m['macro_top1']:.3f}, "
+            f"ECE {cal['ece_before']:.3f} -> {cal['ece_after']:.3f} (T={test['temperature']:.2f})"
+        )
+    print(f"   outputs: {out}/splits, {out}/shards (manifest.json, failures.jsonl), {runs}/<run>")
     return 0
 
 
