@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.installed-stamp
 DEMO   ?= demo_out
 PYTEST_ARGS ?=
 
-.PHONY: install demo test test-fast lint bench-catalog bench-sharder bench-loader clean
+.PHONY: install demo test test-fast lint bench-catalog bench-sharder bench-loader bench-training clean
 
 $(STAMP): setup.cfg pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -46,6 +46,10 @@ bench-sharder: $(STAMP) .venv-img2dataset/bin/img2dataset
 # Loader images/s: sample world + opencv-doc photographs (fetched with apt-get download), one run.
 bench-loader: $(STAMP)
 	$(PY) -m benchmarks.loader
+
+# Training-loop steps/s on the CPU (smoke teacher config): DALI vs torch loader vs compute alone.
+bench-training: $(STAMP)
+	$(PY) -m benchmarks.training
 
 clean:
 	rm -rf $(DEMO) .pytest_cache

@@ -431,7 +431,8 @@ class Trainer:
             "steps": self.step,
             "epochs_done": self.epoch,
             "steps_this_session": self.step - start_step,
-            "steps_per_s": (self.step - start_step) / max(elapsed, 1e-9),
+            "steps_per_s": (self.step - start_step) / max(elapsed, 1e-9),  # validation included
+            "train_steps_per_s": (self.step - start_step) / max(busy_total, 1e-9),
             "images_per_s": images_total * self.ddp.world_size / max(busy_total, 1e-9),
             "data_wait_fraction": wait_total / max(busy_total, 1e-9),
             "best": self.best,
