@@ -255,7 +255,7 @@ class Trainer:
         self.scheduler, _ = create_scheduler_v2(
             self.optimizer,
             sched=cfg.schedule.name,
-            num_epochs=self.total_steps,
+            num_epochs=max(self.total_steps - warmup, 1),  # the cosine after the warmup prefix
             warmup_epochs=warmup,
             warmup_lr=cfg.schedule.warmup_lr,
             min_lr=cfg.schedule.min_lr,

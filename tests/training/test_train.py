@@ -80,18 +80,39 @@ def test_a_run_folder_is_not_overwritten_and_resume_needs_the_same_config(shard_
         _fit(experiment(shard_root, tmp_path, "fresh"), resume=True)
 
 
-def test_max_steps_ends_the_schedule(shard_root, tmp_path):
+@pytest.mark.parametrize("warmup_epochs", [0, 1])
+def test_max_steps_ends_the_schedule(shard_root, tmp_path, warmup_epochs):
+    schedule = {"warmup_epochs": warmup_epochs, "min_lr": 0.0, "warmup_lr": 0.0}
     trainer, summary = _fit(
-        experiment(
-            shard_root,
-            tmp_path,
-            train={"epochs": 5, "max_steps": 4},
-            schedule={"warmup_epochs": 0, "min_lr": 0.0},
-        )
+        experiment(shard_root, tmp_path, train={"epochs": 5, "max_steps": 6}, schedule=schedule)
     )
-    assert summary["steps"] == 4 and trainer.total_steps == 4
+    assert summary["steps"] == 6 and trainer.total_steps == 6
     assert trainer.optimizer.param_groups[0]["lr"] == pytest.approx(0.0, abs=1e-9)  # cosine ran to its end
     assert json.loads((tmp_path / "run" / "metrics.json").read_text())["epochs"][0]["val_samples"] > 0
+
+
+def test_ema_and_channels_last(shard_root, tmp_path):
+    cfg = experiment(
+        shard_root,
+        tmp_path,
+        train={"epochs": 1, "channels_last": True, "ema": {"enabled": True, "decay": 0.5}},
+    )
+    cfg["data"]["channels_last"] = True
+    trainer, summary = _fit(cfg)
+    best = load_checkpoint(tmp_path / "run" / "best_model.pt")
+    assert best["ema_weights"] is True
+    for key, value in trainer.ema.module.state_dict().items():  # best = the validated (EMA) weights
+        assert torch.equal(best["model"][key], value.cpu()), key
+    assert not torch.equal(
+        trainer.ema.module.state_dict()["head.weight"], trainer.model.state_dict()["head.weight"]
+    )
+    assert load_checkpoint(tmp_path / "run" / "last_checkpoint.pt")["ema"] is not None
+
+
+@pytest.mark.slow
+def test_torch_compile(shard_root, tmp_path):
+    _, summary = _fit(experiment(shard_root, tmp_path, train={"epochs": 1, "max_steps": 4, "compile": True}))
+    assert summary["status"] == "finished" and summary["steps"] == 4
 
 
 def test_cli_reports_bad_config_in_one_line(tmp_path, capsys):
