@@ -152,6 +152,55 @@ class ObjectiveConfig:
 
 
 @dataclass
+class TeacherConfig:
+    checkpoint: str = ""  # a Flora checkpoint (best_model.pt of a teacher run)
+    weight: float = 1.0  # its share of the mixture (renormalised over the teachers; see objectives.py)
+    name: str | None = None  # for logs and reports; default: the checkpoint's run folder
+
+    def __post_init__(self) -> None:
+        if not self.checkpoint:
+            raise ConfigError("distill.teachers[].checkpoint: a teacher checkpoint path is required")
+        if self.weight <= 0:
+            raise ConfigError(f"distill.teachers[].weight: expected > 0, got {self.weight}")
+
+
+@dataclass
+class SoftLabelCacheConfig:
+    #: Where the cache lives; null = ``<shards>/_soft_labels`` (beside the shards, one folder per key).
+    dir: str | None = None
+    top_k: int = 20  # mixture probabilities kept per sample (renormalised over the kept classes)
+
+    def __post_init__(self) -> None:
+        if self.top_k < 1:
+            raise ConfigError(f"distill.cache.top_k: expected >= 1, got {self.top_k}")
+
+
+@dataclass
+class DistillConfig:
+    """Multi-teacher knowledge distillation (objectives.py: ``Distillation``)."""
+
+    teachers: list[TeacherConfig] = field(default_factory=list)
+    temperature: float = 3.0
+    alpha: float = 0.7  # weight of the KD term; 1 - alpha on the label cross-entropy
+    #: How teachers that do not know a species are handled: ``per_class`` (each species' mixture is
+    #: over the teachers that know it, weights renormalised per species, then the mixture renormalised)
+    #: or ``per_sample`` (a teacher takes part in a sample's mixture only if it knows the sample's label).
+    mixing: Literal["per_class", "per_sample"] = "per_class"
+    #: ``online``: teachers run on every batch, on the student's augmented view; ``cached``: their top-k
+    #: mixture is precomputed once per sample on the fixed validation view and read from disk.
+    soft_labels: Literal["online", "cached"] = "online"
+    cache: SoftLabelCacheConfig = field(default_factory=SoftLabelCacheConfig)
+
+    def __post_init__(self) -> None:
+        if not self.teachers:
+            raise ConfigError("distill.teachers: at least one teacher is required")
+        if self.temperature <= 0:
+            raise ConfigError(f"distill.temperature: expected > 0, got {self.temperature}")
+        if not 0 <= self.alpha <= 1:
+            raise ConfigError(f"distill.alpha: expected [0, 1], got {self.alpha}")
+
+
+@dataclass
 class ExperimentConfig:
     data: DataConfig
     run: RunConfig = field(default_factory=RunConfig)
@@ -160,9 +209,8 @@ class ExperimentConfig:
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
-    #: The distillation section (teachers, temperature, alpha); read by objectives.py when
-    #: ``objective.kind`` is ``distill``.
-    distill: dict | None = None
+    #: The distillation section (teachers, temperature, alpha); used when ``objective.kind`` is ``distill``.
+    distill: DistillConfig | None = None
 
     def effective_lr(self, world_size: int) -> float:
         """The peak learning rate: ``optim.lr``, scaled to the global batch when ``lr_base_batch`` is set."""
@@ -196,7 +244,7 @@ def load_experiment(source: str | Path | dict, overrides: list[str] | None = Non
         schedule=from_dict(ScheduleConfig, _section(raw, "schedule"), "schedule"),
         train=from_dict(TrainConfig, _section(raw, "train"), "train"),
         objective=from_dict(ObjectiveConfig, _section(raw, "objective"), "objective"),
-        distill=raw.get("distill"),
+        distill=from_dict(DistillConfig, raw["distill"], "distill") if raw.get("distill") else None,
     )
     if cfg.objective.kind == "distill" and not cfg.distill:
         raise ConfigError(

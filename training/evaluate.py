@@ -36,7 +36,6 @@ from sharding.config import ConfigError
 
 from . import plots
 from .checkpoint import CheckpointError, load_checkpoint, update_checkpoint
-from .config import ModelConfig
 from .loop import Dist, TrainingError, autocast_dtype, init_distributed, predict
 from .metrics import (
     ECE_BINS,
@@ -47,21 +46,9 @@ from .metrics import (
     fit_temperature,
     summarize,
 )
-from .models import ModelError, build_model
+from .models import ModelError, model_from_checkpoint
 
 log = logging.getLogger(__name__)
-
-
-def load_model(checkpoint: dict, device: torch.device) -> torch.nn.Module:
-    """The checkpoint's network in eval mode (architecture from its config, weights from ``model``)."""
-    cfg = checkpoint["config"]["model"]
-    model = build_model(
-        ModelConfig(name=cfg["name"]),
-        num_classes=len(checkpoint["class_mapping"]),
-        image_size=checkpoint["preprocessing"]["image_size"],
-    )
-    model.load_state_dict(checkpoint["model"])
-    return model.to(device).eval()
 
 
 def data_config(checkpoint: dict, shards: str | None, region: str | None, overrides: list[str]):
@@ -118,7 +105,7 @@ def evaluate(
     rank, world_size, local_rank = dist_env(ddp.rank, ddp.world_size)
     device = resolve_device(cfg, local_rank)
     amp = autocast_dtype("auto", device)
-    model = load_model(checkpoint, device)
+    model = model_from_checkpoint(checkpoint).to(device).eval()
     names = [None] * len(checkpoint["class_mapping"])
     for name, idx in checkpoint["class_mapping"].items():
         names[idx] = name

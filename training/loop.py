@@ -174,7 +174,9 @@ class Trainer:
         self.model.to(self.device)
         if cfg.train.channels_last:
             self.model.to(memory_format=torch.channels_last)
-        self.objective: Objective = build_objective(cfg, self.info, self.device).to(self.device)
+        self.objective: Objective = build_objective(
+            cfg, self.info, self.device, train_loader=self.train_loader, ddp=self.ddp
+        ).to(self.device)
         self._build_optimization()
         self.amp_dtype = autocast_dtype(cfg.train.amp, self.device)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype == torch.float16)

@@ -149,3 +149,15 @@ def init_from_checkpoint(
     }
     log.info("init_from: backbone loaded; head rows copied for %d of %d species", copied, len(class_mapping))
     return report
+
+
+def model_from_checkpoint(checkpoint: dict) -> nn.Module:
+    """A Flora checkpoint's network (architecture from its config, weights from ``model``), on the CPU."""
+    cfg = checkpoint["config"]["model"]
+    model = build_model(
+        ModelConfig(name=cfg["name"]),
+        num_classes=len(checkpoint["class_mapping"]),
+        image_size=checkpoint["preprocessing"]["image_size"],
+    )
+    model.load_state_dict(checkpoint["model"])
+    return model

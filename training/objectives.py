@@ -64,13 +64,18 @@ class Classification(Objective):
 
 
 @register_objective("classification")
-def _classification(cfg, info, device) -> Classification:
+def _classification(cfg, info, device, **context) -> Classification:  # noqa: ARG001 - uniform signature
     return Classification(label_smoothing=cfg.train.label_smoothing)
 
 
-def build_objective(cfg, info, device: torch.device) -> Objective:
-    """The objective named by ``cfg.objective.kind``, built from the experiment config and loader info."""
+def build_objective(cfg, info, device: torch.device, **context) -> Objective:
+    """The objective named by ``cfg.objective.kind``, built from the experiment config and loader info.
+
+    ``context``: what some objectives need from the run (``train_loader``, ``ddp``).
+    """
+    from . import distill  # noqa: F401 - registers "distill"
+
     kind = cfg.objective.kind
     if kind not in OBJECTIVES:
         raise ValueError(f"objective.kind: {kind!r} is not registered; known: {sorted(OBJECTIVES)}")
-    return OBJECTIVES[kind](cfg, info, device)
+    return OBJECTIVES[kind](cfg, info, device, **context)
