@@ -117,9 +117,17 @@ def main(argv: list[str] | None = None) -> int:
         )
         _run(
             f"teacher ({kind})",
-            ["-m", "training.train", "--config", f"config/{name}.yaml", f"run.root={runs}",
-             f"data.shards={out / 'shards'}", "train.progress=false", *extra],
-        )  # fmt: skip
+            [
+                "-m",
+                "training.train",
+                "--config",
+                f"config/{name}.yaml",
+                f"run.root={runs}",
+                f"data.shards={out / 'shards'}",
+                "train.progress=false",
+                *extra,
+            ],
+        )
         _run(
             f"evaluate ({kind})",
             [
@@ -131,6 +139,34 @@ def main(argv: list[str] | None = None) -> int:
                 "test",
             ],
         )
+    best = {kind: runs / name / "best_model.pt" for kind, name in teachers.items()}
+    teacher_list = ", ".join(
+        f"{{name: {kind}, checkpoint: {path}, weight: 0.5}}" for kind, path in best.items()
+    )
+    students = {"online": "student_smoke", "cached": "student_smoke_cached"}
+    for mode, name in students.items():
+        _run(
+            f"student ({mode} soft labels)",
+            [
+                "-m",
+                "training.train",
+                "--config",
+                "config/student_smoke.yaml",
+                f"run.root={runs}",
+                f"run.name={name}",
+                f"data.shards={out / 'shards'}",
+                "train.progress=false",
+                f"distill.teachers=[{teacher_list}]",
+                f"distill.soft_labels={mode}",
+            ],
+        )
+    report = runs / students["online"] / "report"
+    _run(
+        "distillation report",
+        ["-m", "training.report", "--out", str(report)]
+        + [arg for name in students.values() for arg in ("--student", str(runs / name / "best_model.pt"))]
+        + [arg for path in best.values() for arg in ("--teacher", str(path))],
+    )
     stats = json.loads((out / "splits" / "export_stats.json").read_text())
     manifest = json.loads((out / "shards" / "manifest.json").read_text())
     acc = manifest["accounting"]
@@ -152,7 +188,18 @@ def main(argv: list[str] | None = None) -> int:
             f"test top-1 {m['top1']:.3f}, top-5 {m['top5']:.3f}, macro {m['macro_top1']:.3f}, "
             f"ECE {cal['ece_before']:.3f} -> {cal['ece_after']:.3f} (T={test['temperature']:.2f})"
         )
-    print(f"   outputs: {out}/splits, {out}/shards (manifest.json, failures.jsonl), {runs}/<run>")
+    comparison = json.loads((report / "comparison.json").read_text())
+    for row in comparison["rows"]:
+        if row["role"] == "student" and row["test_set"] == "all":
+            print(
+                f"   student ({row['soft_labels']}): {row['model']}, {row['params'] / 1e6:.2f} M params, "
+                f"{row['train_steps_per_s']:.1f} train steps/s; test top-1 {row['top1']:.3f}"
+            )
+    for pair in comparison["pairs"]:
+        print(
+            f"   {pair['student']} / {pair['teacher']} top-1 on {pair['test_set']}: {pair['top1_ratio']:.2f}"
+        )
+    print(f"   outputs: {out}/splits, {out}/shards (manifest.json, failures.jsonl), {runs}/<run>, {report}")
     return 0
 
 

@@ -4,6 +4,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+
+from training.config import load_experiment
+from training.loop import Trainer
+
 
 def experiment(shards: Path, run_root: Path, name: str = "run", **sections) -> dict:
     """A test_vit experiment at 48 px on CPU (a few seconds per epoch), as a mapping; ``sections``
@@ -36,3 +41,20 @@ def experiment(shards: Path, run_root: Path, name: str = "run", **sections) -> d
     for section, values in sections.items():
         cfg.setdefault(section, {}).update(values)
     return cfg
+
+
+@pytest.fixture(scope="session")
+def teachers(shard_root, tmp_path_factory) -> dict[str, Path]:
+    """best_model.pt of a global test_vit teacher (3 epochs) and of an EU_SW one initialised from it."""
+    root = tmp_path_factory.mktemp("teachers")
+    Trainer(load_experiment(experiment(shard_root, root, "global", train={"epochs": 3}))).fit()
+    regional = experiment(
+        shard_root,
+        root,
+        "regional",
+        train={"epochs": 1},
+        model={"name": "test_vit", "init_from": str(root / "global" / "best_model.pt")},
+    )
+    regional["data"].update({"region_filter": "EU_SW", "label_space": "region", "train_remainder": "pad"})
+    Trainer(load_experiment(regional)).fit()
+    return {"global": root / "global" / "best_model.pt", "regional": root / "regional" / "best_model.pt"}

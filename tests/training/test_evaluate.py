@@ -5,20 +5,14 @@ import json
 import pytest
 
 from training.checkpoint import load_checkpoint
-from training.config import load_experiment
 from training.evaluate import evaluate
 from training.evaluate import main as evaluate_main
-from training.loop import Trainer, TrainingError
-
-from .conftest import experiment
+from training.loop import TrainingError
 
 
-@pytest.fixture(scope="module")
-def global_teacher(shard_root, tmp_path_factory):
-    root = tmp_path_factory.mktemp("runs")
-    cfg = experiment(shard_root, root, "global", train={"epochs": 3})
-    Trainer(load_experiment(cfg)).fit()
-    return root / "global" / "best_model.pt"
+@pytest.fixture
+def global_teacher(teachers):
+    return teachers["global"]
 
 
 def test_evaluate_writes_metrics_calibration_and_figures(global_teacher, tmp_path):
@@ -64,23 +58,13 @@ def test_region_filter_and_cli(global_teacher, tmp_path, capsys):
     assert evaluate_main(["--checkpoint", str(tmp_path / "missing.pt")]) == 2
 
 
-def test_regional_teacher_from_the_global_one(global_teacher, shard_root, tmp_path):
-    region = "EU_SW"
-    cfg = experiment(
-        shard_root,
-        tmp_path,
-        "regional",
-        train={"epochs": 1},
-        model={"name": "test_vit", "init_from": str(global_teacher)},
-    )
-    cfg["data"].update({"region_filter": region, "label_space": "region", "train_remainder": "pad"})
-    trainer = Trainer(load_experiment(cfg))
-    summary = trainer.fit()
-    report = summary["init_from"]
-    assert report["species_copied"] == trainer.info.num_classes  # every regional species is global too
-    assert report["source_species"] > trainer.info.num_classes
-    best = tmp_path / "regional" / "best_model.pt"
-    results = evaluate(best, split="test", calibration_split=None, out_dir=tmp_path / "eval")
-    assert list(results["per_region"]) == [region]
+def test_regional_teacher_from_the_global_one(teachers, tmp_path):
+    regional = load_checkpoint(teachers["regional"])
+    global_ = load_checkpoint(teachers["global"])
+    assert set(regional["class_mapping"]) < set(global_["class_mapping"])
+    summary = json.loads((teachers["regional"].parent / "metrics.json").read_text())["summary"]
+    assert summary["init_from"]["species_copied"] == len(regional["class_mapping"])
+    results = evaluate(teachers["regional"], split="test", calibration_split=None, out_dir=tmp_path / "eval")
+    assert list(results["per_region"]) == ["EU_SW"]
     with pytest.raises(TrainingError, match="predicts the classes of region"):
-        evaluate(best, split="test", region="AMERICAS_NORTH", calibration_split=None)
+        evaluate(teachers["regional"], split="test", region="AMERICAS_NORTH", calibration_split=None)
