@@ -3,9 +3,12 @@ labels for the same fixed view, and a smoke student that learns from two test_vi
 
 import json
 import math
+import subprocess
+import sys
 
 import pytest
 import torch
+import yaml
 from torch import nn
 
 from loaders import create_dataloaders
@@ -198,3 +201,30 @@ def test_smoke_student_learns_online_and_cached_and_the_report(shard_root, teach
     assert student["soft_labels"] == "online" and student["params"] > 0 and student["macs"] > 0
     assert all(p["top1_ratio"] is not None for p in report["pairs"]) and len(report["pairs"]) == 4
     assert "| student | teacher |" in markdown(report)
+
+
+@pytest.mark.slow
+def test_torchrun_two_ranks_build_the_cache_and_distil(shard_root, teachers, tmp_path):
+    cfg = _student_cfg(shard_root, teachers, tmp_path, "ddp", soft_labels="cached")
+    cfg["train"]["epochs"] = 1
+    path = tmp_path / "student.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc-per-node",
+        "2",
+        "-m",
+        "training.train",
+        "--config",
+        str(path),
+    ]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads(proc.stdout[proc.stdout.index("{") :])
+    assert summary["world_size"] == 2 and summary["status"] == "finished"
+    (meta,) = (tmp_path / "soft").glob("*/meta.json")
+    train, _, _ = create_dataloaders(load_experiment(cfg).data)
+    assert json.loads(meta.read_text())["samples"] == len(train.index)  # every sample once, from both ranks
