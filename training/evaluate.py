@@ -27,19 +27,17 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.distributed as dist
 
 from loaders.config import load_data_config
-from loaders.factory import dist_env, make_loader, resolve_device
+from loaders.factory import make_loader, resolve_device
 from loaders.index import LoaderError
 from sharding.config import ConfigError
 
 from . import plots
 from .checkpoint import CheckpointError, load_checkpoint, update_checkpoint
-from .loop import Dist, TrainingError, autocast_dtype, init_distributed, predict
+from .loop import TrainingError, autocast_dtype, destroy_distributed, gather_predictions, init_distributed
 from .metrics import (
     ECE_BINS,
-    Predictions,
     calibration_bins,
     confused_pairs,
     expected_calibration_error,
@@ -64,17 +62,6 @@ def data_config(checkpoint: dict, shards: str | None, region: str | None, overri
             )
         data["region_filter"] = region
     return load_data_config({"data": data}, overrides)
-
-
-def _records(model, loader, device, amp, ddp: Dist, keep_logits: bool = False) -> dict:
-    preds = predict(model, loader, 0, device, amp, keep_logits=keep_logits)
-    merged = Predictions.merge(ddp.gather(preds.arrays()))
-    if len(merged["index"]) != len(loader.index):
-        raise TrainingError(
-            f"evaluation of {loader.index.split!r} counted {len(merged['index'])} samples, "
-            f"the split has {len(loader.index)}"
-        )
-    return merged
 
 
 def _scaled(records: dict, logits: torch.Tensor, temperature: float) -> dict:
@@ -102,8 +89,8 @@ def evaluate(
     checkpoint = load_checkpoint(checkpoint_path)
     cfg = data_config(checkpoint, shards, region, overrides or [])
     ddp = init_distributed(cfg.device)
-    rank, world_size, local_rank = dist_env(ddp.rank, ddp.world_size)
-    device = resolve_device(cfg, local_rank)
+    rank, world_size = ddp.rank, ddp.world_size
+    device = resolve_device(cfg, ddp.local_rank)
     amp = autocast_dtype("auto", device)
     model = model_from_checkpoint(checkpoint).to(device).eval()
     names = [None] * len(checkpoint["class_mapping"])
@@ -123,10 +110,10 @@ def evaluate(
     temperature = None
     if calibration_split:
         calib_loader = loader_for(calibration_split)
-        calib = _records(model, calib_loader, device, amp, ddp, keep_logits=True)
+        calib = gather_predictions(model, calib_loader, device, amp, ddp, keep_logits=True)
         temperature = fit_temperature(calib["logits"], torch.from_numpy(calib["label"]))
         calib_loader.close()
-    records = _records(model, test_loader, device, amp, ddp, keep_logits=temperature is not None)
+    records = gather_predictions(model, test_loader, device, amp, ddp, keep_logits=temperature is not None)
     top1 = records["topk"][:, 0] == records["label"]
     results: dict = {
         "checkpoint": str(checkpoint_path),
@@ -209,8 +196,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"evaluate: {exc}", file=sys.stderr)
         return 2
     finally:
-        if dist.is_available() and dist.is_initialized():
-            dist.destroy_process_group()
+        destroy_distributed()
     if rank == 0:
         m = results["metrics"]
         line = (

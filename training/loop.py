@@ -130,7 +130,6 @@ def predict(
     device: torch.device,
     amp_dtype: torch.dtype | None,
     keep_logits: bool = False,
-    temperature: float = 1.0,
 ) -> Predictions:
     """This rank's predictions over one epoch of ``loader`` (validation/test: each sample once)."""
     was_training = model.training
@@ -140,19 +139,28 @@ def predict(
     for batch in loader:
         with autocast(device, amp_dtype):
             logits = model(batch["image"])
-        preds.add(logits.float() / temperature, batch["label"], batch["index"], batch["valid"])
+        preds.add(logits, batch["label"], batch["index"], batch["valid"])
     model.train(was_training)
     return preds
 
 
-def evaluate_split(model, loader, epoch, device, amp_dtype, ddp: Dist) -> dict:
-    """Exact metrics of one pass over ``loader`` across all ranks (every rank gets the summary)."""
-    preds = predict(model, loader, epoch, device, amp_dtype)
+def gather_predictions(model, loader, device, amp_dtype, ddp: Dist, keep_logits: bool = False) -> dict:
+    """Every rank's predictions over one pass of ``loader``, merged on every rank and checked: each
+    sample of the split exactly once."""
+    preds = predict(model, loader, 0, device, amp_dtype, keep_logits=keep_logits)
     merged = Predictions.merge(ddp.gather(preds.arrays()))
-    expected = len(loader.index)
-    if len(merged["index"]) != expected:
-        raise TrainingError(f"validation saw {len(merged['index'])} samples, the split has {expected}")
-    return summarize(merged)
+    if len(merged["index"]) != len(loader.index):
+        raise TrainingError(
+            f"evaluation of {loader.index.split!r} counted {len(merged['index'])} samples, "
+            f"the split has {len(loader.index)}"
+        )
+    return merged
+
+
+def destroy_distributed() -> None:
+    """Ends the process group, if one was started (entry points call it on the way out)."""
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 # --------------------------------------------------------------------------------------------- train
@@ -410,9 +418,10 @@ class Trainer:
             record["images_per_s"] = stats["images"] * self.ddp.world_size / max(stats["seconds"], 1e-9)
             record["data_wait_fraction"] = stats["data_wait_s"] / max(stats["seconds"], 1e-9)
             if (epoch + 1) % self.cfg.train.eval_every == 0 or last_epoch:
-                val = evaluate_split(
-                    self.eval_model, self.val_loader, 0, self.device, self.amp_dtype, self.ddp
+                merged = gather_predictions(
+                    self.eval_model, self.val_loader, self.device, self.amp_dtype, self.ddp
                 )
+                val = summarize(merged)
                 record.update(_prefixed("val", val))
                 self._log_scalars({f"val/{k}": v for k, v in val.items() if k != "samples"}, self.step)
                 if self.best["value"] is None or val["top1"] > self.best["value"]:
@@ -469,6 +478,9 @@ class Trainer:
             self.epoch_sums, self.epoch_seen = {}, 0
         sums, window, window_seen = self.epoch_sums, {}, 0
         images, wait, stopped = 0, 0.0, False
+        group: list[
+            torch.Tensor
+        ] = []  # per micro-batch: loss terms + valid rows, on the device until the step
         bar = None
         if self.ddp.main and cfg.progress:
             from tqdm import tqdm
@@ -499,25 +511,27 @@ class Trainer:
             with sync:
                 with autocast(self.device, self.amp_dtype):
                     out = self.objective(self.forward_model, batch)
-                loss = out["loss"]
-                if not torch.isfinite(loss):
-                    raise TrainingError(f"loss is {loss.item()} at epoch {self.epoch}, step {self.step}")
-                self.scaler.scale(loss / group_size).backward()
-            n_valid = int(batch["valid"].sum())
-            images += n_valid
-            window_images += n_valid
-            for key in ("loss", *self.objective.terms):
-                if key in out:
-                    value = float(out[key].detach())
-                    sums[key] = sums.get(key, 0.0) + value
-                    window[key] = window.get(key, 0.0) + value
-            self.epoch_seen += 1
-            window_seen += 1
+                self.scaler.scale(out["loss"] / group_size).backward()
+            keys = [k for k in ("loss", *self.objective.terms) if k in out]
+            group.append(
+                torch.stack([*(out[k].detach().float() for k in keys), batch["valid"].sum().float()])
+            )
             micro += 1
             if bar is not None:
                 bar.update(1)
             if not last_in_group:
                 continue
+            for row in torch.stack(group).tolist():  # one device sync per optimizer step, not per value
+                if not math.isfinite(row[0]):
+                    raise TrainingError(f"loss is {row[0]} at epoch {self.epoch}, step {self.step}")
+                for key, value in zip(keys, row, strict=False):
+                    sums[key] = sums.get(key, 0.0) + value
+                    window[key] = window.get(key, 0.0) + value
+                images += int(row[-1])
+                window_images += int(row[-1])
+            self.epoch_seen += len(group)
+            window_seen += len(group)
+            group = []
             self._optimizer_step()
             if self.step % cfg.log_every == 0:
                 now = time.perf_counter()

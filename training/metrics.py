@@ -48,15 +48,6 @@ def macro_accuracy(correct: np.ndarray, labels: np.ndarray) -> float:
     return float(np.mean(hits / counts))
 
 
-def per_class_accuracy(correct: np.ndarray, labels: np.ndarray) -> dict[int, tuple[int, int]]:
-    """Class -> (correct, total)."""
-    out: dict[int, tuple[int, int]] = {}
-    for c in np.unique(labels):
-        sel = labels == c
-        out[int(c)] = (int(correct[sel].sum()), int(sel.sum()))
-    return out
-
-
 def calibration_bins(confidence: np.ndarray, correct: np.ndarray, n_bins: int = ECE_BINS) -> list[dict]:
     """Equal-width bins over (0, 1]: ``lo``, ``hi``, ``count``, ``accuracy``, ``confidence`` each.
 

@@ -25,6 +25,15 @@ def _plt():
     return plt
 
 
+def _save(plt, fig, path: str | Path, title: str | None = None) -> Path:
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return Path(path)
+
+
 def training_curves(history: list[dict], path: str | Path, title: str = "") -> Path:
     plt = _plt()
     fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 4))
@@ -42,11 +51,7 @@ def training_curves(history: list[dict], path: str | Path, title: str = "") -> P
     ax_acc.set_xlabel("epoch")
     ax_acc.set_ylim(0, 1)
     ax_acc.legend()
-    fig.suptitle(title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return Path(path)
+    return _save(plt, fig, path, title)
 
 
 def reliability_diagram(
@@ -76,11 +81,7 @@ def reliability_diagram(
         ax.set_ylabel("accuracy")
         ax.set_title(name)
         ax.legend(loc="upper left", fontsize=8)
-    fig.suptitle(title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return Path(path)
+    return _save(plt, fig, path, title)
 
 
 def confusion_matrix(
@@ -112,7 +113,4 @@ def confusion_matrix(
     ax.set_ylabel("true")
     fig.colorbar(image, ax=ax, fraction=0.046)
     ax.set_title(title or f"confusion among the {k} most frequent species (row-normalised)")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return Path(path)
+    return _save(plt, fig, path)

@@ -80,13 +80,14 @@ def _row(name: str, role: str, path: Path, split: str, region: str | None, out: 
 def compare(students: list[Path], teachers: list[Path], split: str, out: Path) -> dict:
     """Rows for every (teacher, student) pair on the teacher's test set, plus the ratios."""
     rows, pairs = [], []
+    student_regions = {s: _region(load_checkpoint(s)) for s in students}  # read once, not per teacher
     for teacher in teachers:
         t_ckpt = load_checkpoint(teacher)
         region = _region(t_ckpt)
         t_row = _row(teacher.parent.name, "teacher", teacher, split, region, out)
         rows.append(t_row)
         for student in students:
-            s_region = _region(load_checkpoint(student))
+            s_region = student_regions[student]
             if s_region and region and s_region != region:
                 continue  # two different regions: no common test set
             s_row = _row(student.parent.name, "student", student, split, region or s_region, out)

@@ -183,7 +183,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from .config import load_experiment
     from .distill import build_mixer
-    from .loop import init_distributed
+    from .loop import destroy_distributed, init_distributed
     from .models import ModelError
 
     parser = argparse.ArgumentParser(
@@ -204,6 +204,8 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, LoaderError, ModelError, RuntimeError, FileNotFoundError) as exc:
         print(f"soft_labels: {exc}", file=sys.stderr)
         return 2
+    finally:
+        destroy_distributed()
     if ddp.main:
         print(f"soft labels: {cache.path} ({len(cache.rows)} samples, top-{cache.classes.shape[1]})")
     return 0

@@ -16,14 +16,12 @@ import logging
 import os
 import sys
 
-import torch.distributed as dist
-
 from loaders.index import LoaderError
 from sharding.config import ConfigError
 
 from .checkpoint import CheckpointError
 from .config import load_experiment
-from .loop import Trainer, TrainingError
+from .loop import Trainer, TrainingError, destroy_distributed
 from .models import ModelError
 
 EXPECTED_ERRORS = (ConfigError, LoaderError, TrainingError, ModelError, CheckpointError, FileNotFoundError)
@@ -49,8 +47,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"training: {exc}", file=sys.stderr)
         return 2
     finally:
-        if dist.is_available() and dist.is_initialized():
-            dist.destroy_process_group()
+        destroy_distributed()
     if rank == 0:
         print(json.dumps(summary, indent=2))
     return 0
