@@ -7,7 +7,8 @@ STAMP  := $(VENV)/.installed-stamp
 DEMO   ?= demo_out
 PYTEST_ARGS ?=
 
-.PHONY: install demo test test-fast lint bench-catalog bench-sharder bench-loader bench-training clean
+.PHONY: install tfjs-env js-deps browser-deps demo test test-fast lint bench-catalog bench-sharder bench-loader \
+	bench-training bench-export clean
 
 $(STAMP): setup.cfg pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -17,15 +18,42 @@ $(STAMP): setup.cfg pyproject.toml
 
 install: $(STAMP)
 
+# The TF.js converters (onnx2tf, tensorflowjs) in their own venv: TensorFlow's pins clash with torch's.
+TFJS_VENV  := .venv-tfjs
+TFJS_STAMP := $(TFJS_VENV)/.installed-stamp
+$(TFJS_STAMP): export/requirements-tfjs.txt
+	test -x $(TFJS_VENV)/bin/python || $(PYTHON) -m venv $(TFJS_VENV)
+	$(TFJS_VENV)/bin/pip install --quiet --upgrade pip
+	$(TFJS_VENV)/bin/pip install --quiet -r export/requirements-tfjs.txt
+	$(TFJS_VENV)/bin/pip install --quiet --no-deps onnx2tf==1.29.24
+	touch $(TFJS_STAMP)
+
+tfjs-env: $(TFJS_STAMP)
+
+# TF.js for Node (@tensorflow/tfjs + the wasm backend) and playwright-core, from the lock file.
+JS_STAMP := export/js/node_modules/.installed-stamp
+$(JS_STAMP): export/js/package.json export/js/package-lock.json
+	npm ci --prefix export/js --no-audit --no-fund --loglevel=error
+	touch $(JS_STAMP)
+
+js-deps: $(JS_STAMP)
+
+# Debian's chromium for the browser test (never a browser download): apt-get as root, else sudo.
+browser-deps:
+	@command -v chromium >/dev/null 2>&1 || { \
+		SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+		$$SUDO apt-get install -y --no-install-recommends chromium \
+		|| { $$SUDO apt-get update && $$SUDO apt-get install -y --no-install-recommends chromium; }; }
+
 # The bundled sample world is generated deterministically (seed 0): no network, no GPU.
-demo: $(STAMP)
+demo: $(STAMP) $(TFJS_STAMP) $(JS_STAMP)
 	$(PY) -m sharding.world.demo --out $(DEMO)
 
 # CI runs everything but GPU tests (slow, mongo and browser included).
-test: $(STAMP)
+test: $(STAMP) $(TFJS_STAMP) $(JS_STAMP) browser-deps
 	$(PY) -m pytest -m "not gpu" $(PYTEST_ARGS)
 
-test-fast: $(STAMP)
+test-fast: $(STAMP) $(TFJS_STAMP) $(JS_STAMP)
 	$(PY) -m pytest -m "not gpu and not slow" $(PYTEST_ARGS)
 
 lint: $(STAMP)

@@ -1,0 +1,207 @@
+"""What an export carries besides the network: labels, preprocessing, temperature, sample images.
+
+Owns reading a Flora checkpoint for export (``load_bundle``: the network in eval mode, the labels in
+the checkpoint's index order, its preprocessing and calibrated temperature - never from a side
+channel), the two files every export writes next to the model (``labels.json``: index -> species;
+``preprocess.json``: input size, resize, mean, std, layout, output kind and the temperature to
+apply), and the reference inputs parity is measured on (``sample_inputs``: real images from the
+checkpoint's own test shards, preprocessed exactly as evaluation does).
+
+Probabilities are defined once, here: ``softmax(logits / temperature)``. The exported graphs output
+raw logits (so parity compares the network itself); the temperature fitted by
+``training.evaluate`` (1.0 when the checkpoint was never calibrated) travels in ``preprocess.json``
+and every consumer (the Node parity check, the browser page) applies it the same way.
+
+Leaves out: the conversions themselves (onnx.py, tfjs.py) and running TF.js (parity.py).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import tarfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+FORMAT = 1
+
+
+class ExportError(RuntimeError):
+    """An export cannot be produced or fails its parity check; the message says why."""
+
+
+@dataclass
+class Bundle:
+    """A checkpoint's network and everything a consumer needs to use it."""
+
+    checkpoint: Path
+    model: torch.nn.Module
+    model_name: str
+    labels: list[str]  # index -> species, the checkpoint's order
+    preprocessing: dict  # image_size, mean, std, crop_pct, val_resize
+    temperature: float  # 1.0 when never calibrated
+    calibrated: bool
+    data: dict  # the checkpoint's data config (where its shards are)
+
+    @property
+    def image_size(self) -> int:
+        return int(self.preprocessing["image_size"])
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def labels_in_order(class_mapping: dict[str, int]) -> list[str]:
+    """Species names by class index; the indices must be exactly 0..n-1."""
+    by_index = sorted(class_mapping.items(), key=lambda kv: kv[1])
+    indices = [index for _, index in by_index]
+    if indices != list(range(len(indices))):
+        raise ExportError(f"class mapping indices must be 0..{len(indices) - 1}, got {indices[:10]}...")
+    return [name for name, _ in by_index]
+
+
+def load_bundle(checkpoint: str | Path) -> Bundle:
+    """Reads a Flora checkpoint (``weights_only``) and rebuilds its network on the CPU, in eval mode."""
+    from training.checkpoint import CheckpointError, load_checkpoint
+    from training.models import ModelError, model_from_checkpoint
+
+    path = Path(checkpoint)
+    try:
+        state = load_checkpoint(path)
+        model = model_from_checkpoint(state)
+    except (CheckpointError, ModelError) as exc:
+        raise ExportError(str(exc)) from exc
+    except RuntimeError as exc:  # load_state_dict: the weights do not fit the named architecture
+        name = state.get("model_name")
+        raise ExportError(f"{path}: the weights do not match model {name!r}: {exc}") from exc
+    temperature = state.get("temperature")
+    return Bundle(
+        checkpoint=path,
+        model=model.eval(),
+        model_name=str(state.get("model_name") or state["config"]["model"]["name"]),
+        labels=labels_in_order(state["class_mapping"]),
+        preprocessing=dict(state["preprocessing"]),
+        temperature=float(temperature) if temperature else 1.0,
+        calibrated=bool(temperature),
+        data=dict(state["config"].get("data") or {}),
+    )
+
+
+def probabilities(logits: np.ndarray, temperature: float) -> np.ndarray:
+    """``softmax(logits / temperature)`` over the last axis, in float64."""
+    z = np.asarray(logits, dtype=np.float64) / temperature
+    z -= z.max(axis=-1, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(axis=-1, keepdims=True)
+
+
+def preprocess_spec(bundle: Bundle, layout: str, input_name: str, output_name: str) -> dict:
+    """The ``preprocess.json`` document: how to turn an image into the model's input and back."""
+    p = bundle.preprocessing
+    size = bundle.image_size
+    shape = [None, size, size, 3] if layout == "NHWC" else [None, 3, size, size]
+    return {
+        "format": FORMAT,
+        "model": bundle.model_name,
+        "num_classes": len(bundle.labels),
+        "input": {"name": input_name, "layout": layout, "shape": shape, "dtype": "float32", "color": "RGB"},
+        "image_size": size,
+        "resize_shorter": int(p["val_resize"]),
+        "crop": "center",
+        "interpolation": "bilinear, antialiased",
+        "scale": 1 / 255,
+        "mean": [float(v) for v in p["mean"]],
+        "std": [float(v) for v in p["std"]],
+        "normalize": "x = (pixel * scale - mean) / std, per RGB channel",
+        "output": {"name": output_name, "kind": "logits"},
+        "temperature": bundle.temperature,
+        "calibrated": bundle.calibrated,
+        "probabilities": "softmax(logits / temperature)",
+        "checkpoint": {"path": str(bundle.checkpoint), "sha256": sha256_file(bundle.checkpoint)},
+    }
+
+
+def write_metadata(bundle: Bundle, out: Path, layout: str, input_name: str, output_name: str) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "labels.json").write_text(json.dumps(bundle.labels, indent=1, ensure_ascii=False) + "\n")
+    spec = preprocess_spec(bundle, layout, input_name, output_name)
+    (out / "preprocess.json").write_text(json.dumps(spec, indent=2) + "\n")
+
+
+# ------------------------------------------------------------------------------------- sample inputs
+def _images_from_shards(root: Path, split: str, limit: int) -> list[tuple[str, bytes]]:
+    tars = sorted((root / split).rglob("*.tar"))
+    if not tars:
+        raise ExportError(
+            f"no {split} shards under {root}: pass --images (a folder of JPEGs or a shard root)"
+        )
+    found: list[tuple[str, bytes]] = []
+    for tar in tars:
+        with tarfile.open(tar) as tf:
+            for member in tf:
+                if member.isfile() and member.name.endswith(".jpg"):
+                    found.append((f"{tar.name}/{member.name}", tf.extractfile(member).read()))
+                    if len(found) >= limit:
+                        return found
+    return found
+
+
+def _images_from_folder(root: Path, limit: int) -> list[tuple[str, bytes]]:
+    files = sorted(p for p in root.rglob("*") if p.suffix.lower() in {".jpg", ".jpeg", ".png"})[:limit]
+    return [(str(p.relative_to(root)), p.read_bytes()) for p in files]
+
+
+def sample_images(
+    bundle: Bundle, images: str | Path | None, limit: int, split: str = "test"
+) -> list[tuple[str, bytes]]:
+    """Up to ``limit`` images: ``images`` (folder or shard root), else the checkpoint's test shards."""
+    if images is None:
+        shards = bundle.data.get("shards")
+        if not shards:
+            raise ExportError("the checkpoint names no shard root: pass --images")
+        root = Path(shards)
+        if not root.is_dir():
+            raise ExportError(f"the checkpoint's shard root {root} does not exist here: pass --images")
+        found = _images_from_shards(root, split, limit)
+    else:
+        root = Path(images)
+        if not root.exists():
+            raise ExportError(f"--images {root} does not exist")
+        if (root / split).is_dir():
+            found = _images_from_shards(root, split, limit)
+        else:
+            found = _images_from_folder(root, limit)
+    if not found:
+        raise ExportError(f"no images found under {root}")
+    return found
+
+
+def preprocess(encoded: bytes, bundle: Bundle) -> torch.Tensor:
+    """One image as evaluation sees it: RGB, resize shorter side + center crop, normalised, CHW float32."""
+    from torchvision.transforms import v2
+
+    from loaders.reference import ResizeShorterCenterCrop
+
+    p = bundle.preprocessing
+    img = Image.open(io.BytesIO(encoded)).convert("RGB")
+    x = ResizeShorterCenterCrop(int(p["val_resize"]), bundle.image_size)(v2.functional.pil_to_tensor(img))
+    x = x.float() / 255
+    return v2.functional.normalize(x, p["mean"], p["std"])
+
+
+def sample_inputs(
+    bundle: Bundle, images: str | Path | None = None, limit: int = 64
+) -> tuple[list[str], torch.Tensor]:
+    """Names and an NCHW float32 batch of real, preprocessed images."""
+    found = sample_images(bundle, images, limit)
+    return [name for name, _ in found], torch.stack([preprocess(data, bundle) for _, data in found])

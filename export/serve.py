@@ -1,0 +1,115 @@
+"""Serves the browser demo page with an exported model, from this machine only (127.0.0.1 by default).
+
+``python -m export.serve --model exports/student_tfjs [--port 8000]`` then open the printed address.
+One static server, four mounts:
+``/`` -> ``export/web/`` (the page), ``/model/`` -> the export folder (model.json, weight shards,
+labels.json, preprocess.json), ``/vendor/tfjs/`` and ``/vendor/tfjs-backend-wasm/`` -> the ``dist``
+folders of the project's own npm packages (``make js-deps``): no CDN, so the page works offline.
+``.wasm`` is served as ``application/wasm`` (streaming compilation needs it).
+
+Leaves out: the page itself (``export/web/``) and producing the export (tfjs.py).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import threading
+from functools import partial
+from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from urllib.parse import unquote, urlsplit
+
+HERE = Path(__file__).resolve().parent
+WEB = HERE / "web"
+NODE = HERE / "js" / "node_modules" / "@tensorflow"
+
+
+class _Handler(SimpleHTTPRequestHandler):
+    extensions_map = {
+        **SimpleHTTPRequestHandler.extensions_map,
+        ".wasm": "application/wasm",
+        ".js": "text/javascript",
+        ".mjs": "text/javascript",
+        ".json": "application/json",
+        ".bin": "application/octet-stream",
+    }
+
+    def __init__(self, *args, mounts: dict[str, Path], **kwargs):
+        self.mounts = mounts
+        super().__init__(*args, directory=str(WEB), **kwargs)
+
+    def translate_path(self, path: str) -> str:
+        rel = unquote(urlsplit(path).path)
+        for prefix, root in self.mounts.items():
+            if rel.startswith(prefix):
+                target = (root / rel[len(prefix) :]).resolve()
+                return str(target) if target.is_relative_to(root.resolve()) else str(root / "__outside__")
+        return super().translate_path(path)
+
+    def end_headers(self):
+        self.send_header("Cache-Control", "no-store")
+        super().end_headers()
+
+    def log_message(self, format, *args):  # quiet: the demo prints its own address
+        pass
+
+
+class DemoServer(ThreadingHTTPServer):
+    request_queue_size = 1024
+    daemon_threads = True
+
+
+def missing_vendor() -> str | None:
+    for package in ("tfjs", "tfjs-backend-wasm"):
+        if not (NODE / package / "dist").is_dir():
+            return f"@tensorflow/{package} is not installed under {HERE / 'js'}: run `make js-deps`"
+    return None
+
+
+def make_server(model_dir: str | Path, host: str = "127.0.0.1", port: int = 0) -> DemoServer:
+    """A server (not yet serving) for the page and ``model_dir``; port 0 picks a free one."""
+    model_dir = Path(model_dir)
+    if not (model_dir / "model.json").is_file():
+        raise FileNotFoundError(f"{model_dir}/model.json not found: run `python -m export.tfjs` first")
+    problem = missing_vendor()
+    if problem:
+        raise FileNotFoundError(problem)
+    mounts = {
+        "/model/": model_dir,
+        "/vendor/tfjs/": NODE / "tfjs" / "dist",
+        "/vendor/tfjs-backend-wasm/": NODE / "tfjs-backend-wasm" / "dist",
+    }
+    return DemoServer((host, port), partial(_Handler, mounts=mounts))
+
+
+def serve_in_thread(model_dir: str | Path, host: str = "127.0.0.1") -> tuple[DemoServer, str]:
+    """Starts the server on a free port in a daemon thread; returns it and the page's URL."""
+    server = make_server(model_dir, host, 0)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server, f"http://{host}:{server.server_address[1]}/"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m export.serve", description=__doc__.split("\n")[0])
+    parser.add_argument("--model", required=True, help="a TF.js export folder (the --out of export.tfjs)")
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=8000)
+    args = parser.parse_args(argv)
+    try:
+        server = make_server(args.model, args.host, args.port)
+    except (FileNotFoundError, OSError) as exc:
+        print(f"export.serve: error: {exc}", file=sys.stderr)
+        return 1
+    print(f"Flora demo page: http://{args.host}:{server.server_address[1]}/  (Ctrl-C to stop)")
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.server_close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
