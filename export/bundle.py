@@ -17,6 +17,7 @@ Leaves out: the conversions themselves (onnx.py, tfjs.py) and running TF.js (par
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import io
 import json
@@ -205,3 +206,14 @@ def sample_inputs(
     """Names and an NCHW float32 batch of real, preprocessed images."""
     found = sample_images(bundle, images, limit)
     return [name for name, _ in found], torch.stack([preprocess(data, bundle) for _, data in found])
+
+
+@torch.no_grad()
+def torch_logits(bundle: Bundle, x: torch.Tensor, batch: int = 64) -> np.ndarray:
+    return torch.cat([bundle.model(x[i : i + batch]) for i in range(0, len(x), batch)]).numpy()
+
+
+@torch.no_grad()
+def exact_logits(bundle: Bundle, x: torch.Tensor) -> np.ndarray:
+    """The same network in float64: the yardstick for float32's own rounding (parity's fp32 floor)."""
+    return copy.deepcopy(bundle.model).double()(x.double()).numpy()

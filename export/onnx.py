@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .bundle import Bundle, ExportError, load_bundle, sample_inputs, write_metadata
+from .bundle import ExportError, exact_logits, load_bundle, sample_inputs, torch_logits, write_metadata
 from .parity import compare
 
 log = logging.getLogger(__name__)
@@ -120,11 +120,6 @@ def run_onnxruntime(path: str | Path, x: np.ndarray, threads: int | None = None)
     return session.run([OUTPUT], {INPUT: x.astype(np.float32)})[0]
 
 
-@torch.no_grad()
-def torch_logits(bundle: Bundle, x: torch.Tensor, batch: int = 64) -> np.ndarray:
-    return torch.cat([bundle.model(x[i : i + batch]) for i in range(0, len(x), batch)]).numpy()
-
-
 def export(
     checkpoint: str | Path, out: str | Path, images: str | Path | None = None, samples: int = 64
 ) -> dict:
@@ -144,7 +139,7 @@ def export(
         "opset": OPSET,
         "size_bytes": model_path.stat().st_size,
         "runtime": f"onnxruntime {__import__('onnxruntime').__version__} (CPU)",
-        "parity": compare(reference, got, bundle.temperature, quantize=None, names=names),
+        "parity": compare(reference, got, bundle.temperature, None, names, exact_logits(bundle, x)),
         "seconds": round(time.perf_counter() - started, 2),
     }
     (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")

@@ -37,8 +37,8 @@ import numpy as np
 import torch
 
 from .bundle import ExportError, load_bundle, sample_inputs, write_metadata
-from .onnx import IMAGES_HELP, export_module, for_export, torch_logits
-from .parity import compare, run_tfjs
+from .onnx import IMAGES_HELP, export_module, for_export
+from .parity import check_tfjs
 
 ROOT = Path(__file__).resolve().parent.parent
 QUANTIZE = {None: [], "float16": ["--quantize_float16=*"], "uint8": ["--quantize_uint8=*"]}
@@ -164,10 +164,10 @@ def export(
     write_metadata(bundle, out, "NHWC", input_name=facts["input_name"], output_name=facts["output_name"])
 
     t0 = time.perf_counter()
-    reference = torch_logits(bundle, x)
-    got, runtime = run_tfjs(out, x.permute(0, 2, 3, 1).numpy(), backend=backend, latency_runs=latency_runs)
+    parity, runtime = check_tfjs(out, bundle, names, x, backend, latency_runs)
     steps["parity_s"] = round(time.perf_counter() - t0, 2)
-    parity = compare(reference, got, bundle.temperature, quantize, names)
+    if parity["quantize"] != quantize:
+        raise ExportError(f"asked for {quantize or 'float32'} weights, model.json has {parity['quantize']}")
     latency = {
         "tfjs_ms": runtime["latency_ms_median"],
         "tfjs_backend": runtime["backend"],

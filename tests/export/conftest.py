@@ -1,0 +1,57 @@
+"""Export fixtures: a real smoke student (mobilenetv2_050, 64 px) trained and calibrated on the shared
+test shards by the training loop and evaluation, and its TF.js export (session-scoped: converting
+takes ~30 s)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from export.bundle import ExportError
+from export.parity import node_ready
+from tests.training.conftest import experiment
+from training.config import load_experiment
+from training.evaluate import evaluate
+from training.loop import Trainer
+
+
+def converters_missing() -> str | None:
+    from export.tfjs import converter_venv
+
+    try:
+        converter_venv()
+    except ExportError as exc:
+        return str(exc)
+    return node_ready()
+
+
+@pytest.fixture(scope="session")
+def student(shard_root, tmp_path_factory) -> Path:
+    """best_model.pt of a mobilenetv2_050 trained one epoch at 64 px, temperature fitted on val."""
+    root = tmp_path_factory.mktemp("student")
+    cfg = experiment(
+        shard_root,
+        root,
+        "student",
+        model={"name": "mobilenetv2_050"},
+        train={"epochs": 2},
+    )
+    cfg["data"]["image_size"] = 64
+    Trainer(load_experiment(cfg)).fit()
+    path = root / "student" / "best_model.pt"
+    evaluate(path, split="test", out_dir=root / "eval")  # fits and stores the temperature
+    return path
+
+
+@pytest.fixture(scope="session")
+def tfjs_export(student, tmp_path_factory) -> tuple[Path, dict]:
+    """The float32 TF.js export of ``student`` and its report."""
+    problem = converters_missing()
+    if problem:
+        pytest.fail(f"the TF.js toolchain is not installed (make tfjs-env js-deps): {problem}")
+    from export.tfjs import export
+
+    out = tmp_path_factory.mktemp("tfjs") / "student_tfjs"
+    report = export(student, out, latency_runs=5)
+    return out, report

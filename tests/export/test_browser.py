@@ -1,0 +1,96 @@
+"""The demo page in a real headless Chromium (Debian's /usr/bin/chromium driven by playwright-core):
+it loads the exported model, a photo is picked with the file input, the top-5 appears, and the
+page's answer is PyTorch's. A screenshot is kept beside the test's files."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from export.bundle import load_bundle, preprocess, probabilities, sample_images
+from export.serve import serve_in_thread
+
+JS = Path(__file__).resolve().parents[2] / "export" / "js"
+CHROMIUM = os.environ.get("FLORA_CHROMIUM", "/usr/bin/chromium")
+
+pytestmark = [pytest.mark.browser, pytest.mark.slow]
+
+
+def run_page(url: str, images: list[Path], screenshot: Path) -> dict:
+    if not Path(CHROMIUM).is_file():
+        pytest.fail(f"{CHROMIUM} is missing: `make browser-deps` installs Debian's chromium")
+    cmd = ["node", str(JS / "browser_check.mjs"), "--url", url, "--images", ",".join(map(str, images))]
+    cmd += ["--screenshot", str(screenshot), "--chromium", CHROMIUM, "--timeout", "90000"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=JS, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def test_the_page_classifies_a_photo_like_pytorch(student, tfjs_export, tmp_path):
+    out, _ = tfjs_export
+    bundle = load_bundle(student)
+    found = sample_images(bundle, None, 4)
+    paths = []
+    for i, (_, data) in enumerate(found):
+        paths.append(tmp_path / f"sample_{i}.jpg")
+        paths[-1].write_bytes(data)
+    server, url = serve_in_thread(out)
+    try:
+        page = run_page(url, paths, tmp_path / "page.png")
+    finally:
+        server.shutdown()
+        server.server_close()
+
+    assert page["state"] == "ready" and page["backend"] == "wasm", page
+    assert page["console_errors"] == []
+    assert f"{len(bundle.labels)} species" in page["footer"]
+    assert len(page["results"]) == len(paths)
+    for (_, data), shown in zip(found, page["results"], strict=True):
+        assert shown["state"] == "done", shown.get("error")
+        result = shown["result"]
+        x = preprocess(data, bundle)
+        with torch.no_grad():
+            logits = bundle.model(x[None]).numpy()[0]
+        want = probabilities(logits[None], bundle.temperature)[0]
+        # What the page fed the network is what evaluation feeds it (within one 8-bit level) ...
+        levels = np.abs(
+            np.array(result["input"]).reshape(x.shape[1], x.shape[2], 3) - x.permute(1, 2, 0).numpy()
+        )
+        assert (levels * np.array(bundle.preprocessing["std"]) * 255).max() <= 1.01
+        # ... so its top-1 is PyTorch's and its probabilities (with the checkpoint's temperature) agree.
+        assert result["top"][0]["index"] == int(logits.argmax())
+        assert result["top"][0]["species"] == bundle.labels[int(logits.argmax())]
+        assert np.abs(np.array(result["probabilities"]) - want).max() < 0.02
+        # The list a person sees: five species, best first, with percentages.
+        assert len(shown["shown"]) == 5
+        assert shown["shown"][0].startswith(bundle.labels[int(logits.argmax())])
+        assert shown["shown"][0].endswith(f"{result['top'][0]['probability'] * 100:.1f}%")
+
+    shot = tmp_path / "page.png"
+    assert shot.is_file() and shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and shot.stat().st_size > 10_000
+    keep = os.environ.get("FLORA_ARTIFACTS")
+    if keep:
+        Path(keep).mkdir(parents=True, exist_ok=True)
+        shutil.copy2(shot, Path(keep) / "browser_demo.png")
+
+
+def test_the_page_says_when_the_model_is_missing(tfjs_export, tmp_path):
+    out, _ = tfjs_export
+    broken = tmp_path / "broken"
+    shutil.copytree(out, broken)
+    (broken / "labels.json").write_text(json.dumps(["only one"]))
+    server, url = serve_in_thread(broken)
+    try:
+        page = run_page(url, [tmp_path / "unused.jpg"], tmp_path / "error.png")
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert page["state"] == "error"
+    assert "labels.json has 1 names" in page["status"]

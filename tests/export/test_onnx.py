@@ -1,0 +1,71 @@
+"""ONNX export: the model, its metadata, onnxruntime parity, and clear errors for what cannot export."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from export.bundle import ExportError, load_bundle
+from export.onnx import BlockedLinear, export, export_module, for_export, main, run_onnxruntime
+
+
+def test_blocked_linear_is_the_same_function():
+    linear = torch.nn.Linear(1280, 7, bias=True)
+    x = torch.randn(4, 1280, dtype=torch.float64)
+    blocked = BlockedLinear(linear.double(), block=128)
+    assert len(blocked.bounds) == 10
+    assert torch.allclose(blocked(x), linear(x), atol=1e-12)
+
+
+def test_for_export_rewrites_a_copy_of_the_classifier_only(student):
+    bundle = load_bundle(student)
+    model = for_export(bundle.model)
+    assert isinstance(model.get_classifier(), BlockedLinear)
+    assert isinstance(bundle.model.get_classifier(), torch.nn.Linear)  # the original is untouched
+    x = torch.randn(3, 3, 64, 64)
+    with torch.no_grad():
+        assert torch.allclose(model(x), bundle.model(x), atol=1e-5)
+
+
+def test_onnx_export_matches_pytorch_in_onnxruntime(student, tmp_path):
+    report = export(student, tmp_path / "onnx", samples=32)
+    p = report["parity"]
+    assert p["samples"] == 32 and p["top1_agreement"] == 1.0
+    # As close to PyTorch as the target, or as PyTorch float32 is to float64 on this model.
+    assert p["verdict"] in ("pass", "warn") and p["within_fp32_floor"]
+    assert p["max_abs_logit_diff"] <= max(1e-5, 2 * p["fp32_floor"])
+    assert json.loads((tmp_path / "onnx" / "report.json").read_text()) == json.loads(json.dumps(report))
+    bundle = load_bundle(student)
+    assert json.loads((tmp_path / "onnx" / "labels.json").read_text()) == bundle.labels
+    spec = json.loads((tmp_path / "onnx" / "preprocess.json").read_text())
+    assert spec["input"]["layout"] == "NCHW" and spec["output"]["kind"] == "logits"
+    # Dynamic batch: any batch size runs.
+    for n in (1, 5):
+        x = np.random.default_rng(n).standard_normal((n, 3, 64, 64)).astype(np.float32)
+        got = run_onnxruntime(tmp_path / "onnx" / "model.onnx", x)
+        with torch.no_grad():
+            ref = bundle.model(torch.from_numpy(x)).numpy()
+        assert got.shape == (n, len(bundle.labels))
+        assert np.abs(got - ref).max() < 1e-4
+
+
+class _Unsupported(torch.nn.Module):
+    def forward(self, x):
+        return torch.linalg.svd(x.flatten(1)).S
+
+
+def test_an_operator_onnx_cannot_hold_is_a_clear_error(tmp_path):
+    with pytest.raises(
+        ExportError, match=r"ONNX export \(opset 17\) failed: operator .*svd.* is not supported"
+    ):
+        export_module(_Unsupported(), tmp_path / "m.onnx", image_size=8)
+    assert not (tmp_path / "m.onnx").exists()
+
+
+def test_cli_reports_a_bad_checkpoint_in_one_line(tmp_path, capsys):
+    assert main(["--checkpoint", str(tmp_path / "missing.pt"), "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"export.onnx: error: no checkpoint at {tmp_path / 'missing.pt'}"]
