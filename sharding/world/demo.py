@@ -41,7 +41,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--species", type=int, default=40)
     args = parser.parse_args(argv)
     out = args.out
-    for stale in ("world", "splits", "shards", "runs"):
+    for stale in ("world", "splits", "shards", "runs", "exports"):
         shutil.rmtree(out / stale, ignore_errors=True)  # the cache is kept: a second demo is warm
     (out / "world" / "images").mkdir(parents=True)
     with ImageServer(out / "world" / "images") as server:
@@ -167,6 +167,16 @@ def main(argv: list[str] | None = None) -> int:
         + [arg for name in students.values() for arg in ("--student", str(runs / name / "best_model.pt"))]
         + [arg for path in best.values() for arg in ("--teacher", str(path))],
     )
+    student = runs / students["online"] / "best_model.pt"
+    exports = out / "exports"
+    _run(
+        "ONNX export",
+        ["-m", "export.onnx", "--checkpoint", str(student), "--out", str(exports / "student_onnx")],
+    )
+    _run(
+        "TF.js export (parity in TF.js on Node's wasm backend)",
+        ["-m", "export.tfjs", "--checkpoint", str(student), "--out", str(exports / "student_tfjs")],
+    )
     stats = json.loads((out / "splits" / "export_stats.json").read_text())
     manifest = json.loads((out / "shards" / "manifest.json").read_text())
     acc = manifest["accounting"]
@@ -199,7 +209,29 @@ def main(argv: list[str] | None = None) -> int:
         print(
             f"   {pair['student']} / {pair['teacher']} top-1 on {pair['test_set']}: {pair['top1_ratio']:.2f}"
         )
-    print(f"   outputs: {out}/splits, {out}/shards (manifest.json, failures.jsonl), {runs}/<run>, {report}")
+    onnx_report = json.loads((exports / "student_onnx" / "report.json").read_text())
+    tfjs_report = json.loads((exports / "student_tfjs" / "report.json").read_text())
+    for label, rep, size in (
+        ("ONNX (onnxruntime)", onnx_report, onnx_report["size_bytes"]),
+        (f"TF.js {tfjs_report['runtime']['tfjs']} ({tfjs_report['runtime']['backend']})", tfjs_report,
+         tfjs_report["files"]["size_bytes"]),
+    ):  # fmt: skip
+        p = rep["parity"]
+        print(
+            f"   export {label}: {size / 1e6:.2f} MB; vs PyTorch on {p['samples']} test images: "
+            f"top-1 agreement {p['top1_agreement']:.1%}, max |dlogit| {p['max_abs_logit_diff']:.1e} "
+            f"(float32 floor "
+            f"{p['fp32_floor']:.1e}) [{p['verdict']}]"
+        )
+    lat = tfjs_report["latency"]
+    print(
+        f"   batch-1 latency: TF.js {lat['tfjs_ms']:.2f} ms, PyTorch {lat['torch_ms_1_thread']:.2f} ms "
+        f"(1 thread); try the page: python -m export.serve --model {exports / 'student_tfjs'}"
+    )
+    print(
+        f"   outputs: {out}/splits, {out}/shards (manifest.json, failures.jsonl), {runs}/<run>, {report}, "
+        f"{exports}"
+    )
     return 0
 
 
