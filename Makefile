@@ -79,5 +79,9 @@ bench-loader: $(STAMP)
 bench-training: $(STAMP)
 	$(PY) -m benchmarks.training
 
+# The student in TF.js (Node, wasm): size, parity, batch-1 latency vs PyTorch and onnxruntime.
+bench-export: $(STAMP) $(TFJS_STAMP) $(JS_STAMP)
+	$(PY) -m benchmarks.export
+
 clean:
 	rm -rf $(DEMO) .pytest_cache
