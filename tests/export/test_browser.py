@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from export.bundle import load_bundle, preprocess, probabilities, sample_images
+from export.bundle import exact_logits, load_bundle, preprocess, probabilities, sample_images, torch_logits
 from export.serve import serve_in_thread
 
 JS = Path(__file__).resolve().parents[2] / "export" / "js"
@@ -36,7 +36,14 @@ def run_page(url: str, images: list[Path], screenshot: Path) -> dict:
 def test_the_page_classifies_a_photo_like_pytorch(student, tfjs_export, tmp_path):
     out, _ = tfjs_export
     bundle = load_bundle(student)
-    found = sample_images(bundle, None, 4)
+    # Four test images whose answer is not a near-tie in PyTorch (largest top-1 probability margins):
+    # the page's input may differ from PyTorch's by one 8-bit level, which moves a near-tie either way.
+    candidates = sample_images(bundle, None, 16)
+    x_all = torch.stack([preprocess(data, bundle) for _, data in candidates])
+    p_all = probabilities(torch_logits(bundle, x_all), bundle.temperature)
+    top2 = np.sort(p_all, 1)[:, -2:]
+    chosen = np.argsort(top2[:, 0] - top2[:, 1])[:4]  # most negative second-minus-first first
+    found = [candidates[i] for i in chosen]
     paths = []
     for i, (_, data) in enumerate(found):
         paths.append(tmp_path / f"sample_{i}.jpg")
@@ -56,18 +63,23 @@ def test_the_page_classifies_a_photo_like_pytorch(student, tfjs_export, tmp_path
         assert shown["state"] == "done", shown.get("error")
         result = shown["result"]
         x = preprocess(data, bundle)
-        with torch.no_grad():
-            logits = bundle.model(x[None]).numpy()[0]
-        want = probabilities(logits[None], bundle.temperature)[0]
-        # What the page fed the network is what evaluation feeds it (within one 8-bit level) ...
-        levels = np.abs(
-            np.array(result["input"]).reshape(x.shape[1], x.shape[2], 3) - x.permute(1, 2, 0).numpy()
+        logits = torch_logits(bundle, x[None])[0]
+        size = bundle.image_size
+        page_input = (
+            torch.tensor(result["input"], dtype=torch.float32).reshape(size, size, 3).permute(2, 0, 1)
         )
-        assert (levels * np.array(bundle.preprocessing["std"]) * 255).max() <= 1.01
-        # ... so its top-1 is PyTorch's and its probabilities (with the checkpoint's temperature) agree.
+        # What the page fed the network is what evaluation feeds it (within one 8-bit level) ...
+        levels = (page_input - x).abs().permute(1, 2, 0).numpy() * np.array(bundle.preprocessing["std"]) * 255
+        assert levels.max() <= 1.01
+        # ... TF.js in the page computes PyTorch's logits on that input (as close as float32 allows) ...
+        on_page_input = torch_logits(bundle, page_input[None])[0]
+        floor = np.abs(on_page_input - exact_logits(bundle, page_input[None])[0]).max()
+        assert np.abs(np.array(result["logits"]) - on_page_input).max() <= max(1e-4, 4 * floor)
+        # ... so the top-1 is PyTorch's, with the checkpoint's temperature applied the same way.
         assert result["top"][0]["index"] == int(logits.argmax())
         assert result["top"][0]["species"] == bundle.labels[int(logits.argmax())]
-        assert np.abs(np.array(result["probabilities"]) - want).max() < 0.02
+        want = probabilities(on_page_input[None], bundle.temperature)[0]
+        assert np.abs(np.array(result["probabilities"]) - want).max() < 1e-3
         # The list a person sees: five species, best first, with percentages.
         assert len(shown["shown"]) == 5
         assert shown["shown"][0].startswith(bundle.labels[int(logits.argmax())])
