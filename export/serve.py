@@ -7,12 +7,16 @@ labels.json, preprocess.json), ``/vendor/tfjs/`` and ``/vendor/tfjs-backend-wasm
 folders of the project's own npm packages (``make js-deps``): no CDN, so the page works offline.
 ``.wasm`` is served as ``application/wasm`` (streaming compilation needs it).
 
+``--bundle OUT`` writes the same site as plain files instead (the page, the four TF.js files it
+loads, the export under ``model/``), for any static host.
+
 Leaves out: the page itself (``export/web/``) and producing the export (tfjs.py).
 """
 
 from __future__ import annotations
 
 import argparse
+import shutil
 import sys
 import threading
 from functools import partial
@@ -49,6 +53,11 @@ class _Handler(SimpleHTTPRequestHandler):
 
     def end_headers(self):
         self.send_header("Cache-Control", "no-store")
+        # Cross-origin isolation: lets the page use SharedArrayBuffer, so TF.js loads its threaded
+        # wasm build and picks a thread count from the machine's cores (1 on this 2-core machine,
+        # so no multi-thread figure was measured here).
+        self.send_header("Cross-Origin-Opener-Policy", "same-origin")
+        self.send_header("Cross-Origin-Embedder-Policy", "require-corp")
         super().end_headers()
 
     def log_message(self, format, *args):  # quiet: the demo prints its own address
@@ -83,6 +92,37 @@ def make_server(model_dir: str | Path, host: str = "127.0.0.1", port: int = 0) -
     return DemoServer((host, port), partial(_Handler, mounts=mounts))
 
 
+VENDOR_FILES = {
+    "tfjs": ["tf.min.js"],
+    "tfjs-backend-wasm": [
+        "tf-backend-wasm.min.js",
+        "tfjs-backend-wasm.wasm",
+        "tfjs-backend-wasm-simd.wasm",
+        "tfjs-backend-wasm-threaded-simd.wasm",
+    ],
+}
+
+
+def write_bundle(model_dir: str | Path, out: str | Path) -> Path:
+    """The demo site as static files in ``out``: page, TF.js files, and the export under ``model/``."""
+    model_dir, out = Path(model_dir), Path(out)
+    if not (model_dir / "model.json").is_file():
+        raise FileNotFoundError(f"{model_dir}/model.json not found: run `python -m export.tfjs` first")
+    problem = missing_vendor()
+    if problem:
+        raise FileNotFoundError(problem)
+    if out.resolve() == model_dir.resolve() or model_dir.resolve().is_relative_to(out.resolve()):
+        raise ValueError(f"--bundle {out} must not contain the export {model_dir}")
+    shutil.rmtree(out, ignore_errors=True)
+    shutil.copytree(WEB, out)
+    for package, names in VENDOR_FILES.items():
+        (out / "vendor" / package).mkdir(parents=True, exist_ok=True)
+        for name in names:
+            shutil.copy2(NODE / package / "dist" / name, out / "vendor" / package / name)
+    shutil.copytree(model_dir, out / "model", ignore=shutil.ignore_patterns("report.json"))
+    return out
+
+
 def serve_in_thread(model_dir: str | Path, host: str = "127.0.0.1") -> tuple[DemoServer, str]:
     """Starts the server on a free port in a daemon thread; returns it and the page's URL."""
     server = make_server(model_dir, host, 0)
@@ -95,7 +135,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", required=True, help="a TF.js export folder (the --out of export.tfjs)")
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument("--bundle", help="write the site as static files into this folder instead of serving")
     args = parser.parse_args(argv)
+    if args.bundle:
+        try:
+            out = write_bundle(args.model, args.bundle)
+        except (FileNotFoundError, ValueError) as exc:
+            print(f"export.serve: error: {exc}", file=sys.stderr)
+            return 1
+        print(f"static site in {out}: serve it with any web server (.wasm as application/wasm)")
+        return 0
     try:
         server = make_server(args.model, args.host, args.port)
     except (FileNotFoundError, OSError) as exc:

@@ -74,7 +74,9 @@ def _run(cmd: list[str], cwd: Path, step: str) -> str:
     return proc.stdout + proc.stderr
 
 
-def convert(onnx_path: Path, out: Path, quantize: str | None, venv: Path, work: Path) -> dict:
+def convert(
+    onnx_path: Path, out: Path, quantize: str | None, venv: Path, work: Path, shard_bytes: int | None = None
+) -> dict:
     """ONNX -> SavedModel (onnx2tf) -> TF.js graph model in ``out``; returns the model.json facts."""
     np.save(work / CALIBRATION, np.zeros((20, 128, 128, 3), np.float32))  # keeps onnx2tf offline
     saved = work / "saved_model"
@@ -87,6 +89,7 @@ def convert(onnx_path: Path, out: Path, quantize: str | None, venv: Path, work: 
             "--input_format=tf_saved_model",
             "--output_format=tfjs_graph_model",
             *QUANTIZE[quantize],
+            *([f"--weight_shard_size_bytes={shard_bytes}"] if shard_bytes else []),
             str(saved),
             str(staging),
         ],
@@ -143,6 +146,7 @@ def export(
     samples: int = 64,
     backend: str = "wasm",
     latency_runs: int = 50,
+    shard_bytes: int | None = None,
 ) -> dict:
     """The whole TF.js export and its parity check; returns the report (also written) or raises."""
     if quantize not in QUANTIZE:
@@ -159,7 +163,7 @@ def export(
         onnx_path = export_module(for_export(bundle.model), work / "model.onnx", bundle.image_size)
         steps["onnx_s"] = round(time.perf_counter() - t0, 2)
         t0 = time.perf_counter()
-        facts = convert(onnx_path, out, quantize, venv, work)
+        facts = convert(onnx_path, out, quantize, venv, work, shard_bytes)
         steps["convert_s"] = round(time.perf_counter() - t0, 2)
     write_metadata(bundle, out, "NHWC", input_name=facts["input_name"], output_name=facts["output_name"])
 
@@ -231,6 +235,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--images", help=IMAGES_HELP)
     parser.add_argument("--samples", type=int, default=64, help="parity images (default 64)")
     parser.add_argument("--backend", choices=["wasm", "cpu"], default="wasm", help="TF.js backend in Node")
+    parser.add_argument("--shard-bytes", type=int, help="weight shard size (converter default: 4 MiB)")
     parser.add_argument("--latency-runs", type=int, default=50, help="timed batch-1 runs (0: skip timing)")
     args = parser.parse_args(argv)
     try:
@@ -242,6 +247,7 @@ def main(argv: list[str] | None = None) -> int:
             args.samples,
             args.backend,
             args.latency_runs,
+            args.shard_bytes,
         )
     except ExportError as exc:
         print(f"export.tfjs: error: {exc}", file=sys.stderr)

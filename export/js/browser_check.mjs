@@ -38,6 +38,7 @@ async function main() {
       status: document.getElementById('status').textContent,
       footer: document.getElementById('facts').textContent,
       backend: window.tf.getBackend(),
+      runtime: window.flora.runtime,
       tfjs: window.tf.version.tfjs,
     }));
     const results = [];

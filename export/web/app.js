@@ -74,8 +74,11 @@ async function main() {
     const size = bundle.spec.image_size;
     tf.tidy(() => bundle.model.predict(tf.zeros([1, size, size, 3]))).dispose(); // warm-up
     window.flora.bundle = bundle;
+    const threads = tf.getBackend() === 'wasm' ? tf.wasm.getThreadsCount() : 1;
+    window.flora.runtime = { backend: tf.getBackend(), threads, crossOriginIsolated: window.crossOriginIsolated };
     $('facts').textContent = `${bundle.spec.model} · ${bundle.labels.length} species · ${size}×${size} input · ` +
-      `TF.js ${tf.version.tfjs} (${tf.getBackend()}) · temperature ${bundle.spec.temperature.toFixed(3)}`;
+      `TF.js ${tf.version.tfjs} (${tf.getBackend()}, ${threads} thread${threads === 1 ? '' : 's'}) · ` +
+      `temperature ${bundle.spec.temperature.toFixed(3)}`;
     $('file').addEventListener('change', (e) => e.target.files[0] && onFile(e.target.files[0]));
     setState('ready', 'Ready: choose a photo of a plant.');
   } catch (err) {

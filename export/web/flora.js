@@ -102,6 +102,16 @@ export function topK(probabilities, labels, k = 5) {
     .slice(0, k);
 }
 
+// TF.js requests every weight shard at once and reads the bodies only when all have answered. Over
+// HTTP/1.x a browser keeps 6 connections per host, and an unread body holds its connection: with
+// more than 6 shards (a 45 MB model has 11) the load never finishes. Reading each body as soon as it
+// arrives frees the connection for the next shard, whatever the server.
+export async function bufferedFetch(url, init) {
+  const response = await fetch(url, init);
+  const body = await response.arrayBuffer();
+  return new Response(body, { status: response.status, statusText: response.statusText, headers: response.headers });
+}
+
 // Loads model.json, labels.json and preprocess.json from one folder (URL ending in '/').
 export async function loadExport(tf, base) {
   const get = async (name) => {
@@ -112,7 +122,7 @@ export async function loadExport(tf, base) {
   const [spec, labels, model] = await Promise.all([
     get('preprocess.json'),
     get('labels.json'),
-    tf.loadGraphModel(new URL('model.json', base).href),
+    tf.loadGraphModel(new URL('model.json', base).href, { fetchFunc: bufferedFetch }),
   ]);
   if (spec.input.layout !== 'NHWC') throw new Error(`expected an NHWC model, preprocess.json says ${spec.input.layout}`);
   if (labels.length !== spec.num_classes) throw new Error(`labels.json has ${labels.length} names, the model ${spec.num_classes} classes`);

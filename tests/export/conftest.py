@@ -46,12 +46,13 @@ def student(shard_root, tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def tfjs_export(student, tmp_path_factory) -> tuple[Path, dict]:
-    """The float32 TF.js export of ``student`` and its report."""
+    """The float32 TF.js export of ``student`` and its report, in 256 KiB weight shards: more than the 6
+    connections a browser opens per host, as a production-size model has (see export/web/flora.js)."""
     problem = converters_missing()
     if problem:
         pytest.fail(f"the TF.js toolchain is not installed (make tfjs-env js-deps): {problem}")
     from export.tfjs import export
 
     out = tmp_path_factory.mktemp("tfjs") / "student_tfjs"
-    report = export(student, out, latency_runs=5)
+    report = export(student, out, latency_runs=5, shard_bytes=256 * 1024)
     return out, report

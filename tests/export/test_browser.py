@@ -57,6 +57,8 @@ def test_the_page_classifies_a_photo_like_pytorch(student, tfjs_export, tmp_path
 
     assert page["state"] == "ready" and page["backend"] == "wasm", page
     assert page["console_errors"] == []
+    assert len(list(out.glob("group1-shard*.bin"))) > 6  # more shards than a browser's connections per host
+    assert page["runtime"]["crossOriginIsolated"] is True
     assert f"{len(bundle.labels)} species" in page["footer"]
     assert len(page["results"]) == len(paths)
     for (_, data), shown in zip(found, page["results"], strict=True):
@@ -106,3 +108,32 @@ def test_the_page_says_when_the_model_is_missing(tfjs_export, tmp_path):
         server.server_close()
     assert page["state"] == "error"
     assert "labels.json has 1 names" in page["status"]
+
+
+def test_the_static_bundle_works_from_a_plain_web_server(student, tfjs_export, tmp_path):
+    """``export.serve --bundle``: the page, TF.js and the model as files, served by Python's stock
+    http.server (no special headers, no COOP/COEP): the page loads and classifies."""
+    from functools import partial
+    from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+    from threading import Thread
+
+    from export.serve import main as serve_main
+
+    out, _ = tfjs_export
+    site = tmp_path / "site"
+    assert serve_main(["--model", str(out), "--bundle", str(site)]) == 0
+    assert (site / "model" / "model.json").is_file() and not (site / "model" / "report.json").exists()
+    assert (site / "vendor" / "tfjs" / "tf.min.js").is_file()
+    server = ThreadingHTTPServer(("127.0.0.1", 0), partial(SimpleHTTPRequestHandler, directory=str(site)))
+    server.request_queue_size = 1024
+    Thread(target=server.serve_forever, daemon=True).start()
+    image = tmp_path / "one.jpg"
+    image.write_bytes(sample_images(load_bundle(student), None, 1)[0][1])
+    try:
+        page = run_page(f"http://127.0.0.1:{server.server_address[1]}/", [image], tmp_path / "bundle.png")
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert page["state"] == "ready" and page["console_errors"] == []
+    assert page["runtime"]["crossOriginIsolated"] is False  # still works, single-threaded
+    assert page["results"][0]["state"] == "done" and len(page["results"][0]["shown"]) == 5

@@ -163,10 +163,12 @@ def test_verify_rechecks_an_export_and_catches_tampering(student, tfjs_export, t
         "labels.json is not the checkpoint's class order"
     ]
     (copy / "labels.json").write_text(json.dumps(labels))
-    shard = next(copy.glob("group1-shard*.bin"))
-    weights = np.fromfile(shard, "<f4")
+    model = json.loads((copy / "model.json").read_text())
+    last = copy / model["weightsManifest"][0]["paths"][-1]  # the classifier's bias is stored last
+    assert model["weightsManifest"][0]["weights"][-1]["shape"] == [1, len(labels)]
+    weights = np.fromfile(last, "<f4")
     weights[-len(labels) :] += 0.01  # nudge the classifier bias: every logit moves by 1e-2
-    weights.tofile(shard)
+    weights.tofile(last)
     result = verify(copy, student, samples=16)
     assert not result["ok"] and result["parity"]["verdict"] == "error"
     assert parity_main(["--export", str(copy), "--checkpoint", str(student), "--samples", "8"]) == 1
