@@ -17,21 +17,21 @@ checks its answers, not its speed.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import platform
 import shutil
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from benchmarks.photos import fetch_sources, make_photos
-from benchmarks.results import RESULTS_DIR, print_table, write_result
+from benchmarks.results import RESULTS_DIR, group_panels, print_table, save_figure, write_result
 from export import onnx as onnx_export
 from export import tfjs
-from export.bundle import load_bundle, sample_inputs
+from export.bundle import load_bundle
 from training.checkpoint import save_checkpoint
 from training.config import ModelConfig
 from training.models import build_model
@@ -67,30 +67,19 @@ def production_checkpoint(path: Path, classes: int, size: int, seed: int = 0) ->
     return path
 
 
-def onnx_latency_ms(path: Path, x: np.ndarray, runs: int) -> float:
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = 1
-    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-    one = {onnx_export.INPUT: x[:1].astype(np.float32)}
-    for _ in range(5):
-        session.run(None, one)
-    times = []
-    for _ in range(runs):
-        t0 = time.perf_counter()
-        session.run(None, one)
-        times.append((time.perf_counter() - t0) * 1000)
-    return float(np.median(times))
+def onnx_latency_ms(path: Path, image_size: int, runs: int) -> float:
+    """Median batch-1 latency of onnxruntime with one thread (the input's content does not matter)."""
+    session = onnx_export.ort_session(path, threads=1)
+    one = {onnx_export.INPUT: np.zeros((1, 3, image_size, image_size), np.float32)}
+    return tfjs.median_ms(lambda: session.run(None, one), runs)
 
 
 def bench_model(label: str, checkpoint: Path, images: Path, samples: int, runs: int, out: Path) -> list[dict]:
     rows = []
-    bundle = load_bundle(checkpoint)
     onnx_dir = out / "onnx"
     onnx_report = onnx_export.export(checkpoint, onnx_dir, images, samples)
-    _, x = sample_inputs(bundle, images, samples)
-    ort_ms = onnx_latency_ms(onnx_dir / "model.onnx", x.numpy(), runs)
+    image_size = json.loads((onnx_dir / "preprocess.json").read_text())["image_size"]
+    ort_ms = onnx_latency_ms(onnx_dir / "model.onnx", image_size, runs)
     for quantize in (None, "float16", "uint8"):
         name = quantize or "float32"
         report = tfjs.export(checkpoint, out / f"tfjs_{name}", quantize, images, samples, "wasm", runs)
@@ -116,24 +105,18 @@ def bench_model(label: str, checkpoint: Path, images: Path, samples: int, runs: 
     return rows
 
 
+BASELINE_LABELS = ["PyTorch\n1 thread", "PyTorch\nall cores", "ORT\n1 thread"]
+
+
 def chart(rows: list[dict], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    models = list(dict.fromkeys(r["model"] for r in rows))
-    fig, axes = plt.subplots(1, len(models), figsize=(6.5 * len(models), 4.2), squeeze=False)
-    for ax, model in zip(axes[0], models, strict=True):
-        mine = [r for r in rows if r["model"] == model]
+    fig, panels = group_panels(rows, "model", 6.5, 4.2)
+    torch_all = f"torch {os.cpu_count()}T ms"
+    for ax, model, mine in panels:
         labels = [f"TF.js\n{r['weights']}" for r in mine] + [
             "PyTorch\n1 thread",
             "PyTorch\nall cores",
             "ORT\n1 thread",
         ]
-        torch_all = next(
-            k for k in mine[0] if k.startswith("torch ") and k.endswith("T ms") and "1T" not in k
-        )
         values = [r["TF.js wasm ms"] for r in mine] + [
             float(np.median([r["torch 1T ms"] for r in mine])),
             float(np.median([r[torch_all] for r in mine])),
@@ -148,9 +131,7 @@ def chart(rows: list[dict], path: Path) -> None:
     fig.suptitle(
         "Flora student: TF.js (Node, wasm) vs PyTorch and onnxruntime on the CPU, same run", fontsize=11
     )
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -36,7 +36,7 @@ import torch
 from PIL import Image
 
 from benchmarks.photos import build_photo_shards, build_world_shards
-from benchmarks.results import RESULTS_DIR, print_table, write_result
+from benchmarks.results import RESULTS_DIR, group_panels, print_table, save_figure, write_result
 from loaders import create_dataloaders
 from loaders.reference import build_transform
 
@@ -199,21 +199,13 @@ def measure_set(name: str, shards: Path, images_dir: Path | None, args) -> tuple
 
 
 def bar_chart(rows: list[dict], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    sets = list(dict.fromkeys(r["set"] for r in rows))
-    fig, axes = plt.subplots(1, len(sets), figsize=(7 * len(sets), 4.5), squeeze=False)
-    for ax, name in zip(axes[0], sets, strict=True):
-        mine = [r for r in rows if r["set"] == name]
+    fig, panels = group_panels(rows, "set", 7, 4.5)
+    for ax, name, mine in panels:
         ax.barh([r["loader"] for r in mine], [r["img/s"] for r in mine], color="#4a7f3b")
         ax.set_title(name)
         ax.set_xlabel("images / s (higher is better)")
         ax.invert_yaxis()
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    save_figure(fig, path)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -42,3 +42,24 @@ def write_result(name: str, result: dict[str, Any], results_dir: Path = RESULTS_
     payload = {**result, "measured_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     path.write_text(json.dumps(payload, indent=2, sort_keys=False) + "\n", encoding="utf-8")
     return path
+
+
+def group_panels(rows: list[dict[str, Any]], key: str, width: float, height: float):
+    """A figure with one panel per distinct ``row[key]``, side by side (matplotlib, Agg backend);
+    returns the figure and (axes, group name, the group's rows) per panel."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    groups = list(dict.fromkeys(r[key] for r in rows))
+    fig, axes = plt.subplots(1, len(groups), figsize=(width * len(groups), height), squeeze=False)
+    return fig, [(ax, g, [r for r in rows if r[key] == g]) for ax, g in zip(axes[0], groups, strict=True)]
+
+
+def save_figure(fig, path: Path) -> None:
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

@@ -23,6 +23,7 @@ import io
 import json
 import tarfile
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
 import numpy as np
@@ -52,6 +53,14 @@ class Bundle:
     @property
     def image_size(self) -> int:
         return int(self.preprocessing["image_size"])
+
+    @cached_property
+    def transform(self):
+        """The evaluation transform of the loaders (loaders.reference.eval_transform) for this checkpoint."""
+        from loaders.reference import eval_transform
+
+        p = self.preprocessing
+        return eval_transform(self.image_size, int(p["val_resize"]), p["mean"], p["std"])
 
 
 def sha256_file(path: Path) -> str:
@@ -188,16 +197,8 @@ def sample_images(
 
 
 def preprocess(encoded: bytes, bundle: Bundle) -> torch.Tensor:
-    """One image as evaluation sees it: RGB, resize shorter side + center crop, normalised, CHW float32."""
-    from torchvision.transforms import v2
-
-    from loaders.reference import ResizeShorterCenterCrop
-
-    p = bundle.preprocessing
-    img = Image.open(io.BytesIO(encoded)).convert("RGB")
-    x = ResizeShorterCenterCrop(int(p["val_resize"]), bundle.image_size)(v2.functional.pil_to_tensor(img))
-    x = x.float() / 255
-    return v2.functional.normalize(x, p["mean"], p["std"])
+    """One image as evaluation sees it (the loaders' own eval transform), CHW float32."""
+    return bundle.transform(Image.open(io.BytesIO(encoded)).convert("RGB"))
 
 
 def sample_inputs(

@@ -110,14 +110,18 @@ def export_module(model: torch.nn.Module, path: str | Path, image_size: int, ops
     return path
 
 
-def run_onnxruntime(path: str | Path, x: np.ndarray, threads: int | None = None) -> np.ndarray:
+def ort_session(path: str | Path, threads: int | None = None):
+    """An onnxruntime CPU session for ``path`` (``threads``: intra-op threads, default onnxruntime's)."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
     if threads:
         options.intra_op_num_threads = threads
-    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-    return session.run([OUTPUT], {INPUT: x.astype(np.float32)})[0]
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
+def run_onnxruntime(path: str | Path, x: np.ndarray, threads: int | None = None) -> np.ndarray:
+    return ort_session(path, threads).run([OUTPUT], {INPUT: x.astype(np.float32)})[0]
 
 
 def export(

@@ -42,7 +42,16 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .bundle import Bundle, ExportError, exact_logits, load_bundle, probabilities, sample_inputs, torch_logits
+from .bundle import (
+    Bundle,
+    ExportError,
+    exact_logits,
+    load_bundle,
+    preprocess_spec,
+    probabilities,
+    sample_inputs,
+    torch_logits,
+)
 
 JS_DIR = Path(__file__).resolve().parent / "js"
 TARGET_ABS = 1e-5
@@ -192,15 +201,9 @@ def check_metadata(model_dir: Path, bundle: Bundle) -> list[str]:
     if json.loads((model_dir / "labels.json").read_text()) != bundle.labels:
         problems.append("labels.json is not the checkpoint's class order")
     spec = json.loads((model_dir / "preprocess.json").read_text())
-    p = bundle.preprocessing
-    expected = {
-        "image_size": bundle.image_size,
-        "resize_shorter": int(p["val_resize"]),
-        "mean": [float(v) for v in p["mean"]],
-        "std": [float(v) for v in p["std"]],
-        "temperature": bundle.temperature,
-    }
-    for key, value in expected.items():
+    wanted = preprocess_spec(bundle, spec.get("input", {}).get("layout", "NHWC"), "", "")
+    for key in ("image_size", "resize_shorter", "mean", "std", "temperature"):
+        value = wanted[key]
         if not np.allclose(spec.get(key, np.nan), value):
             problems.append(f"preprocess.json {key} is {spec.get(key)!r}, the checkpoint says {value!r}")
     return problems

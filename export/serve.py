@@ -69,29 +69,6 @@ class DemoServer(ThreadingHTTPServer):
     daemon_threads = True
 
 
-def missing_vendor() -> str | None:
-    for package in ("tfjs", "tfjs-backend-wasm"):
-        if not (NODE / package / "dist").is_dir():
-            return f"@tensorflow/{package} is not installed under {HERE / 'js'}: run `make js-deps`"
-    return None
-
-
-def make_server(model_dir: str | Path, host: str = "127.0.0.1", port: int = 0) -> DemoServer:
-    """A server (not yet serving) for the page and ``model_dir``; port 0 picks a free one."""
-    model_dir = Path(model_dir)
-    if not (model_dir / "model.json").is_file():
-        raise FileNotFoundError(f"{model_dir}/model.json not found: run `python -m export.tfjs` first")
-    problem = missing_vendor()
-    if problem:
-        raise FileNotFoundError(problem)
-    mounts = {
-        "/model/": model_dir,
-        "/vendor/tfjs/": NODE / "tfjs" / "dist",
-        "/vendor/tfjs-backend-wasm/": NODE / "tfjs-backend-wasm" / "dist",
-    }
-    return DemoServer((host, port), partial(_Handler, mounts=mounts))
-
-
 VENDOR_FILES = {
     "tfjs": ["tf.min.js"],
     "tfjs-backend-wasm": [
@@ -103,14 +80,34 @@ VENDOR_FILES = {
 }
 
 
-def write_bundle(model_dir: str | Path, out: str | Path) -> Path:
-    """The demo site as static files in ``out``: page, TF.js files, and the export under ``model/``."""
-    model_dir, out = Path(model_dir), Path(out)
+def missing_vendor() -> str | None:
+    for package in VENDOR_FILES:
+        if not (NODE / package / "dist").is_dir():
+            return f"@tensorflow/{package} is not installed under {HERE / 'js'}: run `make js-deps`"
+    return None
+
+
+def _check_sources(model_dir: Path) -> None:
+    """The export and the npm packages the page loads are there, or FileNotFoundError saying what to run."""
     if not (model_dir / "model.json").is_file():
         raise FileNotFoundError(f"{model_dir}/model.json not found: run `python -m export.tfjs` first")
     problem = missing_vendor()
     if problem:
         raise FileNotFoundError(problem)
+
+
+def make_server(model_dir: str | Path, host: str = "127.0.0.1", port: int = 0) -> DemoServer:
+    """A server (not yet serving) for the page and ``model_dir``; port 0 picks a free one."""
+    model_dir = Path(model_dir)
+    _check_sources(model_dir)
+    mounts = {"/model/": model_dir, **{f"/vendor/{p}/": NODE / p / "dist" for p in VENDOR_FILES}}
+    return DemoServer((host, port), partial(_Handler, mounts=mounts))
+
+
+def write_bundle(model_dir: str | Path, out: str | Path) -> Path:
+    """The demo site as static files in ``out``: page, TF.js files, and the export under ``model/``."""
+    model_dir, out = Path(model_dir), Path(out)
+    _check_sources(model_dir)
     if out.resolve() == model_dir.resolve() or model_dir.resolve().is_relative_to(out.resolve()):
         raise ValueError(f"--bundle {out} must not contain the export {model_dir}")
     shutil.rmtree(out, ignore_errors=True)

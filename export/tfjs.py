@@ -119,21 +119,25 @@ def convert(
     }
 
 
+def median_ms(call, runs: int, warmup: int = 5) -> float:
+    """Median wall time of ``call()`` in milliseconds over ``runs`` calls, after ``warmup`` untimed ones."""
+    for _ in range(warmup):
+        call()
+    times = []
+    for _ in range(runs):
+        t0 = time.perf_counter()
+        call()
+        times.append((time.perf_counter() - t0) * 1000)
+    return float(np.median(times))
+
+
 @torch.no_grad()
 def torch_latency_ms(model: torch.nn.Module, x: torch.Tensor, threads: int, runs: int = 50) -> float:
     """Median batch-1 latency of PyTorch eager on the CPU with ``threads`` threads."""
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        one = x[:1]
-        for _ in range(5):
-            model(one)
-        times = []
-        for _ in range(runs):
-            t0 = time.perf_counter()
-            model(one)
-            times.append((time.perf_counter() - t0) * 1000)
-        return float(np.median(times))
+        return median_ms(lambda: model(x[:1]), runs)
     finally:
         torch.set_num_threads(before)
 

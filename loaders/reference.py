@@ -54,12 +54,25 @@ def build_transform(cfg: DataConfig, train: bool) -> Callable:
             )
         if max(aug.brightness, aug.contrast, aug.saturation, aug.hue) > 0:
             steps.append(v2.ColorJitter(aug.brightness, aug.contrast, aug.saturation, aug.hue))
+        steps += [v2.ToDtype(torch.float32, scale=True), v2.Normalize(aug.mean, aug.std)]
     else:
-        steps = [v2.PILToTensor(), ResizeShorterCenterCrop(cfg.val_resize, size)]
-    steps += [v2.ToDtype(torch.float32, scale=True), v2.Normalize(aug.mean, aug.std)]
+        steps = [eval_transform(size, cfg.val_resize, aug.mean, aug.std)]
     if out_dtype != torch.float32:
         steps.append(v2.ToDtype(out_dtype))
     return v2.Compose(steps)
+
+
+def eval_transform(size: int, shorter: int, mean, std) -> v2.Compose:
+    """Validation / evaluation / export parity: PIL image in, resize shorter side + center crop (DALI's
+    geometry), scaled to [0, 1] and normalised, CHW float32 out."""
+    return v2.Compose(
+        [
+            v2.PILToTensor(),
+            ResizeShorterCenterCrop(shorter, size),
+            v2.ToDtype(torch.float32, scale=True),
+            v2.Normalize(mean, std),
+        ]
+    )
 
 
 class ResizeShorterCenterCrop(torch.nn.Module):
