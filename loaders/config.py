@@ -22,6 +22,12 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 #: timm's default center-crop fraction: validation resizes the shorter side to size / 0.875.
 DEFAULT_CROP_PCT = 0.875
+#: DALI's own defaults for its ``mixed`` JPEG decoder (the operator schema of nvidia-dali 2.4; NVIDIA's
+#: measurements behind them: ``hw_decoder_load`` 0.65 sends 65% of the images to the A100/H100/H200
+#: hardware decoder and the rest to nvJPEG's CUDA decoder, the split that gave the best tail latency).
+DALI_HW_DECODER_LOAD = 0.65
+DALI_DEVICE_MEMORY_PADDING = 16 * 1024 * 1024  # bytes: nvJPEG's device buffers grow in such steps
+DALI_HOST_MEMORY_PADDING = 8 * 1024 * 1024  # bytes: ... and its pinned host buffers
 
 
 @dataclass
@@ -69,6 +75,51 @@ class AugmentConfig:
 
 
 @dataclass
+class DecoderConfig:
+    """DALI's JPEG decoder on a GPU (``device: gpu`` decodes on ``mixed``: the hardware JPEG decoder
+    of A100/H100/H200 for ``hw_decoder_load`` of the images, nvJPEG's CUDA decoder for the rest).
+
+    DALI applies these to its ``mixed`` backend only; the CPU graph passes the same values, which
+    DALI's CPU decoder ignores, so both devices share one graph definition. Defaults are DALI's.
+    """
+
+    hw_decoder_load: float = DALI_HW_DECODER_LOAD  # share of images sent to the hardware decoder
+    device_memory_padding: int = DALI_DEVICE_MEMORY_PADDING  # bytes added to nvJPEG's GPU buffers
+    host_memory_padding: int = DALI_HOST_MEMORY_PADDING  # bytes added to nvJPEG's pinned host buffers
+    #: Largest expected image (pixels): the hardware decoder preallocates for it; 0 = no hint. Set them
+    #: to the shards' size (e.g. 500 x 500 when the sharder resized the longer side to 500).
+    preallocate_width_hint: int = 0
+    preallocate_height_hint: int = 0
+    #: The CPU decoder's chroma upsampling on the GPU too (closer CPU/GPU parity, a little slower).
+    jpeg_fancy_upsampling: bool = False
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.hw_decoder_load <= 1:
+            raise ConfigError(
+                f"decoder.hw_decoder_load: expected a share in [0, 1], got {self.hw_decoder_load}"
+            )
+        for name in (
+            "device_memory_padding",
+            "host_memory_padding",
+            "preallocate_width_hint",
+            "preallocate_height_hint",
+        ):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"decoder.{name}: expected >= 0, got {getattr(self, name)}")
+
+    def dali_args(self) -> dict:
+        """The keyword arguments of DALI's image decoders."""
+        return {
+            "hw_decoder_load": float(self.hw_decoder_load),
+            "device_memory_padding": self.device_memory_padding,
+            "host_memory_padding": self.host_memory_padding,
+            "preallocate_width_hint": self.preallocate_width_hint,
+            "preallocate_height_hint": self.preallocate_height_hint,
+            "jpeg_fancy_upsampling": self.jpeg_fancy_upsampling,
+        }
+
+
+@dataclass
 class DataConfig:
     """The ``data:`` section of a config. Batch sizes are per rank."""
 
@@ -104,6 +155,7 @@ class DataConfig:
     #: writable; ``off`` (YAML reads it as false) or null: no cache; else a folder.
     index_cache: bool | str | None = "auto"
     augment: AugmentConfig = field(default_factory=AugmentConfig)
+    decoder: DecoderConfig = field(default_factory=DecoderConfig)
 
     def __post_init__(self) -> None:
         if not self.shards:

@@ -56,8 +56,9 @@ DEGREES_PER_TURN = 360.0
 CROP_ATTEMPTS = 10
 
 
-def _uniform_around_one(jitter: float):
-    return fn.random.uniform(range=[1.0 - jitter, 1.0 + jitter])
+def _uniform(low: float, high: float):
+    """A per-sample draw in [low, high); a constant when the range is empty (DALI rejects [a, a))."""
+    return fn.random.uniform(range=[low, high]) if high > low else float(low)
 
 
 def _resize_rotate(images, size: int, degrees: float, device: str):
@@ -76,16 +77,16 @@ def _resize_rotate(images, size: int, degrees: float, device: str):
     centre = size / 2.0
     t0 = w / 2.0 - (m00 * centre + m01 * centre)
     t1 = h / 2.0 - (m10 * centre + m11 * centre)
+    # A named argument, so it stays on the CPU whatever the images' device (DALI's rule; the shape of a
+    # GPU tensor is itself a CPU value, so nothing here touches the GPU).
     matrix = fn.reshape(fn.cast(fn.stack(m00, m01, t0, m10, m11, t1), dtype=types.FLOAT), shape=[2, 3])
-    if device == "gpu":
-        matrix = matrix.gpu()
     return fn.warp_affine(
         images, device=device, matrix=matrix, size=[size, size], fill_value=0,
         interp_type=types.INTERP_LINEAR, inverse_map=True,
     )  # fmt: skip
 
 
-def build_pipeline(
+def define_pipeline(
     cfg: DataConfig,
     train: bool,
     paths: list[str],
@@ -97,8 +98,14 @@ def build_pipeline(
     seed: int,
     checkpoint: bytes | None = None,
 ):
-    """The DALI pipeline of one epoch (built, ready to run)."""
+    """The DALI pipeline of one epoch, defined but not built.
+
+    One definition for both devices: ``gpu`` changes only the operators' ``device`` (``mixed`` for
+    the decoder, ``gpu`` after it); every argument, layout and dtype is the same. Named arguments
+    (random draws, the warp matrix) are CPU values on both, as DALI requires.
+    """
     aug = cfg.augment
+    decoder_args = cfg.decoder.dali_args()  # DALI's CPU decoder ignores these (mixed-only settings)
     size = cfg.image_size
     out_dtype = types.FLOAT16 if cfg.dtype == "float16" else types.FLOAT
     layout = "HWC" if cfg.channels_last else "CHW"
@@ -130,6 +137,7 @@ def build_pipeline(
                 random_area=list(aug.scale),
                 random_aspect_ratio=list(aug.ratio),
                 num_attempts=CROP_ATTEMPTS,
+                **decoder_args,
             )
             if aug.rotate_degrees > 0:  # resize + rotation in one warp: DALI's CPU rotate is its slowest op
                 images = _resize_rotate(images, size, aug.rotate_degrees, op_device)
@@ -141,15 +149,15 @@ def build_pipeline(
                 images = fn.color_twist(
                     images,
                     device=op_device,
-                    brightness=_uniform_around_one(aug.brightness),
-                    contrast=_uniform_around_one(aug.contrast),
-                    saturation=_uniform_around_one(aug.saturation),
-                    hue=fn.random.uniform(range=[-aug.hue * DEGREES_PER_TURN, aug.hue * DEGREES_PER_TURN]),
+                    brightness=_uniform(1.0 - aug.brightness, 1.0 + aug.brightness),
+                    contrast=_uniform(1.0 - aug.contrast, 1.0 + aug.contrast),
+                    saturation=_uniform(1.0 - aug.saturation, 1.0 + aug.saturation),
+                    hue=_uniform(-aug.hue * DEGREES_PER_TURN, aug.hue * DEGREES_PER_TURN),
                 )
             mirror = fn.random.coin_flip(probability=aug.hflip)
             crop = None
         else:
-            images = fn.decoders.image(jpg, device=decoder_device, output_type=types.RGB)
+            images = fn.decoders.image(jpg, device=decoder_device, output_type=types.RGB, **decoder_args)
             images = fn.resize(
                 images, device=op_device, resize_shorter=cfg.val_resize, interp_type=types.INTERP_LINEAR
             )
@@ -176,6 +184,12 @@ def build_pipeline(
         prefetch_queue_depth=cfg.prefetch,
         checkpoint=checkpoint,
     )
+    return pipe
+
+
+def build_pipeline(*args, **kwargs):
+    """The DALI pipeline of one epoch, built and ready to run (``define_pipeline``'s arguments)."""
+    pipe = define_pipeline(*args, **kwargs)
     pipe.build()
     return pipe
 
