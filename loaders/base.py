@@ -146,10 +146,10 @@ class EpochLoader:
         labels = torch.from_numpy(self.index.labels[ids])
         index = torch.from_numpy(np.asarray(ids, dtype=np.int64))
         valid = torch.ones(len(ids), dtype=torch.bool)
-        if self.device.type != "cpu":
-            labels = labels.to(self.device, non_blocking=True)
-            index = index.to(self.device, non_blocking=True)
-            valid = valid.to(self.device, non_blocking=True)
+        # One path for every device: on the CPU these are no-ops, on a GPU asynchronous copies.
+        labels = labels.to(self.device, non_blocking=True)
+        index = index.to(self.device, non_blocking=True)
+        valid = valid.to(self.device, non_blocking=True)
         if self.cfg.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
         return {"image": images, "label": labels, "index": index, "valid": valid}

@@ -143,9 +143,15 @@ def test_drop_gives_equal_full_batches(shard_root):
     assert lengths == [(n // 2) // 24] * 2
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+NO_CUDA = not torch.cuda.is_available()
+GPU = [pytest.mark.gpu, pytest.mark.skipif(NO_CUDA, reason="no CUDA device")]
+
+
+@pytest.mark.parametrize("backend", [*BACKENDS, pytest.param("dali-gpu", marks=GPU)])
 def test_resume_mid_epoch_sees_exactly_the_unseen_samples(shard_root, backend, tmp_path):
-    cfg = data_cfg(shard_root, backend=backend, train_remainder="pad")
+    device = "gpu" if backend == "dali-gpu" else "cpu"
+    backend = backend.removesuffix("-gpu")
+    cfg = data_cfg(shard_root, backend=backend, train_remainder="pad", device=device)
     full, _, _ = create_dataloaders(cfg)
     whole = epoch(full, 1)
     first, _, _ = create_dataloaders(cfg)
@@ -203,9 +209,8 @@ def test_corrupt_samples_do_not_stop_an_epoch(shard_copy, backend):
 
 
 @pytest.mark.gpu
+@pytest.mark.skipif(NO_CUDA, reason="no CUDA device")
 def test_gpu_mixed_decoder_matches_cpu(shard_root):
-    if not torch.cuda.is_available():
-        pytest.skip("no CUDA device")
     train, val, info = create_dataloaders(data_cfg(shard_root, device="gpu"))
     assert info.device.startswith("cuda")
     b = next(iter(train))
