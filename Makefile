@@ -8,7 +8,7 @@ DEMO   ?= demo_out
 PYTEST_ARGS ?=
 
 .PHONY: install tfjs-env js-deps browser-deps demo test test-fast lint bench-catalog bench-sharder bench-loader \
-	bench-training bench-export clean
+	bench-training bench-export gpu-bundle gpu-check clean
 
 $(STAMP): setup.cfg pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -82,6 +82,20 @@ bench-training: $(STAMP)
 # The student in TF.js (Node, wasm): size, parity, batch-1 latency vs PyTorch and onnxruntime.
 bench-export: $(STAMP) $(TFJS_STAMP) $(JS_STAMP)
 	$(PY) -m benchmarks.export
+
+# The GPU check. Here: `make gpu-bundle` downloads DALI (CUDA 13) and what the GPU machine lacks, adds the
+# source photos, and cuts them into .gpu-bundle/part-NN (<= 60 MiB each, one per device call). There, on
+# the machine's own Python and torch: each call carrying a part runs `python3 -m benchmarks.gpu_bundle
+# receive`; the call carrying the last one runs `make gpu-check` (benchmarks/README.md has the steps).
+gpu-bundle: $(STAMP)
+	$(PY) -m benchmarks.gpu_bundle pack
+
+GPU_PYTHON ?= python3
+GPU_STAGE  ?= /tmp/flora-gpu
+gpu-check:
+	$(GPU_PYTHON) -m benchmarks.gpu_bundle receive --stage $(GPU_STAGE)
+	PYTHONPATH=$(GPU_STAGE)/site:$$PYTHONPATH PYTHONUNBUFFERED=1 \
+		$(GPU_PYTHON) -m benchmarks.gpu --device cuda --sources $(GPU_STAGE)/photos $(GPU_CHECK_ARGS)
 
 clean:
 	rm -rf $(DEMO) .pytest_cache

@@ -46,8 +46,13 @@ def fetch_sources(work: Path) -> list[Path]:
         shutil.rmtree(tmp, ignore_errors=True)
         subprocess.run(["dpkg-deb", "-x", str(debs[0]), str(tmp)], check=True)
         tmp.rename(unpacked)
+    return usable_photos(unpacked)
+
+
+def usable_photos(folder: Path) -> list[Path]:
+    """The RGB JPEGs under ``folder`` of at least 500x375 (the sources the benchmark photos are cut from)."""
     sources = []
-    for path in sorted(unpacked.rglob("*.jpg")):
+    for path in sorted(folder.rglob("*.jpg")):
         try:
             with Image.open(path) as img:
                 w, h = img.size
@@ -55,45 +60,55 @@ def fetch_sources(work: Path) -> list[Path]:
                     sources.append(path)
         except OSError:
             continue
-    if len(sources) < 20:
-        raise SystemExit(f"benchmark set-up: only {len(sources)} usable photos in {unpacked}")
+    if not sources:
+        raise SystemExit(f"benchmark set-up: no usable photos (RGB JPEG, >= 500x375) in {folder}")
     return sources
 
 
-def make_photos(sources: list[Path], out: Path, n: int, seed: int = 0) -> list[Path]:
-    """``n`` random crops of the sources, 500x375 (a quarter portrait), as JPEG files in ``out``."""
+def make_photos(sources: list[Path], out: Path, n: int, seed: int = 0, workers: int = 1) -> list[Path]:
+    """``n`` random crops of the sources, 500x375 (a quarter portrait), as JPEG files in ``out``.
+    Photo ``i`` depends only on (seed, i), so ``workers`` processes make the same set."""
     done = sorted(out.glob("*.jpg"))
     if len(done) >= n:
         return done[:n]
     out.mkdir(parents=True, exist_ok=True)
-    rng = random.Random(seed)
-    paths = []
-    for i in range(n):
-        src = rng.choice(sources)
-        w_out, h_out = PHOTO_SIZE if rng.random() < 0.75 else PHOTO_SIZE[::-1]
-        with Image.open(src) as img:
-            img = img.convert("RGB")
-            low = max(w_out / img.width, h_out / img.height)
-            scale = rng.uniform(low, max(low, min(1.0, 2.5 * low)))
-            img = img.resize((max(w_out, round(img.width * scale)), max(h_out, round(img.height * scale))))
-            x, y = rng.randint(0, img.width - w_out), rng.randint(0, img.height - h_out)
-            crop = img.crop((x, y, x + w_out, y + h_out))
-            if rng.random() < 0.5:
-                crop = crop.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-            path = out / f"{i:06d}.jpg"
-            crop.save(path, quality=JPEG_QUALITY)
-        paths.append(path)
-    return paths
+    jobs = [(sources, out / f"{i:06d}.jpg", seed, i) for i in range(n)]
+    if workers > 1:
+        from concurrent.futures import ProcessPoolExecutor
+
+        with ProcessPoolExecutor(workers) as pool:
+            return list(pool.map(_make_photo, jobs, chunksize=64))
+    return [_make_photo(job) for job in jobs]
 
 
-def write_catalog(photos: list[Path], root: Path, base_url: str, path: Path, seed: int = 0) -> None:
+def _make_photo(job: tuple[list[Path], Path, int, int]) -> Path:
+    sources, path, seed, i = job
+    rng = random.Random(f"{seed}:{i}")
+    src = rng.choice(sources)
+    w_out, h_out = PHOTO_SIZE if rng.random() < 0.75 else PHOTO_SIZE[::-1]
+    with Image.open(src) as img:
+        img = img.convert("RGB")
+        low = max(w_out / img.width, h_out / img.height)
+        scale = rng.uniform(low, max(low, min(1.0, 2.5 * low)))
+        img = img.resize((max(w_out, round(img.width * scale)), max(h_out, round(img.height * scale))))
+        x, y = rng.randint(0, img.width - w_out), rng.randint(0, img.height - h_out)
+        crop = img.crop((x, y, x + w_out, y + h_out))
+        if rng.random() < 0.5:
+            crop = crop.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+        crop.save(path, quality=JPEG_QUALITY)
+    return path
+
+
+def write_catalog(
+    photos: list[Path], root: Path, base_url: str, path: Path, seed: int = 0, classes: int = N_CLASSES
+) -> None:
     """A catalog JSONL for the photos (URLs relative to the server's ``root``), licenses mixed."""
     rng = random.Random(seed)
     with path.open("w", encoding="utf-8") as f:
         for i, photo in enumerate(photos):
             record = {
                 "plant_id": 100000 + i,
-                "latin_name": f"Photographica species{rng.randrange(N_CLASSES):02d}",
+                "latin_name": f"Photographica species{rng.randrange(classes):02d}",
                 "image_url": f"{base_url}/{photo.relative_to(root).as_posix()}",
                 "license": rng.choice(["CC-BY", "CC-BY-NC", "CC0"]),
                 "source": "opencv-doc",
@@ -102,8 +117,11 @@ def write_catalog(photos: list[Path], root: Path, base_url: str, path: Path, see
             f.write(json.dumps(record) + "\n")
 
 
-def build_photo_shards(work: Path, n: int) -> tuple[Path, Path]:
-    """(shard root, photo folder): photos made, served, catalogued and sharded (once; reused after)."""
+def build_photo_shards(
+    work: Path, n: int, sources: list[Path] | None = None, classes: int = N_CLASSES, workers: int = 1
+) -> tuple[Path, Path]:
+    """(shard root, photo folder): photos made, served, catalogued and sharded (once; reused after).
+    ``sources``: the photos to cut from (default: opencv-doc's, fetched into ``work``)."""
     from sharding.build import BuildConfig, build
     from sharding.catalog import run_catalog
     from sharding.config import CatalogConfig, load_config
@@ -111,11 +129,11 @@ def build_photo_shards(work: Path, n: int) -> tuple[Path, Path]:
 
     photos_dir = work / "photos"
     shards = work / f"shards-{n}"
-    photos = make_photos(fetch_sources(work), photos_dir, n)
+    photos = make_photos(sources or fetch_sources(work), photos_dir, n, workers=workers)
     if (shards / "manifest.json").is_file():
         return shards, photos_dir
     with ImageServer(photos_dir) as server:
-        write_catalog(photos, photos_dir, server.base_url, work / "catalog.jsonl")
+        write_catalog(photos, photos_dir, server.base_url, work / "catalog.jsonl", classes=classes)
         cfg = load_config(CatalogConfig, None, ["progress=false", "split.min_for_stratify=3"])
         run_catalog(str(work / "catalog.jsonl"), work / "splits", cfg)
         overrides = [
