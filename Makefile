@@ -95,6 +95,7 @@ GPU_STAGE  ?= /tmp/flora-gpu
 gpu-check:
 	$(GPU_PYTHON) -m benchmarks.gpu_bundle receive --stage $(GPU_STAGE)
 	PYTHONPATH=$(GPU_STAGE)/site:$$PYTHONPATH PYTHONUNBUFFERED=1 \
+		LD_LIBRARY_PATH=$$(ls -d $(GPU_STAGE)/site/nvidia/*/lib 2>/dev/null | tr '\n' :)$$LD_LIBRARY_PATH \
 		$(GPU_PYTHON) -m benchmarks.gpu --device cuda --sources $(GPU_STAGE)/photos $(GPU_CHECK_ARGS)
 
 clean:

@@ -42,7 +42,7 @@ from pathlib import Path
 import torch
 
 from benchmarks.photos import build_photo_shards, fetch_sources, usable_photos
-from benchmarks.results import RESULTS_DIR, group_panels, print_table, save_figure, write_result
+from benchmarks.results import RESULTS_DIR, print_table, rate_bars, write_result
 
 REPO = Path(__file__).resolve().parents[1]
 OUT = REPO / "benchmarks" / "out" / "gpu"
@@ -355,18 +355,6 @@ def measure_distillation(shards: Path, sizes: Sizes, cuda: bool, work: Path, tea
 
 
 # -------------------------------------------------------------------------------------------- report
-def chart(rows: list[dict], path: Path, title: str) -> None:
-    fig, panels = group_panels(rows, "part", 6.5, 4.0)
-    for ax, part, mine in panels:
-        ax.barh([r["run"] for r in mine], [r["img_per_s"] for r in mine], color="#4a7f3b")
-        ax.set_title(part)
-        ax.set_xlabel("images / s (higher is better)")
-        ax.invert_yaxis()
-        ax.tick_params(axis="y", labelsize=7)
-    fig.suptitle(title, fontsize=9)
-    save_figure(fig, path)
-
-
 def targets(rows: list[dict], cuda: bool) -> dict:
     by = {r["run"]: r for r in rows}
     mixed = [r for r in rows if r["part"] == "loader" and r["run"].startswith("DALI mixed")]
@@ -452,7 +440,8 @@ def main(argv: list[str] | None = None) -> int:
     print({k: (round(v, 3) if isinstance(v, float) else v) for k, v in result["targets"].items()})
     png = args.results / "gpu.png"
     args.results.mkdir(parents=True, exist_ok=True)
-    chart(rows, png, f"{env['gpu'] or 'CPU dry run'}, torch {env['torch']}, DALI {env['dali']}")
+    title = f"{env['gpu'] or 'CPU dry run'}, torch {env['torch']}, DALI {env['dali']}"
+    rate_bars(rows, "part", "run", "img_per_s", png, (6.5, 4.0), title)
     result["chart"] = png.name
     path = write_result("gpu", result, args.results)
     print(f"wrote {path} and {png} in {result['seconds']:.0f} s")

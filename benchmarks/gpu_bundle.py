@@ -184,6 +184,9 @@ def receive(bundle: Path = BUNDLE, stage: Path = STAGE, install: bool = True) ->
         proc = subprocess.run(cmd, capture_output=True, text=True)
         if proc.returncode != 0:
             raise BundleError(f"pip install of the carried wheels failed: {proc.stderr.strip()[-500:]}")
+        # Some NVIDIA wheels ship nvidia/__init__.py, which would make this folder's ``nvidia`` hide the
+        # machine's own nvidia.* packages (cuDNN, NCCL...): keep it a namespace package that merges.
+        (site / "nvidia" / "__init__.py").unlink(missing_ok=True)
     ready_marker.write_text(json.dumps({"sha256": manifest["sha256"]}))
     return {"have": have, "missing": [], "ready": True, "site": str(site)}
 

@@ -36,7 +36,7 @@ import torch
 from PIL import Image
 
 from benchmarks.photos import build_photo_shards, build_world_shards
-from benchmarks.results import RESULTS_DIR, group_panels, print_table, save_figure, write_result
+from benchmarks.results import RESULTS_DIR, print_table, rate_bars, write_result
 from loaders import create_dataloaders
 from loaders.reference import build_transform
 
@@ -198,16 +198,6 @@ def measure_set(name: str, shards: Path, images_dir: Path | None, args) -> tuple
     return rows, out
 
 
-def bar_chart(rows: list[dict], path: Path) -> None:
-    fig, panels = group_panels(rows, "set", 7, 4.5)
-    for ax, name, mine in panels:
-        ax.barh([r["loader"] for r in mine], [r["img/s"] for r in mine], color="#4a7f3b")
-        ax.set_title(name)
-        ax.set_xlabel("images / s (higher is better)")
-        ax.invert_yaxis()
-    save_figure(fig, path)
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.loader", description=__doc__.splitlines()[0])
     parser.add_argument("--shards", type=Path, nargs="*", default=[], help="extra shard roots to measure")
@@ -239,7 +229,7 @@ def main(argv: list[str] | None = None) -> int:
     for name, res in results.items():
         print(name, {k: round(v, 2) for k, v in res["ratios"].items()})
     chart = RESULTS_DIR / f"{args.name}.png"
-    bar_chart(rows, chart)
+    rate_bars(rows, "set", "loader", "img/s", chart)
     path = write_result(
         args.name,
         {

@@ -57,6 +57,22 @@ def group_panels(rows: list[dict[str, Any]], key: str, width: float, height: flo
     return fig, [(ax, g, [r for r in rows if r[key] == g]) for ax, g in zip(axes[0], groups, strict=True)]
 
 
+def rate_bars(
+    rows: list[dict[str, Any]], group: str, label: str, value: str, path: Path, size=(7.0, 4.5), title=None
+) -> None:
+    """Horizontal bars of ``row[value]`` (images/s) labelled ``row[label]``, one panel per ``row[group]``."""
+    fig, panels = group_panels(rows, group, *size)
+    for ax, name, mine in panels:
+        ax.barh([r[label] for r in mine], [r[value] for r in mine], color="#4a7f3b")
+        ax.set_title(name)
+        ax.set_xlabel("images / s (higher is better)")
+        ax.invert_yaxis()
+        ax.tick_params(axis="y", labelsize=7)
+    if title:
+        fig.suptitle(title, fontsize=9)
+    save_figure(fig, path)
+
+
 def save_figure(fig, path: Path) -> None:
     import matplotlib.pyplot as plt
 
