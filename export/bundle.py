@@ -21,7 +21,6 @@ import copy
 import hashlib
 import io
 import json
-import tarfile
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -29,6 +28,8 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
+
+from sharding.format import MANIFEST, ShardFormatError, read_index, read_manifest
 
 FORMAT = 1
 
@@ -150,19 +151,22 @@ def write_metadata(bundle: Bundle, out: Path, layout: str, input_name: str, outp
 
 # ------------------------------------------------------------------------------------- sample inputs
 def _images_from_shards(root: Path, split: str, limit: int) -> list[tuple[str, bytes]]:
-    tars = sorted((root / split).rglob("*.tar"))
-    if not tars:
-        raise ExportError(
-            f"no {split} shards under {root}: pass --images (a folder of JPEGs or a shard root)"
-        )
-    found: list[tuple[str, bytes]] = []
-    for tar in tars:
-        with tarfile.open(tar) as tf:
-            for member in tf:
-                if member.isfile() and member.name.endswith(".jpg"):
-                    found.append((f"{tar.name}/{member.name}", tf.extractfile(member).read()))
-                    if len(found) >= limit:
-                        return found
+    """The first ``limit`` JPEGs of ``split``'s shards, in the manifest's order, read by index."""
+    try:
+        manifest = read_manifest(root)
+        tars = [manifest.path(entry) for entry in manifest.select(split)]
+        found: list[tuple[str, bytes]] = []
+        for tar in tars:
+            with tar.open("rb") as f:
+                for sample in read_index(tar):
+                    if "jpg" in sample:
+                        offset, size, name = sample["jpg"]
+                        f.seek(offset)
+                        found.append((f"{tar.name}/{name}", f.read(size)))
+                        if len(found) >= limit:
+                            return found
+    except ShardFormatError as exc:
+        raise ExportError(f"{exc}; pass --images (a folder of JPEGs or a shard root)") from None
     return found
 
 
@@ -187,7 +191,7 @@ def sample_images(
         root = Path(images)
         if not root.exists():
             raise ExportError(f"--images {root} does not exist")
-        if (root / split).is_dir():
+        if (root / MANIFEST).is_file():
             found = _images_from_shards(root, split, limit)
         else:
             found = _images_from_folder(root, limit)

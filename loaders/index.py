@@ -29,15 +29,24 @@ from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 
-from sharding.writer import INDEX_VERSION, index_lines
+from sharding.format import (
+    PERMISSIVE,
+    SampleMeta,
+    ShardFormatError,
+    index_line,
+    index_text,
+    read_class_mapping,
+    read_index,
+    read_manifest,
+)
 
 from .config import DataConfig
 
 CACHE_FORMAT = 1
-PERMISSIVE = "permissive"
 _JPEG_SOI, _JPEG_EOI = b"\xff\xd8", b"\xff\xd9"
 #: Start-of-frame markers (baseline, extended, progressive, lossless...) that carry the image size.
 _SOF_MARKERS = {0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF}
@@ -119,9 +128,12 @@ class SampleIndex:
             if lo == hi:
                 out.append(None)
                 continue
-            lines = [f"jpg {self.jpg_offset[s]} {self.jpg_size[s]} {self.keys[s]}.jpg" for s in range(lo, hi)]
+            lines = [
+                index_line([(f"{self.keys[s]}.jpg", int(self.jpg_offset[s]), int(self.jpg_size[s]))])
+                for s in range(lo, hi)
+            ]
             path = directory / f"{i:06d}.idx"
-            path.write_text(f"{INDEX_VERSION} {len(lines)}\n" + "\n".join(lines) + "\n", encoding="ascii")
+            path.write_text(index_text(lines), encoding="ascii")
             out.append(path)
         return out
 
@@ -151,61 +163,28 @@ def buffer_shuffle(samples: np.ndarray, buffer: int, seed: int) -> np.ndarray:
 
 
 # ------------------------------------------------------------------------------------------ building
-def read_manifest(root: Path) -> dict:
-    path = root / "manifest.json"
-    if not path.is_file():
-        raise LoaderError(f"no manifest.json in {root}: build shards first (python -m sharding build)")
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as exc:
-        raise LoaderError(f"{path}: not valid JSON ({exc})") from exc
-
-
-def read_class_mapping(root: Path, region: str | None = None) -> dict[str, int]:
-    name = "class_mapping.json" if region is None else f"class_mapping_{region.lower()}.json"
-    path = root / name
-    if not path.is_file():
-        raise LoaderError(f"{path} is missing: the class mapping travels with the shards")
-    mapping = json.loads(path.read_text(encoding="utf-8"))
-    if sorted(mapping.values()) != list(range(len(mapping))):
-        raise LoaderError(f"{path}: class indices must be 0..{len(mapping) - 1} without gaps")
-    return mapping
-
-
-def select_shards(root: Path, manifest: dict, split: str, regions: list[str] | None) -> list[Shard]:
-    entries = manifest.get("shards", [])
-    splits = sorted({e["split"] for e in entries})
-    if split not in splits:
-        raise LoaderError(f"split {split!r} has no shards in {root} (splits with shards: {splits})")
-    known = sorted({e["region"] for e in entries})
-    for region in regions or []:
-        if region not in known:
-            raise LoaderError(f"region_filter: unknown region {region!r} (regions in these shards: {known})")
-    wanted = set(regions) if regions else None
-    shards = [
-        Shard(path=(root / e["path"]).resolve(), rel=e["path"], split=e["split"], region=e["region"])
-        for e in sorted(entries, key=lambda e: e["path"])
-        if e["split"] == split and (wanted is None or e["region"] in wanted)
+def select_shards(root: Path, split: str, regions: list[str] | None) -> list[Shard]:
+    """The shards of ``split`` (and ``regions``) that the manifest of ``root`` lists."""
+    manifest = read_manifest(root)
+    return [
+        Shard(path=manifest.path(e), rel=e.path, split=e.split, region=e.region)
+        for e in manifest.select(split, regions)
     ]
-    if not shards:
-        raise LoaderError(f"no {split} shards in {root} for regions {regions}")
-    for shard in shards:
-        if not shard.path.is_file():
-            raise LoaderError(f"shard listed in the manifest is missing: {shard.path}")
-    return shards
 
 
 def build_index(cfg: DataConfig, split: str) -> SampleIndex:
     """Selects, scans (or reads the scan cache) and filters the samples of ``split``."""
     root = Path(cfg.shards).resolve()
-    manifest = read_manifest(root)
     regions = cfg.regions
-    shards = select_shards(root, manifest, split, regions)
-    region_map = read_class_mapping(root, regions[0]) if cfg.label_space == "region" else None
-    global_map = read_class_mapping(root)
-    cache_dir = _cache_dir(root, cfg.index_cache)
-    with ThreadPoolExecutor(max_workers=max(1, cfg.threads)) as pool:
-        scans = list(pool.map(lambda s: scan_shard(s, cfg.verify, cache_dir), shards))
+    try:
+        shards = select_shards(root, split, regions)
+        region_map = read_class_mapping(root, regions[0]) if cfg.label_space == "region" else None
+        global_map = read_class_mapping(root)
+        cache_dir = _cache_dir(root, cfg.index_cache)
+        with ThreadPoolExecutor(max_workers=max(1, cfg.threads)) as pool:
+            scans = list(pool.map(lambda s: scan_shard(s, cfg.verify, cache_dir), shards))
+    except ShardFormatError as exc:
+        raise LoaderError(str(exc)) from None
     keys, labels, offsets, sizes, bounds = [], [], [], [], [0]
     skipped: Counter = Counter()
     bad: list[dict] = []
@@ -264,7 +243,16 @@ def _cache_dir(root: Path, setting: bool | str | None) -> Path | None:
 
 
 # ----------------------------------------------------------------------------------------- scanning
-Row = tuple  # (key, label, jpg offset, jpg size, license_class, latin_name, problem or None)
+class Row(NamedTuple):
+    """One sample as a scan found it (cached per shard as a JSON list in this field order)."""
+
+    key: str
+    label: int
+    jpg_offset: int
+    jpg_size: int
+    license_class: str
+    latin_name: str
+    problem: str | None  # why it is skipped, or None
 
 
 def scan_shard(shard: Shard, verify: str, cache_dir: Path | None) -> list[Row]:
@@ -282,10 +270,10 @@ def scan_shard(shard: Shard, verify: str, cache_dir: Path | None) -> list[Row]:
                 and data.get("stamp") == stamp
                 and (data.get("verify") == verify or data.get("verify") == "full")
             ):
-                return [tuple(r) for r in data["rows"]]
+                return [Row(*r) for r in data["rows"]]
         except (OSError, ValueError):
             pass  # a damaged cache entry is rebuilt
-    rows = _scan(shard, idx_path, verify)
+    rows = _scan(shard, verify)
     if cache is not None:
         tmp = cache.with_name(cache.name + f".{os.getpid()}.tmp")
         tmp.write_text(json.dumps({"format": CACHE_FORMAT, "stamp": stamp, "verify": verify, "rows": rows}))
@@ -304,71 +292,37 @@ def _stamp(*paths: Path) -> list:
     return out
 
 
-def _parse_index(shard: Shard, idx_path: Path) -> list[dict[str, tuple[int, int, str]]]:
-    """``ext -> (offset, size, member)`` per sample, from the .idx file or, without one, the tar."""
-    if idx_path.is_file():
-        lines = idx_path.read_text(encoding="ascii").splitlines()
-        header = lines[0].split() if lines else []
-        if len(header) != 2 or header[0] != INDEX_VERSION:
-            raise LoaderError(f"{idx_path}: expected a '{INDEX_VERSION} <samples>' header, got {lines[:1]}")
-        lines = lines[1:]
-    else:
-        lines = index_lines(shard.path)
-    samples = []
-    for n, line in enumerate(lines):
-        parts = line.split()
-        if len(parts) % 4:
-            raise LoaderError(f"{idx_path}:{n + 2}: expected groups of '<ext> <offset> <size> <name>'")
-        comps = {}
-        for j in range(0, len(parts), 4):
-            comps[parts[j]] = (int(parts[j + 1]), int(parts[j + 2]), parts[j + 3])
-        samples.append(comps)
-    return samples
-
-
-def _scan(shard: Shard, idx_path: Path, verify: str) -> list[Row]:
+def _scan(shard: Shard, verify: str) -> list[Row]:
     rows: list[Row] = []
     size_on_disk = shard.path.stat().st_size
     with open(shard.path, "rb") as f:
-        for comps in _parse_index(shard, idx_path):
+        for comps in read_index(shard.path):
             name = next(iter(comps.values()))[2]
             key = name.split(".", 1)[0]
             if "jpg" not in comps:
-                rows.append((key, -1, 0, 0, "", "", "missing_jpg"))
+                rows.append(Row(key, -1, 0, 0, "", "", "missing_jpg"))
                 continue
             off, size, _ = comps["jpg"]
             if off + size > size_on_disk:
-                rows.append((key, -1, off, size, "", "", "truncated_shard"))
+                rows.append(Row(key, -1, off, size, "", "", "truncated_shard"))
                 continue
-            meta, problem = {}, None
+            meta, problem = SampleMeta(), None
             if "json" in comps:
                 try:
-                    meta = json.loads(_read(f, comps["json"]))
-                except ValueError:
+                    meta = SampleMeta.from_json(_read(f, comps["json"]))
+                except (ValueError, TypeError):
                     problem = "bad_json"
             label = -1
             try:
                 label = (
-                    int(_read(f, comps["cls"]).decode("ascii").strip())
-                    if "cls" in comps
-                    else int(meta["label"])
+                    int(_read(f, comps["cls"]).decode("ascii").strip()) if "cls" in comps else int(meta.label)
                 )
-            except (KeyError, ValueError, TypeError):
+            except (ValueError, TypeError):
                 problem = problem or "bad_label"
             if problem is None:
                 f.seek(off)
                 problem = check_jpeg(f.read(size), meta, verify)
-            rows.append(
-                (
-                    key,
-                    label,
-                    off,
-                    size,
-                    str(meta.get("license_class", "")),
-                    str(meta.get("latin_name", "")),
-                    problem,
-                )
-            )
+            rows.append(Row(key, label, off, size, meta.license_class or "", meta.latin_name or "", problem))
     return rows
 
 
@@ -377,16 +331,16 @@ def _read(f, comp: tuple[int, int, str]) -> bytes:
     return f.read(comp[1])
 
 
-def check_jpeg(data: bytes, meta: dict, verify: str) -> str | None:
+def check_jpeg(data: bytes, meta: SampleMeta, verify: str) -> str | None:
     """None when the JPEG looks intact, else the reason it is skipped."""
-    if verify == "full" and meta.get("sha256"):
-        return None if hashlib.sha256(data).hexdigest() == meta["sha256"] else "sha256_mismatch"
+    if verify == "full" and meta.sha256:
+        return None if hashlib.sha256(data).hexdigest() == meta.sha256 else "sha256_mismatch"
     if not data.startswith(_JPEG_SOI) or not data.rstrip(b"\0").endswith(_JPEG_EOI):
         return "not_a_jpeg"
     dims = jpeg_size(data)
     if dims is None:
         return "no_jpeg_frame"
-    if "width" in meta and "height" in meta and dims != (meta["width"], meta["height"]):
+    if meta.width is not None and meta.height is not None and dims != (meta.width, meta.height):
         return "size_mismatch"
     return None
 

@@ -53,11 +53,12 @@ from typing import Any, Literal
 from .cache import CacheConfig, ImageCache
 from .config import SPLIT_NAMES, ConfigError
 from .download import DownloadConfig, Downloader
+from .format import MANIFEST, SampleMeta, safe_key, shard_name, write_index
 from .images import ImageConfig, ImageError, process_image
 from .outputs import OutputSet, dumps, read_jsonl
 from .records import url_key
 from .split import seeded_rank
-from .writer import RollingTarWriter, Sample, drop_samples, file_sha256, safe_key, write_index
+from .writer import RollingTarWriter, Sample, drop_samples, file_sha256
 
 WORK_DIR = "_work"
 MARKER = "chunk.json"
@@ -70,17 +71,6 @@ _SAFE_NAME = re.compile(r"[A-Za-z0-9_]{1,64}")
 PUT_BATCH = 32
 #: Downloads kept in flight per worker thread: enough to hide latency, bounded memory.
 WINDOW_PER_THREAD = 2
-SAMPLE_FIELDS = (
-    "plant_id",
-    "latin_name",
-    "image_url",
-    "license",
-    "license_class",
-    "source",
-    "country",
-    "region",
-    "split",
-)
 
 
 @dataclass
@@ -400,8 +390,7 @@ def run_chunk(job: ChunkJob) -> dict:
                 )
                 continue
             key = safe_key(url_key(record["image_url"]))
-            meta = {k: record.get(k) for k in SAMPLE_FIELDS}
-            meta.update(label=record["label"], **got["meta"])
+            meta = SampleMeta.from_record(record, record["label"], got["meta"]).as_json()
             writer.write(Sample(key=key, jpg=got["jpg"], label=int(record["label"]), meta=meta))
             samples.append({"key": key, "sha256": got["meta"]["sha256"], "image_url": record["image_url"]})
         parts = writer.close()
@@ -471,10 +460,6 @@ def load_marker(job: ChunkJob) -> dict | None:
 
 
 # ------------------------------------------------------------------------------------------- finalize
-
-
-def _stream_dir(out: Path, split: str, region: str) -> Path:
-    return out / split / region
 
 
 def finalize(
@@ -549,7 +534,7 @@ def _place_part(out: Path, job: ChunkJob, part: dict, dropped: set[str], next_in
     stream = (job.split, job.region)
     index = next_index[stream]
     next_index[stream] += 1
-    final = _stream_dir(out, *stream) / f"{job.split}-{job.region}-{index:06d}.tar"
+    final = out / shard_name(job.split, job.region, index)
     final.parent.mkdir(parents=True, exist_ok=True)
     if work.exists():
         if dropped:
@@ -619,7 +604,7 @@ def _write_reports(
         outputs.jsonl("duplicates.jsonl", duplicates)
         if not accounting["ok"]:  # a bug, not bad input: raise before anything is committed
             raise AssertionError(f"sharder accounting broken: {accounting}")
-        outputs.json("manifest.json", manifest)
+        outputs.json(MANIFEST, manifest)
     if not accounting["ok"]:
         raise AssertionError(f"sharder accounting broken: {accounting}")
     return manifest

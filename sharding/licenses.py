@@ -17,11 +17,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .config import ConfigError, read_yaml
+from .format import LICENSE_CLASSES, PERMISSIVE, RESTRICTIVE
 
-PERMISSIVE = "permissive"
-RESTRICTIVE = "restrictive"
 UNKNOWN = "unknown"
-LICENSE_CLASSES = (PERMISSIVE, RESTRICTIVE)
+__all__ = ["LICENSE_CLASSES", "PERMISSIVE", "RESTRICTIVE", "UNKNOWN", "LicenseTable", "license_key"]
 
 #: Words that carry no license meaning in real exports ("CC0 1.0 Universal", "4.0 International").
 _NOISE_WORDS = {

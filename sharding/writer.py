@@ -9,13 +9,11 @@ Owns the bytes on disk of a shard:
   Headers are built here (``tar_header``: the exact bytes ``tarfile`` writes for such a member, a
   test checks it) rather than through ``tarfile``/webdataset: ``tarfile``'s stream writer was 70% of
   a warm rebuild's time, and importing webdataset imports torch (~500 MB, ~2 s in every worker).
-* ``write_index`` writes the DALI index (the ``wds2idx`` format, version ``v1.2``: a header line
-  ``v1.2 <samples>``, then per sample ``<ext> <data offset> <size> <member name>`` for each of its
-  files) from the tar's own headers, so DALI never has to infer it.
+  Each part's DALI index lines are recorded while writing (format.py owns the index format).
 * ``drop_samples`` rewrites a shard without some keys (content-hash duplicates found later).
-* ``safe_key``: sample keys are hex digests, so never contain ``/``, ``..``, dots or control chars.
 
-Leaves out: which samples go where (build.py) and downloading (download.py).
+Leaves out: the format itself (format.py: members, keys, index files, manifest), which samples go
+where (build.py) and downloading (download.py).
 """
 
 from __future__ import annotations
@@ -23,33 +21,18 @@ from __future__ import annotations
 import hashlib
 import io
 import os
-import re
 import tarfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .format import MEMBERS, check_key, index_line
 from .outputs import dumps
 
 #: Tar metadata of every member: fixed so that shards are reproducible byte for byte.
 TAR_MTIME = 0
 TAR_MODE = 0o444
 TAR_OWNER = "flora"
-INDEX_VERSION = "v1.2"  # the version DALI's wds2idx writes and fn.readers.webdataset reads
-KEY_HEX_CHARS = 24  # 96 bits of sha256: collisions are negligible far beyond 10^9 samples
-_SAFE_KEY = re.compile(r"[0-9A-Za-z_-]{1,90}")  # + ".json" stays under tar's 100-byte name field
-
-
-def safe_key(identity: str) -> str:
-    """A path-safe, dot-free sample key derived from a record's identity (its URL key)."""
-    return hashlib.sha256(identity.encode("utf-8")).hexdigest()[:KEY_HEX_CHARS]
-
-
-def check_key(key: str) -> str:
-    """Raises ValueError unless ``key`` is safe as a tar member stem (no ``/``, ``..``, dots, controls)."""
-    if not _SAFE_KEY.fullmatch(key):
-        raise ValueError(f"unsafe sample key {key!r}: only [0-9A-Za-z_-], 1-90 characters")
-    return key
 
 
 @dataclass
@@ -62,11 +45,12 @@ class Sample:
     def members(self) -> list[tuple[str, bytes]]:
         """The tar members of this sample, in webdataset's (sorted extension) order."""
         key = check_key(self.key)
-        return [
-            (f"{key}.cls", str(self.label).encode("ascii")),
-            (f"{key}.jpg", self.jpg),
-            (f"{key}.json", dumps(self.meta, sort_keys=True).encode("utf-8")),
-        ]
+        data = {
+            "cls": str(self.label).encode("ascii"),
+            "jpg": self.jpg,
+            "json": dumps(self.meta, sort_keys=True).encode("utf-8"),
+        }
+        return [(f"{key}.{ext}", data[ext]) for ext in MEMBERS]
 
 
 @dataclass
@@ -172,10 +156,10 @@ class RollingTarWriter:
             self._writer.write(tar_header(name, len(data)))
             self._writer.write(data)
             self._writer.write(b"\0" * (-len(data) % tarfile.BLOCKSIZE))
-            entries.append(f"{name.split('.', 1)[1]} {self._offset + tarfile.BLOCKSIZE} {len(data)} {name}")
+            entries.append((name, self._offset + tarfile.BLOCKSIZE, len(data)))
             self._offset += tarfile.BLOCKSIZE + len(data) + (-len(data) % tarfile.BLOCKSIZE)
         cur = self._current
-        cur.index.append(" ".join(entries))
+        cur.index.append(index_line(entries))
         cur.samples += 1
         cur.bytes += size
         cur.keys.append(sample.key)
@@ -193,41 +177,6 @@ class RollingTarWriter:
             self._stream.close()
             self._tmp(self._current).unlink(missing_ok=True)
             self._writer = self._stream = self._current = None
-
-
-def index_lines(tar_path: Path) -> list[str]:
-    """The wds2idx lines of a tar: one per sample (consecutive members sharing a stem)."""
-    bundles: list[list[str]] = []
-    last = None
-    with tarfile.open(tar_path, "r:") as tar:
-        for member in tar:
-            if not member.isreg():
-                continue
-            slash = member.name.rfind("/")
-            dot = member.name.find(".", slash + 1)
-            stem, ext = member.name[:dot], member.name[dot + 1 :]
-            if not stem or stem.endswith("/"):
-                continue
-            entry = f"{ext} {member.offset_data} {member.size} {member.name}"
-            if stem != last:
-                bundles.append([entry])
-                last = stem
-            else:
-                bundles[-1].append(entry)
-    return [" ".join(b) for b in bundles]
-
-
-def write_index(tar_path: Path, lines: list[str] | None = None) -> Path:
-    """Writes the DALI index beside ``tar_path`` (``x.tar`` -> ``x.idx``), atomically, from
-    ``lines`` recorded while writing, or read from the tar's headers when not given."""
-    idx_path = tar_path.with_suffix(".idx")
-    lines = index_lines(tar_path) if lines is None else lines
-    if not lines:
-        raise ValueError(f"{tar_path} holds no samples; DALI cannot index an empty shard")
-    tmp = idx_path.with_name(idx_path.name + ".tmp")
-    tmp.write_text(f"{INDEX_VERSION} {len(lines)}\n" + "\n".join(lines) + "\n", encoding="utf-8")
-    os.replace(tmp, idx_path)
-    return idx_path
 
 
 def drop_samples(tar_path: Path, keys: set[str]) -> int:

@@ -19,9 +19,9 @@ from sharding.__main__ import main
 from sharding.build import BuildConfig, build
 from sharding.catalog import run_catalog
 from sharding.config import CatalogConfig, load_config
+from sharding.format import INDEX_VERSION
 from sharding.outputs import read_jsonl
 from sharding.world import ImageServer, WorldSpec, build_world
-from sharding.writer import INDEX_VERSION
 
 REPO = Path(__file__).resolve().parents[2]
 LOOPBACK = "127.0.0.1/32"

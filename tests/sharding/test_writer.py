@@ -5,15 +5,8 @@ import tarfile
 import pytest
 from wds2idx import IndexCreator
 
-from sharding.writer import (
-    RollingTarWriter,
-    Sample,
-    check_key,
-    drop_samples,
-    index_lines,
-    safe_key,
-    write_index,
-)
+from sharding.format import check_key, index_lines, safe_key, write_index
+from sharding.writer import RollingTarWriter, Sample, drop_samples
 
 
 def sample(i, size=1000):
