@@ -25,13 +25,14 @@ Leaves out: the measuring (gpu.py).
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import shutil
 import subprocess
 import sys
 import tarfile
 from pathlib import Path
+
+from flora.io import sha256_file
 
 REPO = Path(__file__).resolve().parents[1]
 BUNDLE = REPO / ".gpu-bundle"  # git-ignored; each call carries the manifest and one part
@@ -71,14 +72,6 @@ class BundleError(RuntimeError):
     """The bundle cannot be made or received as asked."""
 
 
-def sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(MIB), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def download_wheels(dest: Path, wheels: list[str] = WHEELS) -> list[Path]:
     """The pinned wheels for the GPU machine's Python, downloaded here with pip (no dependencies)."""
     dest.mkdir(parents=True, exist_ok=True)
@@ -107,8 +100,8 @@ def split(archive: Path, out: Path, part_bytes: int = PART_BYTES) -> dict:
             folder.mkdir()
             path = folder / "bundle.part"
             path.write_bytes(f.read(part_bytes))
-            parts.append({"name": folder.name, "bytes": path.stat().st_size, "sha256": sha256(path)})
-    manifest = {"archive": archive.name, "bytes": size, "sha256": sha256(archive), "parts": parts}
+            parts.append({"name": folder.name, "bytes": path.stat().st_size, "sha256": sha256_file(path)})
+    manifest = {"archive": archive.name, "bytes": size, "sha256": sha256_file(archive), "parts": parts}
     (out / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
     return manifest
 
@@ -152,7 +145,7 @@ def receive(bundle: Path = BUNDLE, stage: Path = STAGE, install: bool = True) ->
         carried = bundle / part["name"] / "bundle.part"
         kept = parts_dir / part["name"]
         if carried.is_file() and not kept.is_file():
-            if sha256(carried) != part["sha256"]:
+            if sha256_file(carried) != part["sha256"]:
                 raise BundleError(f"{part['name']}: sha256 differs from the manifest (a broken transfer?)")
             shutil.copyfile(carried, kept.with_suffix(".tmp"))
             kept.with_suffix(".tmp").rename(kept)
@@ -165,7 +158,7 @@ def receive(bundle: Path = BUNDLE, stage: Path = STAGE, install: bool = True) ->
         for part in manifest["parts"]:
             with (parts_dir / part["name"]).open("rb") as f:
                 shutil.copyfileobj(f, out, MIB)
-    if sha256(archive) != manifest["sha256"]:
+    if sha256_file(archive) != manifest["sha256"]:
         raise BundleError("the joined bundle's sha256 differs from the manifest")
     with tarfile.open(archive) as tar:
         tar.extractall(stage, filter="data")

@@ -30,7 +30,7 @@ from pathlib import Path
 
 from benchmarks.catalog import run_child
 from benchmarks.results import print_table, write_result
-from sharding.outputs import read_jsonl
+from flora.io import read_jsonl
 
 REPO = Path(__file__).resolve().parents[1]
 SHORTER_SIDE, QUALITY, RETRIES, SHARD_SAMPLES = 256, 90, 3, 1000

@@ -18,7 +18,6 @@ Leaves out: the conversions themselves (onnx.py, tfjs.py) and running TF.js (par
 from __future__ import annotations
 
 import copy
-import hashlib
 import io
 import json
 from dataclasses import dataclass
@@ -29,13 +28,19 @@ import numpy as np
 import torch
 from PIL import Image
 
+from flora.errors import FloraError
+from flora.io import sha256_file
 from sharding.format import MANIFEST, ShardFormatError, read_index, read_manifest
 
 FORMAT = 1
 
 
-class ExportError(RuntimeError):
+class ExportError(FloraError, RuntimeError):
     """An export cannot be produced or fails its parity check; the message says why."""
+
+
+class ParityError(ExportError):
+    """The exported model disagrees with PyTorch beyond the error threshold (exit status 1)."""
 
 
 @dataclass
@@ -62,14 +67,6 @@ class Bundle:
 
         p = self.preprocessing
         return eval_transform(self.image_size, int(p["val_resize"]), p["mean"], p["std"])
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def labels_in_order(class_mapping: dict[str, int]) -> list[str]:

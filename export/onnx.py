@@ -27,6 +27,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from flora.errors import fail
+
 from .bundle import ExportError, exact_logits, load_bundle, sample_inputs, torch_logits, write_metadata
 from .parity import compare
 
@@ -150,8 +152,8 @@ def export(
     return report
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m export.onnx", description=__doc__.split("\n")[0])
+def main(argv: list[str] | None = None, prog: str | None = None) -> int:
+    parser = argparse.ArgumentParser(prog=prog or "python -m export.onnx", description=__doc__.split("\n")[0])
     parser.add_argument("--checkpoint", required=True, help="a Flora checkpoint (best_model.pt)")
     parser.add_argument("--out", required=True, help="output folder")
     parser.add_argument("--images", help=IMAGES_HELP)
@@ -161,8 +163,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         report = export(args.checkpoint, args.out, args.images, args.samples)
     except ExportError as exc:
-        print(f"export.onnx: error: {exc}", file=sys.stderr)
-        return 2
+        return fail("export onnx", exc)
     p = report["parity"]
     print(
         f"{args.out}/model.onnx: {report['size_bytes'] / 1e6:.2f} MB; onnxruntime vs PyTorch on "

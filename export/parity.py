@@ -42,6 +42,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from flora.errors import fail
+
 from .bundle import (
     Bundle,
     ExportError,
@@ -232,8 +234,10 @@ def verify(
     return {"ok": not problems, "problems": problems, "parity": parity, "runtime": runtime}
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m export.parity", description="Re-checks a TF.js export.")
+def main(argv: list[str] | None = None, prog: str | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog=prog or "python -m export.parity", description="Re-checks a TF.js export."
+    )
     parser.add_argument("--export", required=True, help="the TF.js export folder")
     parser.add_argument("--checkpoint", required=True, help="the checkpoint it was exported from")
     parser.add_argument(
@@ -245,8 +249,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         result = verify(args.export, args.checkpoint, args.images, args.samples, args.backend)
     except ExportError as exc:
-        print(f"export.parity: error: {exc}", file=sys.stderr)
-        return 2
+        return fail("parity", exc)
     p = result["parity"]
     if p:
         print(
@@ -254,7 +257,7 @@ def main(argv: list[str] | None = None) -> int:
             f"max |dlogit| {p['max_abs_logit_diff']:.2e} (fp32 floor {p['fp32_floor']:.2e}) [{p['verdict']}]"
         )
     for problem in result["problems"]:
-        print(f"export.parity: {problem}", file=sys.stderr)
+        print(f"flora parity: {problem}", file=sys.stderr)
     return 0 if result["ok"] else 1
 
 

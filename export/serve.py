@@ -24,6 +24,8 @@ from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from urllib.parse import unquote, urlsplit
 
+from flora.errors import fail
+
 HERE = Path(__file__).resolve().parent
 WEB = HERE / "web"
 NODE = HERE / "js" / "node_modules" / "@tensorflow"
@@ -127,8 +129,10 @@ def serve_in_thread(model_dir: str | Path, host: str = "127.0.0.1") -> tuple[Dem
     return server, f"http://{host}:{server.server_address[1]}/"
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m export.serve", description=__doc__.split("\n")[0])
+def main(argv: list[str] | None = None, prog: str | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog=prog or "python -m export.serve", description=__doc__.split("\n")[0]
+    )
     parser.add_argument("--model", required=True, help="a TF.js export folder (the --out of export.tfjs)")
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8000)
@@ -138,15 +142,13 @@ def main(argv: list[str] | None = None) -> int:
         try:
             out = write_bundle(args.model, args.bundle)
         except (FileNotFoundError, ValueError) as exc:
-            print(f"export.serve: error: {exc}", file=sys.stderr)
-            return 1
+            return fail("serve", exc)
         print(f"static site in {out}: serve it with any web server (.wasm as application/wasm)")
         return 0
     try:
         server = make_server(args.model, args.host, args.port)
     except (FileNotFoundError, OSError) as exc:
-        print(f"export.serve: error: {exc}", file=sys.stderr)
-        return 1
+        return fail("serve", exc)
     print(f"Flora demo page: http://{args.host}:{server.server_address[1]}/  (Ctrl-C to stop)")
     try:
         server.serve_forever()

@@ -36,7 +36,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .bundle import ExportError, load_bundle, sample_inputs, write_metadata
+from flora.errors import fail
+
+from .bundle import ExportError, ParityError, load_bundle, sample_inputs, write_metadata
 from .onnx import IMAGES_HELP, export_module, for_export
 from .parity import check_tfjs
 
@@ -205,7 +207,7 @@ def export(
     }
     (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
     if parity["verdict"] == "error":
-        raise ExportError(
+        raise ParityError(
             f"TF.js parity failed: top-1 agreement {parity['top1_agreement']:.1%}, max |dlogit| "
             f"{parity['max_abs_logit_diff']:.2e} (error above {parity['thresholds']['error_max_abs']:.0e}); "
             f"see {out}/report.json"
@@ -229,8 +231,8 @@ def summary_line(report: dict, out: str | Path) -> str:
     return line
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m export.tfjs", description=__doc__.split("\n")[0])
+def main(argv: list[str] | None = None, prog: str | None = None) -> int:
+    parser = argparse.ArgumentParser(prog=prog or "python -m export.tfjs", description=__doc__.split("\n")[0])
     parser.add_argument("--checkpoint", required=True, help="a Flora checkpoint (best_model.pt)")
     parser.add_argument("--out", required=True, help="output folder")
     parser.add_argument(
@@ -253,9 +255,10 @@ def main(argv: list[str] | None = None) -> int:
             args.latency_runs,
             args.shard_bytes,
         )
+    except ParityError as exc:
+        return fail("export tfjs", exc, code=1)  # the export exists; it failed its check
     except ExportError as exc:
-        print(f"export.tfjs: error: {exc}", file=sys.stderr)
-        return 1
+        return fail("export tfjs", exc)
     print(summary_line(report, args.out))
     return 0
 

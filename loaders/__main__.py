@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -20,25 +19,26 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from sharding.config import ConfigError
+from flora.config import ConfigError
+from flora.distributed import torchrun_env
+from flora.errors import fail
 
 from . import create_dataloaders
 from .index import LoaderError
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m loaders", description=__doc__.splitlines()[0])
+def main(argv: list[str] | None = None, prog: str | None = None) -> int:
+    parser = argparse.ArgumentParser(prog=prog or "python -m loaders", description=__doc__.splitlines()[0])
     parser.add_argument("--config", required=True, help="YAML with a data: section")
     parser.add_argument("--epochs", type=int, default=1)
     parser.add_argument("--audit", type=Path, help="write every epoch's sample ids per rank (JSON)")
     parser.add_argument("overrides", nargs="*", help="data.key=value")
     args = parser.parse_args(argv)
-    distributed = int(os.environ.get("WORLD_SIZE", 1)) > 1
+    distributed = torchrun_env().distributed
     try:
         train, val, info = create_dataloaders(args.config, overrides=args.overrides)
     except (ConfigError, LoaderError) as exc:
-        print(f"loaders: {exc}", file=sys.stderr)
-        return 2
+        return fail("loaders", exc)
     if distributed:
         dist.init_process_group("nccl" if info.device.startswith("cuda") else "gloo")
     lead = info.rank == 0

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from sharding.config import ConfigError, apply_overrides, from_dict, read_yaml
+from flora.config import ConfigError, apply_overrides, from_dict, read_yaml
 
 #: ImageNet statistics (torchvision's and timm's defaults), in [0, 1] units.
 IMAGENET_MEAN = (0.485, 0.456, 0.406)

@@ -10,11 +10,12 @@ Leaves out: everything per batch (dali.py, reference.py) and the sample selectio
 
 from __future__ import annotations
 
-import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
+
+from flora.distributed import torchrun_env
 
 from .base import EpochLoader
 from .config import DataConfig, load_data_config
@@ -53,12 +54,11 @@ class LoaderInfo:
 
 def dist_env(rank: int | None, world_size: int | None) -> tuple[int, int, int]:
     """(rank, world_size, local_rank) from the arguments or torchrun's environment."""
-    rank = int(os.environ.get("RANK", 0)) if rank is None else rank
-    world_size = int(os.environ.get("WORLD_SIZE", 1)) if world_size is None else world_size
-    local_rank = int(os.environ.get("LOCAL_RANK", rank))
-    if world_size < 1 or not 0 <= rank < world_size:
-        raise LoaderError(f"rank must be in [0, world_size), got rank={rank}, world_size={world_size}")
-    return rank, world_size, local_rank
+    try:
+        env = torchrun_env(rank, world_size)
+    except ValueError as exc:
+        raise LoaderError(str(exc)) from None
+    return env.rank, env.world_size, env.local_rank
 
 
 def resolve_device(cfg: DataConfig, local_rank: int) -> torch.device:

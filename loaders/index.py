@@ -33,6 +33,7 @@ from typing import NamedTuple
 
 import numpy as np
 
+from flora.errors import FloraError
 from sharding.format import (
     PERMISSIVE,
     SampleMeta,
@@ -52,7 +53,7 @@ _JPEG_SOI, _JPEG_EOI = b"\xff\xd8", b"\xff\xd9"
 _SOF_MARKERS = {0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF}
 
 
-class LoaderError(ValueError):
+class LoaderError(FloraError, ValueError):
     """The shards cannot be loaded as configured; the message says what was found and expected."""
 
 

@@ -1,4 +1,4 @@
-"""Command line of the sharding package: ``python -m sharding catalog ...`` (also ``flora-sharding``).
+"""Command line of the sharding package: ``python -m sharding catalog ...`` (also ``flora catalog`` / ``flora build``).
 
 Owns argument parsing, turning anticipated failures (missing file, unreachable MongoDB, bad config
 key) into one ``error: ...`` line and exit status 2, and the end-of-run summary.
@@ -15,10 +15,12 @@ import sys
 import time
 from pathlib import Path
 
-from .config import CatalogConfig, ConfigError, load_config
+from flora.config import ConfigError, load_config
+from flora.errors import fail
+
+from .config import CatalogConfig
 from .sources import SourceError, redact
 
-EXIT_USAGE = 2
 
 
 def _catalog(args: argparse.Namespace) -> int:
@@ -93,8 +95,8 @@ def _build(args: argparse.Namespace) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m sharding", description=__doc__.splitlines()[0])
+def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=prog or "python -m sharding", description=__doc__.splitlines()[0])
     verbs = parser.add_subparsers(dest="verb", required=True)
     cat = verbs.add_parser("catalog", help="records (JSONL or MongoDB) -> validated, deduplicated splits")
     cat.add_argument("--source", required=True, help="a JSONL(.gz) file or mongodb://host:port/DB.COLLECTION")
@@ -133,13 +135,12 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+def main(argv: list[str] | None = None, prog: str | None = None) -> int:
+    args = build_parser(prog).parse_args(argv)
     try:
         return args.func(args)
     except (ConfigError, SourceError, OSError) as exc:
-        print(f"error: {redact(str(exc))}", file=sys.stderr)
-        return EXIT_USAGE
+        return fail(args.verb, redact(str(exc)))
 
 
 if __name__ == "__main__":

@@ -50,15 +50,18 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from flora.config import ConfigError
+from flora.io import read_jsonl, sha256_file
+
 from .cache import CacheConfig, ImageCache
-from .config import SPLIT_NAMES, ConfigError
+from .config import SPLIT_NAMES
 from .download import DownloadConfig, Downloader
 from .format import MANIFEST, SampleMeta, safe_key, shard_name, write_index
 from .images import ImageConfig, ImageError, process_image
-from .outputs import OutputSet, dumps, read_jsonl
+from .outputs import OutputSet, dumps
 from .records import url_key
 from .split import seeded_rank
-from .writer import RollingTarWriter, Sample, drop_samples, file_sha256
+from .writer import RollingTarWriter, Sample, drop_samples
 
 WORK_DIR = "_work"
 MARKER = "chunk.json"
@@ -551,7 +554,7 @@ def _place_part(out: Path, job: ChunkJob, part: dict, dropped: set[str], next_in
         "region": job.region,
         "samples": remaining,
         "bytes": final.stat().st_size,
-        "sha256": part["sha256"] if not dropped else file_sha256(final),
+        "sha256": part["sha256"] if not dropped else sha256_file(final),
         "classes": sorted(set(labels)),
         "licenses": dict(sorted(Counter(part["license_classes"][i] for i in keep).items())),
         "chunk": job.chunk_id,
@@ -615,7 +618,7 @@ def _write_reports(
 
 def _plan_fingerprint(splits_path: Path, cfg: BuildConfig) -> dict:
     return {
-        "splits_sha256": file_sha256(splits_path),
+        "splits_sha256": sha256_file(splits_path),
         "seed": cfg.seed,
         "shards": asdict(cfg.shards),
         "images": image_fingerprint(cfg.images),

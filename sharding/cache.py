@@ -53,7 +53,7 @@ from typing import Any, TypeVar
 
 import lmdb
 
-from .config import ConfigError
+from flora.config import ConfigError
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")

@@ -34,7 +34,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .config import SPLIT_NAMES, CatalogConfig, to_dict
+from flora.config import to_dict
+
+from .config import SPLIT_NAMES, CatalogConfig
 from .licenses import PERMISSIVE, LicenseTable
 from .outputs import OutputSet
 from .records import Record, RecordError, put_meta, url_key, validate

@@ -63,7 +63,7 @@ from urllib3.exceptions import (
 from urllib3.exceptions import SSLError as Urllib3SSLError
 from urllib3.util import connection
 
-from .config import ConfigError
+from flora.config import ConfigError
 
 #: Every ``FetchResult.reason``; stable strings (they land in failures.jsonl). Besides the HTTP codes:
 #: ``truncated`` (body shorter than Content-Length, connection dropped mid-body), ``bad_redirect`` (a

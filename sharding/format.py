@@ -31,6 +31,8 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from flora.errors import FloraError
+
 MANIFEST = "manifest.json"
 CLASS_MAPPING = "class_mapping.json"
 FAILURES = "failures.jsonl"
@@ -48,7 +50,7 @@ LICENSE_CLASSES = (PERMISSIVE, RESTRICTIVE)
 MEMBERS = ("cls", "jpg", "json")
 
 
-class ShardFormatError(ValueError):
+class ShardFormatError(FloraError, ValueError):
     """A shard root, manifest, index or sample does not follow the format; says what and where."""
 
 

@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 
 from PIL import ExifTags, Image, ImageOps, UnidentifiedImageError
 
-from .config import ConfigError
+from flora.config import ConfigError
 
 DEFAULT_FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF")
 #: Pillow reports JPEGs with a multi-picture extension (many camera photos) as MPO: still a JPEG.

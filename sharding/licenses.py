@@ -16,7 +16,8 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .config import ConfigError, read_yaml
+from flora.config import ConfigError, read_yaml
+
 from .format import LICENSE_CLASSES, PERMISSIVE, RESTRICTIVE
 
 UNKNOWN = "unknown"

@@ -45,12 +45,6 @@ def dumps(obj: Any, **kwargs: Any) -> str:
         return json.dumps(_finite(obj), ensure_ascii=False, allow_nan=False, default=_default, **kwargs)
 
 
-def read_jsonl(path: str | Path) -> list[Any]:
-    """All values of a JSONL file (blank lines skipped)."""
-    with open(path, encoding="utf-8") as fh:
-        return [json.loads(line) for line in fh if line.strip()]
-
-
 class OutputSet:
     """Files of one run in ``out_dir``, staged as ``*.tmp`` and renamed together by ``commit()``."""
 

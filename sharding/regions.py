@@ -20,7 +20,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .config import ConfigError, read_yaml
+from flora.config import ConfigError, read_yaml
 
 UNKNOWN_REGION = "UNKNOWN"
 _CODE = re.compile(r"^[A-Z]{2}$")

@@ -28,6 +28,8 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote_plus
 
+from flora.errors import FloraError
+
 from .config import MongoConfig
 
 _URI_PASSWORD = re.compile(r"(mongodb(?:\+srv)?://[^:/@\s]+:)([^@\s]*)(@)")
@@ -35,7 +37,7 @@ _URI_USER_ONLY = re.compile(r"(mongodb(?:\+srv)?://[^:/@\s]+)@")
 MONGO_PREFIXES = ("mongodb://", "mongodb+srv://")
 
 
-class SourceError(RuntimeError):
+class SourceError(FloraError, RuntimeError):
     """The source cannot be read at all (missing file, unreachable server, missing collection)."""
 
 

@@ -38,7 +38,9 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
-from .config import SPLIT_NAMES, ConfigError, SplitConfig
+from flora.config import ConfigError
+
+from .config import SPLIT_NAMES, SplitConfig
 from .licenses import PERMISSIVE
 from .records import Record
 

@@ -198,11 +198,3 @@ def drop_samples(tar_path: Path, keys: set[str]) -> int:
             dst.addfile(member, io.BytesIO(src.extractfile(member).read()))
     os.replace(tmp, tar_path)
     return len(kept_keys)
-
-
-def file_sha256(path: Path, chunk: int = 1 << 20) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while block := fh.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()

@@ -6,9 +6,10 @@ from pathlib import Path
 
 import pytest
 
+from flora.config import load_config
 from sharding.build import BuildConfig, build
 from sharding.catalog import run_catalog
-from sharding.config import CatalogConfig, load_config
+from sharding.config import CatalogConfig
 from sharding.world import ImageServer, WorldSpec, build_world
 from sharding.world.mongo import HAVE_PYMONGO, HAVE_SECANTUS, MongoTestServer
 

@@ -28,12 +28,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from flora.errors import FloraError
+
 FORMAT = 1
 LAST = "last_checkpoint.pt"
 BEST = "best_model.pt"
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(FloraError, RuntimeError):
     """A checkpoint is missing, unreadable, of another format or not what the caller needs."""
 
 

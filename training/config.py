@@ -17,8 +17,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
+from flora.config import ConfigError, apply_overrides, from_dict, read_yaml, to_dict
 from loaders.config import DataConfig
-from sharding.config import ConfigError, apply_overrides, from_dict, read_yaml, to_dict
 
 SECTIONS = ("run", "data", "model", "optim", "schedule", "train", "objective", "distill")
 

@@ -28,10 +28,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from flora.config import ConfigError
+from flora.errors import fail
 from loaders.config import load_data_config
 from loaders.factory import make_loader, resolve_device
 from loaders.index import LoaderError
-from sharding.config import ConfigError
 
 from . import plots
 from .checkpoint import CheckpointError, load_checkpoint, update_checkpoint
@@ -167,8 +168,10 @@ def evaluate(
     return results
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m training.evaluate", description=__doc__.splitlines()[0])
+def main(argv: list[str] | None = None, prog: str | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog=prog or "python -m training.evaluate", description=__doc__.splitlines()[0]
+    )
     parser.add_argument("--checkpoint", required=True, help="a Flora checkpoint (best_model.pt)")
     parser.add_argument("--split", default="test")
     parser.add_argument("--region", help="evaluate on this region's samples only (e.g. EU_SW)")
@@ -193,8 +196,7 @@ def main(argv: list[str] | None = None) -> int:
             confusion_classes=args.confusion_classes,
         )
     except (CheckpointError, ConfigError, LoaderError, ModelError, TrainingError, ValueError) as exc:
-        print(f"evaluate: {exc}", file=sys.stderr)
-        return 2
+        return fail("evaluate", exc)
     finally:
         destroy_distributed()
     if rank == 0:

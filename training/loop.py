@@ -31,6 +31,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from flora.distributed import torchrun_env
+from flora.errors import FloraError
 from loaders import create_dataloaders
 from loaders.base import EpochLoader
 
@@ -54,7 +56,7 @@ log = logging.getLogger(__name__)
 RESUME_FIXED = ("data", "model", "optim", "schedule", "objective", "distill")
 
 
-class TrainingError(RuntimeError):
+class TrainingError(FloraError, RuntimeError):
     """A run cannot start or continue as configured."""
 
 
@@ -97,9 +99,8 @@ class Dist:
 
 def init_distributed(device_kind: str) -> Dist:
     """The process group from torchrun's environment (``RANK``, ``WORLD_SIZE``, ``MASTER_ADDR``...)."""
-    world_size = int(os.environ.get("WORLD_SIZE", 1))
-    rank = int(os.environ.get("RANK", 0))
-    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    env = torchrun_env()
+    rank, world_size, local_rank = env.rank, env.world_size, env.local_rank
     if world_size > 1 and not dist.is_initialized():
         use_nccl = device_kind != "cpu" and torch.cuda.is_available()
         if use_nccl:

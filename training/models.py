@@ -20,6 +20,8 @@ import timm
 import torch
 from torch import nn
 
+from flora.errors import FloraError
+
 from .config import ModelConfig
 
 log = logging.getLogger(__name__)
@@ -28,7 +30,7 @@ HUB_HOST = ("huggingface.co", 443)
 HUB_PROBE_TIMEOUT_S = 3.0  # one TCP connect; a sandbox without network answers at once or never
 
 
-class ModelError(RuntimeError):
+class ModelError(FloraError, RuntimeError):
     """A model cannot be built or initialised as configured."""
 
 

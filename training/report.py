@@ -22,6 +22,8 @@ from pathlib import Path
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+from flora.errors import fail
+
 from .checkpoint import CheckpointError, load_checkpoint
 from .evaluate import evaluate
 from .models import model_from_checkpoint
@@ -135,9 +137,9 @@ def markdown(report: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m training.report", description="Teachers vs students, one table"
+        prog=prog or "python -m training.report", description="Teachers vs students, one table"
     )
     parser.add_argument("--student", type=Path, action="append", required=True, help="a student checkpoint")
     parser.add_argument("--teacher", type=Path, action="append", required=True, help="a teacher checkpoint")
@@ -148,8 +150,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         report = compare(args.student, args.teacher, args.split, out)
     except (CheckpointError, FileNotFoundError, RuntimeError, ValueError) as exc:
-        print(f"report: {exc}", file=sys.stderr)
-        return 2
+        return fail("report", exc)
     out.mkdir(parents=True, exist_ok=True)
     (out / "comparison.json").write_text(json.dumps(report, indent=2))
     table = markdown(report)

@@ -30,6 +30,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from flora.errors import fail
 from loaders.factory import make_loader
 from loaders.index import SampleIndex
 
@@ -176,10 +177,10 @@ def load_cache(path: Path, index: SampleIndex) -> SoftLabels:
     return SoftLabels(classes, probs, rows, path)
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, prog: str | None = None) -> int:
+    from flora.config import ConfigError
     from loaders import create_dataloaders
     from loaders.index import LoaderError
-    from sharding.config import ConfigError
 
     from .config import load_experiment
     from .distill import build_mixer
@@ -187,7 +188,7 @@ def main(argv: list[str] | None = None) -> int:
     from .models import ModelError
 
     parser = argparse.ArgumentParser(
-        prog="python -m training.soft_labels", description=__doc__.splitlines()[0]
+        prog=prog or "python -m training.soft_labels", description=__doc__.splitlines()[0]
     )
     parser.add_argument("--config", required=True, help="a student config (objective.kind: distill)")
     parser.add_argument("overrides", nargs="*", help="section.key=value")
@@ -202,8 +203,7 @@ def main(argv: list[str] | None = None) -> int:
         mixer = build_mixer(cfg.distill, info).to(info.device)
         cache = ensure_cache(cfg, mixer, train.index, torch.device(info.device), ddp)
     except (ConfigError, LoaderError, ModelError, RuntimeError, FileNotFoundError) as exc:
-        print(f"soft_labels: {exc}", file=sys.stderr)
-        return 2
+        return fail("soft-labels", exc)
     finally:
         destroy_distributed()
     if ddp.main:

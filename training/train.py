@@ -16,8 +16,9 @@ import logging
 import os
 import sys
 
+from flora.config import ConfigError
+from flora.errors import fail
 from loaders.index import LoaderError
-from sharding.config import ConfigError
 
 from .checkpoint import CheckpointError
 from .config import load_experiment
@@ -27,14 +28,16 @@ from .models import ModelError
 EXPECTED_ERRORS = (ConfigError, LoaderError, TrainingError, ModelError, CheckpointError, FileNotFoundError)
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m training.train", description=__doc__.splitlines()[0])
+def main(argv: list[str] | None = None, prog: str | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog=prog or "python -m training.train", description=__doc__.splitlines()[0]
+    )
     parser.add_argument("--config", required=True, help="experiment YAML (config/teacher_global.yaml ...)")
     parser.add_argument("--resume", action="store_true", help="continue runs/<name>/last_checkpoint.pt")
     parser.add_argument("--stop-after", type=int, help="stop after this many optimizer steps (checkpointed)")
     parser.add_argument("overrides", nargs="*", help="section.key=value, e.g. train.epochs=2 run.name=x")
     args = parser.parse_args(argv)
-    rank = int(os.environ.get("RANK", 0))
+    rank = int(os.environ.get("RANK", 0))  # torchrun sets it; the logs say which rank spoke
     logging.basicConfig(
         level=logging.INFO if rank == 0 else logging.WARNING,
         format=f"%(asctime)s [rank {rank}] %(name)s: %(message)s",
@@ -44,8 +47,7 @@ def main(argv: list[str] | None = None) -> int:
         trainer = Trainer(cfg, resume=args.resume, stop_after=args.stop_after)
         summary = trainer.fit()
     except EXPECTED_ERRORS as exc:
-        print(f"training: {exc}", file=sys.stderr)
-        return 2
+        return fail("train", exc)
     finally:
         destroy_distributed()
     if rank == 0:

@@ -1,4 +1,4 @@
-"""Command line of the sample world: ``python -m sharding.world generate|serve`` (``flora-world``).
+"""Command line of the sample world: ``python -m sharding.world generate|serve`` (``flora world``).
 
 Owns: argument parsing, the one-line summary of ``generate``, and running ``serve`` in the foreground
 until Ctrl-C. Anticipated bad input (a bad spec value, a missing folder, a port in use) ends with one
@@ -15,16 +15,18 @@ import threading
 import time
 from pathlib import Path
 
+from flora.errors import fail
 from sharding.world.generate import DEFAULT_BASE_URL, WorldSpec, build_world
 from sharding.world.images import image_owners
 from sharding.world.server import ImageServer
 
 DEFAULT_PORT = 8765  # matches DEFAULT_BASE_URL, so `generate` then `serve` work together
-EXIT_BAD_INPUT = 2
 
 
-def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="flora-world", description="Generate or serve the sample world.")
+def _parser(prog: str | None = None) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog=prog or "python -m sharding.world", description="Generate or serve the sample world."
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     defaults = WorldSpec()
     gen = sub.add_parser("generate", help="write catalog.jsonl, images/ and faults.json")
@@ -72,14 +74,13 @@ def _serve(args: argparse.Namespace) -> int:
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Run the ``flora-world`` command line; return the exit status."""
-    args = _parser().parse_args(argv)
+def main(argv: list[str] | None = None, prog: str | None = None) -> int:
+    """Run the ``flora world`` command line; return the exit status."""
+    args = _parser(prog).parse_args(argv)
     try:
         return _generate(args) if args.command == "generate" else _serve(args)
     except (ValueError, OSError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return EXIT_BAD_INPUT
+        return fail("world", exc)
 
 
 if __name__ == "__main__":

@@ -23,6 +23,7 @@ from itertools import accumulate
 from pathlib import Path
 from urllib.parse import urlsplit
 
+from flora.io import read_jsonl  # noqa: F401 - re-exported by sharding.world
 from sharding.world import tables
 from sharding.world.images import image_owners, plan_image, write_images
 from sharding.world.server import FAULT_KINDS
@@ -409,12 +410,6 @@ def write_jsonl(records: Iterable[Mapping], path: str | Path) -> int:
             fh.write("\n")
             count += 1
     return count
-
-
-def read_jsonl(path: str | Path) -> list:
-    """Read a JSONL file written by ``write_jsonl`` (blank lines are skipped)."""
-    with open(path, encoding="utf-8") as fh:
-        return [json.loads(line) for line in fh if line.strip()]
 
 
 def build_world(

@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from benchmarks.gpu_bundle import BundleError, pack, receive, sha256, split
+from benchmarks.gpu_bundle import BundleError, pack, receive, split
+from flora.io import sha256_file
 from loaders.dali import HAVE_DALI
 
 REPO = Path(__file__).resolve().parents[2]
@@ -106,7 +107,7 @@ def test_bundle_refuses_a_damaged_part_and_a_missing_manifest(tmp_path):
         tar.add(__file__, arcname="wheels/x.py")
     bundle = tmp_path / "b"
     manifest = split(archive, bundle, part_bytes=4096)
-    assert sha256(archive) == manifest["sha256"]
+    assert sha256_file(archive) == manifest["sha256"]
     part = bundle / manifest["parts"][0]["name"] / "bundle.part"
     part.write_bytes(b"x" + part.read_bytes()[1:])
     with pytest.raises(BundleError, match="sha256 differs"):

@@ -68,4 +68,4 @@ def test_an_operator_onnx_cannot_hold_is_a_clear_error(tmp_path):
 def test_cli_reports_a_bad_checkpoint_in_one_line(tmp_path, capsys):
     assert main(["--checkpoint", str(tmp_path / "missing.pt"), "--out", str(tmp_path / "o")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert err == [f"export.onnx: error: no checkpoint at {tmp_path / 'missing.pt'}"]
+    assert err == [f"flora export onnx: error: no checkpoint at {tmp_path / 'missing.pt'}"]

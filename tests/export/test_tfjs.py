@@ -60,9 +60,9 @@ def test_a_missing_converter_environment_says_how_to_make_it(student, tmp_path, 
     monkeypatch.setenv("FLORA_TFJS_VENV", str(tmp_path / "no-venv"))
     with pytest.raises(ExportError, match="make tfjs-env"):
         export(student, tmp_path / "out")
-    assert main(["--checkpoint", str(student), "--out", str(tmp_path / "out")]) == 1
+    assert main(["--checkpoint", str(student), "--out", str(tmp_path / "out")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith("export.tfjs: error:") and "make tfjs-env" in err[0]
+    assert len(err) == 1 and err[0].startswith("flora export tfjs: error:") and "make tfjs-env" in err[0]
 
 
 def test_a_failing_converter_step_is_one_clear_error(tmp_path):

@@ -4,8 +4,8 @@ from pathlib import Path
 
 import pytest
 
+from flora.config import ConfigError
 from loaders import DataConfig, LoaderError, create_dataloaders, load_data_config
-from sharding.config import ConfigError
 
 REPO = Path(__file__).resolve().parents[2]
 

@@ -15,12 +15,13 @@ from types import SimpleNamespace
 
 import pytest
 
+from flora.config import load_config
+from flora.io import read_jsonl
 from sharding.__main__ import main
 from sharding.build import BuildConfig, build
 from sharding.catalog import run_catalog
-from sharding.config import CatalogConfig, load_config
+from sharding.config import CatalogConfig
 from sharding.format import INDEX_VERSION
-from sharding.outputs import read_jsonl
 from sharding.world import ImageServer, WorldSpec, build_world
 
 REPO = Path(__file__).resolve().parents[2]
@@ -387,7 +388,7 @@ def test_two_sharders_on_one_cache_at_once(world, built, tmp_path):
 def test_missing_splits_is_one_error_line(tmp_path, capsys):
     assert main(["build", "--splits", str(tmp_path / "nope"), "--out", str(tmp_path / "o")]) == 2
     err = capsys.readouterr().err
-    assert err.startswith("error: no dataset_splits.jsonl in") and err.count("\n") == 1
+    assert err.startswith("flora build: error: no dataset_splits.jsonl in") and err.count("\n") == 1
 
 
 def test_a_crashed_retry_round_is_resumed_not_repeated(tmp_path, monkeypatch):

@@ -13,8 +13,8 @@ import zlib
 import lmdb
 import pytest
 
+from flora.config import ConfigError, from_dict
 from sharding.cache import CacheConfig, CacheEntry, ImageCache, encode_record, url_hash
-from sharding.config import ConfigError, from_dict
 
 MiB = 2**20
 META = {"width": 64, "height": 48, "format": "JPEG", "sha256": "ab" * 32}

@@ -10,9 +10,10 @@ from pathlib import Path
 
 import pytest
 
+from flora.config import load_config
 from sharding.__main__ import main
 from sharding.catalog import run_catalog
-from sharding.config import CatalogConfig, load_config
+from sharding.config import CatalogConfig
 from sharding.records import OUTPUT_FIELDS
 from sharding.world import WorldSpec, generate_catalog
 
@@ -194,7 +195,7 @@ def test_cli_summary_and_one_line_errors(raw_records, tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "records in =" in printed and "region EU_SW" in printed
     assert main(["catalog", "--source", str(tmp_path / "missing.jsonl"), "--out", str(tmp_path / "o")]) == 2
-    assert capsys.readouterr().err.strip() == f"error: source file not found: {tmp_path / 'missing.jsonl'}"
+    assert capsys.readouterr().err.strip() == f"flora catalog: error: source file not found: {tmp_path / 'missing.jsonl'}"
     assert main(["catalog", "--source", str(src), "--out", str(tmp_path / "o"), "split.sede=1"]) == 2
     assert "split.sede" in capsys.readouterr().err
     assert main(["catalog", "--source", str(src), "--out", str(tmp_path / "o"), "--region", "EU_XX"]) == 2

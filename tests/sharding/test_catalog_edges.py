@@ -6,11 +6,12 @@ import json
 
 import pytest
 
+from flora.config import load_config
+from flora.io import read_jsonl
 from sharding import catalog as catalog_module
 from sharding.__main__ import main
 from sharding.catalog import run_catalog
-from sharding.config import CatalogConfig, load_config
-from sharding.outputs import read_jsonl
+from sharding.config import CatalogConfig
 
 
 def rec(i, name="Olea europaea", **fields):
@@ -90,7 +91,7 @@ def test_gzip_input_and_a_truncated_gzip(tmp_path, capsys):
     data = (tmp_path / "c.jsonl.gz").read_bytes()
     (tmp_path / "cut.jsonl.gz").write_bytes(data[: len(data) // 2])
     assert main(["catalog", "--source", str(tmp_path / "cut.jsonl.gz"), "--out", str(tmp_path / "o2")]) == 2
-    assert capsys.readouterr().err.startswith("error: cannot read")
+    assert capsys.readouterr().err.startswith("flora catalog: error: cannot read")
 
 
 @pytest.mark.parametrize(
@@ -128,4 +129,4 @@ def test_out_that_is_a_file_is_one_error_line(tmp_path, capsys):
     (tmp_path / "taken").write_text("x")
     assert main(["catalog", "--source", str(tmp_path / "c.jsonl"), "--out", str(tmp_path / "taken")]) == 2
     err = capsys.readouterr().err
-    assert err.startswith("error: ") and err.count("\n") == 1
+    assert err.startswith("flora catalog: error: ") and err.count("\n") == 1

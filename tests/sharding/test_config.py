@@ -2,7 +2,8 @@
 
 import pytest
 
-from sharding.config import CatalogConfig, ConfigError, apply_overrides, load_config
+from flora.config import ConfigError, apply_overrides, load_config
+from sharding.config import CatalogConfig
 
 
 def write(tmp_path, text):

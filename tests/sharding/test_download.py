@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from sharding.config import ConfigError
+from flora.config import ConfigError
 from sharding.download import REASONS, DownloadConfig, Downloader, refusal, retry_after_seconds
 from sharding.world import ImageServer, render_image
 

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from sharding.config import ConfigError
+from flora.config import ConfigError
 from sharding.images import ImageConfig, ImageError, ProcessedImage, process_image
 from sharding.world import render_image
 from sharding.world.server import HTML_PAGE, bomb_png, corrupt_jpeg, tiny_jpeg

@@ -7,9 +7,10 @@ from collections import Counter
 import pytest
 from pymongo import monitoring
 
+from flora.config import load_config
 from sharding.__main__ import main
 from sharding.catalog import run_catalog
-from sharding.config import CatalogConfig, MongoConfig, load_config
+from sharding.config import CatalogConfig, MongoConfig
 from sharding.sources import MongoSource, SourceError, redact
 from sharding.world import WorldSpec, generate_catalog
 from sharding.world.mongo import free_port, load_records
@@ -76,7 +77,7 @@ def test_unreachable_server_fails_fast_without_leaking_the_password(tmp_path, ca
     code = main(["catalog", "--source", uri, "--out", str(tmp_path), "mongo.timeout_s=1"])
     err = capsys.readouterr().err
     assert code == 2
-    assert err.startswith("error: cannot reach MongoDB at mongodb://flora:***@127.0.0.1")
+    assert err.startswith("flora catalog: error: cannot reach MongoDB at mongodb://flora:***@127.0.0.1")
     assert "s3cr3t" not in err and err.count("\n") == 1
 
 
@@ -124,7 +125,7 @@ def test_password_from_the_environment_with_a_real_user(mongo_server, loaded, mo
     monkeypatch.setenv("FLORA_MONGO_PASSWORD", "wrong-pw")
     assert main(["catalog", "--source", uri, "--out", str(tmp_path)]) == 2
     err = capsys.readouterr().err
-    assert err.startswith("error: MongoDB refused mongodb://flora_reader@") and "wrong-pw" not in err
+    assert err.startswith("flora catalog: error: MongoDB refused mongodb://flora_reader@") and "wrong-pw" not in err
 
 
 def test_javascript_doubles_and_a_bad_filter(mongo_server, tmp_path, capsys):

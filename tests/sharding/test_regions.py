@@ -2,8 +2,8 @@
 
 import pytest
 
+from flora.config import ConfigError
 from sharding.catalog import BUNDLED_CONFIG_DIR
-from sharding.config import ConfigError
 from sharding.regions import UNKNOWN_REGION, RegionTable
 
 

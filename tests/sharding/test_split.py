@@ -5,7 +5,8 @@ from collections import Counter
 
 import pytest
 
-from sharding.config import ConfigError, SplitConfig
+from flora.config import ConfigError
+from sharding.config import SplitConfig
 from sharding.records import Record, normalize_url, url_key
 from sharding.split import allocate, assign_splits, dedup, leakage_report
 

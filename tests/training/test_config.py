@@ -2,7 +2,7 @@ from pathlib import Path
 
 import pytest
 
-from sharding.config import ConfigError
+from flora.config import ConfigError
 from training.config import load_experiment
 
 REPO = Path(__file__).resolve().parents[2]

@@ -120,7 +120,7 @@ def test_cli_reports_bad_config_in_one_line(tmp_path, capsys):
     path.write_text(yaml.safe_dump({"data": {"shards": str(tmp_path)}, "optim": {"lrate": 1}}))
     assert train_main(["--config", str(path)]) == 2
     err = capsys.readouterr().err.strip()
-    assert err.startswith("training: ") and "optim.lrate" in err and "\n" not in err
+    assert err.startswith("flora train: error: ") and "optim.lrate" in err and "\n" not in err
 
 
 @pytest.mark.slow

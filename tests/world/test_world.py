@@ -298,7 +298,7 @@ def test_cli_generate(tmp_path, capsys):
     assert line.startswith("records=120 ") and "images=0" in line
     assert len(read_jsonl(out / "catalog.jsonl")) == 120 and (out / "faults.json").is_file()
     assert main(["generate", "--out", str(out), "--records", "3", "--species", "6"]) == 2
-    assert capsys.readouterr().err.startswith("error: n_records")
+    assert capsys.readouterr().err.startswith("flora world: error: n_records")
 
 
 @pytest.mark.slow

@@ -1,0 +1,81 @@
+"""``flora <stage> <verb>``: one command for every stage.
+
+Each stage keeps its own parser and ``main(argv, prog)``; this module only routes to it (so
+``python -m sharding``, ``python -m training.train``... keep working, torchrun calls those) and
+imports a stage only when it is asked for (DALI, TensorFlow's converters or Ray load only where used).
+
+    flora catalog --source catalog.jsonl --out splits/
+    flora build --splits splits/ --out shards/
+    flora train --config config/teacher_global.yaml
+    flora export tfjs --checkpoint runs/student/best_model.pt --out exports/student_tfjs
+
+Leaves out: what each stage does (its module) and error formatting (flora.errors).
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from .errors import EXIT_USAGE, fail
+
+
+@dataclass(frozen=True)
+class Stage:
+    module: str  # has main(argv, prog)
+    help: str
+    verb: str | None = None  # passed first to the module's main (sharding's catalog / build)
+
+
+STAGES: dict[str, Stage] = {
+    "catalog": Stage("sharding.__main__", "records (JSONL or MongoDB) -> deduplicated splits", "catalog"),
+    "build": Stage("sharding.__main__", "splits -> WebDataset shards (+ DALI index, manifest)", "build"),
+    "loaders": Stage("loaders.__main__", "iterate the shards as training batches (DALI or torch)"),
+    "train": Stage("training.train", "train a teacher or distil a student (under torchrun for several GPUs)"),
+    "evaluate": Stage("training.evaluate", "top-1/5, macro, ECE, temperature of a checkpoint"),
+    "soft-labels": Stage("training.soft_labels", "precompute the teachers' soft labels for distillation"),
+    "report": Stage("training.report", "teachers vs students, one table"),
+    "export tfjs": Stage("export.tfjs", "a checkpoint -> TF.js graph model, parity checked in TF.js"),
+    "export onnx": Stage("export.onnx", "a checkpoint -> ONNX, parity checked in onnxruntime"),
+    "parity": Stage("export.parity", "re-check an export against its checkpoint"),
+    "serve": Stage("export.serve", "the browser demo page for an export"),
+    "world": Stage("sharding.world.__main__", "generate or serve the sample world (tests, demo)"),
+}  # fmt: skip
+
+
+def usage() -> str:
+    width = max(len(name) for name in STAGES)
+    lines = ["usage: flora <stage> [<verb>] [options]   (flora <stage> --help for a stage's options)", ""]
+    lines += [f"  {name.ljust(width)}  {stage.help}" for name, stage in STAGES.items()]
+    return "\n".join(lines)
+
+
+def resolve(argv: list[str]) -> tuple[str, Stage, list[str]] | None:
+    """The stage named by the first one or two words of ``argv``, and the rest of ``argv``."""
+    for words in (2, 1):
+        name = " ".join(argv[:words])
+        if len(argv) >= words and name in STAGES:
+            return name, STAGES[name], argv[words:]
+    return None
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(usage())
+        return 0 if argv else EXIT_USAGE
+    found = resolve(argv)
+    if found is None:
+        wanted = " ".join(argv[:2]) if argv[0] == "export" else argv[0]
+        return fail(None, f"unknown stage {wanted!r}; expected one of: {', '.join(STAGES)}")
+    name, stage, rest = found
+    entry: Callable[..., int] = importlib.import_module(stage.module).main
+    if stage.verb:
+        return entry([stage.verb, *rest], prog="flora")
+    return entry(rest, prog=f"flora {name}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,32 @@
+"""One error base class and one way a command prints an error.
+
+``FloraError`` is the base of every failure Flora anticipates (a bad config key, a missing file, an
+unreachable server, a refused resume); each stage's own error class derives from it (and keeps the
+builtin base callers may already catch: ``ValueError`` or ``RuntimeError``). ``fail(stage, exc)``
+prints it as one line, ``flora <stage>: error: <message>``, and returns exit status 2, whether the
+command was started as ``flora <stage>`` or as ``python -m <module>``.
+
+Leaves out: unanticipated errors (bugs), which keep their traceback.
+"""
+
+from __future__ import annotations
+
+import sys
+
+#: Exit status of a command refused for anticipated bad input (argparse's own status for usage errors).
+EXIT_USAGE = 2
+
+
+class FloraError(Exception):
+    """An anticipated failure; its message says what was found and what was expected."""
+
+
+def one_line(message: object) -> str:
+    """``message`` as one line: its non-blank lines joined (a tool's multi-line message stays readable)."""
+    return " | ".join(line.strip() for line in str(message).splitlines() if line.strip())
+
+
+def fail(stage: str | None, exc: BaseException | str, code: int = EXIT_USAGE) -> int:
+    """Prints ``flora <stage>: error: <exc>`` to stderr; returns ``code`` for the command to exit with."""
+    print(f"flora{' ' + stage if stage else ''}: error: {one_line(exc)}", file=sys.stderr)
+    return code

@@ -1,0 +1,81 @@
+"""The shared core: ``flora <stage> <verb>`` routes to every stage, one error style, torchrun's env."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from flora.cli import STAGES, main, resolve
+from flora.distributed import torchrun_env
+from flora.errors import FloraError, fail, one_line
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def test_help_lists_every_stage(capsys):
+    assert main(["--help"]) == 0
+    out = capsys.readouterr().out
+    for name, stage in STAGES.items():
+        assert name in out and stage.help in out
+
+
+@pytest.mark.parametrize("name", list(STAGES))
+def test_each_stage_has_help_under_its_flora_name(name, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main([*name.split(), "--help"])
+    assert exit_.value.code == 0
+    assert f"usage: flora {name}" in capsys.readouterr().out
+
+
+def test_unknown_stage_is_one_line_and_status_2(capsys):
+    assert main(["exprot", "tfjs"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("flora: error: unknown stage 'exprot'") and err.count("\n") == 1
+    assert main(["export", "keras"]) == 2
+    assert "unknown stage 'export keras'" in capsys.readouterr().err
+    assert resolve(["export", "onnx", "--out", "x"])[2] == ["--out", "x"]
+
+
+def test_the_command_and_the_module_fail_alike(tmp_path):
+    """``flora catalog`` and ``python -m sharding catalog``: same line, same status."""
+    missing = str(tmp_path / "missing.jsonl")
+    outs = []
+    for cmd in (["-m", "flora.cli", "catalog"], ["-m", "sharding", "catalog"]):
+        proc = subprocess.run(
+            [sys.executable, *cmd, "--source", missing, "--out", str(tmp_path / "o")],
+            cwd=REPO, capture_output=True, text=True, timeout=120,
+        )  # fmt: skip
+        outs.append((proc.returncode, proc.stderr))
+    assert outs[0] == outs[1] == (2, f"flora catalog: error: source file not found: {missing}\n")
+
+
+def test_stage_errors_share_one_base():
+    from export.bundle import ExportError
+    from flora.config import ConfigError
+    from loaders import LoaderError
+    from sharding.format import ShardFormatError
+    from training.checkpoint import CheckpointError
+    from training.loop import TrainingError
+
+    for cls in (ExportError, ConfigError, LoaderError, ShardFormatError, CheckpointError, TrainingError):
+        assert issubclass(cls, FloraError), cls
+
+
+def test_fail_prints_one_line(capsys):
+    assert fail("train", ValueError("first\n\n  second  ")) == 2
+    assert capsys.readouterr().err == "flora train: error: first | second\n"
+    assert one_line("a\nb") == "a | b"
+
+
+def test_torchrun_env(monkeypatch):
+    for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        monkeypatch.delenv(var, raising=False)
+    assert torchrun_env() == torchrun_env(0, 1) and not torchrun_env().distributed
+    monkeypatch.setenv("RANK", "3")
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    env = torchrun_env()
+    assert (env.rank, env.world_size, env.local_rank, env.distributed) == (3, 4, 1, True)
+    with pytest.raises(ValueError, match="rank must be in"):
+        torchrun_env(4, 4)
