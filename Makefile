@@ -47,7 +47,7 @@ browser-deps:
 
 # The bundled sample world is generated deterministically (seed 0): no network, no GPU.
 demo: $(STAMP) $(TFJS_STAMP) $(JS_STAMP)
-	$(PY) -m sharding.world.demo --out $(DEMO)
+	$(PY) -m world.demo --out $(DEMO)
 
 # CI runs everything but GPU tests (slow, mongo and browser included).
 test: $(STAMP) $(TFJS_STAMP) $(JS_STAMP) browser-deps
@@ -57,8 +57,8 @@ test-fast: $(STAMP) $(TFJS_STAMP) $(JS_STAMP)
 	$(PY) -m pytest -m "not gpu and not slow" $(PYTEST_ARGS)
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check sharding loaders training export tests benchmarks
-	$(VENV)/bin/ruff format --check sharding loaders training export tests benchmarks
+	$(VENV)/bin/ruff check flora sharding loaders training export world tests benchmarks
+	$(VENV)/bin/ruff format --check flora sharding loaders training export world tests benchmarks
 
 bench-catalog: $(STAMP)
 	$(PY) -m benchmarks.catalog

@@ -78,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "out")
     args = parser.parse_args(argv)
 
-    from sharding.world import WorldSpec, generate_catalog, write_jsonl
+    from world import WorldSpec, generate_catalog, write_jsonl
 
     args.out.mkdir(parents=True, exist_ok=True)
     spec = WorldSpec(
@@ -101,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
     stats = json.loads((args.out / "splits_jsonl" / "export_stats.json").read_text())
 
     if not args.no_mongo:
-        from sharding.world.mongo import MongoTestServer, load_records
+        from world.mongo import MongoTestServer, load_records
 
         with MongoTestServer() as server:
             started = time.perf_counter()

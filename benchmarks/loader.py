@@ -132,7 +132,7 @@ def time_seed(index, images_dir: Path, args, min_images: int) -> dict:
     import json
 
     from loaders.config import load_data_config
-    from sharding.world import ImageServer
+    from world import ImageServer
 
     meta: dict[str, dict] = {}
     for shard in index.shards:

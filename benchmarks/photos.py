@@ -126,7 +126,7 @@ def build_photo_shards(
     from sharding.build import BuildConfig, build
     from sharding.catalog import run_catalog
     from sharding.config import CatalogConfig
-    from sharding.world import ImageServer
+    from world import ImageServer
 
     photos_dir = work / "photos"
     shards = work / f"shards-{n}"
@@ -153,7 +153,7 @@ def build_world_shards(work: Path, n_records: int) -> tuple[Path, Path]:
     from sharding.build import BuildConfig, build
     from sharding.catalog import run_catalog
     from sharding.config import CatalogConfig
-    from sharding.world import ImageServer, build_world
+    from world import ImageServer, build_world
 
     root = work / f"world-{n_records}"
     shards, images = root / "shards", root / "images"
@@ -174,6 +174,6 @@ def build_world_shards(work: Path, n_records: int) -> tuple[Path, Path]:
 
 
 def _world_spec(n_records: int):
-    from sharding.world import WorldSpec
+    from world import WorldSpec
 
     return WorldSpec(n_records=n_records, n_species=40, seed=0)

@@ -44,7 +44,7 @@ def _free_port() -> int:
 
 def make_images(root: Path, n_files: int) -> list[str]:
     """Renders ``n_files`` sample-world photos (varied sizes, ~500x375 typical) under root/images/img."""
-    from sharding.world import plan_image, render_image, species_names
+    from world import plan_image, render_image, species_names
 
     names = [n for n, *_ in species_names(40)]
     folder = root / "images" / "img"
@@ -180,7 +180,7 @@ def main(argv: list[str] | None = None) -> int:
         [
             sys.executable,
             "-m",
-            "sharding.world",
+            "world",
             "serve",
             "--root",
             str(root),

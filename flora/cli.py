@@ -41,8 +41,22 @@ STAGES: dict[str, Stage] = {
     "export onnx": Stage("export.onnx", "a checkpoint -> ONNX, parity checked in onnxruntime"),
     "parity": Stage("export.parity", "re-check an export against its checkpoint"),
     "serve": Stage("export.serve", "the browser demo page for an export"),
-    "world": Stage("sharding.world.__main__", "generate or serve the sample world (tests, demo)"),
+    "world": Stage("world.__main__", "generate or serve the sample world (tests, demo)"),
 }  # fmt: skip
+
+
+#: Optional parts and the extra that installs each (``pip install 'flora[<extra>]'``).
+EXTRAS = {"nvidia": "dali", "ray": "ray", "onnx": "export", "onnxruntime": "export", "pymongo": "mongo"}
+
+
+def missing_module(module: str) -> str:
+    """What to install (or where to run from) when ``module`` cannot be imported."""
+    top = module.split(".")[0]
+    if top == "world":
+        return "the sample world is development tooling, not in the installed package: run it from a checkout"
+    if top in EXTRAS:
+        return f"{module} is not installed: pip install 'flora[{EXTRAS[top]}]' (or flora[all])"
+    return f"{module} is not installed (pip install 'flora[all]' installs every optional part)"
 
 
 def usage() -> str:
@@ -71,7 +85,10 @@ def main(argv: list[str] | None = None) -> int:
         wanted = " ".join(argv[:2]) if argv[0] == "export" else argv[0]
         return fail(None, f"unknown stage {wanted!r}; expected one of: {', '.join(STAGES)}")
     name, stage, rest = found
-    entry: Callable[..., int] = importlib.import_module(stage.module).main
+    try:
+        entry: Callable[..., int] = importlib.import_module(stage.module).main
+    except ModuleNotFoundError as exc:
+        return fail(name, missing_module(exc.name or ""))
     if stage.verb:
         return entry([stage.verb, *rest], prog="flora")
     return entry(rest, prog=f"flora {name}")

@@ -1,4 +1,4 @@
-"""Command line of the sharding package: ``python -m sharding catalog ...`` (also ``flora catalog`` / ``flora build``).
+"""Command line of the sharding package: ``python -m sharding catalog|build`` (``flora catalog|build``).
 
 Owns argument parsing, turning anticipated failures (missing file, unreachable MongoDB, bad config
 key) into one ``error: ...`` line and exit status 2, and the end-of-run summary.
@@ -20,7 +20,6 @@ from flora.errors import fail
 
 from .config import CatalogConfig
 from .sources import SourceError, redact
-
 
 
 def _catalog(args: argparse.Namespace) -> int:

@@ -12,7 +12,7 @@ A user without a password in the URI takes it from the environment variable ``mo
 Passwords are never printed: every message goes through ``redact``. An unreachable server, failed
 authentication or a missing collection is a ``SourceError`` (one line; the CLI exits non-zero).
 
-Leaves out: writing to MongoDB (tests load data with sharding.world.mongo), change streams, sharded
+Leaves out: writing to MongoDB (tests load data with world.mongo), change streams, sharded
 cluster tuning.
 """
 

@@ -10,8 +10,8 @@ from flora.config import load_config
 from sharding.build import BuildConfig, build
 from sharding.catalog import run_catalog
 from sharding.config import CatalogConfig
-from sharding.world import ImageServer, WorldSpec, build_world
-from sharding.world.mongo import HAVE_PYMONGO, HAVE_SECANTUS, MongoTestServer
+from world import ImageServer, WorldSpec, build_world
+from world.mongo import HAVE_PYMONGO, HAVE_SECANTUS, MongoTestServer
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -79,3 +79,20 @@ def test_torchrun_env(monkeypatch):
     assert (env.rank, env.world_size, env.local_rank, env.distributed) == (3, 4, 1, True)
     with pytest.raises(ValueError, match="rank must be in"):
         torchrun_env(4, 4)
+
+
+def test_a_missing_optional_part_names_its_extra(monkeypatch, capsys):
+    import importlib
+
+    real = importlib.import_module
+
+    def without_onnx(name, *args):
+        if name == "export.onnx":
+            raise ModuleNotFoundError("No module named 'onnx'", name="onnx")
+        return real(name, *args)
+
+    monkeypatch.setattr(importlib, "import_module", without_onnx)
+    assert main(["export", "onnx", "--checkpoint", "c.pt", "--out", "o"]) == 2
+    assert capsys.readouterr().err == (
+        "flora export onnx: error: onnx is not installed: pip install 'flora[export]' (or flora[all])\n"
+    )

@@ -22,7 +22,7 @@ from sharding.build import BuildConfig, build
 from sharding.catalog import run_catalog
 from sharding.config import CatalogConfig
 from sharding.format import INDEX_VERSION
-from sharding.world import ImageServer, WorldSpec, build_world
+from world import ImageServer, WorldSpec, build_world
 
 REPO = Path(__file__).resolve().parents[2]
 LOOPBACK = "127.0.0.1/32"
@@ -223,7 +223,7 @@ def test_same_shards_whatever_the_process_and_thread_count(world, built, tmp_pat
 def test_content_duplicates_are_written_once_and_logged(tmp_path):
     images = tmp_path / "images"
     images.mkdir()
-    from sharding.world import render_image
+    from world import render_image
 
     data = render_image("Olea europaea", 1, seed=0)
     for name in ("a.jpg", "b.jpg", "c.jpg"):
@@ -264,7 +264,7 @@ def test_without_allow_network_loopback_is_refused(world, tmp_path):
 
 def small_world(tmp_path: Path, n: int) -> ImageServer:
     """``n`` distinct images of one species behind a (not yet started) server, and their splits."""
-    from sharding.world import render_image
+    from world import render_image
 
     images = tmp_path / "images"
     images.mkdir()

@@ -15,7 +15,7 @@ from sharding.__main__ import main
 from sharding.catalog import run_catalog
 from sharding.config import CatalogConfig
 from sharding.records import OUTPUT_FIELDS
-from sharding.world import WorldSpec, generate_catalog
+from world import WorldSpec, generate_catalog
 
 REPO = Path(__file__).resolve().parents[2]
 BAD_LINES = ['{"plant_id": 1, "latin_name": "Olea', "[1, 2, 3]", '"just a string"']
@@ -195,7 +195,8 @@ def test_cli_summary_and_one_line_errors(raw_records, tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "records in =" in printed and "region EU_SW" in printed
     assert main(["catalog", "--source", str(tmp_path / "missing.jsonl"), "--out", str(tmp_path / "o")]) == 2
-    assert capsys.readouterr().err.strip() == f"flora catalog: error: source file not found: {tmp_path / 'missing.jsonl'}"
+    missing = tmp_path / "missing.jsonl"
+    assert capsys.readouterr().err.strip() == f"flora catalog: error: source file not found: {missing}"
     assert main(["catalog", "--source", str(src), "--out", str(tmp_path / "o"), "split.sede=1"]) == 2
     assert "split.sede" in capsys.readouterr().err
     assert main(["catalog", "--source", str(src), "--out", str(tmp_path / "o"), "--region", "EU_XX"]) == 2

@@ -19,7 +19,7 @@ import pytest
 
 from flora.config import ConfigError
 from sharding.download import REASONS, DownloadConfig, Downloader, refusal, retry_after_seconds
-from sharding.world import ImageServer, render_image
+from world import ImageServer, render_image
 
 LOOPBACK = ["127.0.0.1/32"]
 GOOD = "img/a/000001.jpg"

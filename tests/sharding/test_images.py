@@ -14,8 +14,8 @@ from PIL import Image
 
 from flora.config import ConfigError
 from sharding.images import ImageConfig, ImageError, ProcessedImage, process_image
-from sharding.world import render_image
-from sharding.world.server import HTML_PAGE, bomb_png, corrupt_jpeg, tiny_jpeg
+from world import render_image
+from world.server import HTML_PAGE, bomb_png, corrupt_jpeg, tiny_jpeg
 
 NAME = "Quercus ilex"
 ORIENTATION_TAG = 0x0112

@@ -12,8 +12,8 @@ from sharding.__main__ import main
 from sharding.catalog import run_catalog
 from sharding.config import CatalogConfig, MongoConfig
 from sharding.sources import MongoSource, SourceError, redact
-from sharding.world import WorldSpec, generate_catalog
-from sharding.world.mongo import free_port, load_records
+from world import WorldSpec, generate_catalog
+from world.mongo import free_port, load_records
 
 pytestmark = pytest.mark.mongo
 
@@ -125,7 +125,8 @@ def test_password_from_the_environment_with_a_real_user(mongo_server, loaded, mo
     monkeypatch.setenv("FLORA_MONGO_PASSWORD", "wrong-pw")
     assert main(["catalog", "--source", uri, "--out", str(tmp_path)]) == 2
     err = capsys.readouterr().err
-    assert err.startswith("flora catalog: error: MongoDB refused mongodb://flora_reader@") and "wrong-pw" not in err
+    assert err.startswith("flora catalog: error: MongoDB refused mongodb://flora_reader@")
+    assert "wrong-pw" not in err
 
 
 def test_javascript_doubles_and_a_bad_filter(mongo_server, tmp_path, capsys):

@@ -11,7 +11,7 @@ def test_demo_runs_every_stage(tmp_path):
     cmd = [
         sys.executable,
         "-m",
-        "sharding.world.demo",
+        "world.demo",
         "--out",
         str(tmp_path),
         "--records",

@@ -7,8 +7,8 @@ from collections.abc import Iterator
 
 import pytest
 
-from sharding.world import mongo
-from sharding.world.mongo import LOOPBACK_HOST, MongoTestServer, load_records
+from world import mongo
+from world.mongo import LOOPBACK_HOST, MongoTestServer, load_records
 
 pytestmark = pytest.mark.skipif(
     not (mongo.HAVE_PYMONGO and mongo.HAVE_SECANTUS), reason="needs pymongo and SecantusDB"

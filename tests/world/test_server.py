@@ -1,4 +1,4 @@
-"""Tests of the loopback image server and its faults (sharding/world/server.py), over real HTTP."""
+"""Tests of the loopback image server and its faults (world/server.py), over real HTTP."""
 
 from __future__ import annotations
 
@@ -16,8 +16,8 @@ import pytest
 import requests
 from PIL import Image
 
-from sharding.world import ImageServer, WorldSpec, build_world, load_faults, render_image
-from sharding.world.server import BOMB_SIDE, TINY_SIDE, sniff_content_type
+from world import ImageServer, WorldSpec, build_world, load_faults, render_image
+from world.server import BOMB_SIDE, TINY_SIDE, sniff_content_type
 
 MIME = {"JPEG": "image/jpeg", "PNG": "image/png", "WEBP": "image/webp"}
 
@@ -287,7 +287,7 @@ def test_variant_query_serves_distinct_bytes_with_the_same_pixels(tmp_path):
     import requests
     from PIL import Image
 
-    from sharding.world import render_image
+    from world import render_image
 
     (tmp_path / "a.jpg").write_bytes(render_image("Olea europaea", 0, seed=0))
     with ImageServer(tmp_path) as srv:

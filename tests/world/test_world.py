@@ -1,4 +1,4 @@
-"""Tests of the sample world's catalog, images and CLI (sharding/world: generate, images, __main__)."""
+"""Tests of the sample world's catalog, images and CLI (world: generate, images, __main__)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from sharding.world import (
+from world import (
     FAULT_KINDS,
     INVALID_KINDS,
     LICENSE_SPELLINGS,
@@ -29,8 +29,8 @@ from sharding.world import (
     write_images,
     write_jsonl,
 )
-from sharding.world.__main__ import main
-from sharding.world.tables import GROUP_COUNTRIES
+from world.__main__ import main
+from world.tables import GROUP_COUNTRIES
 
 BASE = "http://127.0.0.1:9999"
 MEDITERRANEAN = {iso for iso, _ in GROUP_COUNTRIES["mediterranean"]}

@@ -8,7 +8,7 @@ Leaves out: anything a consumer of the catalog does (normalisation, deduplicatio
 sharding); that lives in the rest of ``sharding``.
 """
 
-from sharding.world.generate import (
+from world.generate import (
     DEFAULT_BASE_URL,
     INVALID_KINDS,
     World,
@@ -20,7 +20,7 @@ from sharding.world.generate import (
     species_names,
     write_jsonl,
 )
-from sharding.world.images import (
+from world.images import (
     canonical_name,
     image_owners,
     image_relpath,
@@ -29,8 +29,8 @@ from sharding.world.images import (
     species_look,
     write_images,
 )
-from sharding.world.server import FAULT_KINDS, ImageServer, load_faults
-from sharding.world.tables import LICENSE_SPELLINGS, LICENSE_WEIGHTS, SPECIES
+from world.server import FAULT_KINDS, ImageServer, load_faults
+from world.tables import LICENSE_SPELLINGS, LICENSE_WEIGHTS, SPECIES
 
 __all__ = [
     "DEFAULT_BASE_URL",

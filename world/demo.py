@@ -18,7 +18,7 @@ import sys
 import time
 from pathlib import Path
 
-from sharding.world.server import ImageServer, load_faults
+from world.server import ImageServer, load_faults
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -33,9 +33,7 @@ def _run(step: str, argv: list[str]) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m sharding.world.demo", description=__doc__.splitlines()[0]
-    )
+    parser = argparse.ArgumentParser(prog="python -m world.demo", description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=REPO / "demo_out")
     parser.add_argument("--records", type=int, default=2000)
     parser.add_argument("--species", type=int, default=40)
@@ -49,7 +47,7 @@ def main(argv: list[str] | None = None) -> int:
             "world",
             [
                 "-m",
-                "sharding.world",
+                "world",
                 "generate",
                 "--out",
                 str(out / "world"),

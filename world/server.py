@@ -28,7 +28,7 @@ from urllib.parse import parse_qs, unquote, urlsplit
 
 from PIL import Image
 
-from sharding.world.images import render_image
+from world.images import render_image
 
 LOOPBACK = "127.0.0.1"
 REQUEST_QUEUE_SIZE = 1024  # listen backlog; the default of 5 drops connections under load

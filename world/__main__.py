@@ -1,4 +1,4 @@
-"""Command line of the sample world: ``python -m sharding.world generate|serve`` (``flora world``).
+"""Command line of the sample world: ``python -m world generate|serve`` (``flora world``).
 
 Owns: argument parsing, the one-line summary of ``generate``, and running ``serve`` in the foreground
 until Ctrl-C. Anticipated bad input (a bad spec value, a missing folder, a port in use) ends with one
@@ -16,16 +16,16 @@ import time
 from pathlib import Path
 
 from flora.errors import fail
-from sharding.world.generate import DEFAULT_BASE_URL, WorldSpec, build_world
-from sharding.world.images import image_owners
-from sharding.world.server import ImageServer
+from world.generate import DEFAULT_BASE_URL, WorldSpec, build_world
+from world.images import image_owners
+from world.server import ImageServer
 
 DEFAULT_PORT = 8765  # matches DEFAULT_BASE_URL, so `generate` then `serve` work together
 
 
 def _parser(prog: str | None = None) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog=prog or "python -m sharding.world", description="Generate or serve the sample world."
+        prog=prog or "python -m world", description="Generate or serve the sample world."
     )
     sub = parser.add_subparsers(dest="command", required=True)
     defaults = WorldSpec()

@@ -23,10 +23,10 @@ from itertools import accumulate
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from flora.io import read_jsonl  # noqa: F401 - re-exported by sharding.world
-from sharding.world import tables
-from sharding.world.images import image_owners, plan_image, write_images
-from sharding.world.server import FAULT_KINDS
+from flora.io import read_jsonl  # noqa: F401 - re-exported by world
+from world import tables
+from world.images import image_owners, plan_image, write_images
+from world.server import FAULT_KINDS
 
 DEFAULT_BASE_URL = "http://127.0.0.1:8765"
 SOURCES: tuple[tuple[str, float], ...] = (("iNaturalist", 0.70), ("Legacy", 0.20), ("Perenual", 0.10))
