@@ -46,7 +46,8 @@ STAGES: dict[str, Stage] = {
 
 
 #: Optional parts and the extra that installs each (``pip install 'flora[<extra>]'``).
-EXTRAS = {"nvidia": "dali", "ray": "ray", "onnx": "export", "onnxruntime": "export", "pymongo": "mongo"}
+EXTRAS = {"nvidia": "dali", "ray": "ray", "onnx": "export", "onnxruntime": "export", "pymongo": "mongo",
+          "torch": "train", "torchvision": "train", "timm": "train", "webdataset": "train"}  # fmt: skip
 
 
 def missing_module(module: str) -> str:

@@ -146,11 +146,36 @@ def _deep_copy(data: dict) -> dict:
     return {k: _deep_copy(v) if isinstance(v, dict) else v for k, v in data.items()}
 
 
+def bundled_config_dir() -> Path:
+    """Flora's own configs: ``flora/configs/`` in an installed wheel, ``config/`` in a checkout."""
+    installed = Path(__file__).resolve().parent / "configs"
+    return installed if installed.is_dir() else Path(__file__).resolve().parents[1] / "config"
+
+
+def find_config(name: str | Path, beside: Path | None = None) -> Path | None:
+    """A config or table file by name: the path as given (relative to the working directory), then
+    the user's ``./config/``, then ``beside`` (the folder of the config that names it), then Flora's
+    bundled configs. None when none has it."""
+    path = Path(name)
+    if path.is_file():
+        return path
+    if path.is_absolute():
+        return None
+    for base in (Path.cwd() / "config", beside, bundled_config_dir()):
+        if base is not None and (base / path).is_file():
+            return base / path
+        if base is not None and path.parts[0] == "config" and (base / Path(*path.parts[1:])).is_file():
+            return base / Path(*path.parts[1:])  # "config/x.yaml" names a bundled file too
+    return None
+
+
 def read_yaml(path: str | Path) -> dict:
-    """Reads a YAML mapping; a missing file, bad YAML or a non-mapping top level is a ConfigError."""
-    path = Path(path)
-    if not path.is_file():
+    """Reads a YAML mapping (looked up as ``find_config`` does); a missing file, bad YAML or a
+    non-mapping top level is a ConfigError."""
+    found = find_config(path)
+    if found is None:
         raise ConfigError(f"config file not found: {path}")
+    path = found
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8"))
     except yaml.YAMLError as exc:

@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from flora.config import to_dict
+from flora.config import bundled_config_dir, find_config, to_dict
 
 from .config import SPLIT_NAMES, CatalogConfig
 from .licenses import PERMISSIVE, LicenseTable
@@ -44,15 +44,13 @@ from .regions import RegionTable
 from .sources import Unparseable, open_source, redact
 from .split import assign_splits, canonical_json, dedup, leakage_report
 
-BUNDLED_CONFIG_DIR = Path(__file__).resolve().parents[1] / "config"
+BUNDLED_CONFIG_DIR = bundled_config_dir()
 
 
 def resolve_table(name: str, config_dir: Path | None) -> Path:
-    """A table file by name: in the working directory, beside the config file, or in config/."""
-    for base in (Path.cwd(), config_dir, BUNDLED_CONFIG_DIR):
-        if base is not None and (base / name).is_file():
-            return base / name
-    return Path(name)
+    """A table file by name (flora.config.find_config: as given, ./config/, beside the config file,
+    the bundled configs)."""
+    return find_config(name, config_dir) or Path(name)
 
 
 def _digest(record: Record) -> bytes:
