@@ -151,9 +151,12 @@ class DataConfig:
     #: ``full``: check each image's sha256 against its json (cached per shard); ``header``: only
     #: the JPEG markers and the json's width/height. Failing samples are skipped and counted.
     verify: Literal["full", "header"] = "full"
-    #: Where per-shard scan results are cached: ``auto`` (or true) = ``<shards>/_loader_index`` when
-    #: writable; ``off`` (YAML reads it as false) or null: no cache; else a folder.
+    #: Where per-shard scan results are cached: ``auto`` (or true) = ``loader_index/`` under the cache
+    #: root; ``off`` (YAML reads it as false) or null: no cache; else a folder.
     index_cache: bool | str | None = "auto"
+    #: Root of the derived caches (scan results, soft labels), never inside the shard store: null =
+    #: ``$FLORA_CACHE_DIR``, else ``~/.cache/flora`` (flora/cache.py).
+    cache_root: str | None = None
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     decoder: DecoderConfig = field(default_factory=DecoderConfig)
 

@@ -33,6 +33,7 @@ from typing import NamedTuple
 
 import numpy as np
 
+from flora.cache import derived_dir
 from flora.errors import FloraError
 from sharding.format import (
     PERMISSIVE,
@@ -181,7 +182,7 @@ def build_index(cfg: DataConfig, split: str) -> SampleIndex:
         shards = select_shards(root, split, regions)
         region_map = read_class_mapping(root, regions[0]) if cfg.label_space == "region" else None
         global_map = read_class_mapping(root)
-        cache_dir = _cache_dir(root, cfg.index_cache)
+        cache_dir = _cache_dir(root, cfg.index_cache, cfg.cache_root)
         with ThreadPoolExecutor(max_workers=max(1, cfg.threads)) as pool:
             scans = list(pool.map(lambda s: scan_shard(s, cfg.verify, cache_dir), shards))
     except ShardFormatError as exc:
@@ -230,16 +231,16 @@ def build_index(cfg: DataConfig, split: str) -> SampleIndex:
     )
 
 
-def _cache_dir(root: Path, setting: bool | str | None) -> Path | None:
+def _cache_dir(root: Path, setting: bool | str | None, cache_root: str | None) -> Path | None:
     if setting in (None, False, "off"):
         return None
-    path = root / "_loader_index" if setting in (True, "auto") else Path(setting)
+    path = derived_dir("loader_index", root, cache_root) if setting in (True, "auto") else Path(setting)
     try:
         path.mkdir(parents=True, exist_ok=True)
         with tempfile.NamedTemporaryFile(dir=path, prefix=".probe"):
             pass
     except OSError:
-        return None  # read-only shards: scan every time, which is correct, only slower
+        return None  # an unwritable cache: scan every time, which is correct, only slower
     return path
 
 

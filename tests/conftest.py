@@ -1,11 +1,13 @@
 """Shared fixtures: a real MongoDB wire-protocol server (SecantusDB) on 127.0.0.1 for `mongo` tests,
 and shards built by the real sharder from a small sample world over loopback (loaders, training)."""
 
+import os
 import shutil
 from pathlib import Path
 
 import pytest
 
+from flora.cache import ENV_VAR
 from flora.config import load_config
 from sharding.build import BuildConfig, build
 from sharding.catalog import run_catalog
@@ -14,6 +16,19 @@ from world import ImageServer, WorldSpec, build_world
 from world.mongo import HAVE_PYMONGO, HAVE_SECANTUS, MongoTestServer
 
 REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session", autouse=True)
+def private_cache_root(tmp_path_factory):
+    """Derived caches (scan results, soft labels) of the whole session under a temporary root, never
+    in the user's ~/.cache/flora (subprocesses inherit it)."""
+    old = os.environ.get(ENV_VAR)
+    os.environ[ENV_VAR] = str(tmp_path_factory.mktemp("flora-cache"))
+    yield Path(os.environ[ENV_VAR])
+    if old is None:
+        os.environ.pop(ENV_VAR, None)
+    else:
+        os.environ[ENV_VAR] = old
 
 
 @pytest.fixture(scope="session")

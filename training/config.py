@@ -166,7 +166,8 @@ class TeacherConfig:
 
 @dataclass
 class SoftLabelCacheConfig:
-    #: Where the cache lives; null = ``<shards>/_soft_labels`` (beside the shards, one folder per key).
+    #: Where the cache lives; null = ``soft_labels/`` under the cache root (``data.cache_root``; never
+    #: inside the shard store), one folder per key.
     dir: str | None = None
     top_k: int = 20  # mixture probabilities kept per sample (renormalised over the kept classes)
 

@@ -1,12 +1,12 @@
-"""Cached soft labels: the teachers' top-k mixture per training sample, computed once, kept by the shards.
+"""Cached soft labels: the teachers' top-k mixture per training sample, computed once, kept in the cache root.
 
-Owns the cache (``<shards>/_soft_labels/<key>/soft_labels.npz`` + ``meta.json``, or under
-``distill.cache.dir``), its key (a hash of everything the values depend on: each teacher checkpoint's
-path, size and mtime, weights, temperature, mixing rule, top-k, the student's class mapping, the
-data selection and the view's size/normalisation, and the split's sample keys: change any and a new
-cache is built), building it (every rank predicts its share of the split on the *fixed validation
-view*, the shares are merged and checked, rank 0 writes atomically), and ``SoftLabels.lookup``
-(sample ids -> dense mixture rows for a batch).
+Owns the cache (``<cache root>/soft_labels/<store>/<key>/soft_labels.npz`` + ``meta.json``, or
+under ``distill.cache.dir``; flora/cache.py), its key (a hash of everything the values depend on:
+each teacher checkpoint's path, size and mtime, weights, temperature, mixing rule, top-k, the
+student's class mapping, the data selection and the view's size/normalisation, and the split's
+sample keys: change any and a new cache is built), building it (every rank predicts its share of
+the split on the *fixed validation view*, the shares are merged and checked, rank 0 writes
+atomically), and ``SoftLabels.lookup`` (sample ids -> dense mixture rows for a batch).
 
 Top-k: the mixture's ``top_k`` largest probabilities per sample, renormalised to sum 1 over the kept
 classes; with ``top_k`` >= the class count the cache equals the online mixture of that view.
@@ -30,6 +30,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from flora.cache import derived_dir
 from flora.errors import fail
 from loaders.factory import make_loader
 from loaders.index import SampleIndex
@@ -83,8 +84,10 @@ def cache_key(cfg, index: SampleIndex) -> str:
 
 
 def cache_dir(cfg) -> Path:
-    root = Path(cfg.distill.cache.dir) if cfg.distill.cache.dir else Path(cfg.data.shards) / "_soft_labels"
-    return root
+    """``distill.cache.dir``, else ``soft_labels/`` under the cache root (never inside the shards)."""
+    if cfg.distill.cache.dir:
+        return Path(cfg.distill.cache.dir)
+    return derived_dir("soft_labels", cfg.data.shards, cfg.data.cache_root)
 
 
 @torch.no_grad()

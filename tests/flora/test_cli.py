@@ -96,3 +96,17 @@ def test_a_missing_optional_part_names_its_extra(monkeypatch, capsys):
     assert capsys.readouterr().err == (
         "flora export onnx: error: onnx is not installed: pip install 'flora[export]' (or flora[all])\n"
     )
+
+
+def test_cache_root_and_store_keys(monkeypatch, tmp_path):
+    from flora.cache import ENV_VAR, cache_root, derived_dir, store_key
+
+    monkeypatch.setenv(ENV_VAR, str(tmp_path / "env"))
+    assert cache_root() == tmp_path / "env" and cache_root(str(tmp_path / "cfg")) == tmp_path / "cfg"
+    monkeypatch.delenv(ENV_VAR)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert cache_root() == tmp_path / "xdg" / "flora"
+    a, b = tmp_path / "team-a" / "shards", tmp_path / "team-b" / "shards"
+    assert store_key(a) != store_key(b) and store_key(a).startswith("shards-")  # same name, two stores
+    assert store_key(a) == store_key(str(a) + "/") and store_key("s3://bucket/shards").startswith("shards-")
+    assert derived_dir("soft_labels", a, tmp_path / "c") == tmp_path / "c" / "soft_labels" / store_key(a)

@@ -108,15 +108,16 @@ def test_truncated_shard_keeps_what_is_intact(shard_copy):
     assert idx.bounds[1] - idx.bounds[0] == len(lines) - 1
 
 
-def test_scan_cache_is_used_and_invalidated(shard_copy):
-    first = index_for(shard_copy, index_cache="auto")
-    cache_files = list((shard_copy / "_loader_index").glob("*.json"))
+def test_scan_cache_is_used_and_invalidated(shard_copy, tmp_path):
+    first = index_for(shard_copy, index_cache="auto", cache_root=str(tmp_path / "cache"))
+    cache_files = list((tmp_path / "cache" / "loader_index").glob("shards-*/*.json"))
     assert len(cache_files) == len(first.shards)
-    again = index_for(shard_copy, index_cache="auto")
+    assert not (shard_copy / "_loader_index").exists()  # nothing is written into the shard store
+    again = index_for(shard_copy, index_cache="auto", cache_root=str(tmp_path / "cache"))
     assert again.keys == first.keys
     tar = first.shards[0].path
     key = corrupt_member(tar, 0, "flip")  # rewriting the tar changes its mtime: the cache entry is stale
-    after = index_for(shard_copy, index_cache="auto")
+    after = index_for(shard_copy, index_cache="auto", cache_root=str(tmp_path / "cache"))
     assert key not in after.keys and after.skipped["sha256_mismatch"] == 1
 
 
