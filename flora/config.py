@@ -169,22 +169,59 @@ def find_config(name: str | Path, beside: Path | None = None) -> Path | None:
     return None
 
 
-def read_yaml(path: str | Path) -> dict:
-    """Reads a YAML mapping (looked up as ``find_config`` does); a missing file, bad YAML or a
-    non-mapping top level is a ConfigError."""
+#: The key naming the file(s) a config overlays: ``_base_: teacher_global.yaml`` (or a list, applied in
+#: order). The overlay states only what differs; mappings merge key by key, anything else is replaced.
+BASE_KEY = "_base_"
+
+
+def merge(base: dict, overlay: dict) -> dict:
+    """``overlay`` on ``base``: nested mappings merge key by key; lists and scalars are replaced."""
+    out = _deep_copy(base)
+    for key, value in overlay.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = merge(out[key], value)
+        else:
+            out[key] = _deep_copy(value) if isinstance(value, dict) else value
+    return out
+
+
+def read_yaml(path: str | Path, _chain: tuple[Path, ...] = ()) -> dict:
+    """Reads a YAML mapping (looked up as ``find_config`` does) with its ``_base_`` files merged
+    under it; a missing file, bad YAML, a non-mapping top level or a cycle of bases is a ConfigError."""
+    found, data = _read_one(path)
+    if found in _chain:
+        cycle = " -> ".join(p.name for p in (*_chain, found))
+        raise ConfigError(f"{found}: {BASE_KEY} files form a cycle ({cycle})")
+    bases = data.pop(BASE_KEY, None)
+    if bases is None:
+        return data
+    if isinstance(bases, str):
+        bases = [bases]
+    if not isinstance(bases, list) or not all(isinstance(b, str) for b in bases):
+        raise ConfigError(f"{found}: {BASE_KEY} must be a file name or a list of them, got {bases!r}")
+    merged: dict = {}
+    for base in bases:
+        beside = found.parent / base  # a base beside its overlay first, then the usual lookup
+        located = beside if beside.is_file() else find_config(base, found.parent)
+        if located is None:
+            raise ConfigError(f"{found}: {BASE_KEY} file not found: {base}")
+        merged = merge(merged, read_yaml(located, (*_chain, found)))
+    return merge(merged, data)
+
+
+def _read_one(path: str | Path) -> tuple[Path, dict]:
     found = find_config(path)
     if found is None:
         raise ConfigError(f"config file not found: {path}")
-    path = found
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        data = yaml.safe_load(found.read_text(encoding="utf-8"))
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path}: invalid YAML: {exc}") from exc
     if data is None:
-        return {}
+        data = {}
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a mapping at the top level, got {type(data).__name__}")
-    return data
+    return found.resolve(), data
 
 
 def load_config(cls: type[T], path: str | Path | None = None, overrides: list[str] | None = None) -> T:

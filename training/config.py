@@ -224,13 +224,41 @@ class ExperimentConfig:
         return to_dict(self)
 
 
+def model_preprocessing(raw: dict) -> dict:
+    """A copy of ``raw`` with what the config leaves unset taken from the timm model's
+    ``pretrained_cfg``: ``data.augment.mean``/``std``/``crop_pct`` and ``data.image_size``
+    (timm's ``resolve_data_config`` does the same). Values the config sets are kept."""
+    data = raw.get("data")
+    model = raw.get("model") if isinstance(raw.get("model"), dict) else {}
+    if not isinstance(data, dict):
+        return raw
+    try:
+        import timm
+
+        pretrained = timm.get_pretrained_cfg(model.get("name", ModelConfig.name))
+    except (ImportError, RuntimeError, ValueError):
+        pretrained = None
+    if pretrained is None:  # an unknown model: build_model reports it
+        return raw
+    raw = {**raw, "data": {**data}}
+    augment = raw["data"].get("augment")
+    augment = {**augment} if isinstance(augment, dict) else {}
+    augment.setdefault("mean", list(pretrained.mean))
+    augment.setdefault("std", list(pretrained.std))
+    if pretrained.crop_pct:
+        augment.setdefault("crop_pct", float(pretrained.crop_pct))
+    raw["data"]["augment"] = augment
+    raw["data"].setdefault("image_size", int(pretrained.input_size[-1]))
+    return raw
+
+
 def load_experiment(source: str | Path | dict, overrides: list[str] | None = None) -> ExperimentConfig:
     """An experiment from a YAML path (or a mapping) plus ``section.key=value`` overrides.
 
     Every section is checked: unknown sections and keys are errors naming the dotted key.
     """
     raw = read_yaml(source) if not isinstance(source, dict) else source
-    raw = apply_overrides(raw, overrides)
+    raw = model_preprocessing(apply_overrides(raw, overrides))
     unknown = sorted(set(raw) - set(SECTIONS))
     if unknown:
         raise ConfigError(f"{source if not isinstance(source, dict) else 'config'}: unknown section(s) "
