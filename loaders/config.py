@@ -17,6 +17,8 @@ from typing import Literal
 
 from flora.config import ConfigError, apply_overrides, from_dict, read_yaml
 
+from .backends import backend_names
+
 #: ImageNet statistics (torchvision's and timm's defaults), in [0, 1] units.
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -136,7 +138,7 @@ class DataConfig:
     batch_size: int = 64
     val_batch_size: int | None = None  # default: batch_size
     threads: int = 2  # DALI CPU threads / DataLoader workers
-    backend: Literal["dali", "torch"] = "dali"
+    backend: str = "dali"  # a registered backend (backends.py): dali | torch
     device: Literal["gpu", "cpu", "auto"] = "auto"
     seed: int = 0
     shuffle_buffer: int = 1024  # DALI initial_fill (the reference loader uses the same size)
@@ -161,6 +163,8 @@ class DataConfig:
     decoder: DecoderConfig = field(default_factory=DecoderConfig)
 
     def __post_init__(self) -> None:
+        if self.backend not in backend_names():
+            raise ConfigError(f"data.backend: expected one of {backend_names()}, got {self.backend!r}")
         if not self.shards:
             raise ConfigError("data.shards: the shard root (the folder with manifest.json) is required")
         for name in ("image_size", "batch_size", "threads", "shuffle_buffer", "prefetch"):

@@ -17,12 +17,10 @@ import torch
 
 from flora.distributed import torchrun_env
 
+from .backends import loader_class
 from .base import EpochLoader
 from .config import DataConfig, load_data_config
 from .index import LoaderError, build_index
-
-#: Registered backends: name -> loader class (import is deferred so torch-only set-ups work).
-BACKENDS = ("dali", "torch")
 
 
 @dataclass
@@ -76,13 +74,7 @@ def resolve_device(cfg: DataConfig, local_rank: int) -> torch.device:
 def make_loader(cfg: DataConfig, split: str, train: bool, rank: int, world_size: int, device) -> EpochLoader:
     """One split's loader on one rank, with the configured backend."""
     index = build_index(cfg, split)
-    if cfg.backend == "dali":
-        from .dali import DaliLoader
-
-        return DaliLoader(index, cfg, train, rank, world_size, device)
-    from .reference import ReferenceLoader
-
-    return ReferenceLoader(index, cfg, train, rank, world_size, device)
+    return loader_class(cfg.backend)(index, cfg, train, rank, world_size, device)
 
 
 def create_dataloaders(

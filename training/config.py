@@ -148,7 +148,14 @@ class TrainConfig:
 
 @dataclass
 class ObjectiveConfig:
-    kind: Literal["classification", "distill"] = "classification"
+    #: A registered objective (training/objectives.py: ``objective_names()``).
+    kind: str = "classification"
+
+    def __post_init__(self) -> None:
+        from .objectives import objective_names
+
+        if self.kind not in objective_names():
+            raise ConfigError(f"objective.kind: expected one of {objective_names()}, got {self.kind!r}")
 
 
 @dataclass

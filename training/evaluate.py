@@ -36,7 +36,8 @@ from loaders.index import LoaderError
 
 from . import plots
 from .checkpoint import CheckpointError, load_checkpoint, update_checkpoint
-from .loop import TrainingError, autocast_dtype, destroy_distributed, gather_predictions, init_distributed
+from .distributed import destroy_distributed, init_distributed
+from .errors import TrainingError
 from .metrics import (
     ECE_BINS,
     calibration_bins,
@@ -46,6 +47,8 @@ from .metrics import (
     summarize,
 )
 from .models import ModelError, model_from_checkpoint
+from .precision import autocast_dtype
+from .predict import gather_predictions
 
 log = logging.getLogger(__name__)
 

@@ -14,7 +14,9 @@ RNG states and loader position from ``last_checkpoint.pt``; on the CPU a resumed
 same weights as an uninterrupted one (tests/training/test_resume.py). ``stop_after`` ends a run
 cleanly after that many optimizer steps with a checkpoint written, as a preempted job would.
 
-Leaves out: what the loss is (objectives.py), the file format (checkpoint.py), metrics (metrics.py).
+Leaves out: the process group and DDP (distributed.py), autocast (precision.py), predictions over a
+loader (predict.py), what a run records (runlog.py), what the loss is (objectives.py), the file
+format (checkpoint.py), metrics (metrics.py).
 """
 
 from __future__ import annotations
@@ -23,19 +25,14 @@ import contextlib
 import json
 import logging
 import math
-import os
 import time
-from dataclasses import dataclass
 
 import torch
-import torch.distributed as dist
 from torch import nn
 
-from flora.distributed import torchrun_env
-from flora.errors import FloraError
 from loaders import create_dataloaders
-from loaders.base import EpochLoader
 
+from . import distill  # noqa: F401 - registers the "distill" objective
 from .checkpoint import (
     BEST,
     LAST,
@@ -46,136 +43,24 @@ from .checkpoint import (
     set_rng_state,
 )
 from .config import ExperimentConfig
-from .metrics import Predictions, summarize
+from .distributed import Dist, destroy_distributed, init_distributed, wrap_ddp
+from .errors import TrainingError
+from .metrics import summarize
 from .models import ModelError, build_model, init_from_checkpoint
 from .objectives import Objective, build_objective
+from .precision import autocast, autocast_dtype
+from .predict import gather_predictions, predict
+from .runlog import RunLog
+
+__all__ = [  # the loop's public names, including those now owned by their own modules
+    "RESUME_FIXED", "Dist", "Trainer", "TrainingError", "autocast", "autocast_dtype", "destroy_distributed",
+    "gather_predictions", "init_distributed", "predict", "wrap_ddp",
+]  # fmt: skip
 
 log = logging.getLogger(__name__)
 
 #: Config sections a resume must not change (the rest, e.g. train.progress or run.root, may differ).
 RESUME_FIXED = ("data", "model", "optim", "schedule", "objective", "distill")
-
-
-class TrainingError(FloraError, RuntimeError):
-    """A run cannot start or continue as configured."""
-
-
-# --------------------------------------------------------------------------------------- distributed
-@dataclass
-class Dist:
-    rank: int = 0
-    world_size: int = 1
-    local_rank: int = 0
-
-    @property
-    def main(self) -> bool:
-        return self.rank == 0
-
-    @property
-    def active(self) -> bool:
-        return self.world_size > 1 and dist.is_available() and dist.is_initialized()
-
-    def gather(self, obj):
-        """Every rank's ``obj``, in rank order (one element when not distributed)."""
-        if not self.active:
-            return [obj]
-        out = [None] * self.world_size
-        dist.all_gather_object(out, obj)
-        return out
-
-    def mean(self, value: float) -> float:
-        if not self.active:
-            return value
-        t = torch.tensor([value], dtype=torch.float64)
-        if dist.get_backend() == "nccl":
-            t = t.cuda()
-        dist.all_reduce(t)
-        return float(t.item()) / self.world_size
-
-    def barrier(self) -> None:
-        if self.active:
-            dist.barrier()
-
-
-def init_distributed(device_kind: str) -> Dist:
-    """The process group from torchrun's environment (``RANK``, ``WORLD_SIZE``, ``MASTER_ADDR``...)."""
-    env = torchrun_env()
-    rank, world_size, local_rank = env.rank, env.world_size, env.local_rank
-    if world_size > 1 and not dist.is_initialized():
-        use_nccl = device_kind != "cpu" and torch.cuda.is_available()
-        if use_nccl:
-            torch.cuda.set_device(local_rank % torch.cuda.device_count())
-        dist.init_process_group(backend="nccl" if use_nccl else "gloo")
-    return Dist(rank, world_size, local_rank)
-
-
-# ------------------------------------------------------------------------------------------------ AMP
-def autocast_dtype(amp: str, device: torch.device) -> torch.dtype | None:
-    if amp == "auto":
-        return torch.bfloat16 if device.type == "cuda" else None
-    return {"bf16": torch.bfloat16, "fp16": torch.float16, "off": None}[amp]
-
-
-def autocast(device: torch.device, dtype: torch.dtype | None):
-    if dtype is None:
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=device.type, dtype=dtype)
-
-
-# ------------------------------------------------------------------------------------------ evaluate
-@torch.no_grad()
-def predict(
-    model: nn.Module,
-    loader: EpochLoader,
-    epoch: int,
-    device: torch.device,
-    amp_dtype: torch.dtype | None,
-    keep_logits: bool = False,
-) -> Predictions:
-    """This rank's predictions over one epoch of ``loader`` (validation/test: each sample once)."""
-    was_training = model.training
-    model.eval()
-    preds = Predictions.keeping_logits() if keep_logits else Predictions()
-    loader.set_epoch(epoch)
-    for batch in loader:
-        with autocast(device, amp_dtype):
-            logits = model(batch["image"])
-        preds.add(logits, batch["label"], batch["index"], batch["valid"])
-    model.train(was_training)
-    return preds
-
-
-def gather_predictions(model, loader, device, amp_dtype, ddp: Dist, keep_logits: bool = False) -> dict:
-    """Every rank's predictions over one pass of ``loader``, merged on every rank and checked: each
-    sample of the split exactly once."""
-    preds = predict(model, loader, 0, device, amp_dtype, keep_logits=keep_logits)
-    merged = Predictions.merge(ddp.gather(preds.arrays()))
-    if len(merged["index"]) != len(loader.index):
-        raise TrainingError(
-            f"evaluation of {loader.index.split!r} counted {len(merged['index'])} samples, "
-            f"the split has {len(loader.index)}"
-        )
-    return merged
-
-
-def wrap_ddp(model: nn.Module, device: torch.device) -> nn.parallel.DistributedDataParallel:
-    """``model`` in DDP as every rank runs it: on a GPU one device per process (``device_ids``, output
-    on it); on the CPU (gloo) the same call without them. Gradients are views of DDP's all-reduce
-    buckets (no second copy of every gradient: less memory, one copy fewer per step)."""
-    ids = (
-        [device.index if device.index is not None else torch.cuda.current_device()]
-        if device.type == "cuda"
-        else None
-    )
-    return nn.parallel.DistributedDataParallel(
-        model, device_ids=ids, output_device=ids[0] if ids else None, gradient_as_bucket_view=True
-    )
-
-
-def destroy_distributed() -> None:
-    """Ends the process group, if one was started (entry points call it on the way out)."""
-    if dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()
 
 
 # --------------------------------------------------------------------------------------------- train
@@ -213,9 +98,7 @@ class Trainer:
             0,
             {"metric": "top1", "value": None, "epoch": None, "step": None},
         )
-        self.history: list[dict] = []
-        #: One row per ``log_every`` window (this session): throughput and data wait as they went.
-        self.windows: list[dict] = []
+        self.log = RunLog(self.run_dir, self.ddp.main)
         self.epoch_sums: dict[str, float] = {}  # loss terms summed over this epoch's micro-batches
         self.epoch_seen = 0
         self._loader_position: list[dict] | None = None  # every rank's, when an epoch was left early
@@ -229,7 +112,7 @@ class Trainer:
         if self.ddp.active:
             forward_model = wrap_ddp(forward_model, self.device)
         self.forward_model = forward_model
-        self.writer = None
+        self._purge_step = self.step  # TensorBoard events past a resumed step are rewritten
 
     # -------------------------------------------------------------------------------------- setup
     def _check_run_dir(self) -> None:
@@ -376,10 +259,7 @@ class Trainer:
         self.train_loader.load_state_dict(state["loader"][self.ddp.rank])
         partial = state["epoch_losses"][self.ddp.rank]
         self.epoch_sums, self.epoch_seen = dict(partial["sums"]), int(partial["seen"])
-        metrics_file = self.run_dir / "metrics.json"
-        if metrics_file.is_file():
-            history = json.loads(metrics_file.read_text()).get("epochs", [])
-            self.history = [h for h in history if h["epoch"] < self.epoch]
+        self.log.restore(self.epoch)
         self._resume_state = {"rng": state["rng"]}
         if self.ddp.main:
             log.info("resumed %s at epoch %d, step %d", self.run_dir, self.epoch, self.step)
@@ -390,20 +270,6 @@ class Trainer:
         if self.ema is not None and self.cfg.train.ema.evaluate:
             return self.ema.module
         return self.model
-
-    def _writer(self):
-        if self.writer is None and self.ddp.main:
-            from torch.utils.tensorboard import SummaryWriter
-
-            self.writer = SummaryWriter(str(self.run_dir / "tensorboard"), purge_step=self.step or None)
-        return self.writer
-
-    def _log_scalars(self, values: dict[str, float], step: int) -> None:
-        writer = self._writer()
-        if writer is not None:
-            for key, value in values.items():
-                if value is not None and math.isfinite(value):
-                    writer.add_scalar(key, value, step)
 
     def fit(self) -> dict:
         """Trains to ``total_steps`` (or ``stop_after``), validating and checkpointing; the summary."""
@@ -439,14 +305,14 @@ class Trainer:
                 )
                 val = summarize(merged)
                 record.update(_prefixed("val", val))
-                self._log_scalars({f"val/{k}": v for k, v in val.items() if k != "samples"}, self.step)
+                self._scalars({f"val/{k}": v for k, v in val.items() if k != "samples"})
                 if self.best["value"] is None or val["top1"] > self.best["value"]:
                     self.best = {"metric": "top1", "value": val["top1"], "epoch": epoch, "step": self.step}
                     self._save_best(val)
             self.history.append(record)
             self.epoch = epoch + 1 if stats["epoch_done"] else epoch
             self.save_last()
-            self._write_metrics()
+            self.log.write_metrics()
             if self.ddp.main:
                 log.info("epoch %d: %s", epoch, _fmt(record))
             if stopped:
@@ -471,13 +337,7 @@ class Trainer:
         }
         if self.history:
             summary["last_epoch"] = self.history[-1]
-        self._write_metrics(summary)
-        if self.ddp.main and self.history:
-            from .plots import training_curves
-
-            training_curves(self.history, self.run_dir / "curves.png", title=self.cfg.run.name)
-        if self.writer is not None:
-            self.writer.close()
+        self.log.finish(summary, title=self.cfg.run.name)
         return summary
 
     def _lr(self) -> float:
@@ -561,15 +421,9 @@ class Trainer:
                         "train/data_wait_fraction": window_wait / span,
                     }
                 )
-                self._log_scalars(scalars, self.step)
-                self.windows.append(
-                    {
-                        "epoch": self.epoch,
-                        "step": self.step,
-                        "first_in_epoch": window_first,
-                        "images_per_s": scalars["train/images_per_s"],
-                        "data_wait_fraction": scalars["train/data_wait_fraction"],
-                    }
+                self._scalars(scalars)
+                self.log.window(
+                    self.epoch, self.step, window_first, scalars["train/images_per_s"], window_wait / span
                 )
                 window_first = False
                 if bar is not None:
@@ -608,20 +462,16 @@ class Trainer:
         if self.ema is not None:
             self.ema.update(self.model, step=self.step)
 
-    def _write_metrics(self, summary: dict | None = None) -> None:
-        if not self.ddp.main:
-            return
-        path = self.run_dir / "metrics.json"
-        data = {"epochs": self.history}
-        if summary is not None:
-            data["summary"] = summary
-        elif path.is_file():
-            previous = json.loads(path.read_text())
-            if "summary" in previous:
-                data["summary"] = previous["summary"]
-        tmp = path.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps(data, indent=2))
-        os.replace(tmp, path)
+    def _scalars(self, values: dict[str, float]) -> None:
+        self.log.scalars(values, self.step, self._purge_step)
+
+    @property
+    def history(self) -> list[dict]:
+        return self.log.history
+
+    @property
+    def windows(self) -> list[dict]:
+        return self.log.windows
 
 
 def _prefixed(prefix: str, values: dict) -> dict:

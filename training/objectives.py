@@ -20,7 +20,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+#: Registered objectives: name -> builder(cfg, info, device, **context). A module registers its own
+#: with ``@register_objective``; importing the module registers it.
 OBJECTIVES: dict[str, Callable[..., Objective]] = {}
+#: The objectives that ship with Flora and the module that registers each: ``objective.kind`` is
+#: validated against these names when a config loads, before any of them is imported.
+BUILTIN = {"classification": __name__, "distill": "training.distill"}
 
 
 def register_objective(name: str):
@@ -29,6 +34,11 @@ def register_objective(name: str):
         return builder
 
     return deco
+
+
+def objective_names() -> list[str]:
+    """Every objective a config may name: the built-in ones and any registered since."""
+    return sorted({*BUILTIN, *OBJECTIVES})
 
 
 def masked_mean(values: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
@@ -73,9 +83,10 @@ def build_objective(cfg, info, device: torch.device, **context) -> Objective:
 
     ``context``: what some objectives need from the run (``train_loader``, ``ddp``).
     """
-    from . import distill  # noqa: F401 - registers "distill"
-
     kind = cfg.objective.kind
     if kind not in OBJECTIVES:
-        raise ValueError(f"objective.kind: {kind!r} is not registered; known: {sorted(OBJECTIVES)}")
+        where = f" (import {BUILTIN[kind]} to register it)" if kind in BUILTIN else ""
+        raise ValueError(
+            f"objective.kind: {kind!r} is not registered{where}; registered: {sorted(OBJECTIVES)}"
+        )
     return OBJECTIVES[kind](cfg, info, device, **context)

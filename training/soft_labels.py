@@ -35,6 +35,8 @@ from flora.errors import fail
 from loaders.factory import make_loader
 from loaders.index import SampleIndex
 
+from .distributed import Dist
+
 log = logging.getLogger(__name__)
 
 FORMAT = 1
@@ -117,7 +119,6 @@ def compute_rank_share(cfg, mixer, index_split: str, rank: int, world_size: int,
 
 def ensure_cache(cfg, mixer, index: SampleIndex, device, ddp=None) -> SoftLabels:
     """The cache for ``cfg`` and ``index`` (built now if missing), loaded on ``device``."""
-    from .loop import Dist
 
     ddp = ddp or Dist()
     key = cache_key(cfg, index)
@@ -186,9 +187,9 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     from loaders.index import LoaderError
 
     from .config import load_experiment
-    from .distill import build_mixer
-    from .loop import destroy_distributed, init_distributed
+    from .distributed import destroy_distributed, init_distributed
     from .models import ModelError
+    from .teachers import build_mixer
 
     parser = argparse.ArgumentParser(
         prog=prog or "python -m training.soft_labels", description=__doc__.splitlines()[0]

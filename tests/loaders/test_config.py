@@ -83,3 +83,18 @@ def test_shard_root_problems_are_clear(tmp_path, shard_root):
         create_dataloaders({"data": {"shards": str(shard_root), "device": "cpu", "val_split": "holdout"}})
     with pytest.raises(LoaderError, match="rank must be in"):
         create_dataloaders({"data": {"shards": str(shard_root), "device": "cpu"}}, rank=2, world_size=2)
+
+
+def test_backends_are_a_registry():
+    from loaders.backends import BACKENDS, backend_names, loader_class, register_backend
+    from loaders.reference import ReferenceLoader
+
+    assert backend_names() == ["dali", "torch"] and loader_class("torch") is ReferenceLoader
+    register_backend("mine", "loaders.reference:ReferenceLoader")
+    try:
+        assert load_data_config({"data": {"shards": "/x", "backend": "mine"}}).backend == "mine"
+        assert loader_class("mine") is ReferenceLoader
+    finally:
+        BACKENDS.pop("mine")
+    with pytest.raises(ConfigError, match="data.backend: expected one of"):
+        load_data_config({"data": {"shards": "/x", "backend": "mine"}})

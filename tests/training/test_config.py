@@ -57,3 +57,21 @@ def test_lr_is_scaled_to_the_global_batch_in_one_place():
     )
     assert cfg.effective_lr(world_size=4) == pytest.approx(2e-3)
     assert load_experiment(BASE, ["optim.lr=1e-3"]).effective_lr(8) == 1e-3
+
+
+def test_objective_kind_is_checked_against_the_registry(tmp_path):
+    from training.objectives import OBJECTIVES, objective_names, register_objective
+
+    assert {"classification", "distill"} <= set(objective_names())
+    base = {"data": {"shards": str(tmp_path)}, "model": {"name": "test_vit"}}
+    with pytest.raises(ConfigError, match=r"objective.kind: expected one of \['classification', 'distill'"):
+        load_experiment({**base, "objective": {"kind": "contrastive"}})
+
+    @register_objective("contrastive")
+    def _build(cfg, info, device, **context):  # a user's own objective, registered by name
+        return None
+
+    try:
+        assert load_experiment({**base, "objective": {"kind": "contrastive"}}).objective.kind == "contrastive"
+    finally:
+        OBJECTIVES.pop("contrastive")

@@ -1,0 +1,83 @@
+"""What a run records as it goes, on rank 0: TensorBoard scalars, ``metrics.json``, the curves.
+
+Owns ``RunLog``: the per-epoch ``history`` (rows of ``metrics.json``'s ``epochs``, restored on
+resume), the per-window throughput rows (``windows``: images/s and data wait of each ``log_every``
+window, the first window of an epoch flagged as it also holds the loader's start), TensorBoard
+scalars (non-finite values skipped), and the final summary with ``curves.png``.
+Other ranks hold a RunLog that writes nothing.
+
+Leaves out: what the numbers are (loop.py computes them) and plotting details (plots.py).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+from flora.io import atomic_write_text
+
+METRICS = "metrics.json"
+
+
+class RunLog:
+    def __init__(self, run_dir: Path, main: bool):
+        self.run_dir, self.main = Path(run_dir), main
+        self.history: list[dict] = []  # one row per epoch
+        self.windows: list[dict] = []  # one row per log_every window of this session
+        self._writer = None
+
+    def restore(self, before_epoch: int) -> None:
+        """Keeps the epochs of ``metrics.json`` before ``before_epoch`` (a resumed run rewrites the rest)."""
+        path = self.run_dir / METRICS
+        if path.is_file():
+            history = json.loads(path.read_text()).get("epochs", [])
+            self.history = [h for h in history if h["epoch"] < before_epoch]
+
+    def scalars(self, values: dict[str, float | None], step: int, purge_step: int | None = None) -> None:
+        """TensorBoard scalars at ``step`` (rank 0; ``purge_step`` drops events a resumed run rewrites)."""
+        if not self.main:
+            return
+        if self._writer is None:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self._writer = SummaryWriter(str(self.run_dir / "tensorboard"), purge_step=purge_step or None)
+        for key, value in values.items():
+            if value is not None and math.isfinite(value):
+                self._writer.add_scalar(key, value, step)
+
+    def window(self, epoch: int, step: int, first_in_epoch: bool, images_per_s: float, wait: float) -> None:
+        self.windows.append(
+            {
+                "epoch": epoch,
+                "step": step,
+                "first_in_epoch": first_in_epoch,
+                "images_per_s": images_per_s,
+                "data_wait_fraction": wait,
+            }
+        )
+
+    def write_metrics(self, summary: dict | None = None) -> None:
+        """``metrics.json``: the epochs so far and the summary (kept from the file until a new one)."""
+        if not self.main:
+            return
+        path = self.run_dir / METRICS
+        data: dict = {"epochs": self.history}
+        if summary is not None:
+            data["summary"] = summary
+        elif path.is_file():
+            previous = json.loads(path.read_text())
+            if "summary" in previous:
+                data["summary"] = previous["summary"]
+        atomic_write_text(path, json.dumps(data, indent=2))
+
+    def finish(self, summary: dict, title: str) -> None:
+        """The summary into ``metrics.json``, ``curves.png``, and TensorBoard closed."""
+        self.write_metrics(summary)
+        if self.main and self.history:
+            from .plots import training_curves
+
+            training_curves(self.history, self.run_dir / "curves.png", title=title)
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
