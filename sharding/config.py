@@ -1,16 +1,21 @@
-"""The catalog stage's config: how records are split, how MongoDB is read, licenses and regions.
+"""The sharding stage's configs: the catalog's (how records are split, how MongoDB is read, licenses
+and regions) and the sharder's (``BuildConfig``: shards, cache, downloads, images, workers).
 
-Leaves out: the generic YAML/dataclass machinery (flora.config) and the sharder's own config
-(build.py: ``BuildConfig``).
+Leaves out: the generic YAML/dataclass machinery (flora.config); the cache's, downloader's and image
+rules' own sections live beside their code (cache.py, download.py, images.py).
 """
 
 from __future__ import annotations
 
 import typing
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 from flora.config import ConfigError
+
+from .cache import CacheConfig
+from .download import DownloadConfig
+from .images import ImageConfig
 
 #: The seed's split: 80/10/10.
 DEFAULT_FRACTIONS = {"train": 0.8, "val": 0.1, "test": 0.1}
@@ -103,3 +108,36 @@ class CatalogConfig:
     regions_file: str = "regions.yaml"
     #: Show a progress bar (tqdm) while reading; ``None`` shows it only on a terminal.
     progress: bool | None = None
+
+
+# ---------------------------------------------------------------------------------------------- sharder
+@dataclass
+class ShardConfig:
+    max_samples: int = 1000
+    max_bytes: int = 1 << 30
+
+    def __post_init__(self) -> None:
+        if self.max_samples < 1:
+            raise ConfigError(f"shards.max_samples must be >= 1, got {self.max_samples}")
+        if self.max_bytes < 1:
+            raise ConfigError(f"shards.max_bytes must be >= 1, got {self.max_bytes}")
+
+
+@dataclass
+class BuildConfig:
+    """The sharder's config (config/sharding.yaml)."""
+
+    seed: int = 0
+    shards: ShardConfig = field(default_factory=ShardConfig)
+    cache: CacheConfig = field(default_factory=CacheConfig)
+    download: DownloadConfig = field(default_factory=DownloadConfig)
+    images: ImageConfig = field(default_factory=ImageConfig)
+    #: Worker processes for the local distributor (0: one per CPU).
+    processes: int = 0
+    distributor: Literal["local", "ray"] = "local"
+    ray_address: str | None = None
+    progress: bool | None = None
+
+    def __post_init__(self) -> None:
+        if self.processes < 0:
+            raise ConfigError(f"processes must be >= 0, got {self.processes}")

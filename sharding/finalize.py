@@ -1,0 +1,191 @@
+"""The sharder's last step: finished chunks -> published shards, logs and the manifest (idempotent).
+
+Owns ``finalize``: content-hash dedup in global plan order (train, then val, then test: a copy in
+train is kept, so identical bytes under two URLs never leak into evaluation; the index lives in
+SQLite beside the work area, so finalizing 10^6 records needs no more memory than 10^4); work parts
+renamed to their final names with a DALI ``.idx`` beside each; ``failures.jsonl``,
+``duplicates.jsonl`` and ``manifest.json`` committed together, the manifest last (a shard listed
+there is complete); shards of an earlier, different plan removed. Accounting: records in = sharded +
+failed + content duplicates, checked before anything is committed.
+
+Leaves out: running chunks (job.py), the format's rules (format.py).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+from collections import Counter, defaultdict
+from pathlib import Path
+
+from flora.io import sha256_file
+
+from .config import SPLIT_NAMES
+from .format import DUPLICATES, FAILURES, MANIFEST, shard_name, write_index
+from .job import load_marker
+from .outputs import OutputSet
+from .plan import WORK_DIR, ChunkJob
+from .writer import drop_samples
+
+
+class ContentIndex:
+    """sha256 -> the first sample with those bytes, in SQLite (flat memory at any catalog size)."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        path.unlink(missing_ok=True)
+        self.db = sqlite3.connect(path)
+        self.db.execute(
+            "CREATE TABLE seen (sha BLOB PRIMARY KEY, url TEXT, split TEXT, region TEXT, chunk TEXT)"
+        )
+
+    def first(self, sha256: str, url: str, split: str, region: str, chunk: str) -> dict | None:
+        """None when these bytes are new (now recorded); else the sample that had them first."""
+        row = (bytes.fromhex(sha256), url, split, region, chunk)
+        if self.db.execute("INSERT OR IGNORE INTO seen VALUES (?, ?, ?, ?, ?)", row).rowcount:
+            return None
+        url, split, region, chunk = self.db.execute(
+            "SELECT url, split, region, chunk FROM seen WHERE sha = ?", row[:1]
+        ).fetchone()
+        return {"image_url": url, "split": split, "region": region, "chunk": chunk}
+
+    def close(self) -> None:
+        self.db.close()
+        self.path.unlink(missing_ok=True)
+
+
+def finalize(
+    out: Path, jobs: list[ChunkJob], n_records: int, unreadable: list[dict], splits_dir: Path, run_stats: dict
+) -> dict:
+    """Dedups by content, moves parts to their final names, writes indexes, logs and the manifest.
+
+    Markers are read one at a time and the content index lives in SQLite beside the work area, so
+    finalizing 10^6 records needs no more memory than 10^4.
+    """
+    failures: dict[str, dict] = {}  # by URL: a later round's outcome replaces an earlier failure
+    duplicates, shards = [], []
+    repeats = 0
+    next_index: Counter = Counter()
+    content = ContentIndex(out / WORK_DIR / "content.sqlite")
+    try:
+        for job in jobs:
+            marker = load_marker(job)
+            by_key = {s["key"]: s for s in marker["samples"]}
+            for failure in marker["failures"]:
+                failures.pop(failure["image_url"], None)
+                failures[failure["image_url"]] = failure
+            for part in marker["parts"]:
+                dropped = set()
+                for key, label in zip(part["keys"], part["labels"], strict=True):
+                    sample = by_key[key]
+                    failures.pop(sample["image_url"], None)
+                    first = content.first(
+                        sample["sha256"], sample["image_url"], job.split, job.region, job.chunk_id
+                    )
+                    if first is None:
+                        continue
+                    if (
+                        first["image_url"] == sample["image_url"]
+                    ):  # the same record twice (never expected): shard it once
+                        dropped.add(key)
+                        repeats += 1
+                    else:
+                        dropped.add(key)
+                        duplicates.append(
+                            {"reason": "same_content", "image_url": sample["image_url"], "split": job.split,
+                             "region": job.region, "label": label, "sha256": sample["sha256"],
+                             "duplicate_of": first}
+                        )  # fmt: skip
+                shard = _place_part(out, job, part, dropped, next_index)
+                if shard is not None:
+                    shards.append(shard)
+    finally:
+        content.close()
+    for row in unreadable:
+        failures[f"offset:{row['offset']}"] = row
+    run_stats["repeated_records_dropped"] = repeats
+    return _write_reports(out, shards, list(failures.values()), duplicates, n_records, splits_dir, run_stats)
+
+
+def _place_part(out: Path, job: ChunkJob, part: dict, dropped: set[str], next_index: Counter) -> dict | None:
+    work = job.work_dir / part["name"]
+    remaining = part["samples"] - len(dropped)
+    if remaining == 0:
+        work.unlink(missing_ok=True)
+        return None
+    stream = (job.split, job.region)
+    index = next_index[stream]
+    next_index[stream] += 1
+    final = out / shard_name(job.split, job.region, index)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    if work.exists():
+        if dropped:
+            drop_samples(work, dropped)
+        os.replace(work, final)
+    elif not final.exists():
+        raise RuntimeError(f"{work} and {final} are both missing; remove {out / WORK_DIR} and run again")
+    write_index(final, None if dropped else part["index"])
+    keep = [i for i, k in enumerate(part["keys"]) if k not in dropped]
+    labels = [part["labels"][i] for i in keep]
+    return {
+        "path": str(final.relative_to(out)),
+        "split": job.split,
+        "region": job.region,
+        "samples": remaining,
+        "bytes": final.stat().st_size,
+        "sha256": part["sha256"] if not dropped else sha256_file(final),
+        "classes": sorted(set(labels)),
+        "licenses": dict(sorted(Counter(part["license_classes"][i] for i in keep).items())),
+        "chunk": job.chunk_id,
+    }
+
+
+def _write_reports(
+    out: Path,
+    shards: list[dict],
+    failures: list[dict],
+    duplicates: list[dict],
+    n_records: int,
+    splits_dir: Path,
+    run_stats: dict,
+) -> dict:
+    listed = {out / s["path"] for s in shards}
+    for split in SPLIT_NAMES:  # shards of an earlier, different plan
+        for stale in sorted((out / split).glob("*/*.tar")) if (out / split).is_dir() else []:
+            if stale not in listed:
+                stale.unlink()
+                stale.with_suffix(".idx").unlink(missing_ok=True)
+    totals: dict = defaultdict(lambda: defaultdict(lambda: {"shards": 0, "samples": 0, "bytes": 0}))
+    for s in shards:
+        t = totals[s["split"]][s["region"]]
+        t["shards"] += 1
+        t["samples"] += s["samples"]
+        t["bytes"] += s["bytes"]
+    sharded = sum(s["samples"] for s in shards)
+    accounting = {
+        "records_in": n_records,
+        "sharded": sharded,
+        "failed": len(failures),
+        "content_duplicates": len(duplicates),
+        "ok": n_records == sharded + len(failures) + len(duplicates),
+    }
+    manifest = {
+        "shards": shards,
+        "totals": {split: dict(sorted(regions.items())) for split, regions in totals.items()},
+        "accounting": accounting,
+        "failures_by_reason": dict(sorted(Counter(f["reason"] for f in failures).items())),
+        "class_mapping": "class_mapping.json",
+        "splits_sha256": run_stats["splits_sha256"],  # --retry-failed checks it against the catalog
+        "retry_rounds": run_stats["retry_rounds"],  # rounds finalized; a later one is unfinished
+        "last_run": run_stats,
+    }
+    with OutputSet(out) as outputs:
+        for mapping in sorted(splits_dir.glob("class_mapping*.json")):
+            outputs.json(mapping.name, json.loads(mapping.read_text(encoding="utf-8")))
+        outputs.jsonl(FAILURES, failures)
+        outputs.jsonl(DUPLICATES, duplicates)
+        if not accounting["ok"]:  # a bug, not bad input: raised inside, so nothing is committed
+            raise AssertionError(f"sharder accounting broken: {accounting}")
+        outputs.json(MANIFEST, manifest)
+    return manifest

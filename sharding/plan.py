@@ -1,0 +1,189 @@
+"""The sharder's plan: catalog splits -> chunk jobs, deterministic and resumable.
+
+Owns ``ChunkJob`` (one planned shard: records of one ``(split, region)`` stream, by byte offset into
+the splits file), ``plan_jobs`` (each stream ordered by ``sha256(seed, url key)``, the seeded
+shuffle, and cut into chunks of ``shards.max_samples`` records; only offsets are held, ~16 bytes a
+record), ``chunk_stream`` (the one chunking rule, shared by plans and retry rounds), retry rounds
+(``--retry-failed``: the records of ``failures.jsonl`` as new chunks, saved so that a crash resumes
+the round instead of planning it again) and the work area's fingerprint (another catalog or config
+makes the work area unusable).
+
+Leaves out: running a job (job.py), assembling shards (finalize.py).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from array import array
+from collections import defaultdict
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from flora.config import ConfigError
+from flora.io import read_jsonl, sha256_file
+
+from .config import SPLIT_NAMES, BuildConfig
+from .format import MANIFEST
+from .outputs import dumps
+from .records import url_key
+from .split import seeded_rank
+
+WORK_DIR = "_work"
+MARKER = "chunk.json"
+PLAN_FILE = "plan.json"
+_SAFE_NAME = re.compile(r"[A-Za-z0-9_]{1,64}")
+#: Download settings that decide whether a URL fails (a negative cache entry is only valid for
+#: the same ones: a URL refused under one allow-list is retried under another).
+FAILURE_POLICY_KEYS = ("allow_networks", "max_bytes", "max_redirects")
+
+
+@dataclass
+class ChunkJob:
+    """One planned shard: records of one stream, by byte offset into the splits file."""
+
+    chunk_id: str
+    split: str
+    region: str
+    splits_path: str
+    out_dir: str
+    offsets: Sequence[int]  # a numpy int64 array when planned, a list when loaded from a retry round
+    use_negative_cache: bool = True
+    cfg: BuildConfig | None = None
+
+    @property
+    def work_dir(self) -> Path:
+        return Path(self.out_dir) / WORK_DIR / self.split / self.region / self.chunk_id
+
+    @property
+    def size(self) -> int:
+        return len(self.offsets)
+
+
+def stream_order(stream: tuple[str, str]) -> tuple[int, str]:
+    """Streams in global plan order: train, val, test; regions by name."""
+    return SPLIT_NAMES.index(stream[0]), stream[1]
+
+
+def chunk_stream(
+    split: str, region: str, offsets: Sequence[int], splits_path, out_dir, per: int, prefix: str
+) -> list[ChunkJob]:
+    """One stream's records (in plan order) cut into chunks of ``per``: ``<prefix>NNNNNN`` each."""
+    return [
+        ChunkJob(
+            f"{prefix}{c:06d}",
+            split,
+            region,
+            str(splits_path),
+            str(out_dir),
+            offsets[start : start + per].copy(),
+        )
+        for c, start in enumerate(range(0, len(offsets), per))
+    ]
+
+
+def image_fingerprint(cfg) -> str:
+    """Cache keys include the image settings: a resize change must not reuse old bytes."""
+    import hashlib
+
+    return hashlib.sha256(dumps(asdict(cfg), sort_keys=True).encode()).hexdigest()[:12]
+
+
+def failure_policy(cfg) -> str:
+    """The download settings a cached failure depends on, as a short fingerprint."""
+    import hashlib
+
+    policy = {k: getattr(cfg, k) for k in FAILURE_POLICY_KEYS}
+    return hashlib.sha256(dumps(policy, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def plan_fingerprint(splits_path: Path, cfg: BuildConfig) -> dict:
+    """What the work area was planned from; another value means nothing in it can be reused."""
+    return {
+        "splits_sha256": sha256_file(splits_path),
+        "seed": cfg.seed,
+        "shards": asdict(cfg.shards),
+        "images": image_fingerprint(cfg.images),
+        "download_policy": failure_policy(cfg.download),  # a new allow-list re-attempts everything
+    }
+
+
+def plan_jobs(splits_path: Path, out_dir: Path, cfg: BuildConfig) -> tuple[list[ChunkJob], int, list[dict]]:
+    """Chunks every stream of the splits file; returns (jobs in global order, records, unreadable rows)."""
+    import numpy as np
+
+    # 8 bytes a record for the rank and 8 for the offset: the plan's memory stays flat
+    ranks: dict[tuple[str, str], array] = defaultdict(lambda: array("Q"))
+    offsets: dict[tuple[str, str], array] = defaultdict(lambda: array("q"))
+    unreadable: list[dict] = []
+    n = 0
+    with open(splits_path, "rb") as fh:
+        offset = 0
+        for line in fh:
+            here, offset = offset, offset + len(line)
+            if not line.strip():
+                continue
+            n += 1
+            row = None
+            try:
+                row = json.loads(line)
+                split, region, url = row["split"], row["region"], row["image_url"]
+                if split not in SPLIT_NAMES or not _SAFE_NAME.fullmatch(str(region)):
+                    raise ValueError(f"split {split!r} / region {region!r} is not a valid stream")
+            except (ValueError, KeyError, TypeError) as exc:
+                known = row if isinstance(row, dict) else {}
+                unreadable.append(
+                    {"offset": here, "image_url": known.get("image_url"), "split": known.get("split"),
+                     "region": known.get("region"), "reason": "bad_record", "message": str(exc)[:300]}
+                )  # fmt: skip
+                continue
+            stream = (split, region)
+            ranks[stream].append(int.from_bytes(seeded_rank(cfg.seed, url_key(url))[:8], "big"))
+            offsets[stream].append(here)
+    jobs = []
+    for split, region in sorted(ranks, key=stream_order):
+        order = np.argsort(np.frombuffer(ranks[(split, region)], dtype=np.uint64), kind="stable")
+        offs = np.frombuffer(offsets[(split, region)], dtype=np.int64)[order]
+        jobs += chunk_stream(split, region, offs, splits_path, out_dir, cfg.shards.max_samples, "")
+        del ranks[(split, region)], offsets[(split, region)]
+    return jobs, n, unreadable
+
+
+def retry_rounds(out: Path) -> list[ChunkJob]:
+    """Chunk jobs of earlier ``--retry-failed`` rounds, from their saved job files, in round order."""
+    jobs = []
+    for path in sorted((out / WORK_DIR).glob("retry-round-*.json")):
+        jobs.extend(ChunkJob(**row) for row in json.loads(path.read_text(encoding="utf-8")))
+    return jobs
+
+
+def new_retry_round(out: Path, splits_path: Path, cfg: BuildConfig, splits_sha256: str) -> list[ChunkJob]:
+    manifest = json.loads((out / MANIFEST).read_text(encoding="utf-8"))
+    if manifest.get("splits_sha256") != splits_sha256:
+        raise ConfigError(
+            f"--retry-failed: {out}/failures.jsonl belongs to another catalog than {splits_path}; "
+            "run a full build first"
+        )
+    rounds = sorted((out / WORK_DIR).glob("retry-round-*.json"))
+    if len(rounds) > manifest.get("retry_rounds", 0):
+        return []  # the last round never finished: it is resumed (see retry_rounds), not planned again
+    failures = [
+        f for f in read_jsonl(out / "failures.jsonl") if "split" in f and f.get("reason") != "bad_record"
+    ]
+    round_no = len(rounds) + 1
+    by_stream: dict[tuple[str, str], list[int]] = defaultdict(list)
+    for f in failures:
+        by_stream[(f["split"], f["region"])].append(f["offset"])
+    jobs = []
+    for stream in sorted(by_stream, key=stream_order):
+        offs = by_stream[stream]
+        jobs += chunk_stream(*stream, offs, splits_path, out, cfg.shards.max_samples, f"retry{round_no:02d}-")
+    for job in jobs:
+        job.use_negative_cache = False  # a retry round re-attempts the URLs that failed
+    saved = [
+        {**{k: v for k, v in asdict(j).items() if k != "cfg"}, "offsets": list(map(int, j.offsets))}
+        for j in jobs
+    ]
+    (out / WORK_DIR / f"retry-round-{round_no:03d}.json").write_text(json.dumps(saved), encoding="utf-8")
+    return jobs
