@@ -32,20 +32,18 @@ Processes: the environment is opened lazily in the process that uses it (``lock=
 child opens its own and never touches the parent's, and pickling an ``ImageCache`` sends only its
 parameters. Within a process one lock serialises the methods, so threads may share an instance.
 
-Leaves out: downloading and image validation (the caller stores what it has checked), what the
+Where the parts live: the record format (cache_record.py), the LRU bookkeeping in a write
+transaction and the fork-safe environment registry (cache_lmdb.py). Leaves out: downloading and
+image validation (the caller stores what it has checked), what the
 metadata means (stored as JSON and returned as parsed), time-based expiry, and shrinking the file
 (LMDB reuses freed pages but never returns them to the file system).
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import os
-import struct
 import threading
-import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -54,6 +52,11 @@ from typing import Any, TypeVar
 import lmdb
 
 from flora.config import ConfigError
+
+from .cache_lmdb import _INDEX, _U64, _acquire, _Dbs, _MapExhausted, _release, _Shared, _total, _Writer
+from .cache_record import MAX_RECORD_BYTES, CacheEntry, decode_record, encode_record, url_hash
+
+__all__ = ["CacheConfig", "CacheEntry", "ImageCache", "encode_record", "url_hash"]
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -84,16 +87,7 @@ MAX_READERS = 512
 #: A transaction is retried after MapResizedError and after each map doubling; 64 attempts cover
 #: doubling from 1 MiB past any disk.
 MAX_TXN_ATTEMPTS = 64
-#: LMDB stores a value's length in 32 bits.
-MAX_RECORD_BYTES = 2**32 - 1
 
-_MAGIC = b"FLC1"
-_HEADER = struct.Struct(">4sIIQ")  # magic, crc32 of the rest, meta length, data length
-_LENGTHS = struct.Struct(">IQ")
-_INDEX = struct.Struct(">QQ")  # tick, record size
-_U64 = struct.Struct(">Q")
-_CLOCK_KEY = b"clock"
-_BYTES_KEY = b"bytes"
 _COUNTERS = ("hits", "misses", "puts", "evictions", "corrupt", "too_large_for_cache")
 _COUNTERS += ("map_full", "map_grows", "map_resized")
 
@@ -143,203 +137,6 @@ class CacheConfig:
         if self.max_map_bytes is not None:
             return self.max_map_bytes
         return max(self.initial_map_bytes, self.max_bytes * MAP_OVERHEAD_FACTOR + MAP_SLACK_BYTES)
-
-
-@dataclass(frozen=True)
-class CacheEntry:
-    """A cached image: its bytes and the metadata dict stored with them."""
-
-    data: bytes
-    meta: dict
-
-
-def url_hash(url: str) -> bytes:
-    """The 32-byte key of ``url`` (sha256 of its UTF-8 text, lone surrogates passed through)."""
-    if not isinstance(url, str):
-        raise TypeError(f"url must be a str, got {type(url).__name__}")
-    return hashlib.sha256(url.encode("utf-8", "surrogatepass")).digest()
-
-
-def encode_record(data: bytes, meta: dict) -> bytes:
-    """The stored form of an entry: header + meta JSON + data (see the module docstring)."""
-    if not isinstance(data, bytes | bytearray | memoryview):
-        raise TypeError(f"data must be bytes, got {type(data).__name__}")
-    if not isinstance(meta, dict):
-        raise TypeError(f"meta must be a dict, got {type(meta).__name__}")
-    meta_json = json.dumps(meta, separators=(",", ":"), default=str).encode("ascii")
-    lengths = _LENGTHS.pack(len(meta_json), len(data))
-    crc = zlib.crc32(data, zlib.crc32(meta_json, zlib.crc32(lengths)))
-    return b"".join((_MAGIC, crc.to_bytes(4, "big"), lengths, meta_json, data))
-
-
-def decode_record(record: bytes) -> CacheEntry | str:
-    """The entry stored in ``record``, or the reason it is corrupt."""
-    if len(record) < _HEADER.size:
-        return f"truncated header ({len(record)} bytes)"
-    magic, crc, meta_len, data_len = _HEADER.unpack_from(record)
-    if magic != _MAGIC:
-        return f"bad magic {magic!r}"
-    if _HEADER.size + meta_len + data_len != len(record):
-        return f"length {len(record)} != header {_HEADER.size} + meta {meta_len} + data {data_len}"
-    if zlib.crc32(memoryview(record)[8:]) != crc:
-        return "checksum mismatch"
-    try:
-        meta = json.loads(record[_HEADER.size : _HEADER.size + meta_len])
-    except ValueError as exc:
-        return f"unparseable meta: {exc}"
-    if not isinstance(meta, dict):
-        return f"meta is a {type(meta).__name__}, not an object"
-    return CacheEntry(data=record[_HEADER.size + meta_len :], meta=meta)
-
-
-@dataclass(frozen=True)
-class _Dbs:
-    entries: Any
-    index: Any
-    recency: Any
-    state: Any
-
-
-def _total(txn: lmdb.Transaction, dbs: _Dbs) -> int:
-    raw = txn.get(_BYTES_KEY, db=dbs.state)
-    return _U64.unpack(raw)[0] if raw is not None else 0
-
-
-class _MapExhausted(RuntimeError):
-    """The map is full and already at ``max_map_bytes``."""
-
-
-class _Writer:
-    """One write transaction's view of the bookkeeping: clock, byte total and eviction count."""
-
-    def __init__(self, txn: lmdb.Transaction, dbs: _Dbs):
-        self.txn, self.dbs = txn, dbs
-        raw = txn.get(_CLOCK_KEY, db=dbs.state)
-        self.clock = _U64.unpack(raw)[0] if raw is not None else 0
-        self.total = _total(txn, dbs)
-        self.evicted = 0
-
-    def save(self) -> None:
-        self.txn.put(_CLOCK_KEY, _U64.pack(self.clock), db=self.dbs.state)
-        self.txn.put(_BYTES_KEY, _U64.pack(self.total), db=self.dbs.state)
-
-    def _link(self, key: bytes, size: int) -> None:
-        self.clock += 1
-        self.txn.put(key, _INDEX.pack(self.clock, size), db=self.dbs.index)
-        self.txn.put(_U64.pack(self.clock), key, db=self.dbs.recency)
-
-    def touch(self, key: bytes) -> bool:
-        """Moves ``key`` to the most recently used end; False if it is gone."""
-        raw = self.txn.get(key, db=self.dbs.index)
-        if raw is None:
-            return False
-        tick, size = _INDEX.unpack(raw)
-        self.txn.delete(_U64.pack(tick), db=self.dbs.recency)
-        self._link(key, size)
-        return True
-
-    def remove(self, key: bytes) -> bool:
-        """Deletes the entry, its index row and its recency tick; False if there was no entry."""
-        raw = self.txn.get(key, db=self.dbs.index)
-        if raw is not None:
-            tick, size = _INDEX.unpack(raw)
-            self.txn.delete(_U64.pack(tick), db=self.dbs.recency)
-            self.txn.delete(key, db=self.dbs.index)
-            self.total = max(0, self.total - size)
-        return self.txn.delete(key, db=self.dbs.entries) or raw is not None
-
-    def insert(self, key: bytes, record: bytes) -> None:
-        """Stores a record under ``key``, which must have no entry (``remove`` it first)."""
-        self.txn.put(key, record, db=self.dbs.entries)
-        self._link(key, len(record))
-        self.total += len(record)
-
-    def evict_until(self, target: int) -> None:
-        """Deletes least recently used entries until the total is at most ``target``."""
-        cursor = self.txn.cursor(db=self.dbs.recency)
-        while self.total > target and cursor.first():
-            (tick,), key = _U64.unpack(cursor.key()), cursor.value()
-            cursor.delete()
-            raw = self.txn.get(key, db=self.dbs.index)
-            if raw is None or _INDEX.unpack(raw)[0] == tick:  # else a stale tick of a re-ticked entry
-                self.evicted += self.remove(key)
-
-
-class _Shared:
-    """This process's one environment for a cache directory, shared by its ``ImageCache`` objects.
-
-    LMDB must not open an environment twice in one process (closing either copy drops the other's
-    file locks), and ``set_mapsize`` needs every transaction of the process finished: hence one
-    environment and one lock per directory and process.
-    """
-
-    def __init__(self, key: str):
-        self.key = key
-        self.lock = threading.RLock()
-        self.env: lmdb.Environment | None = None
-        self.dbs: _Dbs | None = None
-        self.users = 0
-
-
-_REGISTRY: dict[str, _Shared] = {}
-_REGISTRY_LOCK = threading.Lock()
-
-
-def _acquire(path: Path) -> _Shared:
-    with _REGISTRY_LOCK:
-        key = str(path.resolve())
-        shared = _REGISTRY.setdefault(key, _Shared(key))
-        shared.users += 1
-        return shared
-
-
-def _close_env(shared: _Shared) -> None:
-    if shared.env is not None:
-        shared.env.close()
-        shared.env, shared.dbs = None, None
-
-
-def _release(shared: _Shared) -> None:
-    """Drops one user of ``shared``; the last one closes the environment."""
-    with _REGISTRY_LOCK:
-        shared.users -= 1
-        if shared.users > 0:
-            return
-        if _REGISTRY.get(shared.key) is shared:
-            del _REGISTRY[shared.key]
-        with shared.lock:
-            _close_env(shared)
-
-
-def _before_fork() -> None:
-    """Closes every environment before a fork, with every lock taken (so no transaction is running).
-
-    An environment must not cross a fork, and a child cannot reopen one its parent holds: py-lmdb
-    refuses a second open of the same files in what it sees as the same process, and closing the
-    inherited copy would wipe the parent's reader slots. Parent and child reopen on next use.
-    """
-    _REGISTRY_LOCK.acquire()
-    for shared in _REGISTRY.values():
-        shared.lock.acquire()
-        _close_env(shared)
-
-
-def _after_fork_in_parent() -> None:
-    for shared in _REGISTRY.values():
-        shared.lock.release()
-    _REGISTRY_LOCK.release()
-
-
-def _after_fork_in_child() -> None:
-    global _REGISTRY_LOCK
-    _REGISTRY.clear()  # instances notice the new pid and attach afresh
-    _REGISTRY_LOCK = threading.Lock()
-
-
-if hasattr(os, "register_at_fork"):
-    os.register_at_fork(
-        before=_before_fork, after_in_parent=_after_fork_in_parent, after_in_child=_after_fork_in_child
-    )
 
 
 def _from_config(cfg: CacheConfig) -> ImageCache:
@@ -577,13 +374,14 @@ class ImageCache:
         """Stores several ``(url, data, meta)`` entries in one write transaction: one commit, one
         fsync for all of them (a put's cost is mostly its fsync). Same rules as ``put``; returns how
         many were stored."""
-        records = []
+        records, fitting = [], []
         for url, data, meta in items:
             record = encode_record(data, meta)
             if len(record) > self.max_bytes or len(record) > MAX_RECORD_BYTES:
-                self._counters["too_large_for_cache"] += 1
+                self._counters["too_large_for_cache"] += 1  # counted here, once
             else:
                 records.append((url_hash(url), record))
+                fitting.append((url, data, meta))
         if not records:
             return 0
         with self._guard():
@@ -598,8 +396,8 @@ class ImageCache:
 
             try:
                 self._write(store)
-            except _MapExhausted:  # fall back to one at a time, which can evict to make room
-                return sum(self.put(url, data, meta) for url, data, meta in items)
+            except _MapExhausted:  # one at a time, which can evict to make room (the too large are out)
+                return sum(self.put(url, data, meta) for url, data, meta in fitting)
             self._counters["puts"] += len(records)
             return len(records)
 

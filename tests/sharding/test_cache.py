@@ -394,3 +394,24 @@ def test_put_many_is_one_commit_with_put_semantics(tmp_path):
         assert cache.stats()["misses"] == misses + 1 + sum(not cache.contains(u) for u in urls)
         assert cache.get("u14").data == payload("u14"), "the newest entries survive"
         assert cache.get("u0") is None, "the oldest are evicted"
+
+
+def test_put_many_falling_back_counts_an_oversized_item_once(tmp_path, monkeypatch):
+    """put_many's fallback (map exhausted) retries only the items that fit: the one too large for
+    the cap is counted once, as put_many found it, not again by the single puts."""
+    from sharding.cache_lmdb import _MapExhausted
+
+    with ImageCache(tmp_path / "c", 64 * 1024) as cache:
+        real, calls = ImageCache._write, []
+
+        def exhausted_once(self, fn):
+            calls.append(fn)
+            if len(calls) == 1:
+                raise _MapExhausted("map full (simulated)")
+            return real(self, fn)
+
+        monkeypatch.setattr(ImageCache, "_write", exhausted_once)
+        items = [("u/big", payload("u/big", 100_000), META), ("u/small", payload("u/small", 1_000), META)]
+        assert cache.put_many(items) == 1
+        stats = cache.stats()
+        assert stats["too_large_for_cache"] == 1 and stats["puts"] == 1 and cache.contains("u/small")
