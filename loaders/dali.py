@@ -202,7 +202,8 @@ class DaliLoader(EpochLoader):
     def __init__(self, *args, **kwargs):  # EpochLoader's arguments
         if not HAVE_DALI:
             raise LoaderError(
-                "backend 'dali' needs nvidia-dali (pip install nvidia-dali-cuda120); or use backend: torch"
+                "backend 'dali' needs nvidia-dali: pip install 'flora[dali]' (CUDA 12; nvidia-dali-cuda130 "
+                "for CUDA 13); or use backend: torch"
             )
         super().__init__(*args, **kwargs)
         self.gpu = self.device.type == "cuda"

@@ -50,7 +50,7 @@ def _ray(
     try:
         import ray
     except ImportError as exc:  # pragma: no cover - ray is a declared dependency
-        raise RuntimeError("--distributor ray needs Ray (pip install ray)") from exc
+        raise RuntimeError("--distributor ray needs Ray: pip install 'flora[ray]'") from exc
     started_here = not ray.is_initialized()
     if started_here:
         kwargs = {"address": ray_address} if ray_address else {"num_cpus": max(processes, 1)}

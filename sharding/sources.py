@@ -97,7 +97,7 @@ class MongoSource:
             import pymongo
             from pymongo import errors, uri_parser
         except ImportError as exc:  # pragma: no cover - pymongo is a declared dependency
-            raise SourceError("reading from MongoDB needs pymongo (pip install pymongo)") from exc
+            raise SourceError("reading from MongoDB needs pymongo: pip install 'flora[mongo]'") from exc
         self.cfg = cfg
         self.shown_uri = redact(uri)
         user_only = _URI_USER_ONLY.match(uri)
