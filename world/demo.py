@@ -20,7 +20,7 @@ from pathlib import Path
 
 from world.server import ImageServer, load_faults
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[1]
 
 
 def _run(step: str, argv: list[str]) -> None:
