@@ -18,6 +18,7 @@ import importlib
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 from .errors import EXIT_USAGE, fail
 
@@ -60,6 +61,19 @@ def missing_module(module: str) -> str:
     return f"{module} is not installed (pip install 'flora[all]' installs every optional part)"
 
 
+def _import(module: str):
+    """The stage's module; the dev-only ``world`` is found in the checkout this flora runs from (an
+    editable install), which is not on ``sys.path`` when ``flora`` starts as a console script."""
+    try:
+        return importlib.import_module(module)
+    except ModuleNotFoundError as exc:
+        checkout = Path(__file__).resolve().parents[1]
+        if exc.name != "world" or not (checkout / "world" / "__init__.py").is_file():
+            raise
+        sys.path.insert(0, str(checkout))
+        return importlib.import_module(module)
+
+
 def usage() -> str:
     width = max(len(name) for name in STAGES)
     lines = ["usage: flora <stage> [<verb>] [options]   (flora <stage> --help for a stage's options)", ""]
@@ -87,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
         return fail(None, f"unknown stage {wanted!r}; expected one of: {', '.join(STAGES)}")
     name, stage, rest = found
     try:
-        entry: Callable[..., int] = importlib.import_module(stage.module).main
+        entry: Callable[..., int] = _import(stage.module).main
     except ModuleNotFoundError as exc:
         return fail(name, missing_module(exc.name or ""))
     if stage.verb:

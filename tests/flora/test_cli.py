@@ -110,3 +110,16 @@ def test_cache_root_and_store_keys(monkeypatch, tmp_path):
     assert store_key(a) != store_key(b) and store_key(a).startswith("shards-")  # same name, two stores
     assert store_key(a) == store_key(str(a) + "/") and store_key("s3://bucket/shards").startswith("shards-")
     assert derived_dir("soft_labels", a, tmp_path / "c") == tmp_path / "c" / "soft_labels" / store_key(a)
+
+
+def test_flora_world_runs_from_a_checkout_as_a_console_script(tmp_path):
+    """The console script does not put the checkout on sys.path; the dev-only world is found anyway."""
+    flora = Path(sys.executable).parent / "flora"
+    if not flora.is_file():
+        pytest.skip("the flora console script is not installed in this environment")
+    proc = subprocess.run(
+        [str(flora), "world", "generate", "--out", str(tmp_path / "w"), "--records", "30", "--species", "6"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert (tmp_path / "w" / "catalog.jsonl").is_file()
