@@ -13,12 +13,14 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from dataclasses import asdict
 from pathlib import Path
 
-from flora.config import ConfigError, load_config
+from flora.config import ConfigError, from_dict, load_config
 from flora.errors import fail
 
 from .config import CatalogConfig
+from .download import DownloadConfig
 from .sources import SourceError, redact
 
 
@@ -73,7 +75,10 @@ def _build(args: argparse.Namespace) -> int:
     if args.no_progress:
         overrides.append("progress=false")
     cfg = load_config(BuildConfig, args.config, overrides)
-    cfg.download.allow_networks = sorted(set(cfg.download.allow_networks) | set(args.allow_network))
+    if args.allow_network:  # merged with the config's list, then validated as the config key is
+        networks = sorted(set(cfg.download.allow_networks) | set(args.allow_network))
+        download = {**asdict(cfg.download), "allow_networks": networks}
+        cfg.download = from_dict(DownloadConfig, download, "download")
     manifest = build(args.splits, args.out, cfg, retry_failed=args.retry_failed)
     a, run = manifest["accounting"], manifest["last_run"]
     print(

@@ -21,6 +21,10 @@ from pathlib import Path
 from world.server import ImageServer, load_faults
 
 REPO = Path(__file__).resolve().parents[1]
+#: The demo serves the sample world on a fixed loopback port: the port is part of every image URL, and
+#: URLs seed the split order, the shard chunks and the cache keys. A port chosen per run made every
+#: demo differ (45/46/47 shards) and its LMDB cache useless on the second run.
+DEMO_PORT = 8765
 
 
 def _run(step: str, argv: list[str]) -> None:
@@ -37,12 +41,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=REPO / "demo_out")
     parser.add_argument("--records", type=int, default=2000)
     parser.add_argument("--species", type=int, default=40)
+    parser.add_argument("--port", type=int, default=DEMO_PORT, help="the images' loopback port")
     args = parser.parse_args(argv)
     out = args.out
     for stale in ("world", "splits", "shards", "runs", "exports"):
         shutil.rmtree(out / stale, ignore_errors=True)  # the cache is kept: a second demo is warm
     (out / "world" / "images").mkdir(parents=True)
-    with ImageServer(out / "world" / "images") as server:
+    try:
+        server = ImageServer(out / "world" / "images", port=args.port)
+    except OSError as exc:
+        raise SystemExit(
+            f"demo: cannot serve the sample world on 127.0.0.1:{args.port} ({exc.strerror or exc}); "
+            "stop what holds it or pass --port N"
+        ) from None
+    with server:
         _run(
             "world",
             [

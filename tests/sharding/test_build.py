@@ -438,3 +438,12 @@ def test_a_new_allow_list_re_attempts_what_the_old_one_refused(world, tmp_path):
     assert first["accounting"]["sharded"] == 0
     second = build(world.splits, tmp_path / "s", config(tmp_path))  # same splits, loopback now allowed
     assert second["accounting"]["sharded"] > 0 and "blocked_address" not in second["failures_by_reason"]
+
+
+def test_allow_network_flag_is_validated_as_its_config_key(tmp_path, capsys):
+    (tmp_path / "splits").mkdir()
+    code = main(["build", "--splits", str(tmp_path / "splits"), "--out", str(tmp_path / "o"),
+                 "--allow-network", "300.1.2.3/99"])  # fmt: skip
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1
+    assert err.startswith("flora build: error: download.allow_networks: not a CIDR network: '300.1.2.3/99'")

@@ -24,3 +24,20 @@ def test_demo_runs_every_stage(tmp_path):
     assert "accounting ok" in proc.stdout
     assert "train:" in proc.stdout and "images/s (all ranks)" in proc.stdout  # the loaders' epoch
     assert (tmp_path / "shards" / "manifest.json").is_file()
+
+
+def test_demo_refuses_a_taken_port_in_one_line(tmp_path):
+    """The demo serves on a fixed port (URLs carry it, and URLs seed splits, chunks and cache keys)."""
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        proc = subprocess.run(
+            [sys.executable, "-m", "world.demo", "--out", str(tmp_path), "--port", str(port)],
+            capture_output=True, text=True, timeout=120,
+        )  # fmt: skip
+    assert proc.returncode == 1
+    assert proc.stderr.strip().startswith(f"demo: cannot serve the sample world on 127.0.0.1:{port}")
+    assert "\n" not in proc.stderr.strip()
