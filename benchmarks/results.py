@@ -13,6 +13,19 @@ from pathlib import Path
 from typing import Any
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
+REPO = RESULTS_DIR.parents[1]
+
+
+def portable(value: Any) -> Any:
+    """``value`` with every absolute path inside the repository made repository-relative (results are
+    committed and compared across machines; no machine paths in them)."""
+    if isinstance(value, dict):
+        return {k: portable(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [portable(v) for v in value]
+    if isinstance(value, str) and value.startswith(str(REPO) + "/"):
+        return value[len(str(REPO)) + 1 :]
+    return value
 
 
 def _fmt(value: Any) -> str:
@@ -39,7 +52,7 @@ def write_result(name: str, result: dict[str, Any], results_dir: Path = RESULTS_
     """Writes ``result`` (plus a UTC timestamp) to ``results_dir/<name>.json`` and returns the path."""
     results_dir.mkdir(parents=True, exist_ok=True)
     path = results_dir / f"{name}.json"
-    payload = {**result, "measured_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    payload = {**portable(result), "measured_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     path.write_text(json.dumps(payload, indent=2, sort_keys=False) + "\n", encoding="utf-8")
     return path
 
