@@ -356,7 +356,6 @@ def measure_distillation(shards: Path, sizes: Sizes, cuda: bool, work: Path, tea
 
 # -------------------------------------------------------------------------------------------- report
 def targets(rows: list[dict], cuda: bool) -> dict:
-    by = {r["run"]: r for r in rows}
     mixed = [r for r in rows if r["part"] == "loader" and r["run"].startswith("DALI mixed")]
     train = [r for r in rows if r["part"] == "train"]
     kd = {r["run"].rsplit(", ", 1)[1]: r for r in rows if r["part"] == "distill"}
@@ -379,7 +378,6 @@ def targets(rows: list[dict], cuda: bool) -> dict:
             f"kd cached >= {TARGET_KD_CACHED_VS_ONLINE}x online": ratio is not None
             and ratio >= TARGET_KD_CACHED_VS_ONLINE,
         }
-    del by
     return out
 
 
