@@ -16,12 +16,12 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
-from flora.config import ConfigError, from_dict, load_config
-from flora.errors import fail
+from flora.config import from_dict, load_config
+from flora.errors import FloraError, fail
 
 from .config import CatalogConfig
 from .download import DownloadConfig
-from .sources import SourceError, redact
+from .sources import redact
 
 
 def _catalog(args: argparse.Namespace) -> int:
@@ -74,6 +74,8 @@ def _build(args: argparse.Namespace) -> int:
         overrides.append(f"ray_address={args.ray_address}")
     if args.no_progress:
         overrides.append("progress=false")
+    if args.allow_damaged_splits:
+        overrides.append("allow_damaged_splits=true")
     cfg = load_config(BuildConfig, args.config, overrides)
     if args.allow_network:  # merged with the config's list, then validated as the config key is
         networks = sorted(set(cfg.download.allow_networks) | set(args.allow_network))
@@ -134,6 +136,11 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     bld.add_argument("--ray-address", help="address of an existing Ray cluster")
     bld.add_argument("--processes", type=int, help="local worker processes (0: one per CPU)")
     bld.add_argument("--no-progress", action="store_true", help="no progress bar")
+    bld.add_argument(
+        "--allow-damaged-splits",
+        action="store_true",
+        help="count unreadable lines of the splits file as bad_record failures (default: refuse the file)",
+    )
     bld.add_argument("overrides", nargs="*", metavar="key.sub=value", help="config overrides")
     bld.set_defaults(func=_build)
     return parser
@@ -143,7 +150,7 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     args = build_parser(prog).parse_args(argv)
     try:
         return args.func(args)
-    except (ConfigError, SourceError, OSError) as exc:
+    except (FloraError, OSError) as exc:
         return fail(args.verb, redact(str(exc)))
 
 

@@ -137,6 +137,8 @@ class BuildConfig:
     distributor: Literal["local", "ray"] = "local"
     ray_address: str | None = None
     progress: bool | None = None
+    #: Count unreadable lines of the splits file as ``bad_record`` failures instead of refusing the file.
+    allow_damaged_splits: bool = False
 
     def __post_init__(self) -> None:
         if self.processes < 0:

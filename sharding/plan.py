@@ -22,6 +22,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from flora.config import ConfigError
+from flora.errors import FloraError
 from flora.io import read_jsonl, sha256_file
 
 from .config import SPLIT_NAMES, BuildConfig
@@ -109,8 +110,17 @@ def plan_fingerprint(splits_path: Path, cfg: BuildConfig) -> dict:
     }
 
 
+class DamagedSplitsError(FloraError, ValueError):
+    """A line of the catalog's splits file is not the record the catalog writes: the file was damaged."""
+
+
 def plan_jobs(splits_path: Path, out_dir: Path, cfg: BuildConfig) -> tuple[list[ChunkJob], int, list[dict]]:
-    """Chunks every stream of the splits file; returns (jobs in global order, records, unreadable rows)."""
+    """Chunks every stream of the splits file; returns (jobs in global order, records, unreadable rows).
+
+    The file is the catalog's own output, so an unreadable line means it was damaged (truncated,
+    edited, a disk fault): refused with the line's number, unless ``cfg.allow_damaged_splits``, where
+    each such line becomes a counted ``bad_record`` failure.
+    """
     import numpy as np
 
     # 8 bytes a record for the rank and 8 for the offset: the plan's memory stays flat
@@ -120,7 +130,7 @@ def plan_jobs(splits_path: Path, out_dir: Path, cfg: BuildConfig) -> tuple[list[
     n = 0
     with open(splits_path, "rb") as fh:
         offset = 0
-        for line in fh:
+        for line_no, line in enumerate(fh, 1):
             here, offset = offset, offset + len(line)
             if not line.strip():
                 continue
@@ -132,10 +142,17 @@ def plan_jobs(splits_path: Path, out_dir: Path, cfg: BuildConfig) -> tuple[list[
                 if split not in SPLIT_NAMES or not _SAFE_NAME.fullmatch(str(region)):
                     raise ValueError(f"split {split!r} / region {region!r} is not a valid stream")
             except (ValueError, KeyError, TypeError) as exc:
+                if not cfg.allow_damaged_splits:
+                    raise DamagedSplitsError(
+                        f"{splits_path} line {line_no} is damaged ({_why(exc)}); expected a JSON record with"
+                        " split, region and image_url as the catalog writes it: re-run the catalog, or pass"
+                        " --allow-damaged-splits to count such lines as bad_record failures"
+                    ) from None
                 known = row if isinstance(row, dict) else {}
                 unreadable.append(
-                    {"offset": here, "image_url": known.get("image_url"), "split": known.get("split"),
-                     "region": known.get("region"), "reason": "bad_record", "message": str(exc)[:300]}
+                    {"offset": here, "line": line_no, "image_url": known.get("image_url"),
+                     "split": known.get("split"), "region": known.get("region"), "reason": "bad_record",
+                     "message": str(exc)[:300]}
                 )  # fmt: skip
                 continue
             stream = (split, region)
@@ -148,6 +165,15 @@ def plan_jobs(splits_path: Path, out_dir: Path, cfg: BuildConfig) -> tuple[list[
         jobs += chunk_stream(split, region, offs, splits_path, out_dir, cfg.shards.max_samples, "")
         del ranks[(split, region)], offsets[(split, region)]
     return jobs, n, unreadable
+
+
+def _why(exc: Exception) -> str:
+    """A short reason for a damaged line: json's message, or the missing key."""
+    if isinstance(exc, KeyError):
+        return f"no {exc.args[0]!r} key"
+    if isinstance(exc, TypeError):
+        return "not a JSON object"
+    return str(exc)[:120]
 
 
 def retry_rounds(out: Path) -> list[ChunkJob]:
