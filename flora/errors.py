@@ -30,3 +30,21 @@ def fail(stage: str | None, exc: BaseException | str, code: int = EXIT_USAGE) ->
     """Prints ``flora <stage>: error: <exc>`` to stderr; returns ``code`` for the command to exit with."""
     print(f"flora{' ' + stage if stage else ''}: error: {one_line(exc)}", file=sys.stderr)
     return code
+
+
+#: errno values that mean "the filesystem is full" (no space, quota exceeded).
+_FULL = {28, 122}  # ENOSPC, EDQUOT
+
+
+class StorageError(FloraError, OSError):
+    """Writing a file failed (full disk, I/O error): the message names the stage and the path."""
+
+
+def storage_error(stage: str, path: object, exc: OSError, resume: str = "run it again") -> StorageError:
+    """``exc`` (raised while ``stage`` wrote ``path``) as one line naming both, with what to do next."""
+    if isinstance(exc, StorageError):
+        return exc
+    path = getattr(exc, "filename", None) or path
+    why = exc.strerror or str(exc)
+    hint = f"free space on that filesystem and {resume}" if exc.errno in _FULL else resume
+    return StorageError(f"{stage}: cannot write {path}: {why} [Errno {exc.errno}]; {hint}")

@@ -36,12 +36,14 @@ rules (images.py), the cache (cache.py), tar bytes (writer.py), where jobs run (
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import time
 from collections import Counter
 from pathlib import Path
 
+from .cache_config import cap_warning
 from .config import BuildConfig, ShardConfig
 from .finalize import finalize
 from .format import MANIFEST
@@ -49,6 +51,8 @@ from .job import load_marker, run_chunk
 from .plan import MARKER, PLAN_FILE, WORK_DIR, new_retry_round, plan_fingerprint, plan_jobs, retry_rounds
 
 __all__ = ["BuildConfig", "ShardConfig", "build"]
+
+log = logging.getLogger(__name__)
 
 
 def build(splits_dir: str | Path, out_dir: str | Path, cfg: BuildConfig, retry_failed: bool = False) -> dict:
@@ -65,6 +69,9 @@ def build(splits_dir: str | Path, out_dir: str | Path, cfg: BuildConfig, retry_f
         )
     if not (splits_dir / "class_mapping.json").is_file():
         raise FileNotFoundError(f"no class_mapping.json in {splits_dir}")
+    warning = cap_warning(cfg.cache)
+    if warning:
+        log.warning(warning)
     work = out / WORK_DIR
     fingerprint = plan_fingerprint(splits_path, cfg)
     plan_file = work / PLAN_FILE

@@ -28,13 +28,20 @@ Map size: the environment starts at ``initial_map_bytes`` and doubles on ``MapFu
 tries once more, then gives up (``map_full``), never raising. When another process has grown the map,
 this one adopts the new size on ``MapResizedError``.
 
+Faults: the cache is an accelerator, never the reason a build ends. A failing write (disk full, an
+I/O error in ``mdb_txn_commit``, a folder that cannot be created) is warned about once, naming the
+cache's path; the process then stops writing (each entry not stored counts in ``write_failures``) and
+goes on; a failing read is a miss (``read_failures``). ``cache_config.cap_warning`` tells at start
+when the byte cap cannot fit the free space of the cache's filesystem.
+
 Processes: the environment is opened lazily in the process that uses it (``lock=True``); a forked
 child opens its own and never touches the parent's, and pickling an ``ImageCache`` sends only its
 parameters. Within a process one lock serialises the methods, so threads may share an instance.
 
-Where the parts live: the record format (cache_record.py), the LRU bookkeeping in a write
-transaction and the fork-safe environment registry (cache_lmdb.py). Leaves out: downloading and
-image validation (the caller stores what it has checked), what the
+Where the parts live: the settings (cache_config.py), the record format (cache_record.py), the LRU
+bookkeeping in a write transaction and the fork-safe environment registry (cache_lmdb.py).
+
+Leaves out: downloading and image validation (the caller stores what it has checked), what the
 metadata means (stored as JSON and returned as parsed), time-based expiry, and shrinking the file
 (LMDB reuses freed pages but never returns them to the file system).
 """
@@ -45,15 +52,23 @@ import logging
 import os
 import threading
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TypeVar
 
 import lmdb
 
-from flora.config import ConfigError
-
-from .cache_lmdb import _INDEX, _U64, _acquire, _Dbs, _MapExhausted, _release, _Shared, _total, _Writer
+from .cache_config import DEFAULT_INITIAL_MAP_BYTES, DEFAULT_LOW_WATER, DEFAULT_RECENCY_BATCH, CacheConfig
+from .cache_lmdb import (
+    _acquire,
+    _CacheFault,
+    _Dbs,
+    _MapExhausted,
+    _release,
+    _Shared,
+    _total,
+    _Writer,
+    verify_scan,
+)
 from .cache_record import MAX_RECORD_BYTES, CacheEntry, decode_record, encode_record, url_hash
 
 __all__ = ["CacheConfig", "CacheEntry", "ImageCache", "encode_record", "url_hash"]
@@ -61,26 +76,6 @@ __all__ = ["CacheConfig", "CacheEntry", "ImageCache", "encode_record", "url_hash
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
-GiB = 2**30
-MiB = 2**20
-#: Default byte cap; real caches are 50-200 GB (the issue's sizing for a full rebuild without network).
-DEFAULT_MAX_BYTES = 50 * GiB
-DEFAULT_LOW_WATER = 0.9
-DEFAULT_INITIAL_MAP_BYTES = 256 * MiB
-#: Smallest map accepted: LMDB needs a handful of pages for its meta and sub-database roots, and a
-#: 1 MiB map still holds a few typical (20-200 KB) images.
-MIN_MAP_BYTES = 1 * MiB
-#: Default max map = cap * factor + slack. Values over ~2 KB live in whole 4 KiB overflow pages (up to
-#: one page lost per record), freed pages are reused only once no reader holds them, and runs of free
-#: pages fragment; twice the cap covers that with room to spare. On Linux the map is virtual: the file
-#: only grows as pages are written.
-MAP_OVERHEAD_FACTOR = 2
-MAP_SLACK_BYTES = 64 * MiB
-#: Default queue length for recency updates of ``get`` hits: one write transaction (and its fsync) per
-#: this many hits. Measured with 50 KB values: ~3.7k hits/s at 1, ~17k hits/s at 16 (2-core VM); a
-#: warm rebuild of 100k images spent ~2.5 s in those fsyncs at 16, so 256 (the sharder also flushes
-#: at the end of every chunk, so nothing is lost at a clean exit).
-DEFAULT_RECENCY_BATCH = 256
 #: Reader slots in lock.mdb (64 bytes each): one per process with a read open, so several sharder
 #: runs of a few dozen workers each fit. LMDB's default is 126.
 MAX_READERS = 512
@@ -89,54 +84,7 @@ MAX_READERS = 512
 MAX_TXN_ATTEMPTS = 64
 
 _COUNTERS = ("hits", "misses", "puts", "evictions", "corrupt", "too_large_for_cache")
-_COUNTERS += ("map_full", "map_grows", "map_resized")
-
-
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-@dataclass
-class CacheConfig:
-    """Where the image cache lives and how big it may grow (see the module docstring)."""
-
-    #: Cache directory; ``None``: no cache, the sharder downloads every time.
-    path: str | None = None
-    #: Byte cap of the stored records (image bytes + meta JSON + a 20-byte header each).
-    max_bytes: int = DEFAULT_MAX_BYTES
-    #: When the cap is reached, evict down to this fraction of ``max_bytes``.
-    low_water: float = DEFAULT_LOW_WATER
-    initial_map_bytes: int = DEFAULT_INITIAL_MAP_BYTES
-    #: Largest LMDB map (roughly the most disk the file may take); ``None``: twice the cap + 64 MiB.
-    max_map_bytes: int | None = None
-    #: ``get`` hits whose recency updates share one write transaction.
-    recency_batch: int = DEFAULT_RECENCY_BATCH
-
-    def __post_init__(self) -> None:
-        if self.path is not None and (not isinstance(self.path, str) or not self.path.strip()):
-            raise ConfigError(f"cache.path must be a directory path or null, got {self.path!r}")
-        if not _is_int(self.max_bytes) or self.max_bytes < 1:
-            raise ConfigError(f"cache.max_bytes must be a positive integer, got {self.max_bytes!r}")
-        if not (_is_int(self.low_water) or isinstance(self.low_water, float)) or not 0 < self.low_water <= 1:
-            raise ConfigError(f"cache.low_water must be in (0, 1], got {self.low_water!r}")
-        if not _is_int(self.initial_map_bytes) or self.initial_map_bytes < MIN_MAP_BYTES:
-            got = self.initial_map_bytes
-            raise ConfigError(f"cache.initial_map_bytes must be an integer >= {MIN_MAP_BYTES}, got {got!r}")
-        if self.max_map_bytes is not None and (
-            not _is_int(self.max_map_bytes) or self.max_map_bytes < self.initial_map_bytes
-        ):
-            raise ConfigError(
-                f"cache.max_map_bytes must be null or an integer >= initial_map_bytes "
-                f"({self.initial_map_bytes}), got {self.max_map_bytes!r}"
-            )
-        if not _is_int(self.recency_batch) or self.recency_batch < 1:
-            raise ConfigError(f"cache.recency_batch must be an integer >= 1, got {self.recency_batch!r}")
-
-    def effective_max_map_bytes(self) -> int:
-        """``max_map_bytes``, or the default derived from the cap."""
-        if self.max_map_bytes is not None:
-            return self.max_map_bytes
-        return max(self.initial_map_bytes, self.max_bytes * MAP_OVERHEAD_FACTOR + MAP_SLACK_BYTES)
+_COUNTERS += ("map_full", "map_grows", "map_resized", "write_failures", "read_failures")
 
 
 def _from_config(cfg: CacheConfig) -> ImageCache:
@@ -184,6 +132,8 @@ class ImageCache:
         self._shared: _Shared | None = None
         self._pending: dict[bytes, None] = {}  # get hits not yet re-ticked, oldest first
         self._counters = dict.fromkeys(_COUNTERS, 0)
+        self._refused: str | None = None  # why this process stopped writing (see _fault)
+        self._warned: set[str] = set()
 
     @classmethod
     def from_config(cls, cfg: CacheConfig) -> ImageCache | None:
@@ -214,6 +164,7 @@ class ImageCache:
             self._attach_lock = threading.Lock()
             self._pending = {}
             self._counters = dict.fromkeys(_COUNTERS, 0)
+            self._refused, self._warned = None, set()
         if self._shared is None:
             with self._attach_lock:
                 if self._shared is None:
@@ -255,22 +206,43 @@ class ImageCache:
         self._counters["map_grows"] += 1
         return True
 
+    def _fault(self, exc: BaseException, writing: bool) -> _CacheFault:
+        """Counts an LMDB or disk failure and warns once per kind in this process. After a failed
+        write this process writes no more (the cache is an accelerator: the build goes on, and what
+        could not be cached is fetched again next time); reads are still tried."""
+        kind = "write" if writing else "read"
+        if writing:
+            self._refused = f"{type(exc).__name__}: {exc}"
+        else:
+            self._counters["read_failures"] += 1
+        if kind not in self._warned:
+            self._warned.add(kind)
+            then = "stops writing to it in this process" if writing else "treats it as a miss"
+            log.warning("image cache %s: a %s failed (%s: %s); the build %s", self.path, kind,
+                        type(exc).__name__, exc, then)  # fmt: skip
+        return _CacheFault(f"{self.path}: {kind} failed: {exc}")
+
     def _read(self, fn: Callable[[lmdb.Transaction, _Dbs], T]) -> T:
         for _ in range(MAX_TXN_ATTEMPTS):
-            env, dbs = self._open()
             try:
+                env, dbs = self._open()
                 with env.begin() as txn:
                     return fn(txn, dbs)
             except lmdb.MapResizedError:  # another process grew the map past ours: adopt its size
                 env.set_mapsize(0)
                 self._counters["map_resized"] += 1
+            except (lmdb.Error, OSError) as exc:  # an unopenable folder, an I/O error
+                raise self._fault(exc, writing=False) from None
         raise RuntimeError(f"{self.path}: no read transaction after {MAX_TXN_ATTEMPTS} map resizes")
 
     def _write(self, fn: Callable[[_Writer], T]) -> T:
-        """Runs ``fn`` in a write transaction after the queued recency updates; grows the map as needed."""
+        """Runs ``fn`` in a write transaction after the queued recency updates; grows the map as needed.
+        Raises ``_CacheFault`` when the disk fails (and from then on in this process)."""
+        if self._refused is not None:
+            raise _CacheFault(self._refused)
         for _ in range(MAX_TXN_ATTEMPTS):
-            env, dbs = self._open()
             try:
+                env, dbs = self._open()
                 with env.begin(write=True) as txn:
                     writer = _Writer(txn, dbs)
                     for key in self._pending:
@@ -285,6 +257,8 @@ class ImageCache:
                     raise _MapExhausted(
                         f"{self.path}: map full at max_map_bytes={self.max_map_bytes}"
                     ) from None
+            except (lmdb.Error, OSError) as exc:  # disk full, I/O error (mdb_txn_commit), no folder
+                raise self._fault(exc, writing=True) from None
             else:
                 self._pending.clear()
                 self._counters["evictions"] += writer.evicted
@@ -297,7 +271,10 @@ class ImageCache:
         """The cached entry for ``url`` (and a recency bump), or None on a miss or a corrupt entry."""
         key = url_hash(url)
         with self._guard():
-            record = self._read(lambda txn, dbs: txn.get(key, db=dbs.entries))
+            try:
+                record = self._read(lambda txn, dbs: txn.get(key, db=dbs.entries))
+            except _CacheFault:
+                record = None
             if record is None:
                 self._counters["misses"] += 1
                 return None
@@ -309,6 +286,8 @@ class ImageCache:
                 self._counters["misses"] += 1
                 return None
             self._counters["hits"] += 1
+            if self._refused is not None:
+                return entry
             self._pending.pop(key, None)
             self._pending[key] = None
             if len(self._pending) >= self.config.recency_batch:
@@ -322,7 +301,7 @@ class ImageCache:
 
         try:
             self._write(drop)
-        except _MapExhausted as exc:
+        except (_MapExhausted, _CacheFault) as exc:
             log.warning("image cache: could not delete a corrupt entry: %s", exc)
 
     def _flush(self) -> None:
@@ -334,13 +313,15 @@ class ImageCache:
         except _MapExhausted as exc:
             log.warning("image cache: dropped %d recency updates: %s", len(self._pending), exc)
             self._pending.clear()
+        except _CacheFault:
+            self._pending.clear()  # warned once by _fault
 
     def put(self, url: str, data: bytes, meta: dict) -> bool:
         """Stores ``data`` and ``meta`` under ``url``, evicting LRU entries to stay under the cap.
 
         Returns:
-            True if stored; False if the record is larger than the cap (``too_large_for_cache``) or
-            the map could not make room (``map_full``). Nothing is evicted in either case.
+            True if stored; False if the record is larger than the cap (``too_large_for_cache``), the
+            map could not make room (``map_full``) or the disk failed (``write_failures``).
         """
         key = url_hash(url)
         record = encode_record(data, meta)
@@ -358,15 +339,21 @@ class ImageCache:
                 writer.insert(key, record)
 
             try:
-                self._write(store)
-            except _MapExhausted:
-                try:  # free pages by evicting a batch in its own transaction, then try once more
-                    self._write(lambda w: w.evict_until(min(target, int(w.total * self.config.low_water))))
+                try:
                     self._write(store)
-                except _MapExhausted as exc:
-                    log.warning("image cache: %s not stored: %s", url, exc)
-                    self._counters["map_full"] += 1
-                    return False
+                except _MapExhausted:
+                    try:  # free pages by evicting a batch in its own transaction, then try once more
+                        self._write(
+                            lambda w: w.evict_until(min(target, int(w.total * self.config.low_water)))
+                        )
+                        self._write(store)
+                    except _MapExhausted as exc:
+                        log.warning("image cache: %s not stored: %s", url, exc)
+                        self._counters["map_full"] += 1
+                        return False
+            except _CacheFault:
+                self._counters["write_failures"] += 1
+                return False
             self._counters["puts"] += 1
             return True
 
@@ -398,6 +385,9 @@ class ImageCache:
                 self._write(store)
             except _MapExhausted:  # one at a time, which can evict to make room (the too large are out)
                 return sum(self.put(url, data, meta) for url, data, meta in fitting)
+            except _CacheFault:
+                self._counters["write_failures"] += len(records)
+                return 0
             self._counters["puts"] += len(records)
             return len(records)
 
@@ -413,9 +403,12 @@ class ImageCache:
         they are fetched with ``get``."""
         keys = [(url, url_hash(url)) for url in urls]
         with self._guard():
-            found = self._read(
-                lambda txn, dbs: {url for url, key in keys if txn.get(key, db=dbs.index) is not None}
-            )
+            try:
+                found = self._read(
+                    lambda txn, dbs: {url for url, key in keys if txn.get(key, db=dbs.index) is not None}
+                )
+            except _CacheFault:
+                found = set()
             self._counters["misses"] += len({url for url, _ in keys} - found)
             return found
 
@@ -437,10 +430,16 @@ class ImageCache:
 
         Counters: ``hits``, ``misses`` (corrupt entries included), ``puts``, ``evictions`` (entries
         this process evicted), ``corrupt``, ``too_large_for_cache``, ``map_full`` (puts refused for
-        want of map space), ``map_grows`` and ``map_resized`` (sizes adopted from other processes).
+        want of map space), ``map_grows``, ``map_resized`` (sizes adopted from other processes),
+        ``write_failures`` (entries not stored because the disk failed) and ``read_failures``.
         """
         with self._guard():
-            total, entries = self._read(lambda txn, dbs: (_total(txn, dbs), txn.stat(dbs.index)["entries"]))
+            try:
+                total, entries = self._read(
+                    lambda txn, dbs: (_total(txn, dbs), txn.stat(dbs.index)["entries"])
+                )
+            except _CacheFault:
+                total = entries = 0
             return {**self._counters, "bytes": total, "entries": entries}
 
     def verify(self) -> dict[str, int]:
@@ -452,27 +451,8 @@ class ImageCache:
             (the sum of index sizes) and ``bytes_recorded`` (the running total the cap is checked on).
         """
 
-        def scan(txn: lmdb.Transaction, dbs: _Dbs) -> dict[str, int]:
-            report = dict.fromkeys(("entries", "corrupt", "inconsistent", "bytes"), 0)
-            for key, record in txn.cursor(db=dbs.entries):
-                report["entries"] += 1
-                report["corrupt"] += isinstance(decode_record(record), str)
-                raw = txn.get(key, db=dbs.index)
-                if raw is None:
-                    report["inconsistent"] += 1
-                    continue
-                tick, size = _INDEX.unpack(raw)
-                report["bytes"] += size
-                report["inconsistent"] += (
-                    size != len(record) or txn.get(_U64.pack(tick), db=dbs.recency) != key
-                )
-            indexed, ticked = txn.stat(dbs.index)["entries"], txn.stat(dbs.recency)["entries"]
-            report["inconsistent"] += abs(indexed - report["entries"]) + abs(ticked - report["entries"])
-            report["bytes_recorded"] = _total(txn, dbs)
-            return report
-
         with self._guard():
-            return self._read(scan)
+            return self._read(verify_scan)
 
     def close(self) -> None:
         """Writes queued recency updates and lets go of the environment; a later call reopens it."""

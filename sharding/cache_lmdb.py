@@ -22,6 +22,8 @@ from typing import Any
 
 import lmdb
 
+from .cache_record import decode_record
+
 _INDEX = struct.Struct(">QQ")  # tick, record size
 _U64 = struct.Struct(">Q")
 _CLOCK_KEY = b"clock"
@@ -43,6 +45,29 @@ def _total(txn: lmdb.Transaction, dbs: _Dbs) -> int:
 
 class _MapExhausted(RuntimeError):
     """The map is full and already at ``max_map_bytes``."""
+
+
+class _CacheFault(RuntimeError):
+    """LMDB (or the disk under it) failed: disk full, I/O error, an unopenable folder."""
+
+
+def verify_scan(txn: lmdb.Transaction, dbs: _Dbs) -> dict[str, int]:
+    """``ImageCache.verify``'s report, from one read transaction."""
+    report = dict.fromkeys(("entries", "corrupt", "inconsistent", "bytes"), 0)
+    for key, record in txn.cursor(db=dbs.entries):
+        report["entries"] += 1
+        report["corrupt"] += isinstance(decode_record(record), str)
+        raw = txn.get(key, db=dbs.index)
+        if raw is None:
+            report["inconsistent"] += 1
+            continue
+        tick, size = _INDEX.unpack(raw)
+        report["bytes"] += size
+        report["inconsistent"] += size != len(record) or txn.get(_U64.pack(tick), db=dbs.recency) != key
+    indexed, ticked = txn.stat(dbs.index)["entries"], txn.stat(dbs.recency)["entries"]
+    report["inconsistent"] += abs(indexed - report["entries"]) + abs(ticked - report["entries"])
+    report["bytes_recorded"] = _total(txn, dbs)
+    return report
 
 
 class _Writer:

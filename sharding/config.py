@@ -13,7 +13,7 @@ from typing import Any, Literal
 
 from flora.config import ConfigError
 
-from .cache import CacheConfig
+from .cache_config import CacheConfig
 from .download import DownloadConfig
 from .images import ImageConfig
 

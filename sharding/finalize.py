@@ -5,28 +5,40 @@ train is kept, so identical bytes under two URLs never leak into evaluation; the
 SQLite beside the work area, so finalizing 10^6 records needs no more memory than 10^4); work parts
 renamed to their final names with a DALI ``.idx`` beside each; ``failures.jsonl``,
 ``duplicates.jsonl`` and ``manifest.json`` committed together, the manifest last (a shard listed
-there is complete); shards of an earlier, different plan removed. Accounting: records in = sharded +
-failed + content duplicates, checked before anything is committed.
+there is complete); shards of an earlier, different plan removed.
+
+All or nothing for readers: the published ``manifest.json`` is taken away before the first change to
+the published shards (a rename over an old tar, a stale shard removed), and a tar's old ``.idx`` goes
+before the tar is replaced. So a reader sees the old set whole, or no manifest (the loaders refuse to
+start), or the new set whole; never an old manifest over partly replaced tars. A failure midway (a
+full disk) is one line naming the stage and the file; the work area is kept, and a re-run finishes.
+
+Accounting: records in = sharded + failed + content duplicates, checked before anything is committed.
 
 Leaves out: running chunks (job.py), the format's rules (format.py).
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import sqlite3
 from collections import Counter, defaultdict
 from pathlib import Path
 
+from flora.errors import storage_error
 from flora.io import sha256_file
 
 from .config import SPLIT_NAMES
 from .format import DUPLICATES, FAILURES, MANIFEST, shard_name, write_index
-from .job import load_marker
+from .job import RESUME, load_marker
 from .outputs import OutputSet
 from .plan import WORK_DIR, ChunkJob
 from .writer import drop_samples
+
+#: The SQLite file of content hashes, in the work area (removed when finalize ends).
+CONTENT_INDEX = "content.sqlite"
 
 
 class ContentIndex:
@@ -55,19 +67,55 @@ class ContentIndex:
         self.path.unlink(missing_ok=True)
 
 
+class _Publication:
+    """The published set in ``out``: invalidated (its manifest removed) before its first change."""
+
+    def __init__(self, out: Path):
+        self.out = out
+        self.invalidated = False
+        self.writing: Path = out  # the file being written now, for a disk error's message
+
+    def changing(self, path: Path) -> None:
+        """Called before ``path`` (a published file) is replaced or removed."""
+        if not self.invalidated:
+            (self.out / MANIFEST).unlink(missing_ok=True)
+            self.invalidated = True
+        self.writing = path
+
+
 def finalize(
     out: Path, jobs: list[ChunkJob], n_records: int, unreadable: list[dict], splits_dir: Path, run_stats: dict
 ) -> dict:
-    """Dedups by content, moves parts to their final names, writes indexes, logs and the manifest.
+    """Dedups by content, moves parts to their final names, writes indexes, logs and the manifest;
+    an ``OSError`` (a full disk) becomes one line naming the stage and the file."""
+    publication = _Publication(out)
+    try:
+        return _finalize(out, jobs, n_records, unreadable, splits_dir, run_stats, publication)
+    except OSError as exc:
+        raise storage_error("build: finalize", publication.writing, exc, RESUME) from exc
+    except sqlite3.Error as exc:  # the content index beside the work area: "database or disk is full"
+        code = errno.ENOSPC if "full" in str(exc) else errno.EIO
+        path = out / WORK_DIR / CONTENT_INDEX
+        raise storage_error("build: finalize", path, OSError(code, str(exc)), RESUME) from exc
 
-    Markers are read one at a time and the content index lives in SQLite beside the work area, so
+
+def _finalize(
+    out: Path,
+    jobs: list[ChunkJob],
+    n_records: int,
+    unreadable: list[dict],
+    splits_dir: Path,
+    run_stats: dict,
+    publication: _Publication,
+) -> dict:
+    """Markers are read one at a time and the content index lives in SQLite beside the work area, so
     finalizing 10^6 records needs no more memory than 10^4.
     """
     failures: dict[str, dict] = {}  # by URL: a later round's outcome replaces an earlier failure
     duplicates, shards = [], []
     repeats = 0
     next_index: Counter = Counter()
-    content = ContentIndex(out / WORK_DIR / "content.sqlite")
+    content = ContentIndex(out / WORK_DIR / CONTENT_INDEX)
     try:
         for job in jobs:
             marker = load_marker(job)
@@ -97,7 +145,7 @@ def finalize(
                              "region": job.region, "label": label, "sha256": sample["sha256"],
                              "duplicate_of": first}
                         )  # fmt: skip
-                shard = _place_part(out, job, part, dropped, next_index)
+                shard = _place_part(out, job, part, dropped, next_index, publication)
                 if shard is not None:
                     shards.append(shard)
     finally:
@@ -105,10 +153,13 @@ def finalize(
     for row in unreadable:
         failures[f"offset:{row['offset']}"] = row
     run_stats["repeated_records_dropped"] = repeats
-    return _write_reports(out, shards, list(failures.values()), duplicates, n_records, splits_dir, run_stats)
+    reports = (shards, list(failures.values()), duplicates, n_records, splits_dir, run_stats)
+    return _write_reports(out, *reports, publication)
 
 
-def _place_part(out: Path, job: ChunkJob, part: dict, dropped: set[str], next_index: Counter) -> dict | None:
+def _place_part(
+    out: Path, job: ChunkJob, part: dict, dropped: set[str], next_index: Counter, publication: _Publication
+) -> dict | None:
     work = job.work_dir / part["name"]
     remaining = part["samples"] - len(dropped)
     if remaining == 0:
@@ -121,10 +172,14 @@ def _place_part(out: Path, job: ChunkJob, part: dict, dropped: set[str], next_in
     final.parent.mkdir(parents=True, exist_ok=True)
     if work.exists():
         if dropped:
+            publication.writing = work
             drop_samples(work, dropped)
+        publication.changing(final)
+        final.with_suffix(".idx").unlink(missing_ok=True)  # never an old plan's index beside the new tar
         os.replace(work, final)
     elif not final.exists():
         raise RuntimeError(f"{work} and {final} are both missing; remove {out / WORK_DIR} and run again")
+    publication.writing = final.with_suffix(".idx")
     write_index(final, None if dropped else part["index"])
     keep = [i for i, k in enumerate(part["keys"]) if k not in dropped]
     labels = [part["labels"][i] for i in keep]
@@ -149,11 +204,13 @@ def _write_reports(
     n_records: int,
     splits_dir: Path,
     run_stats: dict,
+    publication: _Publication,
 ) -> dict:
     listed = {out / s["path"] for s in shards}
     for split in SPLIT_NAMES:  # shards of an earlier, different plan
         for stale in sorted((out / split).glob("*/*.tar")) if (out / split).is_dir() else []:
             if stale not in listed:
+                publication.changing(stale)
                 stale.unlink()
                 stale.with_suffix(".idx").unlink(missing_ok=True)
     totals: dict = defaultdict(lambda: defaultdict(lambda: {"shards": 0, "samples": 0, "bytes": 0}))
@@ -180,6 +237,7 @@ def _write_reports(
         "retry_rounds": run_stats["retry_rounds"],  # rounds finalized; a later one is unfinished
         "last_run": run_stats,
     }
+    publication.writing = out / f"{MANIFEST} (and the logs beside it)"
     with OutputSet(out) as outputs:
         for mapping in sorted(splits_dir.glob("class_mapping*.json")):
             outputs.json(mapping.name, json.loads(mapping.read_text(encoding="utf-8")))

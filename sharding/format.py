@@ -168,8 +168,12 @@ def write_index(tar_path: Path, lines: list[str] | None = None) -> Path:
     if not lines:
         raise ValueError(f"{tar_path} holds no samples; DALI cannot index an empty shard")
     tmp = idx_path.with_name(idx_path.name + ".tmp")
-    tmp.write_text(index_text(lines), encoding="utf-8")
-    os.replace(tmp, idx_path)
+    try:
+        tmp.write_text(index_text(lines), encoding="utf-8")
+        os.replace(tmp, idx_path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)  # a full disk leaves no partial index behind
+        raise
     return idx_path
 
 
@@ -259,7 +263,10 @@ def read_manifest(root: str | Path) -> Manifest:
     root = Path(root).resolve()
     path = root / MANIFEST
     if not path.is_file():
-        raise ShardFormatError(f"no {MANIFEST} in {root}: build shards first (python -m sharding build)")
+        raise ShardFormatError(
+            f"no {MANIFEST} in {root}: build shards first (flora build), or, if a build was interrupted"
+            " while publishing, run it again to finish"
+        )
     try:
         raw = json.loads(path.read_text(encoding="utf-8"))
         known = {f.name for f in fields(ShardEntry)}

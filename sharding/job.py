@@ -25,6 +25,8 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from typing import Any, ClassVar
 
+from flora.errors import storage_error
+
 from .cache import ImageCache
 from .config import BuildConfig
 from .download import Downloader
@@ -194,6 +196,10 @@ def in_order(pool: ThreadPoolExecutor, fn, items: Iterator[dict], window: int) -
         yield item, future.result()
 
 
+#: What to do after a disk error: the chunks finished so far are kept and reused.
+RESUME = "run the build again (finished chunks are kept and reused)"
+
+
 def run_chunk(job: ChunkJob) -> dict:
     """Runs one chunk job (see module docstring), writes its marker, returns the marker's summary
     (counts, cache counters, memory) to the driver: the rest stays on disk until finalize."""
@@ -243,6 +249,10 @@ def run_chunk(job: ChunkJob) -> dict:
             samples.append({"key": key, "sha256": got.meta["sha256"], "image_url": record["image_url"]})
         parts = writer.close()
         puts.flush()
+    except OSError as exc:  # a full or failing disk under the work area: one line naming the file
+        writing = writer.current or job.work_dir
+        writer.abort()
+        raise storage_error("build: writing shard parts", writing, exc, RESUME) from exc
     except BaseException:
         writer.abort()
         raise
@@ -274,8 +284,12 @@ def run_chunk(job: ChunkJob) -> dict:
         "file_rss_mib": round(memory_mib("RssFile"), 1),
     }
     tmp = job.work_dir / (MARKER + ".tmp")
-    tmp.write_text(dumps(marker), encoding="utf-8")
-    os.replace(tmp, job.work_dir / MARKER)  # the chunk is complete only now
+    try:
+        tmp.write_text(dumps(marker), encoding="utf-8")
+        os.replace(tmp, job.work_dir / MARKER)  # the chunk is complete only now
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        raise storage_error("build: writing a chunk marker", tmp, exc, RESUME) from exc
     return {
         k: marker[k] for k in ("counts", "cache", "peak_rss_mib", "anon_rss_mib", "file_rss_mib", "seconds")
     }
@@ -294,6 +308,7 @@ def memory_mib(field: str = "VmHWM") -> float:
 
 def _delta(before: dict[str, int], after: dict[str, int]) -> dict[str, int]:
     counters = ("hits", "misses", "puts", "evictions", "corrupt", "too_large_for_cache")
+    counters += ("write_failures", "read_failures")
     return {k: after[k] - before.get(k, 0) for k in counters if k in after}
 
 

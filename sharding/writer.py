@@ -118,6 +118,11 @@ class RollingTarWriter:
         self._stream = None
         self._current: PartInfo | None = None
 
+    @property
+    def current(self) -> Path | None:
+        """The file being written now (the open part's ``.tar.tmp``), if any."""
+        return self._tmp(self._current) if self._current is not None else None
+
     def _tmp(self, info: PartInfo) -> Path:
         return info.path.with_name(info.path.name + ".tmp")
 
@@ -172,11 +177,16 @@ class RollingTarWriter:
         return self.parts
 
     def abort(self) -> None:
-        """Removes the unfinished part (finished parts stay)."""
+        """Removes the unfinished part (finished parts stay); never raises, even on a full disk, where
+        closing the file fails to flush its buffer: the abort path must not hide the first error."""
         if self._writer is not None:
-            self._stream.close()
-            self._tmp(self._current).unlink(missing_ok=True)
-            self._writer = self._stream = self._current = None
+            try:
+                self._stream.close()
+            except OSError:
+                pass  # the buffered bytes could not be written: they are being thrown away anyway
+            finally:
+                self._tmp(self._current).unlink(missing_ok=True)
+                self._writer = self._stream = self._current = None
 
 
 def drop_samples(tar_path: Path, keys: set[str]) -> int:
@@ -184,17 +194,21 @@ def drop_samples(tar_path: Path, keys: set[str]) -> int:
     how many samples remain."""
     tmp = tar_path.with_name(tar_path.name + ".rewrite")
     kept_keys: set[str] = set()
-    # the default tar format, as RollingTarWriter
-    with (
-        tarfile.open(tar_path, "r:") as src,
-        open(tmp, "wb") as out,
-        tarfile.open(fileobj=out, mode="w|") as dst,
-    ):
-        for member in src:
-            stem = member.name.split(".", 1)[0]
-            if stem in keys:
-                continue
-            kept_keys.add(stem)
-            dst.addfile(member, io.BytesIO(src.extractfile(member).read()))
-    os.replace(tmp, tar_path)
+    try:
+        # the default tar format, as RollingTarWriter
+        with (
+            tarfile.open(tar_path, "r:") as src,
+            open(tmp, "wb") as out,
+            tarfile.open(fileobj=out, mode="w|") as dst,
+        ):
+            for member in src:
+                stem = member.name.split(".", 1)[0]
+                if stem in keys:
+                    continue
+                kept_keys.add(stem)
+                dst.addfile(member, io.BytesIO(src.extractfile(member).read()))
+        os.replace(tmp, tar_path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)  # a full disk leaves no half-written rewrite behind
+        raise
     return len(kept_keys)
