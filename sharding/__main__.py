@@ -19,9 +19,13 @@ from pathlib import Path
 from flora.config import from_dict, load_config
 from flora.errors import FloraError, fail
 
+from .cache_config import check_cache_dir
 from .config import CatalogConfig
 from .download import DownloadConfig
 from .sources import redact
+
+#: ``--wait-lock`` without a number: YAML's infinity, so the flag goes through ``wait_lock_s``'s validation.
+WAIT_FOREVER = ".inf"
 
 
 def _catalog(args: argparse.Namespace) -> int:
@@ -64,7 +68,8 @@ def _build(args: argparse.Namespace) -> int:
     from .build import BuildConfig, build
 
     overrides = list(args.overrides)
-    if args.cache:
+    if args.cache:  # named as the flag when refused; then validated again as its config key
+        check_cache_dir(args.cache, "--cache")
         overrides.append(f"cache.path={args.cache}")
     if args.processes is not None:
         overrides.append(f"processes={args.processes}")
@@ -76,6 +81,11 @@ def _build(args: argparse.Namespace) -> int:
         overrides.append("progress=false")
     if args.allow_damaged_splits:
         overrides.append("allow_damaged_splits=true")
+    if args.wait_lock is not None:  # validated as the config key is ("abc", -1: one error line)
+        if "=" in args.wait_lock:  # `--wait-lock key=value`: that was an override, not a number of seconds
+            overrides.append(args.wait_lock)
+            args.wait_lock = WAIT_FOREVER
+        overrides.append(f"wait_lock_s={args.wait_lock}")
     cfg = load_config(BuildConfig, args.config, overrides)
     if args.allow_network:  # merged with the config's list, then validated as the config key is
         networks = sorted(set(cfg.download.allow_networks) | set(args.allow_network))
@@ -140,6 +150,13 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
         "--allow-damaged-splits",
         action="store_true",
         help="count unreadable lines of the splits file as bad_record failures (default: refuse the file)",
+    )
+    bld.add_argument(
+        "--wait-lock",
+        nargs="?",
+        const=WAIT_FOREVER,
+        metavar="SECONDS",
+        help="if another build holds --out, wait (up to SECONDS; default: no limit) instead of refusing",
     )
     bld.add_argument("overrides", nargs="*", metavar="key.sub=value", help="config overrides")
     bld.set_defaults(func=_build)

@@ -29,7 +29,8 @@ re-attempts exactly the records in ``failures.jsonl``, adding the successes as n
 Accounting: records in = sharded + failed + content duplicates, checked and written to the manifest.
 
 Where each step lives: planning and retry rounds (plan.py), a chunk job (job.py), finalize
-(finalize.py); this module runs them in order (``build``). Leaves out: HTTP (download.py), image
+(finalize.py); this module runs them in order (``build``), holding the output folder's lock
+(lock.py: a second build on the same output refuses or waits). Leaves out: HTTP (download.py), image
 rules (images.py), the cache (cache.py), tar bytes (writer.py), where jobs run (distribute.py).
 """
 
@@ -48,6 +49,7 @@ from .config import BuildConfig, ShardConfig
 from .finalize import finalize
 from .format import MANIFEST
 from .job import load_marker, run_chunk
+from .lock import output_lock
 from .plan import MARKER, PLAN_FILE, WORK_DIR, new_retry_round, plan_fingerprint, plan_jobs, retry_rounds
 
 __all__ = ["BuildConfig", "ShardConfig", "build"]
@@ -56,11 +58,11 @@ log = logging.getLogger(__name__)
 
 
 def build(splits_dir: str | Path, out_dir: str | Path, cfg: BuildConfig, retry_failed: bool = False) -> dict:
-    """Builds (or resumes, or retries the failures of) the shards of a catalog's splits."""
-    from tqdm import tqdm
+    """Builds (or resumes, or retries the failures of) the shards of a catalog's splits.
 
-    from .distribute import run_jobs
-
+    Holds the output folder's build lock throughout (lock.py): while another build holds it, this one
+    refuses at once or, with ``cfg.wait_lock_s``, waits that long for it.
+    """
     splits_dir, out = Path(splits_dir), Path(out_dir)
     splits_path = splits_dir / "dataset_splits.jsonl"
     if not splits_path.is_file():
@@ -72,6 +74,16 @@ def build(splits_dir: str | Path, out_dir: str | Path, cfg: BuildConfig, retry_f
     warning = cap_warning(cfg.cache)
     if warning:
         log.warning(warning)
+    with output_lock(out, cfg.wait_lock_s):  # one build per output folder, held until the manifest is written
+        return _build_locked(splits_dir, out, cfg, retry_failed)
+
+
+def _build_locked(splits_dir: Path, out: Path, cfg: BuildConfig, retry_failed: bool) -> dict:
+    from tqdm import tqdm
+
+    from .distribute import run_jobs
+
+    splits_path = splits_dir / "dataset_splits.jsonl"
     work = out / WORK_DIR
     fingerprint = plan_fingerprint(splits_path, cfg)
     plan_file = work / PLAN_FILE
@@ -96,7 +108,8 @@ def build(splits_dir: str | Path, out_dir: str | Path, cfg: BuildConfig, retry_f
     started = time.perf_counter()
     hide = not os.isatty(2) if cfg.progress is None else not cfg.progress
     with tqdm(total=sum(j.size for j in todo), unit=" img", desc="shards", disable=hide) as bar:
-        for job, marker in run_jobs(run_chunk, todo, cfg.distributor, processes, ray_address=cfg.ray_address):
+        ray_options = {"ray_address": cfg.ray_address, "ray_loopback": cfg.ray_loopback}
+        for job, marker in run_jobs(run_chunk, todo, cfg.distributor, processes, **ray_options):
             counts.update(marker["counts"])
             worker_peak = max(worker_peak, marker["peak_rss_mib"])
             worker_anon = max(worker_anon, marker["anon_rss_mib"])

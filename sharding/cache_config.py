@@ -1,5 +1,7 @@
-"""The image cache's settings: ``CacheConfig`` (validated on load), its defaults, and the check that
-the byte cap fits the disk the cache lives on (``cap_warning``).
+"""The image cache's settings: ``CacheConfig`` (validated on load), its defaults, the check that its
+path can be the cache folder (``check_cache_dir``: not a file, nor under one; ``cache.path`` and the
+sharder's ``--cache`` flag both go through it), and the check that the byte cap fits the disk the cache
+lives on (``cap_warning``).
 
 Leaves out: the cache itself (cache.py).
 """
@@ -35,6 +37,19 @@ MAP_SLACK_BYTES = 64 * MiB
 DEFAULT_RECENCY_BATCH = 256
 
 
+def check_cache_dir(path: str, key: str = "cache.path") -> None:
+    """Refuses a cache path that cannot be a folder: an existing file, or a path under one. ``key``
+    names where the path came from (``cache.path`` or ``--cache``)."""
+    probe = Path(path)
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    if probe.is_dir():
+        return
+    what = "is a file" if probe.is_file() else "is not a directory"
+    where = f"{key} {path}" if probe == Path(path) else f"{key} {path}: {probe}"
+    raise ConfigError(f"{where} {what}; expected a directory (the LMDB cache folder)")
+
+
 def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
@@ -58,6 +73,8 @@ class CacheConfig:
     def __post_init__(self) -> None:
         if self.path is not None and (not isinstance(self.path, str) or not self.path.strip()):
             raise ConfigError(f"cache.path must be a directory path or null, got {self.path!r}")
+        if self.path is not None:
+            check_cache_dir(self.path)
         if not _is_int(self.max_bytes) or self.max_bytes < 1:
             raise ConfigError(f"cache.max_bytes must be a positive integer, got {self.max_bytes!r}")
         if not (_is_int(self.low_water) or isinstance(self.low_water, float)) or not 0 < self.low_water <= 1:
@@ -97,7 +114,7 @@ def cap_warning(cfg: CacheConfig) -> str | None:
     while not probe.exists() and probe != probe.parent:
         probe = probe.parent
     if not probe.is_dir():
-        return None  # a file where the folder should be: refused elsewhere, with its own message
+        return None  # a file where the folder should be: refused on load (check_cache_dir)
     free = shutil.disk_usage(probe).free
     data = path / "data.mdb"
     used = data.stat().st_size if data.is_file() else 0

@@ -136,10 +136,18 @@ class BuildConfig:
     processes: int = 0
     distributor: Literal["local", "ray"] = "local"
     ray_address: str | None = None
+    #: Without ``ray_address``, the local Ray instance listens on 127.0.0.1 only (distribute.py); false:
+    #: Ray's default, the machine's interface address.
+    ray_loopback: bool = True
     progress: bool | None = None
     #: Count unreadable lines of the splits file as ``bad_record`` failures instead of refusing the file.
     allow_damaged_splits: bool = False
+    #: Seconds to wait when another build holds the output folder (lock.py): 0 refuses at once, ``.inf``
+    #: waits without limit (``--wait-lock [SECONDS]``).
+    wait_lock_s: float = 0.0
 
     def __post_init__(self) -> None:
         if self.processes < 0:
             raise ConfigError(f"processes must be >= 0, got {self.processes}")
+        if not self.wait_lock_s >= 0:  # also refuses NaN
+            raise ConfigError(f"wait_lock_s must be >= 0 seconds (.inf: no limit), got {self.wait_lock_s}")

@@ -7,13 +7,18 @@ name (``DISTRIBUTORS``), as img2dataset's ``multiprocessing``/``pyspark``/``ray`
 * ``local``: a ``ProcessPoolExecutor`` with the ``spawn`` start method (no LMDB environment, HTTP
   pool or thread is ever inherited across ``fork``); ``processes=1`` runs inline, in this process.
 * ``ray``: ``ray.init(address=...)`` (``None`` starts a local instance), one task per job; jobs
-  share nothing but the output location and each node's own cache directory.
+  share nothing but the output location and each node's own cache directory. A local instance (no
+  ``ray_address``, no ``RAY_ADDRESS`` in the environment) binds every component (GCS, raylet, workers,
+  agents) to 127.0.0.1 only (``ray_loopback``, default on): left alone, Ray listens on the machine's
+  interface address, reachable from the network, though nobody asked for a cluster.
+  ``ray_loopback=false`` restores Ray's default.
 
 Leaves out: what a job does (build.py), retries of crashed jobs (a re-run resumes instead).
 """
 
 from __future__ import annotations
 
+import contextlib
 import multiprocessing
 import os
 from collections.abc import Callable, Iterator, Sequence
@@ -44,8 +49,40 @@ def _local(
                 yield futures.pop(future), future.result()  # dropped once yielded: flat memory
 
 
+#: Where a local Ray instance listens when ``ray_loopback`` is on.
+LOOPBACK = "127.0.0.1"
+
+
+@contextlib.contextmanager
+def _ray_loopback_only() -> Iterator[None]:
+    """While a local Ray instance starts, Ray's own single-machine mode: ``ray.init`` otherwise turns
+    127.0.0.1 into the interface address (``services.resolve_ip_for_localhost``). The mode is Ray's
+    ``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0``, read once when Ray is imported, so it is set both in the
+    environment (for the processes Ray starts) and in Ray's already-loaded constant; both are restored.
+    """
+    from ray._private import ray_constants
+
+    name = ray_constants.ENABLE_RAY_CLUSTERS_ENV_VAR
+    saved_env, saved = os.environ.get(name), ray_constants.ENABLE_RAY_CLUSTER
+    os.environ[name] = "0"
+    ray_constants.ENABLE_RAY_CLUSTER = False
+    try:
+        yield
+    finally:
+        if saved_env is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = saved_env
+        ray_constants.ENABLE_RAY_CLUSTER = saved
+
+
 def _ray(
-    fn: Callable[[Job], Result], jobs: Sequence[Job], processes: int, ray_address: str | None = None, **_: Any
+    fn: Callable[[Job], Result],
+    jobs: Sequence[Job],
+    processes: int,
+    ray_address: str | None = None,
+    ray_loopback: bool = True,
+    **_: Any,
 ) -> Iterator[tuple[Job, Result]]:
     try:
         import ray
@@ -53,8 +90,12 @@ def _ray(
         raise RuntimeError("--distributor ray needs Ray: pip install 'flora[ray]'") from exc
     started_here = not ray.is_initialized()
     if started_here:
-        kwargs = {"address": ray_address} if ray_address else {"num_cpus": max(processes, 1)}
-        ray.init(ignore_reinit_error=True, include_dashboard=False, log_to_driver=False, **kwargs)
+        kwargs: dict[str, Any] = {"address": ray_address} if ray_address else {"num_cpus": max(processes, 1)}
+        local_only = ray_loopback and not (ray_address or os.environ.get("RAY_ADDRESS"))  # Ray's own variable
+        if local_only:
+            kwargs["_node_ip_address"] = LOOPBACK
+        with _ray_loopback_only() if local_only else contextlib.nullcontext():
+            ray.init(ignore_reinit_error=True, include_dashboard=False, log_to_driver=False, **kwargs)
     try:
         remote = ray.remote(fn)
         refs = {remote.remote(job): job for job in jobs}

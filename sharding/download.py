@@ -11,10 +11,17 @@ SSRF guard (ssrf.py): every connection resolves its host once, refuses non-publi
 are ignored (``trust_env`` off): through a proxy, the check would test the proxy's address instead of
 the target's.
 
-Retries: timeouts, connection errors, truncated bodies, 5xx and 429 are retried (``retries`` extra
-attempts, each restarting the redirect chain); other 4xx, ``too_large``, redirect, scheme, URL, TLS,
-DNS and guard failures are answers and are not. ``read_timeout_s`` bounds each socket read, not the
-whole body, and ``getaddrinfo`` has no timeout of its own (the system resolver's applies).
+Retries: timeouts, slow transfers, DNS timeouts, connection errors, truncated bodies, 5xx and 429 are
+retried (``retries`` extra attempts, each restarting the redirect chain); other 4xx, ``too_large``,
+redirect, scheme, URL, TLS, DNS and guard failures are answers and are not.
+
+Time limits (pace.py, ssrf.py): one attempt (every hop of its redirect chain: DNS, connect, headers,
+body) gets ``deadline_s`` of wall clock while it holds a host's connection slot, then fails as
+``timeout``; ``read_timeout_s`` bounds each single read within it, ``dns_timeout_s`` each lookup
+(``dns_timeout``), and after ``rate_grace_s`` from a response's first byte its average rate must
+stay above ``min_bytes_per_s`` (``too_slow``). A server that trickles a byte a second therefore
+costs at most ``deadline_s`` per attempt: a fetch ends within about (retries + 1) x deadline_s plus
+the backoff sleeps, plus any wait for a connection slot of its host.
 
 Cost per request is kept small: no environment or cookie handling per request, ``Accept-Encoding:
 identity`` (images are compressed already), and TCP_QUICKACK before each response on Linux (servers
@@ -32,6 +39,7 @@ from __future__ import annotations
 
 import email.utils
 import ipaddress
+import math
 import random
 import threading
 import time
@@ -51,21 +59,26 @@ from urllib3.exceptions import SSLError as Urllib3SSLError
 
 from flora.config import ConfigError
 
-from .ssrf import AddressGuard, BlockedAddressError, DnsError, GuardedAdapter, refusal
+from .pace import DeadlineExceeded, Pace, PaceError, TooSlow
+from .ssrf import AddressGuard, BlockedAddressError, DnsError, DnsTimeoutError, GuardedAdapter, refusal
 
 __all__ = ["REASONS", "DownloadConfig", "Downloader", "FetchResult", "refusal", "retry_after_seconds"]
 
 #: Every ``FetchResult.reason``; stable strings (they land in failures.jsonl). Besides the HTTP codes:
 #: ``truncated`` (body shorter than Content-Length, connection dropped mid-body), ``bad_redirect`` (a
 #: 3xx without a usable Location), ``invalid_url`` (no host, bad port), ``tls_error`` (certificate or
-#: handshake failure: retrying does not help).
+#: handshake failure: retrying does not help), ``timeout`` (a read or connect timeout, or the attempt's
+#: deadline), ``too_slow`` (below ``min_bytes_per_s`` after the grace), ``dns_timeout`` (no DNS answer
+#: within ``dns_timeout_s``).
 REASONS: tuple[str, ...] = (
     "http_404", "http_403", "http_410", "http_4xx", "http_429", "http_5xx", "timeout", "connection_error",
     "truncated", "too_large", "too_many_redirects", "bad_redirect", "bad_scheme", "invalid_url",
-    "blocked_address", "dns_error", "tls_error",
+    "blocked_address", "dns_error", "tls_error", "too_slow", "dns_timeout",
 )  # fmt: skip
 #: Failures worth another attempt (the rest are answers, not accidents).
-RETRYABLE: frozenset[str] = frozenset({"timeout", "connection_error", "truncated", "http_5xx", "http_429"})
+RETRYABLE: frozenset[str] = frozenset(
+    {"timeout", "too_slow", "dns_timeout", "connection_error", "truncated", "http_5xx", "http_429"}
+)
 ALLOWED_SCHEMES = ("http", "https")
 REDIRECT_STATUSES = frozenset({301, 302, 303, 307, 308})  # RFC 9110 section 15.4
 _STATUS_REASONS = {403: "http_403", 404: "http_404", 410: "http_410", 429: "http_429"}
@@ -91,6 +104,17 @@ class DownloadConfig:
     connect_timeout_s: float = 5.0
     #: Longest wait for any single read from the socket (not a total budget for the body).
     read_timeout_s: float = 15.0
+    #: Wall-clock budget of one attempt: DNS, connect, headers and body of every redirect hop (time spent
+    #: waiting for the host's connection slot excluded). A 20 MiB image needs ~700 KB/s to fit in 30 s.
+    deadline_s: float = 30.0
+    #: Longest wait for the resolver per lookup (getaddrinfo has no timeout of its own).
+    dns_timeout_s: float = 5.0
+    #: Slowest acceptable average rate of a response, in bytes/s since its first byte; 0 turns it off.
+    #: 1 KiB/s: far below any working image host, far above a trickle.
+    min_bytes_per_s: float = 1024.0
+    #: Seconds after a response's first byte before ``min_bytes_per_s`` is checked (TCP slow start, a
+    #: stalled first segment).
+    rate_grace_s: float = 5.0
     #: Byte cap per image: Content-Length is checked before reading, the count while streaming.
     max_bytes: int = 20 * 2**20
     max_redirects: int = 5
@@ -109,12 +133,15 @@ class DownloadConfig:
         for key in ("threads", "per_host_connections"):
             if getattr(self, key) < 1:
                 raise ConfigError(f"download.{key} must be >= 1, got {getattr(self, key)}")
-        for key in ("connect_timeout_s", "read_timeout_s", "max_bytes"):
-            if getattr(self, key) <= 0:
+        for key in ("connect_timeout_s", "read_timeout_s", "max_bytes", "deadline_s", "dns_timeout_s"):
+            if not getattr(self, key) > 0:  # `not >` also refuses NaN
                 raise ConfigError(f"download.{key} must be > 0, got {getattr(self, key)}")
         for key in ("max_redirects", "retries", "backoff_base_s", "backoff_max_s", "retry_after_max_s"):
             if getattr(self, key) < 0:
                 raise ConfigError(f"download.{key} must be >= 0, got {getattr(self, key)}")
+        for key in ("min_bytes_per_s", "rate_grace_s"):
+            if not 0 <= getattr(self, key) < math.inf:
+                raise ConfigError(f"download.{key} must be a finite number >= 0, got {getattr(self, key)}")
         for cidr in self.allow_networks:
             try:
                 ipaddress.ip_network(cidr, strict=False)
@@ -197,7 +224,7 @@ def _release(resp: requests.Response) -> None:
             resp.raw.read(length + 1, decode_content=False)
             resp.raw.release_conn()
             return
-        except (ProtocolError, ReadTimeoutError, Urllib3SSLError, OSError):
+        except (ProtocolError, ReadTimeoutError, Urllib3SSLError, OSError, PaceError):
             pass
     resp.close()
 
@@ -232,7 +259,10 @@ class Downloader:
         self._slots: dict[str, threading.BoundedSemaphore] = {}
         self._slots_lock = threading.Lock()
         self._adapter = GuardedAdapter(
-            AddressGuard(tuple(ipaddress.ip_network(cidr, strict=False) for cidr in cfg.allow_networks)),
+            AddressGuard(
+                tuple(ipaddress.ip_network(cidr, strict=False) for cidr in cfg.allow_networks),
+                cfg.dns_timeout_s,
+            ),
             pool_connections=max(MIN_HOST_POOLS, cfg.threads),
             pool_maxsize=cfg.per_host_connections,
             max_retries=0,  # retries are ours, with backoff and Retry-After
@@ -295,9 +325,10 @@ class Downloader:
     def _attempt(self, url: str) -> tuple[bytes, int, str]:
         """One attempt: the redirect chain from ``url`` to a body, or ``_AttemptFailed``."""
         current, status = url, None
+        budget = [self.cfg.deadline_s]  # seconds left of this attempt, spent by each hop
         for _hop in range(self.cfg.max_redirects + 1):
             try:
-                status, data, location = self._hop(current)
+                status, data, location = self._hop(current, budget)
             except _AttemptFailed as failed:
                 failed.url = current
                 failed.status = failed.status or status  # e.g. the 302 before a blocked hop
@@ -311,8 +342,11 @@ class Downloader:
         failed.url = current
         raise failed
 
-    def _hop(self, url: str) -> tuple[int, bytes, str | None]:
-        """One request: ``(status, body, None)``, or ``(status, b"", next URL)`` for a redirect."""
+    def _hop(self, url: str, budget: list[float]) -> tuple[int, bytes, str | None]:
+        """One request: ``(status, body, None)``, or ``(status, b"", next URL)`` for a redirect.
+
+        ``budget[0]``: seconds left of the attempt's deadline; the time this hop holds its slot is taken off.
+        """
         try:
             parts = urlsplit(url)
         except ValueError as exc:
@@ -323,20 +357,35 @@ class Downloader:
         if not host:
             raise _AttemptFailed("invalid_url", f"URL has no host: {url[:80]!r}")
         with self._slot(host):
-            resp = self._send(url)
-            status = resp.status_code
-            if status in REDIRECT_STATUSES:
-                location = resp.headers.get("Location", "").strip()
-                _release(resp)
-                if not location:
-                    raise _AttemptFailed("bad_redirect", f"HTTP {status} without Location from {url}", status)
-                return status, b"", urljoin(url, location)
-            if not 200 <= status < 300:
-                retry_after = retry_after_seconds(resp.headers.get("Retry-After"))
-                _release(resp)
-                reason = "bad_redirect" if 300 <= status < 400 else _status_reason(status)
-                raise _AttemptFailed(reason, f"HTTP {status} from {url}", status, retry_after)
-            return status, self._read_body(resp, status), None
+            start = time.monotonic()
+            if budget[0] <= 0:
+                raise _AttemptFailed("timeout", f"download.deadline_s ({self.cfg.deadline_s:g} s) passed")
+            cfg = self.cfg
+            pace = Pace(
+                start + budget[0], cfg.deadline_s, cfg.read_timeout_s, cfg.min_bytes_per_s, cfg.rate_grace_s
+            )
+            try:
+                with pace.applied():
+                    return self._exchange(url)
+            finally:
+                budget[0] -= time.monotonic() - start
+
+    def _exchange(self, url: str) -> tuple[int, bytes, str | None]:
+        """``_hop``'s request and response, within the thread's pace and the host's slot."""
+        resp = self._send(url)
+        status = resp.status_code
+        if status in REDIRECT_STATUSES:
+            location = resp.headers.get("Location", "").strip()
+            _release(resp)
+            if not location:
+                raise _AttemptFailed("bad_redirect", f"HTTP {status} without Location from {url}", status)
+            return status, b"", urljoin(url, location)
+        if not 200 <= status < 300:
+            retry_after = retry_after_seconds(resp.headers.get("Retry-After"))
+            _release(resp)
+            reason = "bad_redirect" if 300 <= status < 400 else _status_reason(status)
+            raise _AttemptFailed(reason, f"HTTP {status} from {url}", status, retry_after)
+        return status, self._read_body(resp, status), None
 
     def _send(self, url: str) -> requests.Response:
         """One GET without redirects, body not read yet.
@@ -355,6 +404,12 @@ class Downloader:
             raise _AttemptFailed("blocked_address", str(exc)) from exc
         except DnsError as exc:
             raise _AttemptFailed("dns_error", str(exc)) from exc
+        except DnsTimeoutError as exc:
+            raise _AttemptFailed("dns_timeout", str(exc)) from exc
+        except DeadlineExceeded as exc:
+            raise _AttemptFailed("timeout", str(exc)) from exc
+        except TooSlow as exc:
+            raise _AttemptFailed("too_slow", f"too slow: {exc}") from exc
         except requests.exceptions.Timeout as exc:  # ConnectTimeout and ReadTimeout
             raise _AttemptFailed("timeout", f"timed out: {exc}") from exc
         except requests.exceptions.SSLError as exc:
@@ -390,6 +445,12 @@ class Downloader:
         except ReadTimeoutError as exc:
             resp.close()
             raise _AttemptFailed("timeout", f"read timed out after {total} bytes", status) from exc
+        except DeadlineExceeded as exc:
+            resp.close()
+            raise _AttemptFailed("timeout", str(exc), status) from exc
+        except TooSlow as exc:
+            resp.close()
+            raise _AttemptFailed("too_slow", f"too slow: {exc}", status) from exc
         except (ProtocolError, DecodeError, Urllib3SSLError, OSError) as exc:
             resp.close()
             raise _AttemptFailed("truncated", f"body broken after {total} bytes: {exc}", status) from exc

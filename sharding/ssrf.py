@@ -9,15 +9,23 @@ connection (checked when it was opened) is reused without another lookup. IP lit
 ``GuardedAdapter`` mounts it on a ``requests`` session. Also TCP_QUICKACK before each response (see
 download.py).
 
-Leaves out: redirects, retries and byte caps (download.py).
+Time limits: the lookup runs in a daemon thread and is given up after ``dns_timeout_s`` (or the
+attempt's deadline, if sooner; ``DnsTimeoutError``), since ``getaddrinfo`` itself cannot be
+interrupted and the system resolver's timeouts and attempts multiply; a stuck lookup's thread ends
+when the resolver returns. The connect timeout is cut to what is left of the deadline, and responses
+are read through ``pace.PacedResponse``, which holds the headers and body to the deadline and minimum rate.
+
+Leaves out: redirects, retries and byte caps (download.py), the deadline and rate checks (pace.py).
 """
 
 from __future__ import annotations
 
 import contextlib
 import ipaddress
+import math
 import socket
 import sys
+import threading
 from functools import lru_cache
 from typing import Any
 
@@ -26,6 +34,8 @@ from urllib3 import PoolManager
 from urllib3.connection import HTTPConnection, HTTPSConnection
 from urllib3.exceptions import ConnectTimeoutError, NewConnectionError
 from urllib3.util import connection
+
+from .pace import PacedResponse, current
 
 #: Linux only (TCP_QUICKACK, tcp(7)); elsewhere responses simply take the delayed-ACK path.
 _QUICKACK: int | None = getattr(socket, "TCP_QUICKACK", None)
@@ -37,6 +47,33 @@ class BlockedAddressError(Exception):
 
 class DnsError(Exception):
     """A host name does not resolve."""
+
+
+class DnsTimeoutError(Exception):
+    """The resolver gave no answer in time (not an OSError, for the same reason as above)."""
+
+
+def _resolve(host: str, port: int, timeout: float | None) -> list[tuple]:
+    """``socket.getaddrinfo`` for a stream socket, given up after ``timeout`` s (None, inf: no limit)."""
+    if timeout is None or timeout == math.inf:
+        return socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    outcome: list = []
+    done = threading.Event()
+
+    def lookup() -> None:
+        try:
+            outcome.append(socket.getaddrinfo(host, port, type=socket.SOCK_STREAM))
+        except BaseException as exc:  # handed to the waiting thread, which re-raises it
+            outcome.append(exc)
+        finally:
+            done.set()
+
+    threading.Thread(target=lookup, name=f"dns-{host}"[:64], daemon=True).start()
+    if not done.wait(timeout):
+        raise DnsTimeoutError(f"no DNS answer for {host!r} within {timeout:.3g} s")
+    if isinstance(outcome[0], BaseException):
+        raise outcome[0]
+    return outcome[0]
 
 
 @lru_cache(maxsize=4096)
@@ -65,8 +102,14 @@ def refusal(
 class AddressGuard:
     """Resolves a host and refuses it unless every address is public or explicitly allowed."""
 
-    def __init__(self, allow_networks: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()):
+    def __init__(
+        self,
+        allow_networks: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = (),
+        dns_timeout_s: float | None = None,
+    ):
         self.allowed = allow_networks
+        #: Longest wait for the resolver (None: the system's own limits); the thread's pace may cut it.
+        self.dns_timeout_s = dns_timeout_s
 
     def addresses(self, host: str, port: int) -> list[str]:
         """The checked addresses of ``host`` to connect to, in resolver order.
@@ -74,13 +117,19 @@ class AddressGuard:
         Raises:
             BlockedAddressError: any address is refused.
             DnsError: the name does not resolve.
+            DnsTimeoutError: no answer within ``dns_timeout_s`` or the pace's deadline.
+            pace.DeadlineExceeded: the pace's deadline passed before the lookup.
         """
         literal = _ip_literal(host)
         if literal is not None:
             found = [literal]
         else:
+            timeout, pace = self.dns_timeout_s, current()
+            if pace is not None:
+                left = pace.remaining()
+                timeout = left if timeout is None else min(timeout, left)
             try:
-                infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+                infos = _resolve(host, port, timeout)
             except (OSError, UnicodeError) as exc:  # socket.gaierror is an OSError
                 raise DnsError(f"cannot resolve {host!r}: {exc}") from exc
             found = list(dict.fromkeys(ipaddress.ip_address(info[4][0].split("%", 1)[0]) for info in infos))
@@ -93,7 +142,10 @@ class AddressGuard:
 
 
 class _GuardedConnectionMixin:
-    """Connects only to addresses the ``AddressGuard`` accepted (checked at connect time)."""
+    """Connects only to addresses the ``AddressGuard`` accepted (checked at connect time), within the
+    thread's pace (pace.py) when it has one."""
+
+    response_class = PacedResponse
 
     def __init__(self, *args: Any, guard: AddressGuard, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -103,10 +155,13 @@ class _GuardedConnectionMixin:
         host, port = self._dns_host, self.port  # type: ignore[attr-defined]
         last: OSError | None = None
         for address in self._guard.addresses(host, port):
+            timeout, pace = self.timeout, current()  # type: ignore[attr-defined]
+            if pace is not None and isinstance(timeout, int | float):
+                timeout = min(timeout, pace.remaining())
             try:
                 sock = connection.create_connection(
                     (address, port),
-                    self.timeout,  # type: ignore[attr-defined]
+                    timeout,
                     source_address=self.source_address,  # type: ignore[attr-defined]
                     socket_options=self.socket_options,  # type: ignore[attr-defined]
                 )

@@ -14,6 +14,12 @@ loader position), ``config`` (the experiment as plain data), ``class_mapping`` (
 index), ``preprocessing`` ({image_size, mean, std, crop_pct, val_resize}), ``temperature`` (set by
 evaluation's calibration), ``model_name``, ``metrics`` (the validation metrics it was chosen by).
 
+A file ``torch.load`` cannot read (truncated, garbage, a pickle of arbitrary objects) is refused with
+one line naming the path and torch's reason in short, ``not a Flora checkpoint (torch.load: ...)``,
+without torch's advice to retry with the safe loading turned off. A run killed mid-write leaves its
+temporary (``.last_checkpoint.pt.<random>.tmp``); ``remove_stale_temporaries`` deletes those of a run
+folder when the next run starts there.
+
 Leaves out: deciding when to write (loop.py) and what evaluation adds (evaluate.py writes the fitted
 temperature back through ``update_checkpoint``).
 """
@@ -22,7 +28,9 @@ from __future__ import annotations
 
 import os
 import random
+import re
 import tempfile
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -33,6 +41,19 @@ from flora.errors import FloraError
 FORMAT = 1
 LAST = "last_checkpoint.pt"
 BEST = "best_model.pt"
+#: Temporary names ``save_checkpoint`` writes (``tempfile.mkstemp(prefix=".<name>.", suffix=".tmp")``).
+TEMPORARY_GLOBS = tuple(f".{name}.*.tmp" for name in (LAST, BEST))
+#: First bytes of torch's (zip) checkpoint format.
+ZIP_MAGIC = b"PK\x03\x04"
+#: First byte of a pickle of protocol 2 or later (torch's legacy format is one).
+PICKLE_PROTO = b"\x80"
+#: Longest reason from torch quoted in a refusal (torch's messages run to several paragraphs).
+REASON_CHARS = 160
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+#: How torch names the class of a pickled object that weights_only loading refuses.
+_GLOBAL = re.compile(r"GLOBAL (\S+) was not an allowed global")
+#: Sentences of torch's message that advise turning the safe loading off: never passed on.
+_ADVICE = re.compile(r"weights.only|trusted source|safe_globals|add_safe_globals", re.IGNORECASE)
 
 
 class CheckpointError(FloraError, RuntimeError):
@@ -56,17 +77,57 @@ def save_checkpoint(path: str | Path, state: dict) -> Path:
     return path
 
 
+def remove_stale_temporaries(run_dir: str | Path) -> list[Path]:
+    """Deletes the temporaries a killed run left in ``run_dir`` (``TEMPORARY_GLOBS`` only); the removed."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        return []
+    stale = sorted({p for pattern in TEMPORARY_GLOBS for p in run_dir.glob(pattern) if p.is_file()})
+    for path in stale:
+        path.unlink(missing_ok=True)
+    return stale
+
+
+def _short_reason(exc: BaseException, path: Path) -> str:
+    """What ``torch.load`` found wrong with ``path``, in one short line, without its advice on unsafe
+    loading (torch's own message runs to paragraphs, and a cut-short archive gets a bare errno)."""
+    try:
+        with path.open("rb") as f:
+            head = f.read(len(ZIP_MAGIC))
+    except OSError:
+        head = b""
+    text = _ANSI.sub("", str(exc))
+    if "WeightsUnpickler error:" in text:  # torch's unpickler refused something: keep what, not the advice
+        found = [
+            line.strip() for line in text.split("WeightsUnpickler error:", 1)[1].splitlines() if line.strip()
+        ]
+        what = found[0] if found else "an object torch refused"
+        unsafe = _GLOBAL.search(what)
+        text = "it holds more than plain data: " + (f"a pickled {unsafe.group(1)}" if unsafe else what)
+    sentences = [s.strip().rstrip(".") for s in re.split(r"\.\s+|\n", text) if s.strip()]
+    kept = [s for s in sentences if not _ADVICE.search(s)]
+    reason = f"{type(exc).__name__}: {kept[0]}" if kept else type(exc).__name__
+    if not head:
+        reason = "the file is empty"
+    elif head == ZIP_MAGIC and isinstance(exc, OSError | RuntimeError):
+        reason = f"a damaged or cut-short torch archive, {reason}"
+    elif head != ZIP_MAGIC and not head.startswith(PICKLE_PROTO):
+        reason = f"neither a torch archive nor a pickle, {reason}"
+    return reason if len(reason) <= REASON_CHARS else reason[: REASON_CHARS - 3] + "..."
+
+
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict:
-    """Reads a Flora checkpoint with ``weights_only=True``; a clear error for anything else."""
+    """Reads a Flora checkpoint with ``weights_only=True``; one clear line for anything else."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"no checkpoint at {path}")
     try:
-        state = torch.load(path, map_location=map_location, weights_only=True)
+        with warnings.catch_warnings():  # a plain pickle's protocol warning says nothing the error does not
+            warnings.filterwarnings("ignore", message="Detected pickle protocol", category=UserWarning)
+            state = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as exc:  # unpickling errors come in many types; all mean "not a safe Flora checkpoint"
         raise CheckpointError(
-            f"{path}: cannot be read as a Flora checkpoint with weights_only=True ({type(exc).__name__}: "
-            f"{str(exc).splitlines()[0] if str(exc) else ''})"
+            f"{path}: not a Flora checkpoint (torch.load: {_short_reason(exc, path)})"
         ) from exc
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         found = state.get("format") if isinstance(state, dict) else type(state).__name__

@@ -11,7 +11,7 @@ pairs; ``results.json``, ``reliability.png`` and ``confusion.png`` in the output
 
 The data come from the checkpoint's own ``data`` config (shards, image size, mean/std, label space),
 with ``--shards`` and ``data.key=value`` overrides; the class mapping of the evaluated shards must be
-the checkpoint's.
+the checkpoint's (a refusal names the species only in one, only in the other, and at other indices).
 
 Leaves out: the metric definitions (metrics.py) and the figures (plots.py).
 """
@@ -52,6 +52,9 @@ from .predict import gather_predictions
 
 log = logging.getLogger(__name__)
 
+#: Species named per kind of difference when the shards' class mapping is not the checkpoint's.
+LISTED_SPECIES = 5
+
 
 def data_config(checkpoint: dict, shards: str | None, region: str | None, overrides: list[str]):
     """The checkpoint's data section for evaluation: its shards (or ``shards``), one region on request."""
@@ -66,6 +69,31 @@ def data_config(checkpoint: dict, shards: str | None, region: str | None, overri
             )
         data["region_filter"] = region
     return load_data_config({"data": data}, overrides)
+
+
+def mapping_difference(
+    checkpoint: dict[str, int], shards: dict[str, int], limit: int = LISTED_SPECIES
+) -> str:
+    """How two class mappings differ, bounded: species only in one, only in the other, and at other
+    indices (``name checkpoint-index -> shard-index``), the first ``limit`` of each with its count."""
+
+    def listed(what: str, items: list[str]) -> str | None:
+        if not items:
+            return None
+        more = f", ... (+{len(items) - limit} more)" if len(items) > limit else ""
+        return f"{what} ({len(items)}): {', '.join(items[:limit])}{more}"
+
+    only_checkpoint = sorted(set(checkpoint) - set(shards))
+    only_shards = sorted(set(shards) - set(checkpoint))
+    moved = sorted(
+        (n for n in set(checkpoint) & set(shards) if checkpoint[n] != shards[n]), key=checkpoint.get
+    )
+    parts = [
+        listed("only in the checkpoint", [repr(n) for n in only_checkpoint]),
+        listed("only in the shards", [repr(n) for n in only_shards]),
+        listed("at other indices", [f"{n!r} {checkpoint[n]} -> {shards[n]}" for n in moved]),
+    ]
+    return "; ".join(p for p in parts if p) or "the same species at the same indices"
 
 
 def _scaled(records: dict, logits: torch.Tensor, temperature: float) -> dict:
@@ -104,9 +132,12 @@ def evaluate(
     def loader_for(split_name: str):
         loader = make_loader(cfg, split_name, False, rank, world_size, device)
         if loader.index.class_mapping != checkpoint["class_mapping"]:
+            loader.close()
+            differences = mapping_difference(checkpoint["class_mapping"], loader.index.class_mapping)
             raise TrainingError(
                 f"the {split_name!r} shards' class mapping ({loader.index.num_classes} classes) is not the "
-                f"checkpoint's ({len(names)}): evaluate on the shards (and label space) it was trained on"
+                f"checkpoint's ({len(names)}): {differences}; evaluate on the shards (and label space) it "
+                "was trained on"
             )
         return loader
 

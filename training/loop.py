@@ -7,7 +7,8 @@ update: warmup, then cosine), AMP (bf16 on a GPU; fp16 with a GradScaler on requ
 accumulation (``no_sync`` on all but the last micro-batch), clipping, EMA (timm ``ModelEmaV3``),
 ``torch.compile``, channels_last, DDP; validation each ``eval_every`` epochs with exact metrics across
 ranks; ``last_checkpoint.pt`` every ``checkpoint_every`` steps and each epoch, ``best_model.pt`` by
-validation top-1; TensorBoard scalars, ``metrics.json`` and a progress bar on rank 0.
+validation top-1; TensorBoard scalars, ``metrics.json`` and a progress bar on rank 0. A run starts by
+deleting the checkpoint temporaries a killed run left in its folder (checkpoint.remove_stale_temporaries).
 
 Resume: ``resume=True`` restores model, optimizer, scheduler, scaler, EMA, counters, every rank's
 RNG states and loader position from ``last_checkpoint.pt``; on the CPU a resumed run reaches the
@@ -38,6 +39,7 @@ from .checkpoint import (
     LAST,
     CheckpointError,
     load_checkpoint,
+    remove_stale_temporaries,
     rng_state,
     save_checkpoint,
     set_rng_state,
@@ -275,6 +277,9 @@ class Trainer:
         """Trains to ``total_steps`` (or ``stop_after``), validating and checkpointing; the summary."""
         if self.ddp.main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
+            stale = remove_stale_temporaries(self.run_dir)  # half-written checkpoints of a killed run
+            if stale:
+                log.info("removed %d stale checkpoint temporaries from %s", len(stale), self.run_dir)
             (self.run_dir / "config.json").write_text(json.dumps(self.cfg.as_dict(), indent=2))
         start_step, started = self.step, time.perf_counter()
         images_total, wait_total, busy_total = 0, 0.0, 0.0

@@ -4,7 +4,8 @@ Owns: ``ImageServer`` (a threaded ``http.server`` on 127.0.0.1 serving files und
 path, GET and HEAD, keep-alive, Content-Type from the real image format), the fault kinds a
 downloader must survive (status codes with ``Retry-After``, flaky paths that recover, slow, truncated
 and huge bodies, HTML instead of an image, redirects and redirect loops, decompression bombs, tiny and
-corrupt images), thread-safe per-path request counters, and loading ``faults.json``.
+corrupt images; and, only when set by hand, a trickle: a byte per interval), thread-safe per-path
+request counters, and loading ``faults.json``.
 
 Leaves out: choosing which paths fault (``generate.assign_faults``) and rendering the images
 (``images.py``). Not a production server: no TLS, no ranges, no caching headers.
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import io
 import json
+import socket
 import struct
 import sys
 import threading
@@ -50,6 +52,13 @@ FAULT_KINDS: tuple[str, ...] = (
     "tiny",
     "corrupt",
 )
+#: Served when set by hand (``set_fault``, faults.json) but never assigned by ``generate.assign_faults``:
+#: a trickling path costs every build that meets it its whole download deadline per attempt.
+#: ``{"kind": "trickle", "interval_s": 1.0, "bytes": N, "headers": false}``: the first N body bytes
+#: (default: all), and with ``headers`` the status line and headers before them, one per ``interval_s``;
+#: the rest at once.
+HAND_SET_FAULT_KINDS: tuple[str, ...] = ("trickle",)
+TRICKLE_INTERVAL_S = 1.0  # the one-byte-a-second host of issue 16
 HTML_PAGE = (
     b"<!DOCTYPE html>\n<html><head><title>Photo not available</title></head>"
     b"<body><h1>This photo is no longer available</h1><p>Please log in to view it.</p></body></html>\n"
@@ -124,12 +133,17 @@ def load_faults(path: str | Path) -> dict[str, dict]:
 
 
 def _check_fault(spec: Mapping) -> dict:
-    if not isinstance(spec, Mapping) or spec.get("kind") not in FAULT_KINDS:
-        raise ValueError(f"fault must be a mapping with 'kind' in {sorted(FAULT_KINDS)}, got {spec!r}")
+    kinds = FAULT_KINDS + HAND_SET_FAULT_KINDS
+    if not isinstance(spec, Mapping) or spec.get("kind") not in kinds:
+        raise ValueError(f"fault must be a mapping with 'kind' in {sorted(kinds)}, got {spec!r}")
     if spec["kind"] == "redirect" and not spec.get("location"):
         raise ValueError(f"a redirect fault needs a 'location', got {spec!r}")
     if spec["kind"] == "huge" and int(spec.get("bytes", 0)) <= 0:
         raise ValueError(f"a huge fault needs 'bytes' > 0, got {spec!r}")
+    if spec["kind"] == "trickle" and not (
+        float(spec.get("interval_s", TRICKLE_INTERVAL_S)) > 0 and int(spec.get("bytes", 1)) > 0
+    ):
+        raise ValueError(f"a trickle fault needs 'interval_s' > 0 and 'bytes' > 0 if given, got {spec!r}")
     return dict(spec)
 
 
@@ -224,10 +238,32 @@ class _Handler(BaseHTTPRequestHandler):
             self._send(302, b"", "text/plain", head, {"Location": location})
         elif kind == "huge":
             self._stream_huge(int(fault["bytes"]), head)
+        elif kind == "trickle":
+            self._trickle(self.server.owner._read(path) or _fallback_image(), fault, head)
         else:
             body = {"bomb": bomb_png, "tiny": tiny_jpeg, "corrupt": corrupt_jpeg}[kind]()
             self._send(200, body, "image/png" if kind == "bomb" else "image/jpeg", head)
         return True
+
+    def _trickle(self, body: bytes, fault: Mapping, head: bool) -> None:
+        """Headers (trickled too with ``headers``), then the first ``bytes`` of ``body`` one per interval."""
+        interval = float(fault.get("interval_s", TRICKLE_INTERVAL_S))
+        header = (
+            f"{self.protocol_version} 200 OK\r\nContent-Type: {sniff_content_type(body)}\r\n"
+            f"Content-Length: {len(body)}\r\n\r\n"
+        ).encode("latin-1")
+        body = b"" if head else body
+        slow = min(int(fault.get("bytes", len(body))), len(body))
+        self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # each byte its own segment
+        if fault.get("headers"):
+            data, slow = header + body, len(header) + slow
+        else:
+            self.wfile.write(header)
+            data = body
+        for i in range(slow):
+            time.sleep(interval)  # the fault itself: a host that sends a byte per interval
+            self.wfile.write(data[i : i + 1])
+        self.wfile.write(data[slow:])
 
     def _stream_huge(self, size: int, head: bool) -> None:
         self.send_response(200)

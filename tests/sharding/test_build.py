@@ -1,6 +1,6 @@
 """The sharder end to end through the real loopback server with faults injected: layout, index files,
 manifest, failure reasons, accounting, content dedup, warm-cache rebuilds, determinism, SIGKILL and
-resume, --retry-failed, SSRF refusal and the Ray distributor."""
+resume, --retry-failed, SSRF refusal and the Ray distributor (listening on loopback only)."""
 
 import json
 import os
@@ -347,12 +347,28 @@ def test_sigkill_mid_run_then_resume_gives_the_uninterrupted_shards(world, built
 
 
 @pytest.mark.slow
-def test_ray_distributor(world, built, tmp_path):
+def test_ray_distributor(world, built, tmp_path, monkeypatch):
     pytest.importorskip("ray")
+    from sharding import distribute
+
+    from .listening import descendants, listening
+
+    real, seen = distribute.DISTRIBUTORS["ray"], []
+
+    def observed(*args, **kwargs):  # the real distributor; the sockets are read while Ray is up
+        for item in real(*args, **kwargs):
+            if not seen:
+                seen.extend(listening(descendants(os.getpid())))
+            yield item
+
+    monkeypatch.setitem(distribute.DISTRIBUTORS, "ray", observed)
     cfg = config(built.tmp, "distributor=ray", "processes=2")
     manifest = build(world.splits, tmp_path / "ray", cfg)
     assert manifest["last_run"]["distributor"] == "ray"
     assert shard_bytes(tmp_path / "ray") == shard_bytes(built.out)
+    names = " ".join(s.name for s in seen)
+    assert "gcs_server" in names and "raylet" in names, f"Ray's servers were not found: {seen}"
+    assert not [s for s in seen if not s.loopback], f"listening beyond loopback: {seen}"
 
 
 def test_a_small_cache_evicts_and_the_shards_stay_the_same(world, built, tmp_path):
@@ -447,3 +463,38 @@ def test_allow_network_flag_is_validated_as_its_config_key(tmp_path, capsys):
     err = capsys.readouterr().err
     assert code == 2 and err.count("\n") == 1
     assert err.startswith("flora build: error: download.allow_networks: not a CIDR network: '300.1.2.3/99'")
+
+
+CACHE_IS_A_FILE = "is a file; expected a directory (the LMDB cache folder)"
+
+
+def test_cache_flag_pointing_at_a_file_is_one_error_line(tmp_path):
+    small_world(tmp_path, 2)  # a real catalog's splits
+    cache_file = tmp_path / "cache.mdb"
+    cache_file.write_bytes(b"an LMDB data file, not its folder")
+    argv = cli(tmp_path / "splits", tmp_path / "out", "processes=1")
+    proc = subprocess.run(
+        [*argv, f"--cache={cache_file}"], cwd=REPO, capture_output=True, text=True, timeout=120
+    )
+    assert proc.returncode == 2
+    assert proc.stderr == f"flora build: error: --cache {cache_file} {CACHE_IS_A_FILE}\n"
+    assert not (tmp_path / "out").exists() and cache_file.read_bytes() == b"an LMDB data file, not its folder"
+
+
+def test_cache_path_key_gets_the_same_validation(tmp_path, capsys):
+    (tmp_path / "splits").mkdir()
+    cache_file = tmp_path / "cache.mdb"
+    cache_file.write_bytes(b"x")
+    (tmp_path / "sharding.yaml").write_text(f"cache:\n  path: {cache_file}\n")
+    argv = ["build", "--splits", str(tmp_path / "splits"), "--out", str(tmp_path / "out")]
+    sub = cache_file / "sub"
+    cases = [
+        ([f"cache.path={cache_file}"], f"cache.path {cache_file} {CACHE_IS_A_FILE}"),
+        (["--config", str(tmp_path / "sharding.yaml")], f"cache.path {cache_file} {CACHE_IS_A_FILE}"),
+        ([f"cache.path={sub}"], f"cache.path {sub}: {cache_file} {CACHE_IS_A_FILE}"),
+        (["--cache", str(sub)], f"--cache {sub}: {cache_file} {CACHE_IS_A_FILE}"),
+    ]
+    for extra, message in cases:
+        assert main([*argv, *extra]) == 2, extra
+        assert capsys.readouterr().err == f"flora build: error: {message}\n"
+    assert not (tmp_path / "out").exists()

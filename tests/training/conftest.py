@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -41,6 +43,22 @@ def experiment(shards: Path, run_root: Path, name: str = "run", **sections) -> d
     for section, values in sections.items():
         cfg.setdefault(section, {}).update(values)
     return cfg
+
+
+def killed_save(path: Path) -> Path:
+    """Runs ``save_checkpoint(path)`` in a process that dies after writing the bytes and before the
+    rename, as a run killed mid-write does; returns the temporary it leaves behind."""
+    script = (
+        "import os, sys, torch\n"
+        "from training.checkpoint import save_checkpoint\n"
+        "os.fsync = lambda fd: os._exit(9)\n"
+        "save_checkpoint(sys.argv[1], {'model': {'w': torch.ones(4)}})\n"
+    )
+    killed = subprocess.run([sys.executable, "-c", script, str(path)], cwd=Path(__file__).parents[2])
+    assert killed.returncode == 9 and not path.exists()
+    (leftover,) = path.parent.glob(f".{path.name}.*.tmp")
+    assert leftover.stat().st_size > 0
+    return leftover
 
 
 @pytest.fixture(scope="session")

@@ -5,7 +5,7 @@ import json
 import pytest
 
 from training.checkpoint import load_checkpoint
-from training.evaluate import evaluate
+from training.evaluate import evaluate, mapping_difference
 from training.evaluate import main as evaluate_main
 from training.loop import TrainingError
 
@@ -68,3 +68,38 @@ def test_regional_teacher_from_the_global_one(teachers, tmp_path):
     assert list(results["per_region"]) == ["EU_SW"]
     with pytest.raises(TrainingError, match="predicts the classes of region"):
         evaluate(teachers["regional"], split="test", region="AMERICAS_NORTH", calibration_split=None)
+
+
+def test_mapping_difference_names_the_species_bounded():
+    checkpoint = {"a": 0, "b": 1, "c": 2, "d": 3}
+    shards = {"a": 0, "c": 1, "b": 2, "e": 3}
+    assert mapping_difference(checkpoint, shards) == (
+        "only in the checkpoint (1): 'd'; only in the shards (1): 'e'; "
+        "at other indices (2): 'b' 1 -> 2, 'c' 2 -> 1"
+    )
+    many = {f"s{i:02d}": i for i in range(8)}
+    assert mapping_difference({}, many, limit=5) == (
+        "only in the shards (8): 's00', 's01', 's02', 's03', 's04', ... (+3 more)"
+    )
+    assert mapping_difference(checkpoint, dict(checkpoint)) == "the same species at the same indices"
+
+
+def test_shards_of_another_label_space_are_refused_naming_the_species(teachers, capsys):
+    regional = load_checkpoint(teachers["regional"])["class_mapping"]
+    global_ = load_checkpoint(teachers["global"])["class_mapping"]  # the shards' global mapping
+    argv = ["--checkpoint", str(teachers["regional"]), "--no-calibration", "data.label_space=global"]
+    assert evaluate_main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err, err
+    assert err.startswith(
+        f"flora evaluate: error: the 'test' shards' class mapping ({len(global_)} classes) is not the "
+        f"checkpoint's ({len(regional)}): "
+    ), err
+    extra = sorted(set(global_) - set(regional))
+    listed = ", ".join(repr(name) for name in extra[:5]) + (
+        f", ... (+{len(extra) - 5} more)" if len(extra) > 5 else ""
+    )
+    assert f"only in the shards ({len(extra)}): {listed}" in err, err
+    assert "only in the checkpoint" not in err
+    moved = [name for name in regional if regional[name] != global_[name]]
+    assert (f"at other indices ({len(moved)}): " in err) if moved else ("at other indices" not in err), err

@@ -1,6 +1,7 @@
 """The training loop end to end on the test shards (test_vit, CPU): learning, files, exact resume."""
 
 import json
+import logging
 import subprocess
 import sys
 
@@ -14,7 +15,7 @@ from training.config import load_experiment
 from training.loop import Trainer, TrainingError
 from training.train import main as train_main
 
-from .conftest import experiment
+from .conftest import experiment, killed_save
 
 
 def _fit(cfg: dict, resume: bool = False, stop_after: int | None = None) -> tuple[Trainer, dict]:
@@ -66,6 +67,19 @@ def test_resume_reaches_the_same_weights(shard_root, tmp_path, backend):
     assert [h["epoch"] for h in history] == [0, 1]
     assert history[1]["train_loss"] == pytest.approx(reference[1]["train_loss"])
     assert history[1]["val_top1"] == reference[1]["val_top1"]
+
+
+def test_a_run_starts_by_removing_a_killed_runs_checkpoint_temporaries(shard_root, tmp_path, caplog):
+    run = tmp_path / "run"
+    leftover = killed_save(run / "last_checkpoint.pt")  # no last_checkpoint.pt: a fresh run may start
+    other = run / ".notes.tmp"
+    other.write_text("not a checkpoint temporary")
+    caplog.set_level(logging.INFO, logger="training.loop")
+    _, summary = _fit(experiment(shard_root, tmp_path, train={"epochs": 1, "max_steps": 2}))
+    assert not leftover.exists() and other.exists()
+    assert not list(run.glob(".*.pt.*.tmp"))  # nor any of this run's own
+    assert f"removed 1 stale checkpoint temporaries from {run}" in caplog.text
+    assert load_checkpoint(run / "last_checkpoint.pt")["step"] == summary["steps"] == 2
 
 
 def test_a_run_folder_is_not_overwritten_and_resume_needs_the_same_config(shard_root, tmp_path):

@@ -17,7 +17,7 @@ import requests
 from PIL import Image
 
 from world import ImageServer, WorldSpec, build_world, load_faults, render_image
-from world.server import BOMB_SIDE, TINY_SIDE, sniff_content_type
+from world.server import BOMB_SIDE, FAULT_KINDS, HAND_SET_FAULT_KINDS, TINY_SIDE, sniff_content_type
 
 MIME = {"JPEG": "image/jpeg", "PNG": "image/png", "WEBP": "image/webp"}
 
@@ -122,6 +122,27 @@ def test_slow_fault_delays_then_serves(srv, world, path):
         requests.get(srv.url(path), timeout=0.1)
 
 
+def test_trickle_fault_sends_bytes_one_per_interval(srv, world, path):
+    full = (world.image_dir / path.lstrip("/")).read_bytes()
+    srv.set_fault(path, {"kind": "trickle", "interval_s": 0.02, "bytes": 10})
+    start = time.perf_counter()
+    resp = _raw_get(srv, path)
+    head_s = time.perf_counter() - start
+    assert resp.status == 200 and int(resp.getheader("Content-Length")) == len(full)
+    assert resp.read(10) == full[:10] and time.perf_counter() - start >= 10 * 0.02  # then the rest at once
+    assert resp.read() == full[10:] and head_s < 10 * 0.02  # the headers came first, at once
+    srv.set_fault(path, {"kind": "trickle", "interval_s": 0.002, "bytes": 1, "headers": True})
+    start = time.perf_counter()
+    resp = _raw_get(srv, path)
+    assert time.perf_counter() - start >= 0.002 * len("HTTP/1.1 200 OK\r\n")  # the status line trickled
+    assert resp.read() == full
+
+
+def test_trickle_is_never_assigned_by_the_world(world):
+    assert "trickle" not in FAULT_KINDS and "trickle" in HAND_SET_FAULT_KINDS
+    assert all(spec["kind"] != "trickle" for spec in world.faults.values())
+
+
 def test_truncated_fault_declares_full_length_sends_half(srv, world, path):
     full = (world.image_dir / path.lstrip("/")).read_bytes()
     srv.set_fault(path, {"kind": "truncated"})
@@ -219,6 +240,8 @@ def test_bad_fault_specs_are_rejected(srv, tmp_path):
         srv.set_fault("/x.jpg", {"kind": "explode"})
     with pytest.raises(ValueError, match="location"):
         srv.set_fault("/x.jpg", {"kind": "redirect"})
+    with pytest.raises(ValueError, match="interval_s"):
+        srv.set_fault("/x.jpg", {"kind": "trickle", "interval_s": 0})
     bad = tmp_path / "faults.json"
     bad.write_text("[1, 2]")
     with pytest.raises(ValueError, match="JSON object"):
