@@ -8,6 +8,7 @@ DEMO   ?= demo_out
 PYTEST_ARGS ?=
 
 .PHONY: install tfjs-env js-deps browser-deps demo test test-fast lint bench-catalog bench-sharder bench-loader \
+	bench-verify \
 	bench-training bench-export gpu-bundle gpu-check clean
 
 $(STAMP): setup.cfg pyproject.toml
@@ -74,6 +75,10 @@ bench-sharder: $(STAMP) .venv-img2dataset/bin/img2dataset
 # Loader images/s: sample world + opencv-doc photographs (fetched with apt-get download), one run.
 bench-loader: $(STAMP)
 	$(PY) -m benchmarks.loader
+
+# The cost of verify: full re-checks per epoch (bit rot), as a fraction of an epoch, on the photo shards.
+bench-verify: $(STAMP)
+	$(PY) -m benchmarks.verify
 
 # Training-loop steps/s on the CPU (smoke teacher config): DALI vs torch loader vs compute alone.
 bench-training: $(STAMP)

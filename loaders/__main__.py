@@ -79,6 +79,8 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
                     f"{seconds:.2f} s, {counts[0] / seconds:,.0f} images/s (all ranks)"
                 )
         audit["epochs"].append(record)
+    if lead and (train.skipped_at_runtime or val.skipped_at_runtime):  # found after the scan (this rank)
+        print(f"loaders: skipped samples after the runs (by reason): {info.skipped}")
     if lead and args.audit:
         args.audit.write_text(json.dumps(audit))
     if distributed:

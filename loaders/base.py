@@ -13,13 +13,27 @@ Remainder policy (the numbers every rank agrees on without talking to the others
 * train, ``drop``: every rank yields ``(n // world_size) // batch_size`` full batches.
 * train, ``pad``: every rank yields ``ceil(ceil(n / world_size) / batch_size)`` batches of full
   size; rows past the rank's slice repeat real samples with ``valid == False``.
+* train, either policy, after samples were skipped at runtime (below): a short batch is filled to
+  full size and missing batches are filler, all with ``valid == False``, so every rank still yields
+  ``len(loader)`` batches of one shape and the ranks stay in step.
+
+Samples found bad after the scan (runtime skips) are the loader's to count: ``skipped`` is the
+scan's count by reason plus these, live (``LoaderInfo.skipped`` shows the same object). A sample
+found bad is left out of the plan from the next epoch on (``skip``); the epoch it was found in keeps
+its plan, so a mid-epoch state stays exact. With ``verify_every: N`` this rank's samples of epochs
+0, N, 2N... are re-checked (recheck.py) before the epoch starts, and the bad ones left out of that
+epoch already (the first re-check skips shards the scan has just checked). The runtime skips travel
+in ``state_dict()``, so a resumed run plans the same epochs.
 
 Leaves out: reading and augmenting (the subclasses: dali.py, reference.py yield raw batches).
 """
 
 from __future__ import annotations
 
+import logging
 import math
+import time
+from collections import Counter
 from collections.abc import Iterator
 
 import numpy as np
@@ -27,8 +41,10 @@ import torch
 
 from .config import DataConfig
 from .index import LoaderError, SampleIndex, rank_bounds
+from .recheck import recheck
 
 STATE_FORMAT = 1
+log = logging.getLogger(__name__)
 
 
 def epoch_seed(seed: int, epoch: int, rank: int, salt: int = 0) -> int:
@@ -73,7 +89,13 @@ class EpochLoader:
         self.epoch = 0
         self._done = 0  # batches handed out in self.epoch
         self._resume: dict | None = None
-        self.skipped_at_runtime = 0  # samples a decoder rejected (the scan should have caught them)
+        #: reason -> samples left out: the scan's, then those found bad at runtime (live).
+        self.skipped: Counter = Counter(index.skipped)
+        #: sample id -> (reason, first epoch whose plan leaves it out): found bad after the scan.
+        self.runtime_skips: dict[int, tuple[str, int]] = {}
+        #: The re-checks run so far: {epoch, samples, bad, seconds} each (``verify_every``).
+        self.rechecks: list[dict] = []
+        self._fresh_pending = bool(index.fresh)  # the next re-check may skip shards scanned just now
 
     def __len__(self) -> int:
         return self.batches
@@ -84,6 +106,25 @@ class EpochLoader:
         if self.policy == "drop":
             return self.batches * self.batch_size
         return self.rank_size
+
+    @property
+    def skipped_at_runtime(self) -> int:
+        """Samples found bad after the scan (by a decoder or a re-check), each counted once."""
+        return len(self.runtime_skips)
+
+    def skip(self, found: dict[int, str], from_epoch: int) -> None:
+        """Records samples found bad after the scan (``{sample id: reason}``): left out of the plans of
+        ``from_epoch`` and later, counted once in ``skipped``."""
+        for sid, reason in sorted(found.items()):
+            if sid in self.runtime_skips:
+                continue
+            self.runtime_skips[sid] = (reason, from_epoch)
+            self.skipped[reason] += 1
+            shard = self.index.shards[self.index.shard_of(sid)].rel
+            log.warning(
+                "%s loader: sample %s of %s is bad (%s); left out from epoch %d on",
+                self.backend, self.index.keys[sid], shard, reason, from_epoch,
+            )  # fmt: skip
 
     @property
     def batches_done(self) -> int:
@@ -101,7 +142,23 @@ class EpochLoader:
     def plan(self, epoch: int) -> np.ndarray:
         """This rank's sample ids for ``epoch`` in reading order (before the shuffle buffer)."""
         order = self.index.shard_order(epoch, self.cfg.seed, shuffle=self.train)
-        return self.index.rank_samples(order, self.rank, self.world_size)
+        samples = self.index.rank_samples(order, self.rank, self.world_size)
+        gone = [sid for sid, (_reason, first) in self.runtime_skips.items() if first <= epoch]
+        return samples[~np.isin(samples, gone)] if gone else samples
+
+    def _recheck(self, epoch: int) -> None:
+        """``verify_every``: re-checks this rank's samples of ``epoch`` before it starts."""
+        every = self.cfg.verify_every
+        if not every or epoch % every:
+            return
+        started = time.perf_counter()
+        samples = self.plan(epoch)
+        if self._fresh_pending:  # the scan of this process checked these shards moments ago
+            samples = samples[~np.isin(self.index.shards_of(samples), list(self.index.fresh))]
+        bad = recheck(self.index, samples, self.cfg.verify, self.cfg.threads)
+        self.skip(bad, from_epoch=epoch)
+        seconds = time.perf_counter() - started
+        self.rechecks.append({"epoch": epoch, "samples": len(samples), "bad": len(bad), "seconds": seconds})
 
     # ----------------------------------------------------------------------------------- iteration
     def _raw_batches(self, epoch: int, resume: dict | None) -> Iterator[tuple[torch.Tensor, np.ndarray]]:
@@ -119,18 +176,21 @@ class EpochLoader:
         resume = self._resume if self._resume is not None and self._resume["epoch"] == epoch else None
         self._resume = None
         self._done = resume["batches_done"] if resume else 0
+        if resume is None:
+            self._recheck(epoch)  # only at an epoch's start: a started epoch keeps its plan
+        self._fresh_pending = False
         last: dict | None = None
         if self._done < self.batches:
             for images, ids in self._raw_batches(epoch, resume):
                 if self._done >= self.batches:
                     break  # drop: the rank's tail beyond the common count
                 batch = self._make(images, ids)
-                if self.policy == "pad" and len(ids) < self.batch_size:
+                if self.train and len(ids) < self.batch_size:  # pad, or runtime skips under drop
                     batch = _pad(batch, self.batch_size)
                 last = batch
                 self._done += 1
                 yield batch
-        while self.policy == "pad" and self._done < self.batches:
+        while self.train and self._done < self.batches:
             filler = last if last is not None else self._filler(epoch)
             last = {**filler, "valid": torch.zeros_like(filler["valid"])}
             self._done += 1
@@ -173,6 +233,9 @@ class EpochLoader:
             "samples": len(self.index),
             "batch_size": self.batch_size,
             "seed": self.cfg.seed,
+            "runtime_skips": {
+                str(sid): [reason, first] for sid, (reason, first) in self.runtime_skips.items()
+            },
             **extra,
         }
 
@@ -196,6 +259,12 @@ class EpochLoader:
         self.epoch = int(state["epoch"])
         self._done = int(state["batches_done"])
         self._resume = dict(state) if self._done else None
+        self.runtime_skips = {
+            int(sid): (str(r), int(e)) for sid, (r, e) in state.get("runtime_skips", {}).items()
+        }
+        self.skipped.clear()  # in place: LoaderInfo.skipped holds this very Counter
+        self.skipped.update(self.index.skipped)
+        self.skipped.update(reason for reason, _first in self.runtime_skips.values())
 
 
 def _pad(batch: dict[str, torch.Tensor], size: int) -> dict[str, torch.Tensor]:

@@ -153,6 +153,10 @@ class DataConfig:
     #: ``full``: check each image's sha256 against its json (cached per shard); ``header``: only
     #: the JPEG markers and the json's width/height. Failing samples are skipped and counted.
     verify: Literal["full", "header"] = "full"
+    #: Re-check this rank's samples of an epoch at the ``verify`` level before epochs 0, N, 2N, ...
+    #: (a cached scan is trusted while a tar's size and mtime stay, which bit rot does not change);
+    #: a sample that fails is left out from that epoch on and counted. 0: only the first scan.
+    verify_every: int = 0
     #: Where per-shard scan results are cached: ``auto`` (or true) = ``loader_index/`` under the cache
     #: root; ``off`` (YAML reads it as false) or null: no cache; else a folder.
     index_cache: bool | str | None = "auto"
@@ -170,6 +174,10 @@ class DataConfig:
         for name in ("image_size", "batch_size", "threads", "shuffle_buffer", "prefetch"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"data.{name}: expected >= 1, got {getattr(self, name)}")
+        if self.verify_every < 0:
+            raise ConfigError(
+                f"data.verify_every: expected epochs >= 0 (0: never re-check), got {self.verify_every}"
+            )
         if self.val_batch_size is not None and self.val_batch_size < 1:
             raise ConfigError(f"data.val_batch_size: expected >= 1, got {self.val_batch_size}")
         if isinstance(self.region_filter, list) and not self.region_filter:

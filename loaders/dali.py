@@ -2,11 +2,12 @@
 
 Owns the DALI graph and its wiring:
 
-* ``fn.readers.webdataset`` over the selected tars with *filtered* index files (index.py writes one
-  per shard listing only the samples that passed the region, license and verification filters),
-  in the epoch's shuffled shard order, ``shard_id``/``num_shards`` = rank/world size, a shuffle
-  buffer of ``shuffle_buffer`` (``initial_fill``) for training, ``pad_last_batch`` so an epoch
-  never bleeds into the next, and ``name`` = the ``reader_name`` the iterator uses to end epochs.
+* ``fn.readers.webdataset`` over *filtered* index files written per epoch (index.py's
+  ``write_dali_files``) that list exactly this rank's plan (base.py: the epoch's shard order, the
+  rank's cut, less the samples that failed the scan's filters or a check since), so DALI and the
+  reference loader read the same samples and a sample dropped on one rank moves no other rank's
+  cut; a shuffle buffer of ``shuffle_buffer`` (``initial_fill``) for training, ``pad_last_batch``
+  so an epoch never bleeds into the next, and ``name`` = the ``reader_name`` the iterator uses.
 * Train: ``decoders.image_random_crop`` (decoding fused with RandomResizedCrop: libjpeg-turbo
   decodes only the crop window on the CPU; nvJPEG / the hardware decoder on ``mixed``), resize,
   rotation, ``color_twist`` (brightness, contrast, saturation, hue), and ``crop_mirror_normalize``
@@ -16,6 +17,12 @@ Owns the DALI graph and its wiring:
 * Mid-epoch resume with DALI's own checkpointing (``enable_checkpointing``): the iterator's
   ``checkpoints()`` (which accounts for prefetched batches) goes into the loader state; a resumed
   epoch rebuilds its pipeline from that checkpoint and reads exactly the samples not yet returned.
+* A sample that does not decode (bytes changed after the scan: DALI stops the pipeline, it has no
+  per-sample error policy) does not cost the epoch: the samples of the epoch not yet returned are
+  re-checked (recheck.py, ``decode`` level), the bad ones counted as skipped (base.py), and a new
+  pipeline reads the rest: every good sample of the plan exactly once, in a new shuffled order. The
+  samples returned so far (a bitmap over the plan) travel in the state, so a resumed epoch rebuilds
+  the same pipeline. A failure that no re-check explains stays an error.
 
 Each epoch gets a fresh pipeline (the shard order is part of the graph); building one costs well
 under a second. Labels and sample ids come from the index, looked up by each sample's
@@ -40,6 +47,7 @@ import torch
 from .base import EpochLoader, epoch_seed
 from .config import DataConfig
 from .index import LoaderError
+from .recheck import recheck
 
 try:  # DALI is a hard dependency in setup.cfg, but the reference loader must work without it
     from nvidia.dali import fn, pipeline_def, types
@@ -54,6 +62,9 @@ except ImportError:  # pragma: no cover - exercised only where DALI is not insta
 DEGREES_PER_TURN = 360.0
 #: RandomResizedCrop's attempts before falling back to a center crop (torchvision uses 10 too).
 CROP_ATTEMPTS = 10
+#: Seed salt of the pipelines that read the rest of an epoch after a decode failure (+1 per failure);
+#: clear of the reference loader's salts 1-3.
+RECOVERY_SALT = 16
 
 
 def _uniform(low: float, high: float):
@@ -208,10 +219,11 @@ class DaliLoader(EpochLoader):
         super().__init__(*args, **kwargs)
         self.gpu = self.device.type == "cuda"
         self._tmp = Path(tempfile.mkdtemp(prefix="flora-dali-idx-"))
-        self._index_paths = self.index.write_dali_index(self._tmp)
         self._lookup = self.index.lookup()
         self._iterator = None
         self._reader_done = False
+        self._progress: dict | None = None  # the running epoch: seen, base, recoveries
+        self._passes = 0  # pipelines built so far: each gets its own folder of index files
 
     def close(self) -> None:
         self._iterator = None
@@ -221,34 +233,70 @@ class DaliLoader(EpochLoader):
         with contextlib.suppress(Exception):  # interpreter shutdown may have torn down shutil
             self.close()
 
-    def _epoch_files(self, epoch: int) -> tuple[list[str], list[str]]:
-        order = self.index.shard_order(epoch, self.cfg.seed, shuffle=self.train)
-        paths, idx = [], []
-        for i in order:
-            if self._index_paths[i] is not None:
-                paths.append(str(self.index.shards[i].path))
-                idx.append(str(self._index_paths[i]))
-        return paths, idx
-
     def _raw_batches(self, epoch: int, resume: dict | None) -> Iterator[tuple[torch.Tensor, np.ndarray]]:
         if resume and resume.get("exhausted"):
             return  # saved after this rank's last real batch (pad policy): only filler is left
-        paths, idx = self._epoch_files(epoch)
         checkpoint = (
             base64.b64decode(resume["dali_checkpoint"]) if resume and resume.get("dali_checkpoint") else None
         )
         if resume and checkpoint is None:
             raise LoaderError("cannot resume a DALI loader mid-epoch without its 'dali_checkpoint'")
+        plan = self.plan(epoch)
+        if not len(plan):
+            return
+        state = resume or {}
+        # seen: the plan's samples returned so far this epoch; base: those returned before the running
+        # pipeline started (it reads the rest of the plan, less the samples found bad this epoch).
+        sorter = np.argsort(plan, kind="stable")
+        progress = {
+            "seen": _unpack(state.get("dali_seen"), len(plan)),
+            "base": _unpack(state.get("dali_base"), len(plan)),
+            "recoveries": int(state.get("dali_recoveries", 0)),
+        }
+        self._progress = progress
+        while True:
+            ids = plan
+            if progress["recoveries"]:
+                ids = plan[~progress["base"] & ~np.isin(plan, self._found_during(epoch))]
+            try:
+                for images, batch_ids in self._run(epoch, ids, progress["recoveries"], checkpoint):
+                    progress["seen"][sorter[np.searchsorted(plan, batch_ids, sorter=sorter)]] = True
+                    yield images, batch_ids
+                return
+            except _DecodeFailure as failure:
+                rest = plan[~progress["seen"] & ~np.isin(plan, self._found_during(epoch))]
+                bad = recheck(self.index, rest, "decode", self.cfg.threads)
+                if not bad:
+                    raise LoaderError(
+                        f"DALI failed in epoch {epoch} of split {self.index.split!r} (rank {self.rank}): "
+                        f"{failure.error}\nno sample of the epoch still to read fails a re-check (sha256 "
+                        "where the shards record one, else a PIL decode), so it is not a damaged sample"
+                    ) from failure.error
+                self.skip(bad, from_epoch=epoch + 1)
+                progress["base"] = progress["seen"].copy()
+                progress["recoveries"] += 1
+                checkpoint = None
+
+    def _found_during(self, epoch: int) -> list[int]:
+        """Samples found bad while ``epoch`` ran (left out of the plans from the next one on)."""
+        return [sid for sid, (_reason, first) in self.runtime_skips.items() if first == epoch + 1]
+
+    def _run(self, epoch: int, ids: np.ndarray, recoveries: int, checkpoint: bytes | None):
+        """One pipeline over ``ids`` (in this order, before its shuffle buffer): (images, sample ids)
+        batches; a failure inside DALI is a ``_DecodeFailure``."""
+        self._passes += 1
+        folder = self._tmp / f"pass{self._passes:06d}"
+        paths, idx = self.index.write_dali_files(ids, folder)
         pipe = build_pipeline(
             self.cfg,
             self.train,
             paths,
             idx,
-            shard_id=self.rank,
-            num_shards=self.world_size,
+            shard_id=0,  # the files hold this rank's plan only
+            num_shards=1,
             gpu=self.gpu,
             device_id=self.device.index if self.gpu else None,
-            seed=epoch_seed(self.cfg.seed, epoch, self.rank),
+            seed=epoch_seed(self.cfg.seed, epoch, self.rank, RECOVERY_SALT + recoveries if recoveries else 0),
             checkpoint=checkpoint,
         )
         iterator = DALIGenericIterator(
@@ -268,19 +316,16 @@ class DaliLoader(EpochLoader):
                     self._reader_done = True
                     return
                 except RuntimeError as exc:
-                    raise LoaderError(
-                        f"DALI failed in epoch {epoch} of split {self.index.split!r} (rank {self.rank}): "
-                        f"{exc}\nsamples are checked before loading (verify: {self.cfg.verify}); one that "
-                        "passes the check but does not decode means the shard changed after the scan"
-                    ) from exc
-                ids = self._ids(out["source"])
+                    raise _DecodeFailure(exc) from exc
+                ids_out = self._ids(out["source"])
                 images = out["image"]
                 if self.cfg.channels_last:
                     images = images.permute(0, 3, 1, 2)  # NHWC memory viewed as NCHW: channels_last
-                yield images, ids
+                yield images, ids_out
         finally:
             self._iterator = None
             del iterator, pipe
+            shutil.rmtree(folder, ignore_errors=True)
 
     def _ids(self, source: torch.Tensor) -> np.ndarray:
         rows = source.cpu().numpy()
@@ -301,4 +346,29 @@ class DaliLoader(EpochLoader):
         (checkpoint,) = self._iterator.checkpoints()
         if isinstance(checkpoint, str):
             checkpoint = checkpoint.encode()
-        return {"dali_checkpoint": base64.b64encode(checkpoint).decode("ascii")}
+        state = {"dali_checkpoint": base64.b64encode(checkpoint).decode("ascii")}
+        progress = self._progress
+        if progress is not None:
+            state["dali_seen"] = _pack(progress["seen"])
+            if progress["recoveries"]:
+                state.update(dali_base=_pack(progress["base"]), dali_recoveries=progress["recoveries"])
+        return state
+
+
+class _DecodeFailure(Exception):
+    """DALI stopped inside a pipeline (typically a sample that does not decode)."""
+
+    def __init__(self, error: RuntimeError):
+        super().__init__(str(error))
+        self.error = error
+
+
+def _pack(flags: np.ndarray) -> str:
+    return base64.b64encode(np.packbits(flags).tobytes()).decode("ascii")
+
+
+def _unpack(text: str | None, n: int) -> np.ndarray:
+    if not text:
+        return np.zeros(n, dtype=bool)
+    bits = np.unpackbits(np.frombuffer(base64.b64decode(text), dtype=np.uint8), count=n)
+    return bits.astype(bool)

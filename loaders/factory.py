@@ -3,7 +3,8 @@
 Owns the decisions taken once per run: rank and world size (explicit, else torchrun's ``RANK`` /
 ``WORLD_SIZE`` / ``LOCAL_RANK``), the device (``auto`` = the local GPU when torch sees one), the
 backend (``dali``, or ``torch``), and the ``LoaderInfo`` that tells the model what it is fed:
-classes, mapping, samples and batches per split, backend, device, preprocessing.
+classes, mapping, samples and batches per split, backend, device, preprocessing, and the samples
+left out by reason (live: runtime skips appear as the loaders find them).
 
 Leaves out: everything per batch (dali.py, reference.py) and the sample selection (index.py).
 """
@@ -41,7 +42,9 @@ class LoaderInfo:
     std: list[float]
     label_space: str
     regions: list[str] | None
-    skipped: dict[str, dict[str, int]] = field(default_factory=dict)  # split -> reason -> samples
+    #: split -> reason -> samples left out: the scan's, then those found bad at runtime (a decode
+    #: failure, a ``verify_every`` re-check). Live: each split's mapping is its loader's ``skipped``.
+    skipped: dict[str, dict[str, int]] = field(default_factory=dict)
 
     def __getitem__(self, key: str):
         return getattr(self, key)
@@ -117,6 +120,6 @@ def create_dataloaders(
         std=list(cfg.augment.std),
         label_space=cfg.label_space,
         regions=cfg.regions,
-        skipped={cfg.train_split: dict(train.index.skipped), cfg.val_split: dict(val.index.skipped)},
+        skipped={cfg.train_split: train.skipped, cfg.val_split: val.skipped},
     )
     return train, val, info

@@ -8,13 +8,19 @@ Owns, for both loaders (so that they agree sample for sample):
 * **Verification**: every sample's JPEG is checked once (sha256 against its ``.json`` under
   ``verify: full``; markers and the json's width/height under ``header``). A corrupt sample that
   slipped into a shard is skipped and counted with a reason, never fatal and never silent. Scan
-  results are cached per shard, keyed by the tar's and index's size and mtime.
+  results are cached per shard, keyed by the tar's and index's size and mtime (which bit rot keeps:
+  recheck.py re-checks later, with the sha256 the scan keeps per sample).
+* **The manifest's word on each tar**: a tar whose size differs from the manifest's is refused
+  (always, one ``stat``); under ``verify: full`` a fresh scan also hashes the whole tar and refuses
+  a sha256 mismatch that no damaged sample explains (torn or tampered store, not bit rot).
 * **The epoch plan**: shard order shuffled per epoch by ``(seed, epoch)``; the concatenated samples
   cut into ``world_size`` contiguous ranges exactly as DALI's reader cuts ``num_shards``
   (``[n * r // w, n * (r + 1) // w)``), so every sample is on exactly one rank each epoch.
-* **Filtered index files** for DALI (wds2idx v1.2 lines with only the selected samples' ``jpg``).
+* **Filtered index files** for DALI (wds2idx v1.2 lines with only the given samples' ``jpg``, in
+  order: base.py's plan of one epoch on one rank).
 
-Leaves out: decoding and augmentation (dali.py, reference.py) and batching policy (the loaders).
+Leaves out: decoding and augmentation (dali.py, reference.py), batching policy and runtime skips
+(the loaders, base.py) and re-checks after the scan (recheck.py).
 """
 
 from __future__ import annotations
@@ -48,7 +54,9 @@ from sharding.format import (
 
 from .config import DataConfig
 
-CACHE_FORMAT = 1
+CACHE_FORMAT = 2  # 2: rows carry each sample's sha256
+SHA256_BYTES = 32
+_HASH_CHUNK = 1 << 20  # bytes read at a time when hashing a whole tar
 _JPEG_SOI, _JPEG_EOI = b"\xff\xd8", b"\xff\xd9"
 #: Start-of-frame markers (baseline, extended, progressive, lossless...) that carry the image size.
 _SOF_MARKERS = {0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF}
@@ -64,6 +72,8 @@ class Shard:
     rel: str  # as in the manifest
     split: str
     region: str
+    bytes: int = 0  # the manifest's size of the tar (0: not recorded)
+    sha256: str = ""  # the manifest's sha256 of the tar ("": not recorded)
 
 
 @dataclass
@@ -81,6 +91,10 @@ class SampleIndex:
     class_mapping: dict[str, int]
     skipped: Counter = field(default_factory=Counter)  # reason -> samples left out
     skipped_samples: list[dict] = field(default_factory=list)  # {shard, key, reason} of bad samples
+    #: (n, 32) uint8: each jpg's sha256 as its json records it; all zeros where none is recorded.
+    sha256: np.ndarray = field(default_factory=lambda: np.zeros((0, SHA256_BYTES), dtype=np.uint8))
+    #: Shards scanned now at the ``verify`` level (not served by the scan cache): checked moments ago.
+    fresh: frozenset[int] = frozenset()
 
     def __len__(self) -> int:
         return len(self.keys)
@@ -91,6 +105,15 @@ class SampleIndex:
 
     def shard_of(self, sample: int) -> int:
         return int(np.searchsorted(self.bounds, sample, side="right") - 1)
+
+    def shards_of(self, samples: np.ndarray) -> np.ndarray:
+        """``shard_of`` for many sample ids at once."""
+        return np.searchsorted(self.bounds, samples, side="right") - 1
+
+    def digest(self, sample: int) -> bytes | None:
+        """The sha256 the sample's json records for its jpg, or None."""
+        d = self.sha256[sample].tobytes() if len(self.sha256) else b""
+        return d if d.strip(b"\0") else None
 
     def lookup(self) -> dict[tuple[bytes, int], int]:
         """``(tar path bytes, jpg offset) -> sample id``: how DALI's ``source_info`` is mapped back."""
@@ -121,23 +144,28 @@ class SampleIndex:
         return samples[start:end]
 
     # ----------------------------------------------------------------------- DALI's index files
-    def write_dali_index(self, directory: Path) -> list[Path | None]:
-        """One filtered wds2idx file per shard (only the selected samples' jpg); None for empty ones."""
+    def write_dali_files(self, samples: np.ndarray, directory: Path) -> tuple[list[str], list[str]]:
+        """(tar paths, index paths) for DALI's reader to read exactly ``samples``, in this order.
+
+        One filtered wds2idx file (only the samples' ``jpg``) per run of consecutive samples of one
+        shard; an epoch plan reads each shard as one run, so that is one file per shard read.
+        """
         directory.mkdir(parents=True, exist_ok=True)
-        out: list[Path | None] = []
-        for i, _shard in enumerate(self.shards):
-            lo, hi = int(self.bounds[i]), int(self.bounds[i + 1])
-            if lo == hi:
-                out.append(None)
-                continue
+        if not len(samples):
+            return [], []
+        shard_ids = self.shards_of(samples)
+        starts = np.flatnonzero(np.diff(shard_ids, prepend=-1))  # where each run of one shard begins
+        paths, idx = [], []
+        for n, (start, run) in enumerate(zip(starts.tolist(), np.split(samples, starts[1:]), strict=True)):
             lines = [
                 index_line([(f"{self.keys[s]}.jpg", int(self.jpg_offset[s]), int(self.jpg_size[s]))])
-                for s in range(lo, hi)
+                for s in run.tolist()
             ]
-            path = directory / f"{i:06d}.idx"
+            path = directory / f"{n:06d}.idx"
             path.write_text(index_text(lines), encoding="ascii")
-            out.append(path)
-        return out
+            paths.append(str(self.shards[int(shard_ids[start])].path))
+            idx.append(str(path))
+        return paths, idx
 
 
 def rank_bounds(n: int, rank: int, world_size: int) -> tuple[int, int]:
@@ -169,7 +197,9 @@ def select_shards(root: Path, split: str, regions: list[str] | None) -> list[Sha
     """The shards of ``split`` (and ``regions``) that the manifest of ``root`` lists."""
     manifest = read_manifest(root)
     return [
-        Shard(path=manifest.path(e), rel=e.path, split=e.split, region=e.region)
+        Shard(
+            path=manifest.path(e), rel=e.path, split=e.split, region=e.region, bytes=e.bytes, sha256=e.sha256
+        )
         for e in manifest.select(split, regions)
     ]
 
@@ -187,11 +217,11 @@ def build_index(cfg: DataConfig, split: str) -> SampleIndex:
             scans = list(pool.map(lambda s: scan_shard(s, cfg.verify, cache_dir), shards))
     except ShardFormatError as exc:
         raise LoaderError(str(exc)) from None
-    keys, labels, offsets, sizes, bounds = [], [], [], [], [0]
+    keys, labels, offsets, sizes, digests, bounds = [], [], [], [], [], [0]
     skipped: Counter = Counter()
     bad: list[dict] = []
-    for shard, rows in zip(shards, scans, strict=True):
-        for key, label, off, size, license_class, latin, problem in rows:
+    for shard, (rows, _fresh) in zip(shards, scans, strict=True):
+        for key, label, off, size, license_class, latin, problem, sha in rows:
             reason = problem
             if reason is None and cfg.production_only and license_class != PERMISSIVE:
                 reason = "license_filtered"
@@ -211,6 +241,7 @@ def build_index(cfg: DataConfig, split: str) -> SampleIndex:
             labels.append(label)
             offsets.append(off)
             sizes.append(size)
+            digests.append(_digest_bytes(sha))
         bounds.append(len(keys))
     if not keys:
         raise LoaderError(
@@ -228,7 +259,18 @@ def build_index(cfg: DataConfig, split: str) -> SampleIndex:
         class_mapping=region_map if region_map is not None else global_map,
         skipped=skipped,
         skipped_samples=bad,
+        sha256=np.frombuffer(b"".join(digests), dtype=np.uint8).reshape(-1, SHA256_BYTES),
+        fresh=frozenset(i for i, (_rows, fresh) in enumerate(scans) if fresh),
     )
+
+
+def _digest_bytes(sha: str) -> bytes:
+    """A json's hex sha256 as 32 bytes; zeros when absent or malformed (nothing to compare with)."""
+    try:
+        raw = bytes.fromhex(sha) if isinstance(sha, str) else b""
+    except ValueError:
+        raw = b""
+    return raw if len(raw) == SHA256_BYTES else bytes(SHA256_BYTES)
 
 
 def _cache_dir(root: Path, setting: bool | str | None, cache_root: str | None) -> Path | None:
@@ -255,12 +297,16 @@ class Row(NamedTuple):
     license_class: str
     latin_name: str
     problem: str | None  # why it is skipped, or None
+    sha256: str  # the jpg's sha256 as the json records it ("" when it records none)
 
 
-def scan_shard(shard: Shard, verify: str, cache_dir: Path | None) -> list[Row]:
-    """Every sample of one tar with its label, jpg location and verification verdict (cached)."""
+def scan_shard(shard: Shard, verify: str, cache_dir: Path | None) -> tuple[list[Row], bool]:
+    """Every sample of one tar with its label, jpg location and verification verdict (cached), and
+    whether it was scanned now (False: read from the cache). A tar that disagrees with the manifest
+    is refused (``check_manifest``)."""
     idx_path = shard.path.with_suffix(".idx")
     stamp = _stamp(shard.path, idx_path)
+    check_manifest_size(shard, stamp[0][1])
     cache = (
         cache_dir / (hashlib.sha1(str(shard.path).encode()).hexdigest()[:20] + ".json") if cache_dir else None
     )
@@ -272,15 +318,52 @@ def scan_shard(shard: Shard, verify: str, cache_dir: Path | None) -> list[Row]:
                 and data.get("stamp") == stamp
                 and (data.get("verify") == verify or data.get("verify") == "full")
             ):
-                return [Row(*r) for r in data["rows"]]
-        except (OSError, ValueError):
+                return [Row(*r) for r in data["rows"]], False
+        except (OSError, ValueError, TypeError):
             pass  # a damaged cache entry is rebuilt
     rows = _scan(shard, verify)
+    if verify == "full":
+        check_manifest_sha256(shard, rows)
     if cache is not None:
         tmp = cache.with_name(cache.name + f".{os.getpid()}.tmp")
         tmp.write_text(json.dumps({"format": CACHE_FORMAT, "stamp": stamp, "verify": verify, "rows": rows}))
         os.replace(tmp, cache)
-    return rows
+    return rows, True
+
+
+def check_manifest_size(shard: Shard, size: int | None) -> None:
+    """Refuses a tar whose size on disk is not the manifest's (torn, truncated or appended to)."""
+    if shard.bytes and size != shard.bytes:
+        sha = shard.sha256 or "not recorded"
+        raise LoaderError(
+            f"shard {shard.rel}: the manifest lists {shard.bytes} bytes (sha256 {sha}), found {size} bytes "
+            f"at {shard.path}: a torn or tampered shard store; publish the shards again"
+        )
+
+
+#: Sample problems that account for a tar's changed bytes (its sha256 then differs from the manifest's).
+_DAMAGE = frozenset(
+    {"sha256_mismatch", "not_a_jpeg", "no_jpeg_frame", "size_mismatch", "bad_json", "bad_label"}
+)
+
+
+def check_manifest_sha256(shard: Shard, rows: list[Row]) -> None:
+    """Refuses a tar whose sha256 is not the manifest's unless damaged samples explain it (bit rot
+    in a sample is skipped and counted; changed bytes that no sample check sees are not bit rot we
+    can skip around)."""
+    if not shard.sha256 or any(r.problem in _DAMAGE for r in rows):
+        return  # nothing to compare with, or damaged samples (skipped, counted) account for a mismatch
+    h = hashlib.sha256()
+    with open(shard.path, "rb") as f:
+        while chunk := f.read(_HASH_CHUNK):
+            h.update(chunk)
+    found = h.hexdigest()
+    if found != shard.sha256:
+        raise LoaderError(
+            f"shard {shard.rel}: the manifest lists sha256 {shard.sha256} ({shard.bytes} bytes), found "
+            f"{found} at {shard.path}, with every sample intact: a tampered shard store (tar headers or "
+            "members outside the samples changed); publish the shards again"
+        )
 
 
 def _stamp(*paths: Path) -> list:
@@ -302,11 +385,11 @@ def _scan(shard: Shard, verify: str) -> list[Row]:
             name = next(iter(comps.values()))[2]
             key = name.split(".", 1)[0]
             if "jpg" not in comps:
-                rows.append(Row(key, -1, 0, 0, "", "", "missing_jpg"))
+                rows.append(Row(key, -1, 0, 0, "", "", "missing_jpg", ""))
                 continue
             off, size, _ = comps["jpg"]
             if off + size > size_on_disk:
-                rows.append(Row(key, -1, off, size, "", "", "truncated_shard"))
+                rows.append(Row(key, -1, off, size, "", "", "truncated_shard", ""))
                 continue
             meta, problem = SampleMeta(), None
             if "json" in comps:
@@ -324,7 +407,8 @@ def _scan(shard: Shard, verify: str) -> list[Row]:
             if problem is None:
                 f.seek(off)
                 problem = check_jpeg(f.read(size), meta, verify)
-            rows.append(Row(key, label, off, size, meta.license_class or "", meta.latin_name or "", problem))
+            licence, latin = meta.license_class or "", meta.latin_name or ""
+            rows.append(Row(key, label, off, size, licence, latin, problem, meta.sha256 or ""))
     return rows
 
 

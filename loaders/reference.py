@@ -11,7 +11,14 @@ How it runs: the epoch's batches are planned in the main process (sample ids, in
 offset, so the ``DataLoader``'s round-robin hands them back in plan order. A resumed epoch starts
 at batch ``k`` of the same plan. Each worker is a small pipeline of generator stages over dict
 samples (webdataset's ``DataPipeline``): read bytes -> decode (errors go to a ``handler``) ->
-transform -> batch. A sample that fails to decode is skipped and counted, not fatal.
+transform -> batch. A sample that fails to decode is skipped, not fatal: its id comes back on its
+batch and the loader counts it (``skipped['decode_error']``) and leaves it out of later epochs.
+
+Worker processes start from a fork server, never by forking the training process: by then that
+process has threads (gloo's, torch's pools, an earlier loader's queue feeders), and a fork copies
+whatever locks they hold at that instant, so now and then a new epoch's worker hung for good (seen
+under torchrun in CI). The server is a clean process that has imported this module once; each
+worker receives only the batches it reads (``WorkerPlan``), not the whole index.
 
 Leaves out: epochs/remainder/state bookkeeping (base.py) and shard selection (index.py).
 """
@@ -21,6 +28,7 @@ from __future__ import annotations
 import io
 import logging
 import math
+import multiprocessing
 from collections.abc import Callable, Iterator
 
 import numpy as np
@@ -33,6 +41,7 @@ from torchvision.transforms import InterpolationMode, v2
 from .base import EpochLoader, epoch_seed
 from .config import DataConfig
 from .index import SampleIndex, buffer_shuffle
+from .recheck import DECODE_ERROR
 
 log = logging.getLogger(__name__)
 
@@ -99,12 +108,12 @@ class ResizeShorterCenterCrop(torch.nn.Module):
 
 # ------------------------------------------------------------------------------------- stages
 def warn_and_count(exc: Exception, sample: dict) -> bool:
-    """The handler: log, count (on the sample's batch), continue."""
+    """The handler: log, count (the sample's id travels on its batch as ``skipped``), continue."""
     log.warning("skipping sample %s of %s: %s", sample.get("__key__"), sample.get("__shard__"), exc)
     return True
 
 
-def read_samples(batches, index: SampleIndex):
+def read_samples(batches, index: SampleIndex | WorkerPlan):
     """Stage: planned batches of sample ids -> dict samples with the raw jpg bytes."""
     handles: dict[int, object] = {}
     try:
@@ -151,22 +160,23 @@ def decode_and_transform(samples, transform: Callable, handler: Callable, seed: 
 
 
 def collate_planned(samples):
-    """Stage: samples -> one batch per planned batch number (skipped samples leave a smaller batch)."""
-    current, rows, skipped = None, [], 0
+    """Stage: samples -> one batch per planned batch number (skipped samples leave a smaller batch and
+    their ids in its ``skipped`` list)."""
+    current, rows, skipped = None, [], []
     for sample in samples:
         if current is not None and sample["batch"] != current:
             yield _batch(current, rows, skipped)
-            rows, skipped = [], 0
+            rows, skipped = [], []
         current = sample["batch"]
         if sample["image"] is None:
-            skipped += 1
+            skipped.append(sample["id"])
         else:
             rows.append(sample)
     if current is not None:
         yield _batch(current, rows, skipped)
 
 
-def _batch(batch_no: int, rows: list[dict], skipped: int) -> dict:
+def _batch(batch_no: int, rows: list[dict], skipped: list[int]) -> dict:
     images = torch.stack([r["image"] for r in rows]) if rows else torch.zeros(0)
     return {
         "batch": batch_no,
@@ -176,8 +186,38 @@ def _batch(batch_no: int, rows: list[dict], skipped: int) -> dict:
     }
 
 
+class WorkerPlan:
+    """What a worker needs of the index to read some samples (shard, offset, size, key by sample id),
+    for those samples only: what crosses to a worker process, instead of the whole split's index."""
+
+    def __init__(self, index: SampleIndex, ids: np.ndarray):
+        ids = [int(i) for i in ids]
+        self.shards = index.shards
+        self._shard = {i: index.shard_of(i) for i in ids}
+        self.jpg_offset = {i: int(index.jpg_offset[i]) for i in ids}
+        self.jpg_size = {i: int(index.jpg_size[i]) for i in ids}
+        self.keys = {i: index.keys[i] for i in ids}
+
+    def shard_of(self, sample: int) -> int:
+        return self._shard[sample]
+
+
+def worker_context() -> multiprocessing.context.BaseContext:
+    """The fork server's context (see the module docstring), preloading this module."""
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload([__name__])
+    return context
+
+
 class PlannedBatches(IterableDataset):
     """Worker ``w`` of ``n`` reads planned batches ``w, w + n, ...`` (so round-robin keeps order)."""
+
+    def __getstate__(self) -> dict:
+        """Pickled for a worker process: the index cut down to the samples still to read."""
+        state = dict(self.__dict__)
+        ids = self.batches[self.first :]
+        state["index"] = WorkerPlan(self.index, np.concatenate(ids) if ids else np.zeros(0, np.int64))
+        return state
 
     def __init__(
         self, index: SampleIndex, batches: list[np.ndarray], first: int, transform: Callable, seed: int | None
@@ -238,13 +278,15 @@ class ReferenceLoader(EpochLoader):
             prefetch_factor=self.cfg.prefetch,
             pin_memory=self.device.type == "cuda",
             generator=generator,
+            multiprocessing_context=worker_context() if workers > 0 else None,
         )
         expected = first
         for item in loader:
             if item["batch"] != expected:  # cannot happen with in-order workers; guard the invariant
                 raise RuntimeError(f"reference loader: batch {item['batch']} arrived, expected {expected}")
             expected += 1
-            self.skipped_at_runtime += item["skipped"]
+            if item["skipped"]:  # decode failures: counted now, left out of the plans from the next epoch
+                self.skip(dict.fromkeys(item["skipped"], DECODE_ERROR), from_epoch=epoch + 1)
             if item["id"].numel() == 0:
                 continue
             # pinned memory on a GPU run, so an asynchronous copy; a no-op on the CPU

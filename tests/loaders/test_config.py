@@ -48,6 +48,11 @@ def test_other_sections_are_left_to_their_owners(tmp_path):
         ({"shards": "/x", "prefetch": 0}, "data.prefetch: expected >= 1, got 0"),
         ({"shards": "/x", "label_space": "region"}, "needs exactly one region"),
         ({"shards": "/x", "train_remainder": "wrap"}, "data.train_remainder"),
+        (
+            {"shards": "/x", "verify_every": -1},
+            "data.verify_every: expected epochs >= 0 (0: never re-check), got -1",
+        ),
+        ({"shards": "/x", "verify_every": "daily"}, "data.verify_every: expected an integer"),
         ({}, "data.shards: the shard root"),
     ],
 )
@@ -55,6 +60,12 @@ def test_bad_values_name_the_key(data, message):
     with pytest.raises(ConfigError) as err:
         load_data_config({"data": data})
     assert message in str(err.value)
+
+
+def test_an_override_goes_through_the_same_checks():
+    assert load_data_config({"data": {"shards": "/x"}}, ["data.verify_every=3"]).verify_every == 3
+    with pytest.raises(ConfigError, match="data.verify_every: expected epochs >= 0 .*got -2"):
+        load_data_config({"data": {"shards": "/x"}}, ["data.verify_every=-2"])
 
 
 def test_missing_section_and_file(tmp_path):

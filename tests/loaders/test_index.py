@@ -1,6 +1,7 @@
 """Sample selection and verification: region and license filters, regional labels, corrupt samples,
 the scan cache, and the epoch plan's rank cut (the same cut DALI's reader makes)."""
 
+import hashlib
 import json
 import tarfile
 from pathlib import Path
@@ -9,7 +10,7 @@ import numpy as np
 import pytest
 
 from loaders.config import load_data_config
-from loaders.index import buffer_shuffle, build_index, jpeg_size, rank_bounds
+from loaders.index import LoaderError, buffer_shuffle, build_index, jpeg_size, rank_bounds
 
 from .conftest import data_cfg
 
@@ -98,14 +99,48 @@ def test_corrupt_samples_are_skipped_and_counted(shard_copy):
     assert flipped in header.keys  # the header check cannot see a flipped bit: that is what full is for
 
 
-def test_truncated_shard_keeps_what_is_intact(shard_copy):
+def test_a_tar_of_another_size_than_the_manifest_says_is_refused(shard_copy):
     tar = sorted((shard_copy / "train").glob("*/*.tar"))[0]
+    listed = tar.stat().st_size
+    tar.write_bytes(tar.read_bytes()[: listed - 5000])
+    rel = tar.relative_to(shard_copy).as_posix()
+    with pytest.raises(LoaderError) as err:
+        index_for(shard_copy, verify="header")  # the size is checked at every level
+    assert f"shard {rel}: the manifest lists {listed} bytes" in str(err.value)
+    assert f"found {listed - 5000} bytes" in str(err.value)
+
+
+def test_truncated_shard_without_a_manifest_size_keeps_what_is_intact(shard_copy):
+    tar = sorted((shard_copy / "train").glob("*/*.tar"))[0]
+    manifest = json.loads((shard_copy / "manifest.json").read_text())
+    for entry in manifest["shards"]:  # an older manifest: no size or sha256 to check against
+        entry.pop("bytes"), entry.pop("sha256")
+    (shard_copy / "manifest.json").write_text(json.dumps(manifest))
     lines = tar.with_suffix(".idx").read_text().splitlines()[1:]
     last_jpg = [int(x) for x in lines[-1].split()[5:7]]  # cls, then "jpg <offset> <size>"
     tar.write_bytes(tar.read_bytes()[: last_jpg[0] + 10])
     idx = index_for(shard_copy)
     assert idx.skipped["truncated_shard"] == 1
     assert idx.bounds[1] - idx.bounds[0] == len(lines) - 1
+
+
+def test_a_changed_tar_with_intact_samples_is_refused_under_full(shard_copy):
+    """Bytes outside every sample (here the end-of-archive blocks) changed: not bit rot in a sample that
+    can be skipped, so ``verify: full`` (which hashes the tar) refuses the shard, naming both digests."""
+    tar = sorted((shard_copy / "val").glob("*/*.tar"))[0]
+    listed = json.loads((shard_copy / "manifest.json").read_text())
+    entry = next(e for e in listed["shards"] if tar.as_posix().endswith(e["path"]))
+    data = bytearray(tar.read_bytes())
+    data[-10] ^= 0xFF  # inside the trailing zero blocks: tar readers and the samples are unaffected
+    tar.write_bytes(bytes(data))
+    assert len(data) == entry["bytes"]
+    assert len(index_for(shard_copy, split="val", verify="header")) > 0  # header: size only, as listed
+    with pytest.raises(LoaderError) as err:
+        index_for(shard_copy, split="val", verify="full")
+    found = hashlib.sha256(bytes(data)).hexdigest()
+    assert f"the manifest lists sha256 {entry['sha256']}" in str(err.value) and f"found {found}" in str(
+        err.value
+    )
 
 
 def test_scan_cache_is_used_and_invalidated(shard_copy, tmp_path):
