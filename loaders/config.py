@@ -143,6 +143,11 @@ class DataConfig:
     seed: int = 0
     shuffle_buffer: int = 1024  # DALI initial_fill (the reference loader uses the same size)
     prefetch: int = 2  # batches queued ahead
+    #: How the torch loader starts its worker processes each epoch: ``forkserver`` (default: from a
+    #: clean server process; a fork of a training process with threads can hang a worker), ``fork``
+    #: (no server; a script's top level need not be guarded by ``if __name__ == "__main__":``) or
+    #: ``spawn``. With ``forkserver``/``spawn`` an unguarded script's top level would run again.
+    worker_start: Literal["forkserver", "fork", "spawn"] = "forkserver"
     #: Training remainder across ranks: ``drop`` gives every rank the same number of full batches
     #: (static shapes; < world_size * (batch_size + 1) samples sit out each epoch, a different set
     #: every epoch); ``pad`` keeps every sample exactly once and fills the last batches with

@@ -14,11 +14,13 @@ samples (webdataset's ``DataPipeline``): read bytes -> decode (errors go to a ``
 transform -> batch. A sample that fails to decode is skipped, not fatal: its id comes back on its
 batch and the loader counts it (``skipped['decode_error']``) and leaves it out of later epochs.
 
-Worker processes start from a fork server, never by forking the training process: by then that
-process has threads (gloo's, torch's pools, an earlier loader's queue feeders), and a fork copies
-whatever locks they hold at that instant, so now and then a new epoch's worker hung for good (seen
-under torchrun in CI). The server is a clean process that has imported this module once; each
-worker receives only the batches it reads (``WorkerPlan``), not the whole index.
+Worker processes start from a fork server (``data.worker_start``), not by forking the training
+process: by then that process has threads (gloo's, torch's pools, an earlier loader's queue
+feeders), and a fork copies whatever locks they hold at that instant, so now and then a new
+epoch's worker hung for good (seen under torchrun in CI). The server is a clean process that has
+imported this module once (its start costs ~3-10 s once per process); each worker receives only the
+samples still to read (``WorkerPlan``), not the whole index. A script that builds loaders at its top
+level needs the usual ``if __name__ == "__main__":`` guard then, or ``worker_start: fork``.
 
 Leaves out: epochs/remainder/state bookkeeping (base.py) and shard selection (index.py).
 """
@@ -202,10 +204,11 @@ class WorkerPlan:
         return self._shard[sample]
 
 
-def worker_context() -> multiprocessing.context.BaseContext:
-    """The fork server's context (see the module docstring), preloading this module."""
-    context = multiprocessing.get_context("forkserver")
-    context.set_forkserver_preload([__name__])
+def worker_context(method: str = "forkserver") -> multiprocessing.context.BaseContext:
+    """The context workers start from (``data.worker_start``); the fork server preloads this module."""
+    context = multiprocessing.get_context(method)
+    if method == "forkserver":
+        context.set_forkserver_preload([__name__])
     return context
 
 
@@ -278,7 +281,7 @@ class ReferenceLoader(EpochLoader):
             prefetch_factor=self.cfg.prefetch,
             pin_memory=self.device.type == "cuda",
             generator=generator,
-            multiprocessing_context=worker_context() if workers > 0 else None,
+            multiprocessing_context=worker_context(self.cfg.worker_start) if workers > 0 else None,
         )
         expected = first
         for item in loader:
