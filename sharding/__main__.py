@@ -3,7 +3,8 @@
 Owns argument parsing, turning anticipated failures (missing file, unreachable MongoDB, bad config
 key) into one ``error: ...`` line and exit status 2, and the end-of-run summary.
 
-Verbs: ``catalog`` (catalog.py) and ``build`` (build.py: the sharder).
+Verbs: ``catalog`` (catalog.py; ``--previous DIR``: frozen splits, lineage.py) and ``build`` (build.py:
+the sharder).
 
 Leaves out: the work itself.
 """
@@ -42,7 +43,8 @@ def _catalog(args: argparse.Namespace) -> int:
     if args.region:
         cfg.regions = sorted(set(cfg.regions) | set(args.region))
     started = time.perf_counter()
-    result = run_catalog(args.source, args.out, cfg, Path(args.config).parent if args.config else None)
+    config_dir = Path(args.config).parent if args.config else None
+    result = run_catalog(args.source, args.out, cfg, config_dir, previous=args.previous)
     seconds = time.perf_counter() - started
     s = result.stats
     print(
@@ -59,6 +61,10 @@ def _catalog(args: argparse.Namespace) -> int:
         print(f"  region {name}: {sub['records']} records, {sub['classes']} species")
     if s["rejects_by_reason"]:
         print("  rejects: " + ", ".join(f"{k} {v}" for k, v in s["rejects_by_reason"].items()))
+    if s["growth"]:
+        g = s["growth"]
+        counts = ", ".join(f"{k} {g[k]}" for k in ("kept", "new", "removed", "moved"))
+        print(f"  frozen splits (--previous): {counts}")
     rate = s["input_records"] / max(seconds, 1e-9)
     print(f"  wrote {result.out_dir} in {seconds:.1f} s ({rate:,.0f} records/s)")
     return 0
@@ -124,6 +130,11 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     cat.add_argument("--production-only", action="store_true", help="keep only permissive licenses")
     cat.add_argument("--seed", type=int, help="split seed (overrides split.seed)")
     cat.add_argument("--no-progress", action="store_true", help="no progress bar")
+    cat.add_argument(
+        "--previous",
+        metavar="DIR",
+        help="an earlier catalog output (same seed, fractions, group_by): its images keep their splits",
+    )
     cat.add_argument("overrides", nargs="*", metavar="key.sub=value", help="config overrides")
     cat.set_defaults(func=_catalog)
 

@@ -9,8 +9,16 @@ Owns the order of operations and every file the stage writes into ``--out``:
    under ``split.min_images_per_species`` (reason ``rare_species``);
 4. the split (split.py), labels from ``class_mapping.json`` (species sorted by name -> 0..K-1);
 5. ``dataset_{train,val,test}.jsonl``, ``dataset_splits.jsonl``, ``split_analysis.json``,
-   ``export_stats.json``, and per requested region ``dataset_<region>_{split}.jsonl``,
+   ``export_stats.json``, ``catalog_version.json`` (fingerprint, split settings, lineage),
+   ``split_species.jsonl`` (per species: groups per split against the target), ``split_changes.jsonl``
+   (empty without ``--previous``), and per requested region ``dataset_<region>_{split}.jsonl``,
    ``class_mapping_<region>.json``, ``analysis_<region>.json``.
+
+With a previous version (``previous=``, the CLI's ``--previous``; lineage.py reads and checks it before
+the source is read, so a bad folder costs nothing): every URL or group it assigned keeps its split
+(split.py's frozen rules), class indices of its mappings (global and regional) are kept and new species
+appended, ``split_analysis.json`` gets ``growth`` (kept, new, removed, moved and their reasons) and
+``split_changes.jsonl`` lists each removed, moved or relabelled record of the previous version.
 
 Accounting: input records = written + rejected + duplicates, checked and stored in export_stats.
 Determinism: output files are sorted and carry no timings or absolute paths, so the same input (in
@@ -38,7 +46,16 @@ from flora.config import bundled_config_dir, find_config, to_dict
 
 from .config import SPLIT_NAMES, CatalogConfig
 from .licenses import PERMISSIVE, LicenseTable
-from .outputs import OutputSet
+from .lineage import (
+    PreviousCatalog,
+    compare,
+    fingerprint,
+    fraction_report,
+    load_previous,
+    stable_mapping,
+    version_record,
+)
+from .outputs import TMP_SUFFIX, OutputSet
 from .records import Record, RecordError, put_meta, url_key, validate
 from .regions import RegionTable
 from .sources import Unparseable, open_source, redact
@@ -146,11 +163,17 @@ def _build(raw: Any, licenses: LicenseTable, regions: RegionTable) -> Record:
 
 
 def run_catalog(
-    source: str, out_dir: str | Path, cfg: CatalogConfig, config_dir: Path | None = None
+    source: str,
+    out_dir: str | Path,
+    cfg: CatalogConfig,
+    config_dir: Path | None = None,
+    previous: str | Path | None = None,
 ) -> CatalogResult:
-    """Runs the whole catalog stage (see module docstring) and returns its statistics."""
+    """Runs the whole catalog stage (see module docstring) and returns its statistics; ``previous``:
+    the output folder of an earlier version whose splits are kept (lineage.LineageError if unusable)."""
     from tqdm import tqdm
 
+    prev = load_previous(previous, cfg.split) if previous is not None else None
     licenses = LicenseTable.load(resolve_table(cfg.licenses_file, config_dir))
     regions = RegionTable.load(resolve_table(cfg.regions_file, config_dir))
     subset_names = sorted(set(regions.check_names(cfg.regions)))
@@ -193,8 +216,8 @@ def run_catalog(
             reject(r, "rare_species", f"{r.latin_name} has {per_species[r.latin_name]} images (< {minimum})")
     kept = [r for r in kept if per_species[r.latin_name] >= minimum]
 
-    split = assign_splits(kept, cfg.split)
-    mapping = {name: index for index, name in enumerate(sorted({r.latin_name for r in kept}))}
+    split = assign_splits(kept, cfg.split, prev.frozen if prev else None)
+    mapping = stable_mapping(prev.mapping if prev else None, (r.latin_name for r in kept))
     for r in kept:
         r.label = mapping[r.latin_name]
     kept.sort(key=lambda r: (r.label, r.image_url))
@@ -213,8 +236,23 @@ def run_catalog(
             "groups_moved_to_train": split.groups_moved_to_train,
             "too_few_to_stratify": split.train_only,
         }
+        species_rows, analysis["fractions"] = fraction_report(split, cfg.split)
+        outputs.jsonl("split_species.jsonl", species_rows)
+        changes, analysis["growth"] = (
+            compare(prev, kept, rejects, split, cfg.split.group_by) if prev else ([], None)
+        )
+        analysis["retired_classes"] = sorted(set(mapping) - {r.latin_name for r in kept})
+        outputs.jsonl("split_changes.jsonl", changes)
         outputs.json("split_analysis.json", analysis)
-        subsets = {name: _stage_subset(outputs, name, kept, cfg) for name in subset_names}
+        version = version_record(
+            fingerprint(outputs.out_dir / f"dataset_splits.jsonl{TMP_SUFFIX}"),
+            cfg.split,
+            len(kept),
+            len(mapping),
+            prev,
+        )
+        outputs.json("catalog_version.json", version)
+        subsets = {name: _stage_subset(outputs, name, kept, cfg, prev) for name in subset_names}
         outputs.jsonl("rejects.jsonl", rejects)
         n_duplicates = outputs.jsonl(
             "duplicates.jsonl",
@@ -231,6 +269,10 @@ def run_catalog(
             regions_unknown_countries=dict(sorted(regions.unknown_countries.items())),
             region_conflicts=regions.conflicts,
             config=to_dict(cfg),
+            version=version["fingerprint"],
+            growth=None
+            if prev is None
+            else {k: analysis["growth"][k] for k in ("kept", "new", "removed", "moved")},
         )
         if not stats["accounting_ok"]:  # a bug, not bad input: never let it pass silently
             raise AssertionError(f"catalog accounting broken: {stats}")
@@ -277,12 +319,12 @@ def _stats(
 
 
 def _stage_subset(
-    outputs: OutputSet, region: str, records: list[Record], cfg: CatalogConfig
+    outputs: OutputSet, region: str, records: list[Record], cfg: CatalogConfig, prev: PreviousCatalog | None
 ) -> dict[str, Any]:
     subset = [r for r in records if r.region == region]
-    mapping = {name: index for index, name in enumerate(sorted({r.latin_name for r in subset}))}
-    extra = {id(r): {"label": mapping[r.latin_name], "global_label": r.label} for r in subset}
     slug = region.lower()
+    mapping = stable_mapping(prev.region_mapping(slug) if prev else None, (r.latin_name for r in subset))
+    extra = {id(r): {"label": mapping[r.latin_name], "global_label": r.label} for r in subset}
     _stage_dataset(outputs, f"dataset_{slug}", subset, extra)
     outputs.json(f"class_mapping_{slug}.json", mapping)
     analysis = analyse(subset, cfg.split.group_by)

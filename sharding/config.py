@@ -2,7 +2,7 @@
 and regions) and the sharder's (``BuildConfig``: shards, cache, downloads, images, workers).
 
 Leaves out: the generic YAML/dataclass machinery (flora.config); the cache's, downloader's and image
-rules' own sections live beside their code (cache.py, download.py, images.py).
+rules' own sections live beside their code (cache.py, download.py, images.py, neardup.py).
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from flora.config import ConfigError
 from .cache_config import CacheConfig
 from .download import DownloadConfig
 from .images import ImageConfig
+from .neardup import NearDupConfig
 
 #: The seed's split: 80/10/10.
 DEFAULT_FRACTIONS = {"train": 0.8, "val": 0.1, "test": 0.1}
@@ -132,6 +133,8 @@ class BuildConfig:
     cache: CacheConfig = field(default_factory=CacheConfig)
     download: DownloadConfig = field(default_factory=DownloadConfig)
     images: ImageConfig = field(default_factory=ImageConfig)
+    #: Near-duplicate photographs across splits, found at finalize (neardup.py).
+    near_duplicates: NearDupConfig = field(default_factory=NearDupConfig)
     #: Worker processes for the local distributor (0: one per CPU).
     processes: int = 0
     distributor: Literal["local", "ray"] = "local"

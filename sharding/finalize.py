@@ -2,7 +2,11 @@
 
 Owns ``finalize``: content-hash dedup in global plan order (train, then val, then test: a copy in
 train is kept, so identical bytes under two URLs never leak into evaluation; the index lives in
-SQLite beside the work area, so finalizing 10^6 records needs no more memory than 10^4); work parts
+SQLite beside the work area, so finalizing 10^6 records needs no more memory than 10^4), then
+near-duplicate dedup in the same order (``near_duplicates`` config, neardup.py: the same photograph
+at another size or JPEG quality; the perceptual hashes of all samples, 8 bytes each plus three
+small ints, are held in memory for the candidate search), both logged to ``duplicates.jsonl``
+(reason ``same_content`` or ``near_duplicate`` with the Hamming ``distance``); work parts
 renamed to their final names with a DALI ``.idx`` beside each; ``failures.jsonl``,
 ``duplicates.jsonl`` and ``manifest.json`` committed together, the manifest last (a shard listed
 there is complete); shards of an earlier, different plan removed.
@@ -13,7 +17,8 @@ before the tar is replaced. So a reader sees the old set whole, or no manifest (
 start), or the new set whole; never an old manifest over partly replaced tars. A failure midway (a
 full disk) is one line naming the stage and the file; the work area is kept, and a re-run finishes.
 
-Accounting: records in = sharded + failed + content duplicates, checked before anything is committed.
+Accounting: records in = sharded + failed + content duplicates (exact and near; the manifest's
+``duplicates_by_reason`` splits them), checked before anything is committed.
 
 Leaves out: running chunks (job.py), the format's rules (format.py).
 """
@@ -24,8 +29,13 @@ import errno
 import json
 import os
 import sqlite3
+import time
+from array import array
 from collections import Counter, defaultdict
+from dataclasses import asdict
 from pathlib import Path
+
+import numpy as np
 
 from flora.errors import storage_error
 from flora.io import sha256_file
@@ -33,6 +43,7 @@ from flora.io import sha256_file
 from .config import SPLIT_NAMES
 from .format import DUPLICATES, FAILURES, MANIFEST, shard_name, write_index
 from .job import RESUME, load_marker
+from .neardup import NearDupConfig, hash_value, judge
 from .outputs import OutputSet
 from .plan import WORK_DIR, ChunkJob
 from .writer import drop_samples
@@ -109,15 +120,22 @@ def _finalize(
     publication: _Publication,
 ) -> dict:
     """Markers are read one at a time and the content index lives in SQLite beside the work area, so
-    finalizing 10^6 records needs no more memory than 10^4.
+    finalizing 10^6 records needs no more memory than 10^4, but for the near-duplicate search: 25
+    bytes a sample (hash, content hash prefix, split, place), ~22 MB at 900k. The near-duplicate
+    settings are the build config's that every job carries.
     """
     failures: dict[str, dict] = {}  # by URL: a later round's outcome replaces an earlier failure
     duplicates, shards = [], []
     repeats = 0
     next_index: Counter = Counter()
+    near_cfg = jobs[0].cfg.near_duplicates if jobs and jobs[0].cfg else NearDupConfig(enabled=False)
+    started = time.perf_counter()
+    near = near_duplicates(jobs, near_cfg)
+    run_stats["near_duplicates"] = {**asdict(near_cfg), "dropped": len(near),
+                                    "seconds": round(time.perf_counter() - started, 3)}  # fmt: skip
     content = ContentIndex(out / WORK_DIR / CONTENT_INDEX)
     try:
-        for job in jobs:
+        for n, job in enumerate(jobs):
             marker = load_marker(job)
             by_key = {s["key"]: s for s in marker["samples"]}
             for failure in marker["failures"]:
@@ -132,6 +150,13 @@ def _finalize(
                         sample["sha256"], sample["image_url"], job.split, job.region, job.chunk_id
                     )
                     if first is None:
+                        if (n, key) in near:  # an earlier kept sample is the same photograph
+                            dropped.add(key)
+                            duplicates.append(
+                                {"reason": "near_duplicate", "image_url": sample["image_url"],
+                                 "split": job.split, "region": job.region, "label": label,
+                                 "sha256": sample["sha256"], **near[(n, key)]}
+                            )  # fmt: skip
                         continue
                     if (
                         first["image_url"] == sample["image_url"]
@@ -155,6 +180,53 @@ def _finalize(
     run_stats["repeated_records_dropped"] = repeats
     reports = (shards, list(failures.values()), duplicates, n_records, splits_dir, run_stats)
     return _write_reports(out, *reports, publication)
+
+
+def near_duplicates(jobs: list[ChunkJob], cfg: NearDupConfig) -> dict[tuple[int, str], dict]:
+    """``(job index, sample key) -> {phash, distance, duplicate_of}`` of every near-duplicate to drop.
+
+    Samples are judged in the order the content index sees them (jobs in order, samples in marker
+    order), so the earliest split keeps its copy and a retry round never changes an earlier decision.
+    A repeat of earlier bytes (same sha256) is left to the content index: it never reaches ``judge``.
+    """
+    if not cfg.enabled:
+        return {}
+    phash, sha, split, where = array("Q"), array("Q"), array("B"), array("q")
+    for n, job in enumerate(jobs):
+        for i, sample in enumerate(load_marker(job)["samples"]):
+            phash.append(hash_value(sample["phash"]))
+            sha.append(int(sample["sha256"][:16], 16))
+            split.append(SPLIT_NAMES.index(job.split))
+            where.append(n << 32 | i)
+    if not phash:
+        return {}
+    _, first = np.unique(np.frombuffer(sha, dtype=np.uint64), return_index=True)
+    fresh = np.sort(first)  # the first sample with each content; later copies are content duplicates
+    hashes = np.frombuffer(phash, dtype=np.uint64)[fresh]
+    verdicts = judge(hashes, np.frombuffer(split, dtype=np.uint8)[fresh], cfg.threshold, cfg.within_split)
+    located = np.frombuffer(where, dtype=np.int64)[fresh]
+
+    def place(s: int) -> tuple[int, int]:  # (job index, sample index in its marker)
+        return divmod(int(located[s]), 1 << 32)
+
+    wanted: dict[int, dict[int, dict]] = defaultdict(dict)
+    for s, (of, _) in verdicts.items():
+        for n, i in (place(s), place(of)):
+            wanted[n][i] = {}
+    for n, samples in wanted.items():  # only the markers involved are read again, for keys and URLs
+        job, listed = jobs[n], load_marker(jobs[n])["samples"]
+        for i in samples:
+            samples[i] = {**listed[i], "split": job.split, "region": job.region, "chunk": job.chunk_id}
+    found = {}
+    for s, (of, distance) in verdicts.items():
+        (n, i), (m, j) = place(s), place(of)
+        this, kept = wanted[n][i], wanted[m][j]
+        found[(n, this["key"])] = {
+            "phash": this["phash"],
+            "distance": distance,
+            "duplicate_of": {k: kept[k] for k in ("image_url", "split", "region", "chunk", "phash")},
+        }
+    return found
 
 
 def _place_part(
@@ -227,11 +299,13 @@ def _write_reports(
         "content_duplicates": len(duplicates),
         "ok": n_records == sharded + len(failures) + len(duplicates),
     }
+    by_reason = dict(sorted(Counter(d["reason"] for d in duplicates).items()))
     manifest = {
         "shards": shards,
         "totals": {split: dict(sorted(regions.items())) for split, regions in totals.items()},
         "accounting": accounting,
         "failures_by_reason": dict(sorted(Counter(f["reason"] for f in failures).items())),
+        "duplicates_by_reason": by_reason,  # same_content, near_duplicate: together content_duplicates
         "class_mapping": "class_mapping.json",
         "splits_sha256": run_stats["splits_sha256"],  # --retry-failed checks it against the catalog
         "retry_rounds": run_stats["retry_rounds"],  # rounds finalized; a later one is unfinished

@@ -98,6 +98,8 @@ class SampleMeta:
     original_width: int | None = None
     original_height: int | None = None
     original_format: str | None = None
+    #: The stored JPEG's 64-bit perceptual hash, 16 hex digits (sharding/neardup.py).
+    phash: str | None = None
 
     #: The catalog record's fields copied into every sample.
     RECORD_FIELDS = ("plant_id", "latin_name", "image_url", "license", "license_class", "source", "country",

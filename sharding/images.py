@@ -6,6 +6,8 @@ and the pixel count from the header before anything is decoded (decompression bo
 (transparency composited on white, 16-bit scaled), optionally resize the shorter side (never
 upscaling), and encode a baseline JPEG. A JPEG that is already RGB, upright and small enough is
 stored byte for byte (``keep_original_jpeg``): no second generation of compression loss, no encode.
+Every stored JPEG gets its perceptual hash (``neardup.perceptual_hash`` of the stored bytes), which
+finalize uses to find near-duplicates.
 
 Reason codes (``ImageError.reason``, written to failures.jsonl): ``not_an_image``, ``corrupt``,
 ``too_small``, ``too_large_dimensions``, ``decompression_bomb``, ``format_not_allowed``.
@@ -15,7 +17,7 @@ running, Pillow's ``DecompressionBombWarning`` is an error process-wide (a count
 when the last call returns), so Pillow's own bomb check can never be bypassed by a warning filter.
 
 Leaves out: downloading (download.py), caching and shard writing, and any content judgement
-(duplicates, blur, whether the picture shows a plant).
+(which images are duplicates: finalize.py and neardup.py; blur; whether the picture shows a plant).
 """
 
 from __future__ import annotations
@@ -32,6 +34,8 @@ from dataclasses import dataclass, field
 from PIL import ExifTags, Image, ImageOps, UnidentifiedImageError
 
 from flora.config import ConfigError
+
+from .neardup import perceptual_hash
 
 DEFAULT_FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF")
 #: Pillow reports JPEGs with a multi-picture extension (many camera photos) as MPO: still a JPEG.
@@ -139,6 +143,8 @@ class ProcessedImage:
     original_mode: str
     #: Hex SHA-256 of ``jpeg``.
     sha256: str
+    #: 64-bit perceptual hash of ``jpeg`` (16 hex digits, ``neardup.perceptual_hash``).
+    phash: str
 
 
 # ---------------------------------------------------------------------- Pillow's bomb warning as error
@@ -318,4 +324,5 @@ def _result(
         original_format=fmt,
         original_mode=mode,
         sha256=hashlib.sha256(jpeg).hexdigest(),
+        phash=perceptual_hash(jpeg),
     )

@@ -4,9 +4,10 @@ Owns ``run_chunk`` (runs in worker processes or Ray tasks): it reads its records
 from the LMDB cache or downloads, validates and converts it (``obtain``: cache.py, download.py,
 images.py) on a thread pool with a bounded look-ahead window (``in_order``), writes the successes in
 plan order into work parts under ``SHARDS/_work/`` (writer.py), and last writes ``chunk.json``
-(parts, keys, sha256s, failures): a chunk without it is redone from scratch, so a SIGKILL at any
-moment loses only unfinished chunks. Also: ``Outcome`` (what one record came to), ``WorkerState``
-(the per-process downloader, cache and pool), the cache write buffer, memory probes.
+(parts, keys, sha256s and perceptual hashes, failures): a chunk without it is redone from scratch,
+so a SIGKILL at any moment loses only unfinished chunks. Also: ``Outcome`` (what one record came
+to), ``WorkerState`` (the per-process downloader, cache and pool), the cache write buffer, memory
+probes.
 
 Leaves out: planning (plan.py), assembling the shards (finalize.py).
 """
@@ -32,6 +33,7 @@ from .config import BuildConfig
 from .download import Downloader
 from .format import SampleMeta, safe_key
 from .images import ImageError, process_image
+from .neardup import perceptual_hash
 from .outputs import dumps
 from .plan import MARKER, ChunkJob, failure_policy, image_fingerprint
 from .records import url_key
@@ -160,7 +162,10 @@ def obtain(record: dict, state: WorkerState, cfg: BuildConfig, prefix: str, use_
         entry = state.cache.get(key)
         if entry is not None:
             if not entry.meta.get("failed"):
-                return Outcome(True, "cache", entry.data, entry.meta)
+                meta = entry.meta
+                if "phash" not in meta:  # cached before the hash existed: it is a function of the bytes
+                    meta = {**meta, "phash": perceptual_hash(entry.data)}
+                return Outcome(True, "cache", entry.data, meta)
             if use_negative and entry.meta.get("policy") == state.policy:
                 meta = entry.meta
                 return Outcome(False, "cache", reason=meta["failed"], message=meta.get("message", ""),
@@ -183,6 +188,7 @@ def obtain(record: dict, state: WorkerState, cfg: BuildConfig, prefix: str, use_
                 "original_width": image.original_width,
                 "original_height": image.original_height,
                 "original_format": image.original_format,
+                "phash": image.phash,
             }
             got = Outcome(True, "network", image.jpeg, meta)
     state.puts.add(key, *got.cache_entry(state.policy))
@@ -273,7 +279,8 @@ def run_chunk(job: ChunkJob) -> dict:
             key = safe_key(url_key(record["image_url"]))
             meta = SampleMeta.from_record(record, record["label"], got.meta).as_json()
             writer.write(Sample(key=key, jpg=got.jpg, label=int(record["label"]), meta=meta))
-            samples.append({"key": key, "sha256": got.meta["sha256"], "image_url": record["image_url"]})
+            facts = {"sha256": got.meta["sha256"], "phash": got.meta["phash"]}
+            samples.append({"key": key, **facts, "image_url": record["image_url"]})
         parts = writer.close()
         puts.flush()
     except OSError as exc:  # a full or failing disk under the work area: one line naming the file

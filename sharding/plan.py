@@ -18,7 +18,7 @@ import re
 from array import array
 from collections import defaultdict
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 from flora.config import ConfigError
@@ -26,7 +26,7 @@ from flora.errors import FloraError
 from flora.io import read_jsonl, sha256_file
 
 from .config import SPLIT_NAMES, BuildConfig
-from .format import MANIFEST
+from .format import MANIFEST, SampleMeta
 from .outputs import dumps
 from .records import url_key
 from .split import seeded_rank
@@ -107,6 +107,9 @@ def plan_fingerprint(splits_path: Path, cfg: BuildConfig) -> dict:
         "shards": asdict(cfg.shards),
         "images": image_fingerprint(cfg.images),
         "download_policy": failure_policy(cfg.download),  # a new allow-list re-attempts everything
+        # finalize drops near-duplicates from the work parts for good: other settings start afresh
+        "near_duplicates": asdict(cfg.near_duplicates),
+        "sample_meta": [f.name for f in fields(SampleMeta)],  # parts of an older format are not reused
     }
 
 

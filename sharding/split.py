@@ -24,6 +24,26 @@ same result however they arrive):
 No URL can be in two splits, since each URL is one record after dedup and groups move whole;
 ``leakage_report`` checks this again on the output rather than trusting the construction.
 
+**Frozen splits** (``assign_splits(..., frozen=...)``, the catalog's ``--previous``; lineage.py reads
+the previous version into ``FrozenSplits``: 16-byte digests of URL keys and ``group_by`` keys -> split):
+
+* A group holding a URL, or carrying a ``group_by`` key, that the previous version assigned keeps that
+  split. New groups of a species fill, in rank order, the splits furthest below the species' target
+  (today's cut, ``allocate``, applied to all its groups, old and new): one group at a time to the split
+  with the largest remaining deficit (ties: train, val, test), so the fractions move toward the target
+  as far as the new groups allow and never away from it. Without old groups this is exactly the
+  fresh split. A species that reaches ``min_for_stratify`` for the first time therefore gets its val and
+  test groups from its new groups only (its old groups were all train).
+* A group whose previous records lie in several splits (a new record joins two old groups, or an old
+  URL now carries another group's key) cannot keep them all: it goes to **train** if any of them was
+  in train, else to the split holding most of them (ties: val). Moving to train is the one direction
+  that never puts an image a previous model trained on into a later evaluation set. Such a group is
+  counted (``SplitResult.moved``, reason ``group_spans_splits``) and its changed records are listed.
+* The train-image rule above takes only new groups: an old group is never moved for it. A species
+  whose train images were all removed and that has no new group keeps its val/test images and is
+  listed (the analysis's ``species_without_train``); its next new group goes to train, the largest
+  deficit.
+
 Leaves out: content-hash (near-)duplicates of different URLs: the sharder sees the bytes, and logs
 those (issue 4); license filtering and regions (catalog.py).
 """
@@ -35,7 +55,7 @@ import json
 import math
 from collections import Counter, defaultdict
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from flora.config import ConfigError
@@ -144,6 +164,25 @@ def seeded_rank(seed: int, key: str) -> bytes:
     return hashlib.sha256(f"{seed}\x00{key}".encode()).digest()
 
 
+#: Bytes of a key digest in a previous version's index: 128 bits, collisions negligible far beyond 10^9 keys.
+DIGEST_BYTES = 16
+
+
+def key_digest(key: str) -> bytes:
+    """The compact identity of a URL key or group key in ``FrozenSplits`` (blake2b, 16 bytes)."""
+    return hashlib.blake2b(key.encode(), digest_size=DIGEST_BYTES).digest()
+
+
+@dataclass
+class FrozenSplits:
+    """A previous version's assignment, as split indices into ``SPLIT_NAMES``."""
+
+    #: ``key_digest(url_key)`` -> split index, for every record the previous version wrote.
+    urls: dict[bytes, int]
+    #: ``key_digest(group_key)`` -> split index, for its ``group_by`` groups (empty without group_by).
+    groups: dict[bytes, int]
+
+
 @dataclass
 class SplitResult:
     #: Species with too few groups to stratify, put wholly in train.
@@ -152,10 +191,16 @@ class SplitResult:
     group_by_missing: int
     #: Groups moved to train so that a species sharing them keeps a train image.
     groups_moved_to_train: int
+    #: Per species (the owner of its groups): ``groups`` (split -> groups), ``new`` (groups the
+    #: previous version did not assign), ``target`` (the fresh cut of all its groups).
+    species: dict[str, dict[str, Any]] = field(default_factory=dict)
+    #: Group key -> reason, for each previously assigned group whose split could not be kept.
+    moved: dict[str, str] = field(default_factory=dict)
 
 
-def assign_splits(records: list[Record], cfg: SplitConfig) -> SplitResult:
-    """Sets ``record.split`` on every record (rules in the module docstring).
+def assign_splits(records: list[Record], cfg: SplitConfig, frozen: FrozenSplits | None = None) -> SplitResult:
+    """Sets ``record.split`` on every record (rules in the module docstring); ``frozen``: the previous
+    version's splits, kept for every group it assigned.
 
     Raises:
         ConfigError: ``split.group_by`` names a field that no record has.
@@ -173,39 +218,99 @@ def assign_splits(records: list[Record], cfg: SplitConfig) -> SplitResult:
         counts = Counter(r.latin_name for r in members)
         owner = min(counts, key=lambda name: (-counts[name], name))
         by_species[owner].append(key)
-    train_only = []
+    held, moved = _held_splits(groups, frozen) if frozen is not None else ({}, {})
+    train_only, species_info = [], {}
     for species in sorted(by_species):
         keys = sorted(by_species[species], key=lambda k: seeded_rank(cfg.seed, k))
         if len(keys) < cfg.min_for_stratify:
-            counts = {"train": len(keys), "val": 0, "test": 0}
+            target = {"train": len(keys), "val": 0, "test": 0}
             train_only.append(species)
         else:
-            counts = allocate(len(keys), cfg.fractions)
+            target = allocate(len(keys), cfg.fractions)
+        new = [k for k in keys if k not in held]
+        counts = _fill(target, Counter(held[k] for k in keys if k in held), len(new))
         names = [s for s in SPLIT_NAMES for _ in range(counts[s])]
-        for key, split in zip(keys, names, strict=True):
+        for key, split in zip(new, names, strict=True):
             for record in groups[key]:
                 record.split = split
-    moved = _keep_a_train_image(groups, cfg.seed)
-    return SplitResult(train_only=train_only, group_by_missing=missing, groups_moved_to_train=moved)
+        for key in keys:
+            if key in held:
+                for record in groups[key]:
+                    record.split = held[key]
+        species_info[species] = {"keys": keys, "new": len(new), "target": target}
+    n_moved = _keep_a_train_image(groups, cfg.seed, held)
+    for info in species_info.values():
+        info["groups"] = Counter(groups[k][0].split for k in info.pop("keys"))
+    return SplitResult(
+        train_only=train_only,
+        group_by_missing=missing,
+        groups_moved_to_train=n_moved,
+        species=species_info,
+        moved=moved,
+    )
 
 
-def _keep_a_train_image(groups: dict[str, list[Record]], seed: int) -> int:
-    """Moves, per species without a train record, its first group (by rank) to train."""
+def _held_splits(
+    groups: dict[str, list[Record]], frozen: FrozenSplits
+) -> tuple[dict[str, str], dict[str, str]]:
+    """The previous split of each group the previous version assigned, and the groups whose previous
+    records lie in several splits (resolved by the rule in the module docstring)."""
+    held: dict[str, str] = {}
+    moved: dict[str, str] = {}
+    for key, members in groups.items():
+        found: Counter[int] = Counter()
+        for record in members:
+            index = frozen.urls.get(key_digest(record.url_key or record.image_url))
+            if index is not None:
+                found[index] += 1
+        if not key.startswith("url="):
+            index = frozen.groups.get(key_digest(key))
+            if index is not None:
+                found[index] += 1
+        if not found:
+            continue
+        if len(found) > 1:
+            moved[key] = "group_spans_splits"
+        train = SPLIT_NAMES.index("train")
+        best = train if train in found else min(found, key=lambda i: (-found[i], i))
+        held[key] = SPLIT_NAMES[best]
+    return held, moved
+
+
+def _fill(target: dict[str, int], held: Counter[str], n_new: int) -> dict[str, int]:
+    """How many of ``n_new`` new groups go to each split: the largest remaining deficit below
+    ``target`` first (ties in train/val/test order). Without held groups: ``target`` itself."""
+    deficit = {s: max(0, target[s] - held[s]) for s in SPLIT_NAMES}
+    if sum(deficit.values()) == n_new:  # always so without held groups, and when none is over target
+        return deficit
+    counts = dict.fromkeys(SPLIT_NAMES, 0)
+    for _ in range(n_new):  # sum(deficit) >= n_new always: the held groups are part of the target's n
+        split = max(SPLIT_NAMES, key=lambda s: (deficit[s] - counts[s], -SPLIT_NAMES.index(s)))
+        counts[split] += 1
+    return counts
+
+
+def _keep_a_train_image(groups: dict[str, list[Record]], seed: int, held: dict[str, str]) -> int:
+    """Moves, per species without a train record, its first group by rank that is not ``held`` (a
+    previous version's split is kept) to train."""
     in_train = {r.latin_name for members in groups.values() for r in members if r.split == "train"}
     species_groups: dict[str, list[str]] = defaultdict(list)
     for key, members in groups.items():
         for name in {r.latin_name for r in members} - in_train:
             species_groups[name].append(key)
-    moved = 0
+    n_moved = 0
     for name in sorted(species_groups):
         if name in in_train:
             continue  # an earlier move already gave it a train image
-        key = min(species_groups[name], key=lambda k: seeded_rank(seed, k))
+        candidates = [k for k in species_groups[name] if k not in held]
+        if not candidates:
+            continue  # only previously assigned groups: their splits are kept (module docstring)
+        key = min(candidates, key=lambda k: seeded_rank(seed, k))
         for record in groups[key]:
             record.split = "train"
         in_train.update(r.latin_name for r in groups[key])
-        moved += 1
-    return moved
+        n_moved += 1
+    return n_moved
 
 
 def leakage_report(records: Iterable[Record], group_by: str | None = None) -> dict:

@@ -1,0 +1,263 @@
+"""Near-duplicate images: a perceptual hash of each stored JPEG, and which samples copy an earlier one.
+
+Owns three things:
+
+* ``perceptual_hash``: a 64-bit DCT hash (pHash, the definition of the ``imagehash`` package) of the
+  *stored* JPEG's bytes: luma decoded at a reduced scale (libjpeg's DCT scaling, Pillow's ``draft``),
+  a 32x32 Lanczos downscale, the 8x8 lowest frequencies of its 2-D DCT, one bit per coefficient
+  (above their median). The DCT is an integer matrix product and the median an integer comparison,
+  so the hash is the same on every machine; and since it is a function of the stored bytes, a cold
+  build, a warm rebuild from a cache entry written before the hash existed, and a reader checking a
+  shard all get the same 16 hex digits.
+* ``near_pairs``: every pair of hashes within Hamming distance ``k``, without comparing all pairs
+  (multi-index hashing, Norouzi et al. 2012): the 64 bits are cut into ``m`` bands with radii ``r_i``,
+  ``sum(r_i + 1) > k``, so two hashes within ``k`` differ in at most ``r_i`` bits of some band i
+  (pigeonhole). Per band, each hash's band value XOR each mask of at most ``r_i`` bits is looked up in
+  a table of the sorted band values; candidates are verified by popcount. ``plan_bands`` picks ``m``
+  and the radii from a cost model (mask lookups + expected candidates for ``n`` hashes), so 900k
+  hashes take minutes and O(n) memory. ``brute_pairs`` is the quadratic reference.
+* ``judge``: the decision. Samples are taken in the order given (the build's job order: train, then
+  val, then test, then retry rounds); a sample within ``threshold`` of an earlier *kept* sample is a
+  near-duplicate when that one is in another split, or in the same split when ``within_split`` is
+  ``drop``. So the earliest split keeps its copy, and a decision never depends on later samples
+  (a retry round cannot change what was already published). ``NearDupConfig`` is the config section.
+
+Leaves out: exact duplicates (finalize.py's content index runs first; identical bytes never reach
+``judge``), writing the log (finalize.py), decoding for the shard (images.py).
+"""
+
+from __future__ import annotations
+
+import io
+import itertools
+import math
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+from PIL import Image
+
+from flora.config import ConfigError
+
+HASH_BITS = 64
+#: imagehash's pHash: a 32x32 downscale (hash_size 8 x highfreq_factor 4), its 8x8 lowest frequencies.
+HASH_SIDE = 32
+LOW_FREQ = 8
+#: The DCT basis scaled to integers (12 bits): coefficients stay exact in int64 (< 2^43).
+_DCT_SCALE = 1 << 12
+#: Default threshold, measured by ``benchmarks/neardup.py`` (README "Near-duplicates"): the largest
+#: distance at which distinct images of the sample world match at <= 0.01% of pairs.
+DEFAULT_THRESHOLD = 10
+#: Hamming distances above this find a large share of unrelated photos (pHash of distinct photos:
+#: mean 32, standard deviation ~4-8): refused as a config value.
+MAX_THRESHOLD = 24
+#: Band widths up to this use a direct-address table (2^22 + 1 int64 = 32 MiB); wider bands search.
+TABLE_BITS = 22
+#: Candidate pairs verified per block: bounds the temporary memory of one lookup pass (~200 MB).
+CANDIDATE_BLOCK = 4_000_000
+
+
+def _dct_matrix() -> np.ndarray:
+    x = np.arange(HASH_SIDE)
+    u = np.arange(LOW_FREQ)[:, None]
+    basis = np.cos(np.pi * (2 * x + 1) * u / (2 * HASH_SIDE))
+    basis[0] *= math.sqrt(1 / HASH_SIDE)
+    basis[1:] *= math.sqrt(2 / HASH_SIDE)
+    return np.round(basis * _DCT_SCALE).astype(np.int64)
+
+
+_DCT = _dct_matrix()  # LOW_FREQ x HASH_SIDE
+
+
+@dataclass
+class NearDupConfig:
+    """The build config's ``near_duplicates`` section."""
+
+    #: Drop near-duplicates at finalize (the hash is computed and stored in every sample either way).
+    enabled: bool = True
+    #: Largest Hamming distance between two pHashes that counts as the same photograph.
+    threshold: int = DEFAULT_THRESHOLD
+    #: Near-duplicates within one split: ``keep`` both, or ``drop`` the later one.
+    within_split: Literal["keep", "drop"] = "keep"
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.threshold <= MAX_THRESHOLD:
+            raise ConfigError(
+                f"near_duplicates.threshold must be in 0..{MAX_THRESHOLD} bits, got {self.threshold}"
+            )
+        if self.within_split not in ("keep", "drop"):
+            raise ConfigError(f"near_duplicates.within_split must be keep or drop, got {self.within_split!r}")
+
+
+# --------------------------------------------------------------------------------------------- hash
+def perceptual_hash(jpeg: bytes) -> str:
+    """The 64-bit pHash of an encoded image, as 16 hex digits (see the module docstring)."""
+    img = Image.open(io.BytesIO(jpeg))
+    img.draft("L", (HASH_SIDE, HASH_SIDE))  # JPEG: luma only, at the smallest DCT scale >= 32 px
+    small = img.convert("L").resize((HASH_SIDE, HASH_SIDE), Image.Resampling.LANCZOS)
+    pixels = np.asarray(small, dtype=np.int64)
+    coeffs = (_DCT @ pixels @ _DCT.T).ravel()
+    ranked = np.sort(coeffs)
+    half = coeffs.size // 2
+    bits = 2 * coeffs > ranked[half - 1] + ranked[half]  # above the median, in integers
+    return np.packbits(bits).tobytes().hex()
+
+
+def hash_value(phash: str) -> int:
+    return int(phash, 16)
+
+
+def hamming(a: int, b: int) -> int:
+    return (a ^ b).bit_count()
+
+
+# ------------------------------------------------------------------------------------ candidate search
+@dataclass(frozen=True)
+class Band:
+    shift: int
+    width: int
+    radius: int
+
+
+def _masks(width: int, radius: int) -> np.ndarray:
+    out = [0]
+    for r in range(1, radius + 1):
+        out += [sum(1 << b for b in bits) for bits in itertools.combinations(range(width), r)]
+    return np.asarray(out, dtype=np.uint64)
+
+
+def _split_bands(m: int, k: int) -> list[Band]:
+    widths = [HASH_BITS // m + (i < HASH_BITS % m) for i in range(m)]  # wider bands first
+    slack = k + 1  # sum(radius + 1) must exceed k
+    radii = [slack // m - 1 + (i < slack % m) for i in range(m)]  # larger radii on wider bands
+    bands, shift = [], 0
+    for width, radius in zip(widths, radii, strict=True):
+        bands.append(Band(shift, width, radius))
+        shift += width
+    return bands
+
+
+def _cost(bands: list[Band], n: int) -> float:
+    """Lookup passes x (one lookup per hash + the expected candidates per hash)."""
+    return sum(math.comb(b.width, r) * (1 + n / 2**b.width) for b in bands for r in range(b.radius + 1))
+
+
+def plan_bands(n: int, k: int) -> list[Band]:
+    """The bands (pigeonhole: ``sum(radius + 1) > k``) with the lowest cost for ``n`` hashes."""
+    if not 0 <= k < HASH_BITS:
+        raise ValueError(f"distance must be in 0..{HASH_BITS - 1}, got {k}")
+    plans = [_split_bands(m, k) for m in range(1, min(k + 1, HASH_BITS) + 1)]
+    return min(plans, key=lambda bands: _cost(bands, max(n, 1)))
+
+
+def near_pairs(hashes: np.ndarray, k: int, bands: list[Band] | None = None) -> np.ndarray:
+    """Every pair ``(i, j, distance)``, ``i < j``, of ``hashes`` (uint64) within Hamming ``k``, sorted.
+
+    Per band the hashes are sorted by band value and looked up in sorted order (the XOR with a mask
+    keeps most of that order, so the table is read almost sequentially); a pair of buckets ``v`` and
+    ``v ^ mask`` is visited once, from the one whose bit under the mask's top bit is 0.
+    """
+    h = np.ascontiguousarray(hashes, dtype=np.uint64)
+    bands = plan_bands(h.size, k) if bands is None else bands
+    if sum(b.radius + 1 for b in bands) <= k or sum(b.width for b in bands) != HASH_BITS:
+        raise ValueError(f"bands {bands} do not cover {HASH_BITS} bits with sum(radius + 1) > {k}")
+    found = [np.empty((0, 3), dtype=np.int64)]
+    for band in bands:
+        vals = (h >> np.uint64(band.shift)) & np.uint64((1 << band.width) - 1)
+        order = np.argsort(vals, kind="stable")
+        ordered, in_order = vals[order], h[order]
+        if band.width <= TABLE_BITS:  # bucket v is ordered[starts[v]:starts[v + 1]]
+            starts = np.searchsorted(ordered, np.arange((1 << band.width) + 1, dtype=np.uint64))
+            bounds = np.stack([starts[:-1], starts[1:]], axis=1).astype(np.int32)
+
+            def bucket(values: np.ndarray, bounds=bounds) -> tuple[np.ndarray, np.ndarray]:
+                both = bounds[values]
+                return both[:, 0], both[:, 1]
+        else:
+
+            def bucket(values: np.ndarray, ordered=ordered) -> tuple[np.ndarray, np.ndarray]:
+                return np.searchsorted(ordered, values, "left"), np.searchsorted(ordered, values, "right")
+
+        everyone = np.arange(h.size)
+        _, ends = bucket(ordered)
+        close = [_verify(in_order, everyone, everyone + 1, ends, k)]  # pairs inside one bucket
+        zero_bit = {}  # positions whose band value has bit t clear
+        for mask in _masks(band.width, band.radius)[1:].tolist():
+            top = mask.bit_length() - 1
+            if top not in zero_bit:
+                zero_bit[top] = np.flatnonzero((ordered >> np.uint64(top)) & np.uint64(1) == 0)
+            queries = zero_bit[top]
+            lo, hi = bucket(ordered[queries] ^ np.uint64(mask))
+            close.append(_verify(in_order, queries, lo, hi, k))
+        pairs = np.concatenate(close)
+        a, b = order[pairs[:, 0]], order[pairs[:, 1]]
+        found.append(np.stack([np.minimum(a, b), np.maximum(a, b), pairs[:, 2]], axis=1))
+    pairs = np.concatenate(found)
+    if pairs.size:
+        pairs = np.unique(pairs, axis=0)  # a pair close in several bands is found once per band
+    return pairs
+
+
+def _verify(h: np.ndarray, queries: np.ndarray, lo: np.ndarray, hi: np.ndarray, k: int) -> np.ndarray:
+    """``(q, c, distance)`` for each query position ``q`` and candidate ``c`` in ``lo[q]..hi[q]-1``
+    whose hashes are within ``k``; in blocks of ``CANDIDATE_BLOCK`` candidates."""
+    counts = (hi - lo).astype(np.int64)
+    some = np.flatnonzero(counts > 0)
+    out = [np.empty((0, 3), dtype=np.int64)]
+    if not some.size:
+        return out[0]
+    ends = np.cumsum(counts[some])
+    cuts = np.searchsorted(ends, np.arange(CANDIDATE_BLOCK, int(ends[-1]), CANDIDATE_BLOCK))
+    for block in np.split(some, cuts):
+        c = counts[block]
+        total = int(c.sum())
+        qi = np.repeat(queries[block], c)
+        cj = np.repeat(lo[block] - (np.cumsum(c) - c), c) + np.arange(total)
+        dist = np.bitwise_count(h[qi] ^ h[cj]).astype(np.int64)
+        near = dist <= k
+        out.append(np.stack([qi[near], cj[near], dist[near]], axis=1))
+    return np.concatenate(out)
+
+
+def brute_pairs(hashes: np.ndarray, k: int) -> np.ndarray:
+    """The quadratic reference of ``near_pairs`` (same output)."""
+    h = np.asarray(hashes, dtype=np.uint64)
+    rows = []
+    for i in range(h.size):
+        dist = np.bitwise_count(h[i + 1 :] ^ h[i]).astype(np.int64)
+        j = np.flatnonzero(dist <= k) + i + 1
+        rows.append(np.stack([np.full(j.size, i), j, dist[j - i - 1]], axis=1))
+    return np.concatenate(rows) if rows else np.empty((0, 3), dtype=np.int64)
+
+
+# ---------------------------------------------------------------------------------------- the decision
+def judge(hashes: np.ndarray, splits: np.ndarray, k: int, within_split: str) -> dict[int, tuple[int, int]]:
+    """Near-duplicates among samples in order: ``{sample: (kept sample it duplicates, distance)}``.
+
+    A sample is dropped when an earlier kept sample is within ``k`` and in another split (or in the
+    same one, ``within_split == "drop"``); it cites the closest such sample (ties: the earliest).
+    Samples with equal hashes are grouped first, so a cluster of identical hashes costs no pairs.
+    """
+    unique, group = np.unique(np.asarray(hashes, dtype=np.uint64), return_inverse=True)
+    pairs = near_pairs(unique, k)
+    neighbours: dict[int, list[tuple[int, int]]] = {}
+    for a, b, d in pairs.tolist():
+        neighbours.setdefault(a, []).append((b, d))
+        neighbours.setdefault(b, []).append((a, d))
+    sizes = np.bincount(group, minlength=unique.size)
+    involved = np.flatnonzero((sizes[group] > 1) | np.isin(group, list(neighbours)))
+    kept: dict[int, dict[int, int]] = {}  # group -> split -> its first kept sample
+    dropped: dict[int, tuple[int, int]] = {}
+    for s in involved.tolist():
+        g, split = int(group[s]), int(splits[s])
+        best = None
+        for other, d in [(g, 0), *neighbours.get(g, [])]:
+            for other_split, first in kept.get(other, {}).items():
+                counts = other_split != split or within_split == "drop"
+                if counts and (best is None or (d, first) < best[::-1]):
+                    best = (first, d)
+        if best is not None:
+            dropped[s] = best
+        else:
+            kept.setdefault(g, {}).setdefault(split, s)
+    return dropped

@@ -1,0 +1,265 @@
+"""Near-duplicate detection: the band search against brute force, the pHash on resized / re-encoded /
+distinct images, the keep-the-earliest-split decision, the config, and real builds through the
+loopback image server with near-duplicates planted across and within splits."""
+
+import io
+import json
+import tarfile
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from flora.config import ConfigError, load_config
+from flora.io import read_jsonl
+from sharding.build import BuildConfig, build
+from sharding.cache import ImageCache
+from sharding.catalog import run_catalog
+from sharding.config import CatalogConfig
+from sharding.format import SampleMeta
+from sharding.neardup import (
+    DEFAULT_THRESHOLD,
+    Band,
+    NearDupConfig,
+    brute_pairs,
+    hamming,
+    hash_value,
+    judge,
+    near_pairs,
+    perceptual_hash,
+    plan_bands,
+)
+from sharding.plan import image_fingerprint
+from world import ImageServer, render_image
+
+TRAIN, VAL, TEST = 0, 1, 2
+
+
+def planted_hashes(n: int, seed: int) -> np.ndarray:
+    """Random 64-bit hashes, every 5th a copy of the one before with 0..14 bits flipped, and a few
+    identical hashes."""
+    rng = np.random.default_rng(seed)
+    h = rng.integers(0, 2**64 - 1, size=n, dtype=np.uint64, endpoint=True)
+    for i in range(1, n, 5):
+        flips = rng.choice(64, size=int(rng.integers(0, 15)), replace=False)
+        h[i] = h[i - 1] ^ np.uint64(sum(1 << int(b) for b in flips))
+    h[-3:] = h[0]
+    return h
+
+
+@pytest.mark.parametrize("k", [0, 1, 4, 8, 10, 12])
+def test_band_search_equals_brute_force(k):
+    h = planted_hashes(1500, seed=k)
+    expected = brute_pairs(h, k)
+    assert len(expected) > 0
+    assert np.array_equal(near_pairs(h, k), expected)  # the planned bands
+    # other numbers of bands the pigeonhole allows (2 wide bands only for small k: C(32, <=6) masks)
+    for m in sorted({m for m in (2, 3, 4, k + 1) if m <= k + 1 and (m > 2 or k <= 4)}):
+        widths = [64 // m + (i < 64 % m) for i in range(m)]
+        radii = [(k + 1) // m - 1 + (i < (k + 1) % m) for i in range(m)]
+        shifts = np.cumsum([0, *widths[:-1]]).tolist()
+        bands = [Band(s, w, r) for s, w, r in zip(shifts, widths, radii, strict=True)]
+        assert np.array_equal(near_pairs(h, k, bands), expected), bands
+
+
+def test_bands_that_break_the_pigeonhole_are_refused():
+    with pytest.raises(ValueError, match="sum"):
+        near_pairs(planted_hashes(10, 0), 4, [Band(0, 32, 1), Band(32, 32, 1)])  # (1+1)+(1+1) <= 4
+
+
+def test_a_large_set_plans_wide_bands_and_finds_the_planted_pairs():
+    rng = np.random.default_rng(7)
+    h = rng.integers(0, 2**64 - 1, size=200_000, dtype=np.uint64, endpoint=True)
+    h[1::1000] = h[0::1000] ^ np.uint64(0b1011)  # 200 pairs at distance 3
+    bands = plan_bands(h.size, DEFAULT_THRESHOLD)
+    assert all(b.width >= 16 for b in bands), bands  # few candidates per lookup, not k + 1 tiny bands
+    pairs = near_pairs(h, DEFAULT_THRESHOLD)
+    planted = {(i, i + 1) for i in range(0, h.size, 1000)}
+    assert planted <= {(a, b) for a, b, _ in pairs.tolist()}
+    assert all(d == 3 for a, b, d in pairs.tolist() if (a, b) in planted)
+
+
+def jpeg(img: Image.Image, quality: int = 90) -> bytes:
+    out = io.BytesIO()
+    img.save(out, "JPEG", quality=quality)
+    return out.getvalue()
+
+
+def test_phash_survives_resize_and_reencode_and_tells_distinct_images_apart():
+    names = ["Quercus ilex", "Olea europaea", "Lavandula stoechas", "Pinus pinea"]
+    originals = [render_image(name, v, seed=0) for name in names for v in range(5)]
+    hashes = [perceptual_hash(data) for data in originals]
+    assert all(len(h) == 16 for h in hashes) and hashes == [perceptual_hash(d) for d in originals]
+    for data, h in zip(originals, hashes, strict=True):
+        img = Image.open(io.BytesIO(data)).convert("RGB")
+        w, ht = img.size
+        smaller = jpeg(img.resize((int(w * 0.6), int(ht * 0.6)), Image.Resampling.BICUBIC))
+        assert hamming(hash_value(h), hash_value(perceptual_hash(smaller))) <= DEFAULT_THRESHOLD
+        assert hamming(hash_value(h), hash_value(perceptual_hash(jpeg(img, 70)))) <= DEFAULT_THRESHOLD
+    values = [hash_value(h) for h in hashes]
+    distinct = [hamming(a, b) for i, a in enumerate(values) for b in values[i + 1 :]]
+    assert min(distinct) > DEFAULT_THRESHOLD
+
+
+def test_the_earliest_split_keeps_its_copy_and_the_closest_kept_sample_is_cited():
+    base = 0x0123456789ABCDEF
+    hashes = np.array([base, base ^ 0b11, base ^ 0b111, base ^ (2**64 - 1), base ^ 0b1], dtype=np.uint64)
+    splits = np.array([TRAIN, VAL, TEST, TEST, TEST], dtype=np.uint8)
+    dropped = judge(hashes, splits, 4, "keep")
+    assert dropped == {1: (0, 2), 2: (0, 3), 4: (0, 1)}  # sample 3 is far from all: kept
+    # a dropped sample is no reason to drop another: 2 is near 1 (distance 1) but 1 is gone
+    assert judge(hashes[[0, 1, 2]], splits[[0, 1, 2]], 2, "keep") == {1: (0, 2)}
+
+
+def test_within_split_is_a_choice():
+    base = 0xFEDCBA9876543210
+    hashes = np.array([base, base ^ 0b101, base ^ 0b1], dtype=np.uint64)
+    splits = np.array([TRAIN, TRAIN, VAL], dtype=np.uint8)
+    assert judge(hashes, splits, 4, "keep") == {2: (0, 1)}
+    assert judge(hashes, splits, 4, "drop") == {1: (0, 2), 2: (0, 1)}
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("near_duplicates.threshold=25", "near_duplicates.threshold must be in 0..24 bits, got 25"),
+        ("near_duplicates.threshold=-1", "near_duplicates.threshold must be in 0..24 bits, got -1"),
+        ("near_duplicates.within_split=maybe", "near_duplicates.within_split: expected one of"),
+        ("near_duplicates.enabled=3", "near_duplicates.enabled"),
+    ],
+)
+def test_config_names_the_key_and_the_bad_value(override, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(BuildConfig, None, [override])
+    assert NearDupConfig().threshold == DEFAULT_THRESHOLD
+
+
+# ------------------------------------------------------------------------------ builds through the server
+OVERRIDES = [
+    "progress=false",
+    "processes=1",
+    "shards.max_samples=8",
+    "download.threads=4",
+    "download.retries=0",
+    "download.allow_networks=[127.0.0.1/32]",
+]
+SPECIES = ["Quercus ilex", "Olea europaea", "Lavandula stoechas"]
+
+
+def write_catalog(tmp_path, server):
+    """30 distinct world images (10 per species) through the real catalog; returns the split records."""
+    rows = []
+    for s, name in enumerate(SPECIES):
+        for v in range(10):
+            file = f"{s}-{v}.jpg"
+            (tmp_path / "images" / file).write_bytes(render_image(name, v, seed=3))
+            rows.append(
+                {"plant_id": len(rows), "latin_name": name, "image_url": server.url(file), "license": "cc0"}
+            )
+    (tmp_path / "catalog.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    run_catalog(str(tmp_path / "catalog.jsonl"), tmp_path / "splits", CatalogConfig(progress=False))
+    return read_jsonl(tmp_path / "splits" / "dataset_splits.jsonl")
+
+
+def plant(tmp_path, records):
+    """Overwrites the images of a val and a test record with a smaller / re-encoded copy of a train
+    record's image, and of a second train record with a 5%-cropped copy of a third; returns the URLs."""
+    by_split = {s: [r["image_url"] for r in records if r["split"] == s] for s in ("train", "val", "test")}
+    original, in_train, copied = by_split["train"][:3]
+    in_val, in_test = by_split["val"][0], by_split["test"][0]
+
+    def image(url):
+        return Image.open(tmp_path / "images" / url.rsplit("/", 1)[1]).convert("RGB")
+
+    def put(url, data):
+        (tmp_path / "images" / url.rsplit("/", 1)[1]).write_bytes(data)
+
+    img = image(original)
+    put(in_val, jpeg(img.resize((img.width * 6 // 10, img.height * 6 // 10), Image.Resampling.BICUBIC)))
+    put(in_test, jpeg(img, quality=70))
+    src = image(in_train)
+    put(copied, jpeg(src.resize((src.width * 7 // 10, src.height * 7 // 10), Image.Resampling.BICUBIC), 80))
+    return original, in_val, in_test, in_train, copied
+
+
+def shard_bytes(out):
+    return {str(p.relative_to(out)): p.read_bytes() for p in sorted(out.glob("*/*/*.tar"))}
+
+
+def test_planted_near_duplicates_across_splits_are_dropped_and_logged(tmp_path):
+    (tmp_path / "images").mkdir()
+    with ImageServer(tmp_path / "images") as server:
+        records = write_catalog(tmp_path, server)
+        original, in_val, in_test, in_train, copied = plant(tmp_path, records)
+        keep = build(tmp_path / "splits", tmp_path / "keep", load_config(BuildConfig, None, OVERRIDES))
+        drop_cfg = load_config(BuildConfig, None, [*OVERRIDES, "near_duplicates.within_split=drop"])
+        drop = build(tmp_path / "splits", tmp_path / "drop", drop_cfg)
+        off_cfg = load_config(BuildConfig, None, [*OVERRIDES, "near_duplicates.enabled=false"])
+        off = build(tmp_path / "splits", tmp_path / "off", off_cfg)
+
+    assert keep["accounting"] == {
+        "records_in": 30,
+        "sharded": 28,
+        "failed": 0,
+        "content_duplicates": 2,
+        "ok": True,
+    }
+    assert keep["duplicates_by_reason"] == {"near_duplicate": 2}
+    logged = {d["image_url"]: d for d in read_jsonl(tmp_path / "keep" / "duplicates.jsonl")}
+    assert set(logged) == {in_val, in_test}, "only the planted copies; no distinct image matched"
+    for url, split in ((in_val, "val"), (in_test, "test")):
+        row = logged[url]
+        assert row["reason"] == "near_duplicate" and row["split"] == split
+        assert row["duplicate_of"]["image_url"] == original and row["duplicate_of"]["split"] == "train"
+        assert 0 <= row["distance"] <= DEFAULT_THRESHOLD
+        assert row["distance"] == hamming(hash_value(row["phash"]), hash_value(row["duplicate_of"]["phash"]))
+    assert keep["last_run"]["near_duplicates"]["dropped"] == 2
+
+    # within one split: kept by default, dropped with within_split=drop (the later one in plan order)
+    assert drop["accounting"]["sharded"] == 27 and drop["duplicates_by_reason"] == {"near_duplicate": 3}
+    inside = [d for d in read_jsonl(tmp_path / "drop" / "duplicates.jsonl") if d["split"] == "train"]
+    assert len(inside) == 1 and {inside[0]["image_url"], inside[0]["duplicate_of"]["image_url"]} == {
+        in_train,
+        copied,
+    }
+
+    assert off["accounting"]["sharded"] == 30 and off["duplicates_by_reason"] == {}
+
+    # every sample carries its perceptual hash, the one the log names
+    metas = {}
+    for tar_path in (tmp_path / "keep").glob("*/*/*.tar"):
+        with tarfile.open(tar_path) as tar:
+            for member in tar:
+                if member.name.endswith(".json"):
+                    meta = SampleMeta.from_json(tar.extractfile(member).read())
+                    metas[meta.image_url] = meta
+    assert len(metas) == 28 and all(len(m.phash) == 16 for m in metas.values())
+    assert metas[original].phash == logged[in_val]["duplicate_of"]["phash"]
+
+
+def test_warm_rebuild_from_a_cache_without_hashes_needs_no_network_and_gives_the_same_shards(tmp_path):
+    (tmp_path / "images").mkdir()
+    cfg = load_config(BuildConfig, None, [*OVERRIDES, f"cache.path={tmp_path / 'cache'}"])
+    with ImageServer(tmp_path / "images") as server:
+        records = write_catalog(tmp_path, server)
+        plant(tmp_path, records)
+        cold = build(tmp_path / "splits", tmp_path / "cold", cfg)
+    # the cache as a build before the hash existed left it: metadata without "phash"
+    cache = ImageCache.from_config(cfg.cache)
+    prefix = image_fingerprint(cfg.images)
+    for record in records:
+        entry = cache.get(f"{prefix}|{record['image_url']}")
+        assert entry is not None and "phash" in entry.meta
+        cache.put(
+            f"{prefix}|{record['image_url']}",
+            entry.data,
+            {k: v for k, v in entry.meta.items() if k != "phash"},
+        )
+    cache.close()
+    warm = build(tmp_path / "splits", tmp_path / "warm", cfg)  # the server is gone: cache only
+    assert warm["last_run"]["from_network"] == 0 and warm["last_run"]["from_cache"] == 30
+    assert shard_bytes(tmp_path / "warm") == shard_bytes(tmp_path / "cold")
+    assert read_jsonl(tmp_path / "warm" / "duplicates.jsonl") == read_jsonl(
+        tmp_path / "cold" / "duplicates.jsonl"
+    )
+    assert cold["duplicates_by_reason"] == {"near_duplicate": 2}
