@@ -23,6 +23,7 @@ import json
 import logging
 import os
 import sys
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -157,7 +158,7 @@ def evaluate(
         "samples": int(len(records["label"])),
         "world_size": world_size,
         "metrics": summarize(records),
-        "skipped_samples": dict(test_loader.index.skipped),
+        "skipped_samples": _skipped(test_loader, ddp),
         "temperature": temperature,
         "calibration_split": calibration_split,
         "ece_bins": ECE_BINS,
@@ -251,3 +252,13 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
+
+
+def _skipped(loader, ddp) -> dict[str, int]:
+    """Samples left out, by reason: the scan's (the same on every rank) plus each rank's runtime skips
+    (bit rot found while decoding), summed over the ranks."""
+    scan = Counter(loader.index.skipped)
+    total = Counter(scan)
+    for rank_counts in ddp.gather(dict(loader.skipped)):
+        total.update(Counter(rank_counts) - scan)
+    return dict(sorted(total.items()))

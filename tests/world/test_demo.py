@@ -1,35 +1,56 @@
-"""``make demo``'s driver end to end on a small world: every stage runs through its command line."""
+"""``make demo``'s driver end to end on a small world: every stage runs through its command line, and a
+second run on the same machine prints the same shard count and metrics, with every image from the
+cache (issue 16, item 8)."""
 
+import json
+import socket
 import subprocess
 import sys
 
 import pytest
 
 
-@pytest.mark.slow
-def test_demo_runs_every_stage(tmp_path):
-    cmd = [
-        sys.executable,
-        "-m",
-        "world.demo",
-        "--out",
-        str(tmp_path),
-        "--records",
-        "400",
-        "--species",
-        "10",
-    ]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def run_demo(out, port: int) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "world.demo", "--out", str(out), "--records", "400", "--species", "10"]
+    proc = subprocess.run([*cmd, "--port", str(port)], capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
-    assert "accounting ok" in proc.stdout
-    assert "train:" in proc.stdout and "images/s (all ranks)" in proc.stdout  # the loaders' epoch
+    return proc
+
+
+def results(stdout: str) -> list[str]:
+    """The lines that must not change between runs: the sharder's accounting and shard count, and every
+    evaluation's metrics (timings, paths and speeds aside)."""
+    keep = []
+    for line in stdout.splitlines():
+        if line.startswith("build: ") or line.startswith("test: "):
+            keep.append(line)
+        elif " shards; this run:" in line:
+            keep.append(line.split(";")[0])
+    return keep
+
+
+@pytest.mark.slow
+def test_demo_runs_every_stage_and_a_second_run_is_identical_from_cache(tmp_path):
+    port = free_port()
+    first = run_demo(tmp_path, port)
+    assert "accounting ok" in first.stdout
+    assert "train:" in first.stdout and "images/s (all ranks)" in first.stdout  # the loaders' epoch
     assert (tmp_path / "shards" / "manifest.json").is_file()
+    second = run_demo(tmp_path, port)  # the same machine, the same folder: the cache is warm
+    assert results(first.stdout) and results(second.stdout) == results(first.stdout)
+    assert sum("test: " in line for line in results(first.stdout)) >= 2
+    run = json.loads((tmp_path / "shards" / "manifest.json").read_text())["last_run"]
+    assert run["from_network"] == 0 and run["from_cache"] > 0  # every image from the cache
 
 
 def test_demo_refuses_a_taken_port_in_one_line(tmp_path):
     """The demo serves on a fixed port (URLs carry it, and URLs seed splits, chunks and cache keys)."""
-    import socket
-
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
