@@ -2,9 +2,11 @@
 
 Owns, for both loaders (so that they agree sample for sample):
 
-* **Selection**: shards of one split from ``manifest.json``, narrowed by region; then samples, by
-  ``production_only`` (each sample's ``license_class``) and, for ``label_space: region``, by the
-  region's class mapping. Labels come from here (the ``.cls`` member, or remapped by species name).
+* **Selection**: shards of one split from ``manifest.json``, narrowed by region; then samples: the
+  manifest's tombstones (samples an incremental build removed) are never yielded and are counted
+  apart from skips (``tombstoned``); then by ``production_only`` (each sample's ``license_class``)
+  and, for ``label_space: region``, by the region's class mapping. Labels come from here (the
+  ``.cls`` member, or remapped by species name).
 * **Verification**: every sample's JPEG is checked once (sha256 against its ``.json`` under
   ``verify: full``; markers and the json's width/height under ``header``). A corrupt sample that
   slipped into a shard is skipped and counted with a reason, never fatal and never silent. Scan
@@ -74,6 +76,7 @@ class Shard:
     region: str
     bytes: int = 0  # the manifest's size of the tar (0: not recorded)
     sha256: str = ""  # the manifest's sha256 of the tar ("": not recorded)
+    tombstones: frozenset[str] = frozenset()  # keys the manifest says are removed (incremental builds)
 
 
 @dataclass
@@ -95,6 +98,8 @@ class SampleIndex:
     sha256: np.ndarray = field(default_factory=lambda: np.zeros((0, SHA256_BYTES), dtype=np.uint8))
     #: Shards scanned now at the ``verify`` level (not served by the scan cache): checked moments ago.
     fresh: frozenset[int] = frozenset()
+    #: Samples left out because the manifest tombstones them (removed records): not skips, not damage.
+    tombstoned: int = 0
 
     def __len__(self) -> int:
         return len(self.keys)
@@ -109,6 +114,25 @@ class SampleIndex:
     def shards_of(self, samples: np.ndarray) -> np.ndarray:
         """``shard_of`` for many sample ids at once."""
         return np.searchsorted(self.bounds, samples, side="right") - 1
+
+    def subset(self, shard_ids: list[int]) -> SampleIndex:
+        """The samples of some of the shards only, in the given order (e.g. the shards whose derived
+        rows, such as cached soft labels, are missing); scan facts (skips, fresh) are not carried."""
+        runs = [np.arange(self.bounds[i], self.bounds[i + 1], dtype=np.int64) for i in shard_ids]
+        chosen = np.concatenate(runs) if runs else np.zeros(0, dtype=np.int64)
+        sizes = [len(r) for r in runs]
+        return SampleIndex(
+            root=self.root,
+            split=self.split,
+            shards=[self.shards[i] for i in shard_ids],
+            bounds=np.concatenate([[0], np.cumsum(sizes, dtype=np.int64)]).astype(np.int64),
+            keys=[self.keys[s] for s in chosen.tolist()],
+            labels=self.labels[chosen],
+            jpg_offset=self.jpg_offset[chosen],
+            jpg_size=self.jpg_size[chosen],
+            class_mapping=self.class_mapping,
+            sha256=self.sha256[chosen] if len(self.sha256) else self.sha256,
+        )
 
     def digest(self, sample: int) -> bytes | None:
         """The sha256 the sample's json records for its jpg, or None."""
@@ -198,7 +222,13 @@ def select_shards(root: Path, split: str, regions: list[str] | None) -> list[Sha
     manifest = read_manifest(root)
     return [
         Shard(
-            path=manifest.path(e), rel=e.path, split=e.split, region=e.region, bytes=e.bytes, sha256=e.sha256
+            path=manifest.path(e),
+            rel=e.path,
+            split=e.split,
+            region=e.region,
+            bytes=e.bytes,
+            sha256=e.sha256,
+            tombstones=frozenset(e.tombstones),
         )
         for e in manifest.select(split, regions)
     ]
@@ -220,8 +250,12 @@ def build_index(cfg: DataConfig, split: str) -> SampleIndex:
     keys, labels, offsets, sizes, digests, bounds = [], [], [], [], [], [0]
     skipped: Counter = Counter()
     bad: list[dict] = []
+    tombstoned = 0
     for shard, (rows, _fresh) in zip(shards, scans, strict=True):
         for key, label, off, size, license_class, latin, problem, sha in rows:
+            if key in shard.tombstones:
+                tombstoned += 1
+                continue
             reason = problem
             if reason is None and cfg.production_only and license_class != PERMISSIVE:
                 reason = "license_filtered"
@@ -261,6 +295,7 @@ def build_index(cfg: DataConfig, split: str) -> SampleIndex:
         skipped_samples=bad,
         sha256=np.frombuffer(b"".join(digests), dtype=np.uint8).reshape(-1, SHA256_BYTES),
         fresh=frozenset(i for i, (_rows, fresh) in enumerate(scans) if fresh),
+        tombstoned=tombstoned,
     )
 
 

@@ -4,7 +4,7 @@ Owns argument parsing, turning anticipated failures (missing file, unreachable M
 key) into one ``error: ...`` line and exit status 2, and the end-of-run summary.
 
 Verbs: ``catalog`` (catalog.py; ``--previous DIR``: frozen splits, lineage.py) and ``build`` (build.py:
-the sharder).
+the sharder; ``--compact``: incremental.py's compaction of tombstoned shards).
 
 Leaves out: the work itself.
 """
@@ -93,6 +93,8 @@ def _build(args: argparse.Namespace) -> int:
             args.wait_lock = WAIT_FOREVER
         overrides.append(f"wait_lock_s={args.wait_lock}")
     cfg = load_config(BuildConfig, args.config, overrides)
+    if args.compact:
+        return _compact(args, cfg)
     if args.allow_network:  # merged with the config's list, then validated as the config key is
         networks = sorted(set(cfg.download.allow_networks) | set(args.allow_network))
         download = {**asdict(cfg.download), "allow_networks": networks}
@@ -114,6 +116,20 @@ def _build(args: argparse.Namespace) -> int:
     if manifest["failures_by_reason"]:
         print("  failures: " + ", ".join(f"{k} {v}" for k, v in manifest["failures_by_reason"].items()))
     print(f"  wrote {args.out}/manifest.json")
+    return 0
+
+
+def _compact(args: argparse.Namespace, cfg) -> int:
+    from .build import compact_shards
+
+    if args.retry_failed:
+        return fail("build", "--compact and --retry-failed are separate runs; pass one of them")
+    manifest = compact_shards(args.out, cfg.wait_lock_s)
+    done = manifest.get("compacted", {"shards_rewritten": 0, "samples_dropped": 0})
+    print(
+        f"build --compact: {done['shards_rewritten']} shards rewritten, {done['samples_dropped']} tombstoned"
+        f" samples dropped; wrote {args.out}/manifest.json"
+    )
     return 0
 
 
@@ -152,6 +168,11 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     )
     bld.add_argument(
         "--retry-failed", action="store_true", help="re-attempt only the records in failures.jsonl"
+    )
+    bld.add_argument(
+        "--compact",
+        action="store_true",
+        help="rewrite the shards that have tombstones (samples an incremental build removed) without them",
     )
     bld.add_argument("--distributor", choices=["local", "ray"], help="where shard jobs run (default local)")
     bld.add_argument("--ray-address", help="address of an existing Ray cluster")

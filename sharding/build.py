@@ -18,6 +18,12 @@ Owns the plan, the shard jobs, and the final assembly of ``SHARDS/``:
    beside each, then ``failures.jsonl``, ``duplicates.jsonl`` and ``manifest.json`` (written last:
    a shard listed there is complete). Shards of an earlier, different plan are removed.
 
+**Incremental builds** (incremental.py): over a published build of an earlier version of the same
+catalog (its lineage) with the same settings, published shards are kept byte for byte, only records
+not live in them are planned (new chunks, new shard indices), removed or relabelled samples become
+tombstones in the manifest (``version``, ``parent``, per shard ``version`` and ``tombstones``), and
+``compact_shards`` (``--compact``) rewrites the shards that have tombstones.
+
 The same splits, config and seed give the same shard bytes whether the run was interrupted or
 not and whatever order downloads finished in, since every shard's content is a function of its
 chunk's records and their outcomes. Every failure is cached as a negative entry (valid only under
@@ -48,11 +54,12 @@ from .cache_config import cap_warning
 from .config import BuildConfig, ShardConfig
 from .finalize import finalize
 from .format import MANIFEST
+from .incremental import build_settings, compact, plan_increment
 from .job import load_marker, run_chunk
 from .lock import output_lock
 from .plan import MARKER, PLAN_FILE, WORK_DIR, new_retry_round, plan_fingerprint, plan_jobs, retry_rounds
 
-__all__ = ["BuildConfig", "ShardConfig", "build"]
+__all__ = ["BuildConfig", "ShardConfig", "build", "compact_shards"]
 
 log = logging.getLogger(__name__)
 
@@ -92,7 +99,13 @@ def _build_locked(splits_dir: Path, out: Path, cfg: BuildConfig, retry_failed: b
     work.mkdir(parents=True, exist_ok=True)
     plan_file.write_text(json.dumps(fingerprint, sort_keys=True), encoding="utf-8")
 
-    jobs, n_records, unreadable = plan_jobs(splits_path, out, cfg)
+    planning = time.perf_counter()
+    increment = plan_increment(out, splits_dir, fingerprint)  # incremental.py: kept shards, or None
+    if increment is None:
+        jobs, n_records, unreadable = plan_jobs(splits_path, out, cfg)
+    else:  # only records not live in a kept shard are planned, after the old shard indices
+        kept = increment.live_keys()
+        jobs, n_records, unreadable = plan_jobs(splits_path, out, cfg, kept, increment.prefix)
     if retry_failed:
         if not (out / MANIFEST).is_file():
             raise FileNotFoundError(f"--retry-failed: no manifest.json in {out} (build first)")
@@ -125,6 +138,7 @@ def _build_locked(splits_dir: Path, out: Path, cfg: BuildConfig, retry_failed: b
     run_stats = {
         "splits_sha256": fingerprint["splits_sha256"],
         "retry_rounds": len(list(work.glob("retry-round-*.json"))),
+        "plan_seconds": round(started - planning, 3),  # with an incremental build's shard comparison
         "chunks_run": len(todo),
         "chunks_reused": len(jobs) - len(todo),
         "seconds": round(seconds, 3),
@@ -140,4 +154,16 @@ def _build_locked(splits_dir: Path, out: Path, cfg: BuildConfig, retry_failed: b
         "worker_anon_rss_mib": worker_anon,
         "worker_file_rss_mib": worker_file,
     }
-    return finalize(out, jobs, n_records, unreadable, splits_dir, run_stats)
+    release = {
+        "version": fingerprint["splits_sha256"],
+        "parent": increment.parent if increment else None,
+        "build_settings": build_settings(fingerprint),
+    }
+    return finalize(out, jobs, n_records, unreadable, splits_dir, run_stats, release, increment)
+
+
+def compact_shards(out_dir: str | Path, wait_lock_s: float = 0.0) -> dict:
+    """``--compact``: rewrites shards with tombstones without them (incremental.py), under the lock."""
+    out = Path(out_dir)
+    with output_lock(out, wait_lock_s):
+        return compact(out)

@@ -17,8 +17,14 @@ before the tar is replaced. So a reader sees the old set whole, or no manifest (
 start), or the new set whole; never an old manifest over partly replaced tars. A failure midway (a
 full disk) is one line naming the stage and the file; the work area is kept, and a re-run finishes.
 
+An incremental build (incremental.py) passes the shards it keeps: they are listed as they are (with
+their tombstones), seed the content index and the near-duplicate search, and new parts get indices
+after theirs; placing a part at a new path does not invalidate the published manifest (readers see
+nothing new until the manifest lists it), so v1 stays readable until v2's manifest replaces it.
+
 Accounting: records in = sharded + failed + content duplicates (exact and near; the manifest's
-``duplicates_by_reason`` splits them), checked before anything is committed.
+``duplicates_by_reason`` splits them; ``sharded`` counts live samples, tombstones excluded),
+checked before anything is committed.
 
 Leaves out: running chunks (job.py), the format's rules (format.py).
 """
@@ -32,6 +38,7 @@ import sqlite3
 import time
 from array import array
 from collections import Counter, defaultdict
+from collections.abc import Sequence
 from dataclasses import asdict
 from pathlib import Path
 
@@ -42,6 +49,7 @@ from flora.io import sha256_file
 
 from .config import SPLIT_NAMES
 from .format import DUPLICATES, FAILURES, MANIFEST, shard_name, write_index
+from .incremental import Increment, live_samples
 from .job import RESUME, load_marker
 from .neardup import NearDupConfig, hash_value, judge
 from .outputs import OutputSet
@@ -95,13 +103,26 @@ class _Publication:
 
 
 def finalize(
-    out: Path, jobs: list[ChunkJob], n_records: int, unreadable: list[dict], splits_dir: Path, run_stats: dict
+    out: Path,
+    jobs: list[ChunkJob],
+    n_records: int,
+    unreadable: list[dict],
+    splits_dir: Path,
+    run_stats: dict,
+    release: dict | None = None,
+    increment: Increment | None = None,
 ) -> dict:
     """Dedups by content, moves parts to their final names, writes indexes, logs and the manifest;
-    an ``OSError`` (a full disk) becomes one line naming the stage and the file."""
+    an ``OSError`` (a full disk) becomes one line naming the stage and the file.
+
+    ``release``: the manifest's ``version``, ``parent`` and ``build_settings``; ``increment``: the
+    kept shards of an incremental build (incremental.py), listed first, never touched.
+    """
     publication = _Publication(out)
     try:
-        return _finalize(out, jobs, n_records, unreadable, splits_dir, run_stats, publication)
+        return _finalize(
+            out, jobs, n_records, unreadable, splits_dir, run_stats, publication, release or {}, increment
+        )
     except OSError as exc:
         raise storage_error("build: finalize", publication.writing, exc, RESUME) from exc
     except sqlite3.Error as exc:  # the content index beside the work area: "database or disk is full"
@@ -118,6 +139,8 @@ def _finalize(
     splits_dir: Path,
     run_stats: dict,
     publication: _Publication,
+    release: dict,
+    increment: Increment | None,
 ) -> dict:
     """Markers are read one at a time and the content index lives in SQLite beside the work area, so
     finalizing 10^6 records needs no more memory than 10^4, but for the near-duplicate search: 25
@@ -125,15 +148,20 @@ def _finalize(
     settings are the build config's that every job carries.
     """
     failures: dict[str, dict] = {}  # by URL: a later round's outcome replaces an earlier failure
-    duplicates, shards = [], []
+    duplicates, shards = [], list(increment.kept) if increment else []
     repeats = 0
     next_index: Counter = Counter()
+    version = release.get("version")
     near_cfg = jobs[0].cfg.near_duplicates if jobs and jobs[0].cfg else NearDupConfig(enabled=False)
     started = time.perf_counter()
-    near = near_duplicates(jobs, near_cfg)
+    near = near_duplicates(jobs, near_cfg, increment.live if increment else ())
     run_stats["near_duplicates"] = {**asdict(near_cfg), "dropped": len(near),
                                     "seconds": round(time.perf_counter() - started, 3)}  # fmt: skip
     content = ContentIndex(out / WORK_DIR / CONTENT_INDEX)
+    if increment is not None:  # kept samples hold their bytes first; new shards go after old indices
+        next_index.update({tuple(k.split("/")): v for k, v in increment.next_index.items()})
+        for key, sha, url, split, region, chunk, _phash in increment.live:
+            content.first(sha, url, split, region, chunk or key)
     try:
         for n, job in enumerate(jobs):
             marker = load_marker(job)
@@ -172,26 +200,39 @@ def _finalize(
                         )  # fmt: skip
                 shard = _place_part(out, job, part, dropped, next_index, publication)
                 if shard is not None:
-                    shards.append(shard)
+                    shards.append({**shard, "version": version, "tombstones": []})
     finally:
         content.close()
     for row in unreadable:
         failures[f"offset:{row['offset']}"] = row
     run_stats["repeated_records_dropped"] = repeats
+    if increment is not None:
+        run_stats["incremental"] = {**increment.stats(), "new_shards": len(shards) - len(increment.kept)}
     reports = (shards, list(failures.values()), duplicates, n_records, splits_dir, run_stats)
-    return _write_reports(out, *reports, publication)
+    return _write_reports(out, *reports, publication, release)
 
 
-def near_duplicates(jobs: list[ChunkJob], cfg: NearDupConfig) -> dict[tuple[int, str], dict]:
+def near_duplicates(
+    jobs: list[ChunkJob], cfg: NearDupConfig, kept: Sequence = ()
+) -> dict[tuple[int, str], dict]:
     """``(job index, sample key) -> {phash, distance, duplicate_of}`` of every near-duplicate to drop.
 
     Samples are judged in the order the content index sees them (jobs in order, samples in marker
     order), so the earliest split keeps its copy and a retry round never changes an earlier decision.
     A repeat of earlier bytes (same sha256) is left to the content index: it never reaches ``judge``.
+    ``kept``: the live samples of an incremental build's kept shards (``Increment.live`` rows), judged
+    first: a new sample near one of them is dropped; they are never dropped (their tars stay as they are).
     """
     if not cfg.enabled:
         return {}
     phash, sha, split, where = array("Q"), array("Q"), array("B"), array("q")
+    for i, (_key, sha256, _url, split_name, _region, _chunk, kept_phash) in enumerate(kept):
+        if not kept_phash or not sha256:  # a tar from before the hash was recorded: content dedup only
+            continue
+        phash.append(hash_value(kept_phash))
+        sha.append(int(sha256[:16], 16))
+        split.append(SPLIT_NAMES.index(split_name))
+        where.append(-1 - i)  # negative: a kept sample
     for n, job in enumerate(jobs):
         for i, sample in enumerate(load_marker(job)["samples"]):
             phash.append(hash_value(sample["phash"]))
@@ -206,14 +247,22 @@ def near_duplicates(jobs: list[ChunkJob], cfg: NearDupConfig) -> dict[tuple[int,
     verdicts = judge(hashes, np.frombuffer(split, dtype=np.uint8)[fresh], cfg.threshold, cfg.within_split)
     located = np.frombuffer(where, dtype=np.int64)[fresh]
 
-    def place(s: int) -> tuple[int, int]:  # (job index, sample index in its marker)
-        return divmod(int(located[s]), 1 << 32)
+    def place(s: int) -> tuple[int, int]:  # (job index, sample index in its marker); (-1, i): kept
+        located_s = int(located[s])
+        return (-1, -1 - located_s) if located_s < 0 else divmod(located_s, 1 << 32)
 
+    verdicts = {s: v for s, v in verdicts.items() if place(s)[0] >= 0}  # kept tars are never changed
     wanted: dict[int, dict[int, dict]] = defaultdict(dict)
     for s, (of, _) in verdicts.items():
         for n, i in (place(s), place(of)):
             wanted[n][i] = {}
     for n, samples in wanted.items():  # only the markers involved are read again, for keys and URLs
+        if n < 0:
+            for i in samples:
+                key, _sha, url, split_name, region, chunk, kept_phash = kept[i]
+                samples[i] = {"key": key, "image_url": url, "split": split_name, "region": region,
+                              "chunk": chunk, "phash": kept_phash}  # fmt: skip
+            continue
         job, listed = jobs[n], load_marker(jobs[n])["samples"]
         for i in samples:
             samples[i] = {**listed[i], "split": job.split, "region": job.region, "chunk": job.chunk_id}
@@ -246,7 +295,9 @@ def _place_part(
         if dropped:
             publication.writing = work
             drop_samples(work, dropped)
-        publication.changing(final)
+        if final.exists():  # a rename over a published tar; a new path changes nothing readers see
+            publication.changing(final)
+        publication.writing = final
         final.with_suffix(".idx").unlink(missing_ok=True)  # never an old plan's index beside the new tar
         os.replace(work, final)
     elif not final.exists():
@@ -277,6 +328,7 @@ def _write_reports(
     splits_dir: Path,
     run_stats: dict,
     publication: _Publication,
+    release: dict,
 ) -> dict:
     listed = {out / s["path"] for s in shards}
     for split in SPLIT_NAMES:  # shards of an earlier, different plan
@@ -289,9 +341,9 @@ def _write_reports(
     for s in shards:
         t = totals[s["split"]][s["region"]]
         t["shards"] += 1
-        t["samples"] += s["samples"]
+        t["samples"] += live_samples(s)
         t["bytes"] += s["bytes"]
-    sharded = sum(s["samples"] for s in shards)
+    sharded = sum(live_samples(s) for s in shards)  # tombstoned samples are not served
     accounting = {
         "records_in": n_records,
         "sharded": sharded,
@@ -310,6 +362,7 @@ def _write_reports(
         "splits_sha256": run_stats["splits_sha256"],  # --retry-failed checks it against the catalog
         "retry_rounds": run_stats["retry_rounds"],  # rounds finalized; a later one is unfinished
         "last_run": run_stats,
+        **release,  # version, parent, build_settings (incremental.py)
     }
     publication.writing = out / f"{MANIFEST} (and the logs beside it)"
     with OutputSet(out) as outputs:

@@ -14,7 +14,9 @@ Owns the contract between the sharder and its readers (the loaders, training, ex
   ``v1.2``: a header ``v1.2 <samples>``, then per sample ``<ext> <data offset> <size> <member name>``
   for each of its files): written (``write_index``, ``index_text``) and read (``read_index``).
 * **The manifest**: ``ShardEntry`` per tar (path, split, region, samples, bytes, sha256, classes,
-  licenses), plus totals, accounting and run facts the sharder keeps there.
+  licenses, the ``version`` that wrote it, ``tombstones``: keys of samples an incremental build
+  removed, which readers must skip), plus ``version``/``parent`` (the catalog versions of this build
+  and of the one it grew from), totals, accounting and run facts the sharder keeps there.
 
 Leaves out: writing tars (writer.py), deciding what goes where (build.py), reading samples in
 training order (loaders/index.py).
@@ -218,6 +220,9 @@ class ShardEntry:
     classes: list[int] = field(default_factory=list)
     licenses: dict[str, int] = field(default_factory=dict)
     chunk: str | None = None
+    version: str | None = None  # the catalog version (splits sha256) whose build wrote this tar
+    #: Keys of samples in the tar that are no longer in the catalog (incremental builds): never served.
+    tombstones: list[str] = field(default_factory=list)
 
 
 @dataclass

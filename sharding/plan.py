@@ -17,7 +17,7 @@ import json
 import re
 from array import array
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Container, Sequence
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
@@ -26,7 +26,7 @@ from flora.errors import FloraError
 from flora.io import read_jsonl, sha256_file
 
 from .config import SPLIT_NAMES, BuildConfig
-from .format import MANIFEST, SampleMeta
+from .format import MANIFEST, SampleMeta, safe_key
 from .outputs import dumps
 from .records import url_key
 from .split import seeded_rank
@@ -117,8 +117,13 @@ class DamagedSplitsError(FloraError, ValueError):
     """A line of the catalog's splits file is not the record the catalog writes: the file was damaged."""
 
 
-def plan_jobs(splits_path: Path, out_dir: Path, cfg: BuildConfig) -> tuple[list[ChunkJob], int, list[dict]]:
+def plan_jobs(
+    splits_path: Path, out_dir: Path, cfg: BuildConfig, exclude: Container[str] = (), prefix: str = ""
+) -> tuple[list[ChunkJob], int, list[dict]]:
     """Chunks every stream of the splits file; returns (jobs in global order, records, unreadable rows).
+
+    ``exclude``: sample keys (``safe_key``) already sharded (an incremental build's kept shards,
+    incremental.py): counted as records but not planned; ``prefix`` names the chunks of such a plan.
 
     The file is the catalog's own output, so an unreadable line means it was damaged (truncated,
     edited, a disk fault): refused with the line's number, unless ``cfg.allow_damaged_splits``, where
@@ -158,6 +163,8 @@ def plan_jobs(splits_path: Path, out_dir: Path, cfg: BuildConfig) -> tuple[list[
                      "message": str(exc)[:300]}
                 )  # fmt: skip
                 continue
+            if exclude and safe_key(url_key(url)) in exclude:
+                continue
             stream = (split, region)
             ranks[stream].append(int.from_bytes(seeded_rank(cfg.seed, url_key(url))[:8], "big"))
             offsets[stream].append(here)
@@ -165,7 +172,7 @@ def plan_jobs(splits_path: Path, out_dir: Path, cfg: BuildConfig) -> tuple[list[
     for split, region in sorted(ranks, key=stream_order):
         order = np.argsort(np.frombuffer(ranks[(split, region)], dtype=np.uint64), kind="stable")
         offs = np.frombuffer(offsets[(split, region)], dtype=np.int64)[order]
-        jobs += chunk_stream(split, region, offs, splits_path, out_dir, cfg.shards.max_samples, "")
+        jobs += chunk_stream(split, region, offs, splits_path, out_dir, cfg.shards.max_samples, prefix)
         del ranks[(split, region)], offsets[(split, region)]
     return jobs, n, unreadable
 

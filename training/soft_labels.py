@@ -1,12 +1,17 @@
 """Cached soft labels: the teachers' top-k mixture per training sample, computed once, kept in the cache root.
 
-Owns the cache (``<cache root>/soft_labels/<store>/<key>/soft_labels.npz`` + ``meta.json``, or
-under ``distill.cache.dir``; flora/cache.py), its key (a hash of everything the values depend on:
-each teacher checkpoint's path, size and mtime, weights, temperature, mixing rule, top-k, the
-student's class mapping, the data selection and the view's size/normalisation, and the split's
-sample keys: change any and a new cache is built), building it (every rank predicts its share of
-the split on the *fixed validation view*, the shares are merged and checked, rank 0 writes
-atomically), and ``SoftLabels.lookup`` (sample ids -> dense mixture rows for a batch).
+Owns the cache (``<cache root>/soft_labels/<store>/<key>/`` with ``meta.json`` and one
+``shards/<shard id>.npz`` per shard, or under ``distill.cache.dir``; flora/cache.py), its key (a hash
+of everything the values depend on: each teacher checkpoint's path, size and mtime, weights,
+temperature, mixing rule, top-k, the student's class mapping, the data selection and the view's
+size/normalisation: change any and a new cache is built), the **per-shard** files (named by the
+shard's manifest sha256, its content: a shard an incremental build kept keeps its rows, so soft
+labels for a grown store are computed for the new shards only; a shard without a recorded sha256 is
+named by its path, size and mtime), building the missing ones (every rank predicts its share of
+those shards' samples on the *fixed validation view*, the shares are merged and checked, rank 0
+writes each shard's file atomically), and ``SoftLabels.lookup`` (sample ids -> dense mixture rows for
+a batch). A shard's file holds its samples' rows; tombstoned samples are not in the index, so
+their rows are simply not looked up.
 
 Top-k: the mixture's ``top_k`` largest probabilities per sample, renormalised to sum 1 over the kept
 classes; with ``top_k`` >= the class count the cache equals the online mixture of that view.
@@ -32,24 +37,29 @@ import torch
 
 from flora.cache import derived_dir
 from flora.errors import fail
-from loaders.factory import make_loader
+from loaders.backends import loader_class
 from loaders.index import SampleIndex
 
 from .distributed import Dist
 
 log = logging.getLogger(__name__)
 
-FORMAT = 1
+FORMAT = 2  # 2: one file per shard
+SHARDS_DIR = "shards"
 
 
 class SoftLabels:
     """Top-k mixtures of one split's samples, addressable by the loader's sample ids."""
 
-    def __init__(self, classes: torch.Tensor, probs: torch.Tensor, rows: torch.Tensor, path: Path):
+    def __init__(
+        self, classes: torch.Tensor, probs: torch.Tensor, rows: torch.Tensor, path: Path, computed: int = 0
+    ):
         self.classes, self.probs, self.rows, self.path = classes, probs, rows, path
+        self.computed = computed  # rows the teachers computed in this call (0: every shard was cached)
 
     def to(self, device) -> SoftLabels:
-        return SoftLabels(self.classes.to(device), self.probs.to(device), self.rows.to(device), self.path)
+        moved = (self.classes.to(device), self.probs.to(device), self.rows.to(device))
+        return SoftLabels(*moved, self.path, self.computed)
 
     def lookup(self, index: torch.Tensor, num_classes: int) -> torch.Tensor:
         rows = self.rows[index.to(self.rows.device)]
@@ -62,13 +72,13 @@ class SoftLabels:
 
 
 def cache_key(cfg, index: SampleIndex) -> str:
+    """The settings the values depend on (not the samples: those are per shard file)."""
     distill, data = cfg.distill, cfg.data
     teachers = []
     for t in distill.teachers:
         path = Path(t.checkpoint).resolve()
         stat = path.stat()
         teachers.append([str(path), stat.st_size, stat.st_mtime_ns, t.weight])
-    keys = hashlib.sha256("\n".join(index.keys).encode()).hexdigest()
     material = {
         "format": FORMAT,
         "teachers": teachers,
@@ -76,13 +86,18 @@ def cache_key(cfg, index: SampleIndex) -> str:
         "mixing": distill.mixing,
         "top_k": distill.cache.top_k,
         "class_mapping": sorted(index.class_mapping.items()),
-        "shards": str(Path(data.shards).resolve()),
-        "split": index.split,
         "selection": [data.region_filter, data.label_space, data.production_only],
         "view": [data.image_size, data.augment.crop_pct, data.augment.mean, data.augment.std],
-        "samples": keys,
     }
     return hashlib.sha256(json.dumps(material, sort_keys=True).encode()).hexdigest()[:20]
+
+
+def shard_id(shard) -> str:
+    """A shard's file name in the cache: its manifest sha256 (content), else its path, size and mtime."""
+    if shard.sha256:
+        return shard.sha256[:32]
+    stat = shard.path.stat()
+    return hashlib.sha256(f"{shard.path}|{stat.st_size}|{stat.st_mtime_ns}".encode()).hexdigest()[:32]
 
 
 def cache_dir(cfg) -> Path:
@@ -93,9 +108,9 @@ def cache_dir(cfg) -> Path:
 
 
 @torch.no_grad()
-def compute_rank_share(cfg, mixer, index_split: str, rank: int, world_size: int, device) -> dict:
-    """This rank's top-k mixtures over its share of the split, on the fixed validation view."""
-    loader = make_loader(cfg.data, index_split, False, rank, world_size, device)
+def compute_rank_share(cfg, mixer, index: SampleIndex, rank: int, world_size: int, device) -> dict:
+    """This rank's top-k mixtures over its share of ``index``'s samples, on the fixed validation view."""
+    loader = loader_class(cfg.data.backend)(index, cfg.data, False, rank, world_size, device)
     k = min(cfg.distill.cache.top_k, mixer.num_classes)
     keys, classes, probs = [], [], []
     mixer.eval()
@@ -118,46 +133,46 @@ def compute_rank_share(cfg, mixer, index_split: str, rank: int, world_size: int,
 
 
 def ensure_cache(cfg, mixer, index: SampleIndex, device, ddp=None) -> SoftLabels:
-    """The cache for ``cfg`` and ``index`` (built now if missing), loaded on ``device``."""
+    """The cache for ``cfg`` and ``index``, its missing shards built now, loaded on ``device``."""
 
     ddp = ddp or Dist()
-    key = cache_key(cfg, index)
-    folder = cache_dir(cfg) / key
-    data_file = folder / "soft_labels.npz"
-    if not data_file.is_file():
+    folder = cache_dir(cfg) / cache_key(cfg, index)
+    files = [folder / SHARDS_DIR / f"{shard_id(s)}.npz" for s in index.shards]
+    missing = [i for i, path in enumerate(files) if not path.is_file()]
+    computed = int(sum(index.bounds[i + 1] - index.bounds[i] for i in missing))
+    if missing:
         if ddp.main:
-            log.info("building the soft-label cache %s (%d samples)", folder, len(index))
-        share = compute_rank_share(cfg, mixer, index.split, ddp.rank, ddp.world_size, device)
+            log.info("soft-label cache %s: %d of %d shards to compute (%d samples)",
+                     folder, len(missing), len(files), computed)  # fmt: skip
+        sub = index.subset(missing)
+        share = compute_rank_share(cfg, mixer, sub, ddp.rank, ddp.world_size, device)
         shares = ddp.gather(share)
         if ddp.main:
             keys = [k for s in shares for k in s["keys"]]
-            if sorted(keys) != sorted(index.keys) or len(set(keys)) != len(keys):
+            if sorted(keys) != sorted(sub.keys) or len(set(keys)) != len(keys):
                 raise RuntimeError(
-                    f"soft-label cache: the ranks produced {len(keys)} entries for {len(index)} samples"
+                    f"soft-label cache: the ranks produced {len(keys)} entries for {len(sub)} samples"
                 )
-            _write(
-                folder,
-                keys,
-                torch.cat([s["classes"] for s in shares]),
-                torch.cat([s["probs"] for s in shares]),
-                cfg,
-            )
+            classes = torch.cat([s["classes"] for s in shares])
+            probs = torch.cat([s["probs"] for s in shares])
+            _write(folder, [files[i] for i in missing], sub, keys, classes, probs, cfg)
         ddp.barrier()
-    return load_cache(data_file, index).to(device)
+    return load_cache(folder, files, index, computed).to(device)
 
 
-def _write(folder: Path, keys: list[str], classes: torch.Tensor, probs: torch.Tensor, cfg) -> None:
+def _write(
+    folder: Path, files: list[Path], sub: SampleIndex, keys: list[str], classes: torch.Tensor,
+    probs: torch.Tensor, cfg,
+) -> None:  # fmt: skip
+    """One file per shard of ``sub`` (``files[i]`` for ``sub.shards[i]``), each written atomically."""
     try:
-        folder.mkdir(parents=True, exist_ok=True)
+        (folder / SHARDS_DIR).mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise RuntimeError(
             f"soft-label cache: cannot create {folder} ({exc}); set distill.cache.dir"
         ) from exc
-    tmp = folder / "soft_labels.tmp.npz"
-    np.savez(tmp, keys=np.array(keys), classes=classes.numpy(), probs=probs.numpy())
     meta = {
         "format": FORMAT,
-        "samples": len(keys),
         "top_k": int(classes.shape[1]),
         "temperature": cfg.distill.temperature,
         "mixing": cfg.distill.mixing,
@@ -165,20 +180,31 @@ def _write(folder: Path, keys: list[str], classes: torch.Tensor, probs: torch.Te
         "view": "validation transform (resize shorter side, center crop) at the student's image size",
     }
     (folder / "meta.json").write_text(json.dumps(meta, indent=2))
-    os.replace(tmp, folder / "soft_labels.npz")
+    row_of = {k: i for i, k in enumerate(keys)}
+    for n, path in enumerate(files):
+        rows = [row_of[sub.keys[s]] for s in range(sub.bounds[n], sub.bounds[n + 1])]
+        tmp = path.with_name(path.stem + ".tmp.npz")
+        np.savez(tmp, keys=np.array([keys[r] for r in rows]), classes=classes[rows].numpy(),
+                 probs=probs[rows].numpy())  # fmt: skip
+        os.replace(tmp, path)
 
 
-def load_cache(path: Path, index: SampleIndex) -> SoftLabels:
-    with np.load(path, allow_pickle=False) as f:
-        keys, classes, probs = f["keys"], torch.from_numpy(f["classes"]).long(), torch.from_numpy(f["probs"])
-    position = {str(k): i for i, k in enumerate(keys)}
+def load_cache(folder: Path, files: list[Path], index: SampleIndex, computed: int = 0) -> SoftLabels:
+    """The per-shard files of ``index``'s shards, concatenated, with each sample's row."""
+    keys, classes, probs = [], [], []
+    for path in files:
+        with np.load(path, allow_pickle=False) as f:
+            keys += [str(k) for k in f["keys"]]
+            classes.append(torch.from_numpy(f["classes"]).long())
+            probs.append(torch.from_numpy(f["probs"]))
+    position = {k: i for i, k in enumerate(keys)}
     rows = torch.tensor([position.get(k, -1) for k in index.keys], dtype=torch.long)
     missing = int((rows < 0).sum())
     if missing:
         raise RuntimeError(
-            f"soft-label cache {path} lacks {missing} of the split's samples; delete it to rebuild"
+            f"soft-label cache {folder} lacks {missing} of the split's samples; delete it to rebuild"
         )
-    return SoftLabels(classes, probs, rows, path)
+    return SoftLabels(torch.cat(classes), torch.cat(probs), rows, folder, computed)
 
 
 def main(argv: list[str] | None = None, prog: str | None = None) -> int:
@@ -211,7 +237,10 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     finally:
         destroy_distributed()
     if ddp.main:
-        print(f"soft labels: {cache.path} ({len(cache.rows)} samples, top-{cache.classes.shape[1]})")
+        print(
+            f"soft labels: {cache.path} ({len(cache.rows)} samples, {cache.computed} computed now,"
+            f" top-{cache.classes.shape[1]})"
+        )
     return 0
 
 

@@ -6,6 +6,7 @@ import math
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 import yaml
@@ -162,7 +163,9 @@ def test_cached_soft_labels_equal_online_ones_for_the_same_fixed_view(shard_root
     train, _, info = create_dataloaders(cfg.data)
     mixer = build_mixer(cfg.distill, info)
     cache = ensure_cache(cfg, mixer, train.index, torch.device("cpu"))
-    assert cache.path.is_file() and (cache.path.parent / "meta.json").is_file()
+    assert (cache.path / "meta.json").is_file() and cache.computed == len(train.index)
+    files = sorted((cache.path / "shards").glob("*.npz"))
+    assert len(files) == len(train.index.shards), "one file per shard"
     fixed_view = make_loader(cfg.data, cfg.data.train_split, False, 0, 1, torch.device("cpu"))
     checked = 0
     for batch in fixed_view:
@@ -171,8 +174,10 @@ def test_cached_soft_labels_equal_online_ones_for_the_same_fixed_view(shard_root
         assert torch.allclose(online, cached, atol=1e-6)
         checked += len(batch["index"])
     assert checked == len(train.index)
+    mtimes = [f.stat().st_mtime_ns for f in files]
     again = ensure_cache(cfg, mixer, train.index, torch.device("cpu"))  # found, not rebuilt
-    assert again.path == cache.path and cache.path.stat().st_mtime_ns == again.path.stat().st_mtime_ns
+    assert again.path == cache.path and again.computed == 0
+    assert [f.stat().st_mtime_ns for f in files] == mtimes
 
 
 def test_smoke_student_learns_online_and_cached_and_the_report(shard_root, teachers, tmp_path):
@@ -188,7 +193,7 @@ def test_smoke_student_learns_online_and_cached_and_the_report(shard_root, teach
         assert summary["best"]["value"] > 2.0 / trainer.info.num_classes
         assert not any(p.requires_grad for p in trainer.objective.mixer.parameters())
         runs[mode] = tmp_path / mode / "best_model.pt"
-    assert list((tmp_path / "soft").glob("*/soft_labels.npz"))
+    assert list((tmp_path / "soft").glob("*/shards/*.npz"))
     report = compare(
         [runs["online"], runs["cached"]],
         [teachers["global"], teachers["regional"]],
@@ -227,4 +232,5 @@ def test_torchrun_two_ranks_build_the_cache_and_distil(shard_root, teachers, tmp
     assert summary["world_size"] == 2 and summary["status"] == "finished"
     (meta,) = (tmp_path / "soft").glob("*/meta.json")
     train, _, _ = create_dataloaders(load_experiment(cfg).data)
-    assert json.loads(meta.read_text())["samples"] == len(train.index)  # every sample once, from both ranks
+    keys = [str(k) for f in (meta.parent / "shards").glob("*.npz") for k in np.load(f)["keys"]]
+    assert sorted(keys) == sorted(train.index.keys)  # every sample once, from both ranks

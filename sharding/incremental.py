@@ -1,0 +1,293 @@
+"""Incremental builds: a new catalog version over the shards of an earlier one, and ``--compact``.
+
+Owns:
+
+* **When a build is incremental** (``plan_increment``): the output holds a manifest whose version
+  (the ``splits_sha256`` of the catalog it was built from) is in the new catalog's lineage
+  (``catalog_version.json``, lineage.py) and whose ``build_settings`` (seed, shard, image,
+  download-policy and near-duplicate settings, the sample format) equal this build's. A re-run with
+  the same splits stays today's resume; any other case starts a fresh plan.
+* **The increment** (saved as ``_work/increment.json`` before any job runs, so that a crash, or a
+  re-run after success, reuses it instead of comparing again against a manifest that may already be
+  the new one): every published shard is verified against its manifest sha256 and read (its samples'
+  ``json`` members, by the ``.idx`` offsets). A sample stays *live* when the new catalog has its
+  record (same sample key, split, region and label); otherwise its key becomes a **tombstone** of
+  that shard (removed records, and relabelled ones: removed + new). Kept shards are never rewritten.
+  A shard whose sha256 no longer matches is not kept: its records are planned again (rebuilt from the
+  cache or the network), it is listed in ``incremental.rebuilt_shards`` and removed at publication.
+* **What is planned**: every record of the new catalog that is not live in a kept shard: new records,
+  relabelled ones, and those that failed or were content duplicates last time (they come back from
+  the cache, negative entries included, so they fail or dedup again without a request: accounting
+  stays ``records in = sharded + failed + duplicates``). They become chunks ``from<parent>-NNNNNN``
+  (plan.py), written to shard indices after the highest index each stream had.
+* **Compaction** (``compact``, ``flora build --compact``): shards with tombstones are rewritten without
+  them (writer.drop_samples on a copy in the work area), then published all or nothing: the plan of
+  the swap is saved first (``_work/compact.json``), the manifest is removed before the first tar is
+  replaced and the new one written last, so a crash leaves no manifest (loaders refuse) and a re-run
+  of ``--compact`` finishes the swap.
+
+Dedup against kept shards: their live samples' sha256s seed finalize's content index and their
+perceptual hashes are judged first by the near-duplicate search, so a new sample that repeats a kept
+one is dropped as a full build would; the one difference: where a full build would keep the copy in
+an earlier split (a new train sample near a kept test sample), the kept one stays and the new one goes.
+
+Leaves out: running chunks (job.py), placing new parts and writing the manifest (finalize.py).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from flora.errors import FloraError, storage_error
+from flora.io import sha256_file
+
+from .format import MANIFEST, SampleMeta, ShardFormatError, read_index, safe_key, write_index
+from .lineage import VERSION_FILE
+from .outputs import OutputSet, dumps
+from .plan import WORK_DIR
+from .records import url_key
+from .writer import drop_samples
+
+INCREMENT_FILE = "increment.json"
+COMPACT_FILE = "compact.json"
+COMPACT_DIR = "compact"
+
+
+@dataclass
+class Increment:
+    """What an incremental build keeps from the published build it grows (see module docstring)."""
+
+    parent: str  # the version (splits sha256) of the manifest grown from
+    kept: list[dict]  # its shard entries kept byte for byte, each with "tombstones" and "version"
+    live: list[list]  # [key, sha256, image_url, split, region, chunk, phash] of each live kept sample
+    next_index: dict[str, int]  # "split/region" -> first index for new shards (after every old one)
+    rebuilt_shards: list[str] = field(default_factory=list)  # failed their sha256: records re-planned
+    new_tombstones: int = 0  # samples tombstoned by this version
+
+    @property
+    def prefix(self) -> str:
+        return f"from{self.parent[:8]}-"
+
+    def live_keys(self) -> set[str]:
+        return {row[0] for row in self.live}
+
+    def stats(self) -> dict:
+        return {
+            "parent": self.parent,
+            "kept_shards": len(self.kept),
+            "live_kept_samples": len(self.live),
+            "tombstones": sum(len(s["tombstones"]) for s in self.kept),
+            "new_tombstones": self.new_tombstones,
+            "rebuilt_shards": self.rebuilt_shards,
+        }
+
+
+def build_settings(fingerprint: dict) -> dict:
+    """The plan fingerprint without the catalog: what must be unchanged for shards to be kept."""
+    return json.loads(json.dumps({k: v for k, v in fingerprint.items() if k != "splits_sha256"}))
+
+
+def manifest_version(manifest: dict) -> str | None:
+    return manifest.get("version") or manifest.get("splits_sha256")
+
+
+def plan_increment(out: Path, splits_dir: Path, fingerprint: dict) -> Increment | None:
+    """The saved increment of this work area, or a new one when the build is incremental, else None.
+
+    The caller has already cleared a work area of another plan, so a saved increment is this plan's.
+    """
+    saved = out / WORK_DIR / INCREMENT_FILE
+    if saved.is_file():
+        return Increment(**json.loads(saved.read_text(encoding="utf-8")))
+    if not (out / MANIFEST).is_file():
+        return None
+    manifest = json.loads((out / MANIFEST).read_text(encoding="utf-8"))
+    parent = manifest_version(manifest)
+    version = fingerprint["splits_sha256"]
+    if manifest.get("build_settings") != build_settings(fingerprint):
+        return None  # another seed, shard or image setting: nothing published can be kept
+    if parent == version and not manifest.get("parent"):
+        return None  # the same catalog over a full build: the ordinary resume
+    if f"sha256:{parent}" not in _lineage(splits_dir):
+        return None  # not an earlier version of this catalog
+    increment = _compare(out, manifest, splits_dir / "dataset_splits.jsonl", parent)
+    tmp = saved.with_name(saved.name + ".tmp")
+    tmp.write_text(dumps(asdict(increment)), encoding="utf-8")
+    os.replace(tmp, saved)  # the plan now holds: a re-run reuses it
+    return increment
+
+
+def _lineage(splits_dir: Path) -> list[str]:
+    path = splits_dir / VERSION_FILE
+    if not path.is_file():
+        return []
+    try:
+        lineage = json.loads(path.read_text(encoding="utf-8")).get("lineage", [])
+    except (ValueError, AttributeError):
+        return []
+    return lineage if isinstance(lineage, list) else []
+
+
+def _wanted(splits_path: Path) -> dict[str, tuple]:
+    """Sample key -> (split, region, label) of every readable record of the new catalog."""
+    wanted = {}
+    with open(splits_path, "rb") as fh:
+        for line in fh:
+            try:
+                row = json.loads(line)
+                wanted[safe_key(url_key(row["image_url"]))] = (row["split"], row["region"], row["label"])
+            except (ValueError, KeyError, TypeError):
+                continue  # plan_jobs refuses or counts damaged lines
+    return wanted
+
+
+def shard_samples(tar: Path) -> list[tuple[str, SampleMeta]]:
+    """(key, json meta) of each sample of a published tar, read by its index's offsets."""
+    out = []
+    with open(tar, "rb") as fh:
+        for sample in read_index(tar):
+            if "json" not in sample:
+                raise ShardFormatError(f"{tar}: sample {sample} has no json member")
+            offset, size, name = sample["json"]
+            fh.seek(offset)
+            out.append((name.split(".", 1)[0], SampleMeta.from_json(fh.read(size))))
+    return out
+
+
+def _index_of(path: str) -> int:
+    return int(Path(path).stem.rsplit("-", 1)[1])
+
+
+def _compare(out: Path, manifest: dict, splits_path: Path, parent: str) -> Increment:
+    wanted = _wanted(splits_path)
+    kept, live, rebuilt, claimed = [], [], [], set()
+    next_index: Counter = Counter()
+    new_tombstones = 0
+    for entry in manifest.get("shards", []):
+        stream = f"{entry['split']}/{entry['region']}"
+        next_index[stream] = max(next_index[stream], _index_of(entry["path"]) + 1)
+        tar = out / entry["path"]
+        if not tar.is_file() or sha256_file(tar) != entry.get("sha256"):
+            rebuilt.append(entry["path"])  # never silently reused: its records are planned again
+            continue
+        old = set(entry.get("tombstones", []))
+        tombstones = sorted(old)
+        for key, meta in shard_samples(tar):
+            if key in old:
+                continue
+            if key not in claimed and wanted.get(key) == (entry["split"], entry["region"], meta.label):
+                claimed.add(key)
+                where = [entry["split"], entry["region"], entry.get("chunk")]
+                live.append([key, meta.sha256, meta.image_url, *where, meta.phash])
+            else:
+                tombstones.append(key)
+                new_tombstones += 1
+        kept.append({**entry, "tombstones": sorted(tombstones), "version": entry.get("version") or parent})
+    return Increment(parent, kept, live, dict(sorted(next_index.items())), rebuilt, new_tombstones)
+
+
+# -------------------------------------------------------------------------------------------- compact
+class CompactError(FloraError, ValueError):
+    """``--compact`` cannot run on this folder; the message says why."""
+
+
+def compact(out: Path) -> dict:
+    """Rewrites the shards with tombstones without those samples and publishes the result all or
+    nothing (module docstring); returns the new manifest. The caller holds the output lock. An
+    ``OSError`` (a full disk) becomes one line naming the file; a re-run finishes the compaction."""
+    try:
+        return _compact(out)
+    except OSError as exc:
+        raise storage_error("build --compact", out, exc, "run --compact again to finish") from exc
+
+
+def _compact(out: Path) -> dict:
+    work = out / WORK_DIR
+    plan_path = work / COMPACT_FILE
+    if not plan_path.is_file():
+        if not (out / MANIFEST).is_file():
+            raise CompactError(f"--compact: no {MANIFEST} in {out} (build first)")
+        plan = _plan_compaction(out, json.loads((out / MANIFEST).read_text(encoding="utf-8")))
+        if not plan["moves"]:
+            return plan["manifest"]  # no tombstones: nothing to rewrite
+        tmp = plan_path.with_name(plan_path.name + ".tmp")
+        tmp.write_text(dumps(plan), encoding="utf-8")
+        os.replace(tmp, plan_path)  # from here a re-run finishes this swap
+    plan = json.loads(plan_path.read_text(encoding="utf-8"))
+    (out / MANIFEST).unlink(missing_ok=True)  # before the first published tar changes
+    for staged, final in plan["moves"]:
+        final = out / final
+        final.with_suffix(".idx").unlink(missing_ok=True)
+        if staged is None:  # every sample was tombstoned: the shard goes
+            final.unlink(missing_ok=True)
+            continue
+        if (work / staged).exists():
+            os.replace(work / staged, final)
+        write_index(final)
+    with OutputSet(out) as outputs:
+        outputs.json(MANIFEST, plan["manifest"])
+    # the work area's increment described the shards before compaction: a re-run starts afresh
+    shutil.rmtree(work, ignore_errors=True)
+    return plan["manifest"]
+
+
+def _plan_compaction(out: Path, manifest: dict) -> dict:
+    staging = out / WORK_DIR / COMPACT_DIR
+    staging.mkdir(parents=True, exist_ok=True)
+    shards, moves, dropped = [], [], 0
+    for entry in manifest["shards"]:
+        tombstones = set(entry.get("tombstones", []))
+        if not tombstones:
+            shards.append(entry)
+            continue
+        dropped += len(tombstones)
+        copy = staging / Path(entry["path"]).name
+        shutil.copyfile(out / entry["path"], copy)
+        if drop_samples(copy, tombstones) == 0:
+            copy.unlink()
+            moves.append([None, entry["path"]])
+            continue
+        metas = [meta for _key, meta in shard_samples_from_tar(copy)]
+        shards.append(
+            {**entry, "samples": len(metas), "bytes": copy.stat().st_size, "sha256": sha256_file(copy),
+             "classes": sorted({m.label for m in metas}), "tombstones": [],
+             "version": manifest_version(manifest),
+             "licenses": dict(sorted(Counter(m.license_class for m in metas).items()))}
+        )  # fmt: skip
+        moves.append([str(copy.relative_to(out / WORK_DIR)), entry["path"]])
+    done = {"shards_rewritten": len(moves), "samples_dropped": dropped}
+    new = {**manifest, "shards": shards, "compacted": done}
+    new["totals"] = _totals(shards)
+    return {"manifest": new, "moves": moves}
+
+
+def shard_samples_from_tar(tar: Path) -> list[tuple[str, SampleMeta]]:
+    """(key, json meta) of each sample of a tar without an index, read from its headers."""
+    import tarfile
+
+    with tarfile.open(tar, "r:") as fh:
+        return [
+            (m.name.split(".", 1)[0], SampleMeta.from_json(fh.extractfile(m).read()))
+            for m in fh
+            if m.name.endswith(".json")
+        ]
+
+
+def live_samples(entry: dict) -> int:
+    """Samples of a manifest entry that readers get: its samples less its tombstones."""
+    return entry["samples"] - len(entry.get("tombstones", []))
+
+
+def _totals(shards: list[dict]) -> dict:
+    totals: dict = {}
+    for s in shards:
+        t = totals.setdefault(s["split"], {}).setdefault(s["region"], {"shards": 0, "samples": 0, "bytes": 0})
+        t["shards"] += 1
+        t["samples"] += live_samples(s)
+        t["bytes"] += s["bytes"]
+    return {split: dict(sorted(regions.items())) for split, regions in sorted(totals.items())}
