@@ -111,6 +111,13 @@ def _build(args: argparse.Namespace) -> int:
         f"{run['from_network']} downloaded, {run['from_cache']} from cache, {run['seconds']} s "
         f"({run['images_per_s'] or 0} img/s)"
     )
+    if run.get("incremental"):
+        inc = run["incremental"]
+        print(
+            f"  incremental over {inc['parent'][:12]}: {inc['kept_shards']} shards kept byte for byte "
+            f"({inc['live_kept_samples']} live samples, {inc['tombstones']} tombstoned), "
+            f"{inc['new_shards']} new, {len(inc['rebuilt_shards'])} rebuilt"
+        )
     if run["cache"]:
         print("  cache: " + ", ".join(f"{k} {v}" for k, v in run["cache"].items()))
     if manifest["failures_by_reason"]:

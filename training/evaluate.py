@@ -107,6 +107,16 @@ def _scaled(records: dict, logits: torch.Tensor, temperature: float) -> dict:
     return out
 
 
+def _skipped(loader, ddp) -> dict[str, int]:
+    """Samples left out, by reason: the scan's (the same on every rank) plus each rank's runtime skips
+    (bit rot found while decoding), summed over the ranks."""
+    scan = Counter(loader.index.skipped)
+    total = Counter(scan)
+    for rank_counts in ddp.gather(dict(loader.skipped)):
+        total.update(Counter(rank_counts) - scan)
+    return dict(sorted(total.items()))
+
+
 def evaluate(
     checkpoint_path: str | Path,
     split: str = "test",
@@ -252,13 +262,3 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
-
-
-def _skipped(loader, ddp) -> dict[str, int]:
-    """Samples left out, by reason: the scan's (the same on every rank) plus each rank's runtime skips
-    (bit rot found while decoding), summed over the ranks."""
-    scan = Counter(loader.index.skipped)
-    total = Counter(scan)
-    for rank_counts in ddp.gather(dict(loader.skipped)):
-        total.update(Counter(rank_counts) - scan)
-    return dict(sorted(total.items()))

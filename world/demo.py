@@ -25,6 +25,8 @@ REPO = Path(__file__).resolve().parents[1]
 #: URLs seed the split order, the shard chunks and the cache keys. A port chosen per run made every
 #: demo differ (45/46/47 shards) and its LMDB cache useless on the second run.
 DEMO_PORT = 8765
+#: Version 1 of the demo's catalog leaves out every 10th record; version 2 adds them back.
+V1_LEAVES_OUT = 10
 
 
 def _run(step: str, argv: list[str]) -> None:
@@ -44,7 +46,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--port", type=int, default=DEMO_PORT, help="the images' loopback port")
     args = parser.parse_args(argv)
     out = args.out
-    for stale in ("world", "splits", "shards", "runs", "exports"):
+    for stale in ("world", "splits_v1", "splits", "shards", "runs", "exports"):
         shutil.rmtree(out / stale, ignore_errors=True)  # the cache is kept: a second demo is warm
     (out / "world" / "images").mkdir(parents=True)
     try:
@@ -75,39 +77,48 @@ def main(argv: list[str] | None = None) -> int:
         )
         for path, fault in load_faults(out / "world" / "faults.json").items():
             server.set_fault(path, fault)
-        _run(
-            "catalog",
-            [
+        # The catalog grows once: version 1 is most of the world's records, version 2 all of them, split
+        # with --previous (frozen splits) and sharded incrementally over version 1's shards.
+        catalog = out / "world" / "catalog.jsonl"
+        lines = catalog.read_text(encoding="utf-8").splitlines(keepends=True)
+        (out / "world" / "catalog_v1.jsonl").write_text(
+            "".join(line for i, line in enumerate(lines) if i % V1_LEAVES_OUT), encoding="utf-8"
+        )
+        versions = (
+            ("v1", "catalog_v1.jsonl", "splits_v1", []),
+            ("v2", "catalog.jsonl", "splits", ["--previous"]),
+        )
+        for name, source, splits, previous in versions:
+            argv = [
                 "-m",
                 "sharding",
                 "catalog",
                 "--source",
-                str(out / "world" / "catalog.jsonl"),
+                str(out / "world" / source),
                 "--out",
-                str(out / "splits"),
-                "--config",
-                "config/catalog_smoke.yaml",
-            ],
-        )
-        _run(
-            "shards",
-            [
-                "-m",
-                "sharding",
-                "build",
-                "--splits",
-                str(out / "splits"),
-                "--out",
-                str(out / "shards"),
-                "--cache",
-                str(out / "cache"),
-                "--config",
-                "config/sharding_smoke.yaml",
-                "--allow-network",
-                "127.0.0.1/32",
-                "--no-progress",
-            ],
-        )
+                str(out / splits),
+            ]
+            argv += [*previous, str(out / "splits_v1")] if previous else []
+            _run(f"catalog {name}", [*argv, "--config", "config/catalog_smoke.yaml"])
+            _run(
+                f"shards {name}" + (" (incremental)" if previous else ""),
+                [
+                    "-m",
+                    "sharding",
+                    "build",
+                    "--splits",
+                    str(out / splits),
+                    "--out",
+                    str(out / "shards"),
+                    "--cache",
+                    str(out / "cache"),
+                    "--config",
+                    "config/sharding_smoke.yaml",
+                    "--allow-network",
+                    "127.0.0.1/32",
+                    "--no-progress",
+                ],
+            )
     _run(
         "loaders",
         [

@@ -28,9 +28,9 @@ def results(stdout: str) -> list[str]:
     evaluation's metrics (timings, paths and speeds aside)."""
     keep = []
     for line in stdout.splitlines():
-        if line.startswith("build: ") or line.startswith("test: "):
+        if line.startswith(("build: ", "test: ", "  incremental over ")):
             keep.append(line)
-        elif " shards; this run:" in line:
+        elif " shards; this run:" in line or "frozen splits (--previous)" in line:
             keep.append(line.split(";")[0])
     return keep
 
@@ -42,6 +42,9 @@ def test_demo_runs_every_stage_and_a_second_run_is_identical_from_cache(tmp_path
     assert "accounting ok" in first.stdout
     assert "train:" in first.stdout and "images/s (all ranks)" in first.stdout  # the loaders' epoch
     assert (tmp_path / "shards" / "manifest.json").is_file()
+    # the catalog grows once: frozen splits, then an incremental build over version 1's shards
+    assert "frozen splits (--previous): kept " in first.stdout and ", moved 0" in first.stdout
+    assert "incremental over " in first.stdout and " 0 rebuilt" in first.stdout
     second = run_demo(tmp_path, port)  # the same machine, the same folder: the cache is warm
     assert results(first.stdout) and results(second.stdout) == results(first.stdout)
     assert sum("test: " in line for line in results(first.stdout)) >= 2
