@@ -28,14 +28,13 @@ import argparse
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 from benchmarks.results import RESULTS_DIR, print_table, write_result
-from benchmarks.sharder import _free_port, make_images
+from benchmarks.sharder import make_images, start_server
 
 REPO = Path(__file__).resolve().parents[1]
 #: Shard size of the run (samples): 20k records make ~20 shards per build.
@@ -111,20 +110,8 @@ def main(argv: list[str] | None = None) -> int:
         shutil.rmtree(root / name, ignore_errors=True)
     root.mkdir(parents=True, exist_ok=True)
     paths = make_images(root, args.files)
-    port = _free_port()
-    server = subprocess.Popen(
-        [sys.executable, "-m", "world", "serve", "--root", str(root), "--port", str(port), "--no-faults"],
-        cwd=REPO,
-        stdout=subprocess.DEVNULL,
-    )
-    base = f"http://127.0.0.1:{port}"
+    server, base = start_server(root)
     try:
-        for _ in range(100):  # wait until it accepts connections
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-                break
-            except OSError:
-                time.sleep(0.1)
         old = int(args.records * OLD_FRACTION)
         v1_splits = write_catalog(root, base, paths, old, "v1", None)
         v2_splits = write_catalog(root, base, paths, args.records, "v2", v1_splits)

@@ -42,6 +42,24 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def start_server(root: Path) -> tuple[subprocess.Popen, str]:
+    """The sample world's image server over ``root`` (no faults) in a child process on a free loopback
+    port, once it accepts connections; returns it (terminate it when done) and its base URL."""
+    port = _free_port()
+    server = subprocess.Popen(
+        [sys.executable, "-m", "world", "serve", "--root", str(root), "--port", str(port), "--no-faults"],
+        cwd=REPO,
+        stdout=subprocess.DEVNULL,
+    )
+    for _ in range(100):  # wait until it accepts connections
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+            break
+        except OSError:
+            time.sleep(0.1)
+    return server, f"http://127.0.0.1:{port}"
+
+
 def make_images(root: Path, n_files: int) -> list[str]:
     """Renders ``n_files`` sample-world photos (varied sizes, ~500x375 typical) under root/images/img."""
     from world import plan_image, render_image, species_names
@@ -175,30 +193,8 @@ def main(argv: list[str] | None = None) -> int:
     root = args.out
     root.mkdir(parents=True, exist_ok=True)
     paths = make_images(root, args.files)
-    port = _free_port()
-    server = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "world",
-            "serve",
-            "--root",
-            str(root),
-            "--port",
-            str(port),
-            "--no-faults",
-        ],
-        cwd=REPO,
-        stdout=subprocess.DEVNULL,
-    )
-    base = f"http://127.0.0.1:{port}"
+    server, base = start_server(root)
     try:
-        for _ in range(100):  # wait until it accepts connections
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-                break
-            except OSError:
-                time.sleep(0.1)
         rows, result = [], {"benchmark": "sharder", "command": "python -m benchmarks.sharder"}
         # 1. Flora vs img2dataset on the same URL list
         splits = write_splits(root, base, paths, args.urls)

@@ -23,6 +23,8 @@ from sharding.config import CatalogConfig
 from sharding.download import REASONS, RETRYABLE, DownloadConfig, Downloader
 from world import ImageServer, WorldSpec, build_world, render_image
 
+from .test_download import Recorder
+
 LOOPBACK = ["127.0.0.1/32"]
 GOOD = "img/a/000001.jpg"
 #: Scheduling slack for wall-clock bounds on a shared 2-core machine.
@@ -41,16 +43,6 @@ def root(tmp_path_factory) -> Path:
 def srv(root):
     with ImageServer(root) as server:
         yield server
-
-
-class Recorder:
-    """Stands in for ``time.sleep`` between retries: records the delays, sleeps not at all."""
-
-    def __init__(self) -> None:
-        self.delays: list[float] = []
-
-    def __call__(self, seconds: float) -> None:
-        self.delays.append(seconds)
 
 
 def downloader(sleep: Recorder | None = None, **overrides) -> Downloader:
