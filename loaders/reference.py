@@ -216,17 +216,19 @@ class PlannedBatches(IterableDataset):
     """Worker ``w`` of ``n`` reads planned batches ``w, w + n, ...`` (so round-robin keeps order)."""
 
     def __getstate__(self) -> dict:
-        """Pickled for a worker process: the index cut down to the samples still to read."""
-        state = dict(self.__dict__)
-        ids = self.batches[self.first :]
-        state["index"] = WorkerPlan(self.index, np.concatenate(ids) if ids else np.zeros(0, np.int64))
-        return state
+        """Pickled for a worker process: the index cut down to the samples still to read (built once
+        per epoch, however many workers it is pickled for)."""
+        if self._plan is None:
+            ids = self.batches[self.first :]
+            self._plan = WorkerPlan(self.index, np.concatenate(ids) if ids else np.zeros(0, np.int64))
+        return {**self.__dict__, "index": self._plan, "_plan": None}
 
     def __init__(
         self, index: SampleIndex, batches: list[np.ndarray], first: int, transform: Callable, seed: int | None
     ):
         self.index, self.batches, self.first, self.transform = index, batches, first, transform
         self.seed = seed
+        self._plan: WorkerPlan | None = None  # what __getstate__ sends, built on first use
 
     def __iter__(self):
         info = get_worker_info()
