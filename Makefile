@@ -7,7 +7,8 @@ STAMP  := $(VENV)/.installed-stamp
 DEMO   ?= demo_out
 PYTEST_ARGS ?=
 
-.PHONY: install tfjs-env js-deps browser-deps demo test test-fast lint bench-catalog bench-catalog-growth \
+.PHONY: install tfjs-env js-deps browser-deps demo test test-fast lint s3-server bench-catalog \
+	bench-catalog-growth \
 	bench-sharder bench-loader bench-verify \
 	bench-training bench-export gpu-bundle gpu-check clean
 
@@ -60,6 +61,12 @@ test-fast: $(STAMP) $(TFJS_STAMP) $(JS_STAMP)
 lint: $(STAMP)
 	$(VENV)/bin/ruff check flora sharding loaders training export world tests benchmarks
 	$(VENV)/bin/ruff format --check flora sharding loaders training export world tests benchmarks
+
+# A local S3 server (SeaweedFS, 127.0.0.1 only) in the foreground; prints the AWS_* lines to export.
+S3_DIR    ?= build/s3-data
+S3_BUCKET ?= flora
+s3-server: $(STAMP)
+	$(PY) -m world.s3 --dir $(S3_DIR) --bucket $(S3_BUCKET)
 
 bench-catalog: $(STAMP)
 	$(PY) -m benchmarks.catalog

@@ -122,8 +122,16 @@ def _build(args: argparse.Namespace) -> int:
         print("  cache: " + ", ".join(f"{k} {v}" for k, v in run["cache"].items()))
     if manifest["failures_by_reason"]:
         print("  failures: " + ", ".join(f"{k} {v}" for k, v in manifest["failures_by_reason"].items()))
+    _published(manifest)
     print(f"  wrote {args.out}/manifest.json")
     return 0
+
+
+def _published(manifest: dict) -> None:
+    if "published" in manifest:  # an s3:// output (remote.py)
+        p = manifest["published"]
+        print(f"  published to {p['url']}: {p['uploaded']} uploaded, {p['unchanged']} unchanged, "
+              f"{p['deleted']} stale objects deleted")  # fmt: skip
 
 
 def _compact(args: argparse.Namespace, cfg) -> int:
@@ -137,6 +145,7 @@ def _compact(args: argparse.Namespace, cfg) -> int:
         f"build --compact: {done['shards_rewritten']} shards rewritten, {done['samples_dropped']} tombstoned"
         f" samples dropped; wrote {args.out}/manifest.json"
     )
+    _published(manifest)
     return 0
 
 
@@ -163,7 +172,7 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
 
     bld = verbs.add_parser("build", help="splits -> cached, validated downloads -> WebDataset shards")
     bld.add_argument("--splits", required=True, help="the catalog's output folder")
-    bld.add_argument("--out", required=True, help="shard folder (SHARDS)")
+    bld.add_argument("--out", required=True, help="shard folder (SHARDS), or s3://bucket/prefix")
     bld.add_argument("--cache", help="LMDB cache folder (overrides cache.path)")
     bld.add_argument("--config", help="YAML config (default: built-in defaults, as config/sharding.yaml)")
     bld.add_argument(

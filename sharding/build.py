@@ -50,6 +50,8 @@ import time
 from collections import Counter
 from pathlib import Path
 
+from flora.store import is_remote
+
 from .cache_config import cap_warning
 from .config import BuildConfig, ShardConfig
 from .finalize import finalize
@@ -58,6 +60,7 @@ from .incremental import build_settings, compact, plan_increment
 from .job import load_marker, run_chunk
 from .lock import output_lock
 from .plan import MARKER, PLAN_FILE, WORK_DIR, new_retry_round, plan_fingerprint, plan_jobs, retry_rounds
+from .remote import Remote, check_prefix, fetch_chunk, prepare, publish, share_splits
 
 __all__ = ["BuildConfig", "ShardConfig", "build", "compact_shards"]
 
@@ -67,10 +70,13 @@ log = logging.getLogger(__name__)
 def build(splits_dir: str | Path, out_dir: str | Path, cfg: BuildConfig, retry_failed: bool = False) -> dict:
     """Builds (or resumes, or retries the failures of) the shards of a catalog's splits.
 
+    ``out_dir`` is a folder or ``s3://bucket/prefix`` (remote.py: built in a local staging folder,
+    then published, the manifest last).
+
     Holds the output folder's build lock throughout (lock.py): while another build holds it, this one
     refuses at once or, with ``cfg.wait_lock_s``, waits that long for it.
     """
-    splits_dir, out = Path(splits_dir), Path(out_dir)
+    splits_dir = Path(splits_dir)
     splits_path = splits_dir / "dataset_splits.jsonl"
     if not splits_path.is_file():
         raise FileNotFoundError(
@@ -81,11 +87,15 @@ def build(splits_dir: str | Path, out_dir: str | Path, cfg: BuildConfig, retry_f
     warning = cap_warning(cfg.cache)
     if warning:
         log.warning(warning)
+    remote = prepare(out_dir) if is_remote(out_dir) else None  # remote.py: s3://
+    out = remote.staging if remote else Path(out_dir)
     with output_lock(out, cfg.wait_lock_s):  # one build per output folder, held until the manifest is written
-        return _build_locked(splits_dir, out, cfg, retry_failed)
+        return _build_locked(splits_dir, out, cfg, retry_failed, remote)
 
 
-def _build_locked(splits_dir: Path, out: Path, cfg: BuildConfig, retry_failed: bool) -> dict:
+def _build_locked(
+    splits_dir: Path, out: Path, cfg: BuildConfig, retry_failed: bool, remote: Remote | None = None
+) -> dict:
     from tqdm import tqdm
 
     from .distribute import run_jobs
@@ -98,6 +108,8 @@ def _build_locked(splits_dir: Path, out: Path, cfg: BuildConfig, retry_failed: b
         shutil.rmtree(work)  # another catalog or config: nothing in the work area can be reused
     work.mkdir(parents=True, exist_ok=True)
     plan_file.write_text(json.dumps(fingerprint, sort_keys=True), encoding="utf-8")
+    if remote:  # another data set's manifest there is refused; a published set staging lacks comes down
+        check_prefix(remote, splits_dir, fingerprint["splits_sha256"])
 
     planning = time.perf_counter()
     increment = plan_increment(out, splits_dir, fingerprint)  # incremental.py: kept shards, or None
@@ -113,7 +125,12 @@ def _build_locked(splits_dir: Path, out: Path, cfg: BuildConfig, retry_failed: b
     jobs += retry_rounds(out)  # earlier rounds, and one that a crash left unfinished
     for job in jobs:
         job.cfg = cfg
-    todo = [job for job in jobs if load_marker(job) is None]
+        if remote:  # a job on another node ships its chunk through the store (remote.py)
+            job.remote, job.driver_token = remote.url.url, remote.token
+            job.splits_sha256 = fingerprint["splits_sha256"]
+    if remote and cfg.distributor != "local":
+        share_splits(remote, splits_path, fingerprint["splits_sha256"])
+    todo = [job for job in jobs if load_marker(job) is None and not (remote and fetch_chunk(remote, job))]
 
     processes = cfg.processes or os.cpu_count() or 1
     counts, cache = Counter(), Counter()
@@ -123,6 +140,8 @@ def _build_locked(splits_dir: Path, out: Path, cfg: BuildConfig, retry_failed: b
     with tqdm(total=sum(j.size for j in todo), unit=" img", desc="shards", disable=hide) as bar:
         ray_options = {"ray_address": cfg.ray_address, "ray_loopback": cfg.ray_loopback}
         for job, marker in run_jobs(run_chunk, todo, cfg.distributor, processes, **ray_options):
+            if remote and load_marker(job) is None:
+                fetch_chunk(remote, job)  # it ran on another node
             counts.update(marker["counts"])
             worker_peak = max(worker_peak, marker["peak_rss_mib"])
             worker_anon = max(worker_anon, marker["anon_rss_mib"])
@@ -159,11 +178,20 @@ def _build_locked(splits_dir: Path, out: Path, cfg: BuildConfig, retry_failed: b
         "parent": increment.parent if increment else None,
         "build_settings": build_settings(fingerprint),
     }
-    return finalize(out, jobs, n_records, unreadable, splits_dir, run_stats, release, increment)
+    manifest = finalize(out, jobs, n_records, unreadable, splits_dir, run_stats, release, increment)
+    if remote:
+        manifest = {**manifest, "published": {"url": remote.url.url, **publish(remote, manifest)}}
+    return manifest
 
 
 def compact_shards(out_dir: str | Path, wait_lock_s: float = 0.0) -> dict:
     """``--compact``: rewrites shards with tombstones without them (incremental.py), under the lock."""
-    out = Path(out_dir)
+    remote = prepare(out_dir) if is_remote(out_dir) else None
+    out = remote.staging if remote else Path(out_dir)
     with output_lock(out, wait_lock_s):
-        return compact(out)
+        if remote:
+            check_prefix(remote, None, None)
+        manifest = compact(out)
+        if remote:
+            manifest = {**manifest, "published": {"url": remote.url.url, **publish(remote, manifest)}}
+        return manifest

@@ -37,6 +37,7 @@ from .neardup import perceptual_hash
 from .outputs import dumps
 from .plan import MARKER, ChunkJob, failure_policy, image_fingerprint
 from .records import url_key
+from .remote import localize, ship_chunk
 from .writer import RollingTarWriter, Sample
 
 #: Cache writes per commit (see PutBuffer): 32 images of ~50 KB, a few MB per transaction.
@@ -238,6 +239,7 @@ def run_chunk(job: ChunkJob) -> dict:
     (counts, cache counters, memory) to the driver: the rest stays on disk until finalize."""
     cfg = job.cfg
     started = time.perf_counter()
+    ship = localize(job)  # remote.py: on another node than the driver, work here, then ship via the store
     shutil.rmtree(job.work_dir, ignore_errors=True)  # a chunk without a marker is redone from scratch
     job.work_dir.mkdir(parents=True)
     state = WorkerState.for_config(cfg)
@@ -324,6 +326,8 @@ def run_chunk(job: ChunkJob) -> dict:
     except OSError as exc:
         tmp.unlink(missing_ok=True)
         raise storage_error("build: writing a chunk marker", tmp, exc, RESUME) from exc
+    if ship:
+        ship_chunk(job)
     return {
         k: marker[k] for k in ("counts", "cache", "peak_rss_mib", "anon_rss_mib", "file_rss_mib", "seconds")
     }

@@ -23,10 +23,10 @@ close-on-exec, job workers (spawned processes, Ray tasks) never inherit or touch
 driver releases it even while its workers are still exiting.
 
 Builds that share an LMDB cache but write different outputs do not meet here (LMDB's own locking
-serialises the cache). Leaves out: outputs that are not local or mounted folders. The sharder
-writes only to a filesystem path; a filesystem without ``flock`` (some network mounts) is refused
-with one line rather than built on unlocked. An object-store output would need a conditional-put
-lock (``IfNoneMatch``) instead; there is none to guard today.
+serialises the cache). A filesystem without ``flock`` (some network mounts) is refused with one line
+rather than built on unlocked. An ``s3://`` output is built in a local staging folder (remote.py),
+and that folder is what is locked: two builds of one prefix from one machine never meet; drivers on
+two machines are not kept apart (no lock every S3-compatible store honours).
 """
 
 from __future__ import annotations

@@ -52,6 +52,10 @@ class ChunkJob:
     offsets: Sequence[int]  # a numpy int64 array when planned, a list when loaded from a retry round
     use_negative_cache: bool = True
     cfg: BuildConfig | None = None
+    #: An object-store output (remote.py): its URL, the driver's node token, the splits file's sha256.
+    remote: str | None = None
+    driver_token: str = ""
+    splits_sha256: str = ""
 
     @property
     def work_dir(self) -> Path:

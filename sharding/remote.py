@@ -1,0 +1,300 @@
+"""Shards in object storage: ``flora build --out s3://bucket/prefix`` (flora/store.py does the requests).
+
+Owns the three steps that make an object-store output keep the local guarantees:
+
+* **Staging** (``prepare``): the build runs exactly as a local one, in a *staging* folder that mirrors
+  the output on the driver's node: ``<cache root>/staging/<id>`` (flora/cache.py: ``$FLORA_CACHE_DIR``,
+  else ``~/.cache/flora``; ``id``: the first 16 hex digits of the URL's sha256). The plan, chunk
+  markers, increment and retry rounds live there, so resume, incremental builds, ``--retry-failed`` and
+  ``--compact`` work unchanged. Before anything else the bucket is checked (a missing bucket, refused
+  credentials, an unreachable endpoint: one line, exit 2, nothing written) and so is the prefix: a
+  manifest of another data set there (neither this catalog's version nor one in its lineage) is refused
+  the same way. When the store holds a manifest the staging folder lacks (a new driver machine, a wiped
+  cache), the published set is downloaded once first, so the build continues from it.
+* **Chunks from other nodes** (``ship_chunk``, ``fetch_chunk``): a chunk job that runs where the
+  driver's staging folder is not (another Ray node: told apart by a random token the driver writes
+  into its staging folder) writes its parts in its own node's staging folder, then uploads them and
+  its marker, the marker last, under ``_work/`` in the store; the driver downloads a chunk whose
+  marker it lacks from there before finalize. Such a node reads the catalog's splits file from the
+  store too (``_work/splits-<sha256>.jsonl``, uploaded by the driver, downloaded once per node).
+  Chunks that run on the driver's node never go through the store.
+* **Publication** (``publish``), after finalize has written the staging folder: every published
+  file (class mappings, shards and their DALI ``.idx``, the logs) whose object is missing or differs
+  (size, or the sha256 the manifest records and each upload carries as ``x-amz-meta-sha256``) is
+  uploaded (multipart above 64 MiB, retried with backoff on 5xx and throttling); ``manifest.json``
+  goes last. If an object that the store's current manifest lists would be overwritten, that
+  manifest is deleted first. So a reader sees the old set whole, no manifest (the loaders refuse),
+  or the new set whole. Objects no manifest lists any more (an earlier plan's shards, the store's
+  ``_work/``) are deleted after the new manifest is in place. A crash at any point is finished by a
+  re-run: the local build is idempotent and publication uploads only what differs.
+
+One build per output: the lock is the staging folder's (lock.py), so two builds from one machine
+never meet; two drivers on different machines writing one prefix are not prevented (S3 has no lock
+that every compatible store honours); give each build its own prefix.
+
+Leaves out: the requests (flora/store.py), the build itself (build.py), readers (loaders/).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import secrets
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+from flora import store
+from flora.cache import cache_root
+from flora.errors import FloraError
+from flora.store import S3Url
+
+from .config import SPLIT_NAMES
+from .format import MANIFEST
+from .incremental import manifest_version
+from .lineage import VERSION_FILE
+from .lock import LOCK_FILE
+from .plan import MARKER, WORK_DIR, ChunkJob
+
+log = logging.getLogger(__name__)
+
+STAGING = "staging"
+#: The driver's token in its staging folder (a chunk job that finds it runs on the driver's node).
+NODE_TOKEN = "_driver.token"
+#: Files of the staging folder that are never published.
+PRIVATE = {WORK_DIR, LOCK_FILE, NODE_TOKEN}
+#: Parallel uploads during publication.
+UPLOAD_THREADS = 8
+SHA_META = "sha256"
+
+
+class RemoteOutputError(FloraError, ValueError):
+    """The object-store output cannot be used (another data set there)."""
+
+
+@dataclass
+class Remote:
+    url: S3Url
+    staging: Path
+    token: str
+
+
+def staging_dir(url: str) -> Path:
+    """This node's staging folder for output ``url``, under the cache root (flora/cache.py)."""
+    return cache_root() / STAGING / hashlib.sha256(url.encode()).hexdigest()[:16]
+
+
+def prepare(out: str) -> Remote:
+    """Checks the bucket; makes (or reuses) the staging folder; downloads a published set it lacks."""
+    url = S3Url.parse(out)
+    store.check_bucket(url)
+    staging = staging_dir(url.url)
+    staging.mkdir(parents=True, exist_ok=True)
+    token_file = staging / NODE_TOKEN
+    if not token_file.is_file():
+        token_file.write_text(secrets.token_hex(16), encoding="ascii")
+    return Remote(url, staging, token_file.read_text(encoding="ascii").strip())
+
+
+def check_prefix(remote: Remote, splits_dir: Path | None, version: str | None) -> None:
+    """Refuses a prefix holding another data set's manifest; syncs down a published set staging lacks.
+    ``version`` None (``--compact``): no data-set check, only the sync."""
+    published = store.read_bytes(remote.url.join(MANIFEST))
+    if published is None:
+        return
+    try:
+        manifest = json.loads(published)
+        theirs = manifest_version(manifest) if isinstance(manifest, dict) else None
+    except ValueError:
+        theirs = None
+    if theirs is None:
+        raise RemoteOutputError(
+            f"{remote.url} holds a manifest.json that is not a Flora shard manifest; choose another prefix"
+        )
+    if version is not None and theirs != version and f"sha256:{theirs}" not in _lineage(splits_dir):
+        raise RemoteOutputError(
+            f"{remote.url} holds the shards of another data set (catalog version {theirs[:12]}, not "
+            f"{version[:12]} nor one in its lineage); choose another prefix or delete that one first"
+        )
+    local = remote.staging / MANIFEST
+    if not local.is_file() or local.read_bytes() != published:
+        _sync_down(remote, manifest, published)
+
+
+def _lineage(splits_dir: Path) -> list[str]:
+    try:
+        lineage = json.loads((splits_dir / VERSION_FILE).read_text(encoding="utf-8")).get("lineage", [])
+    except (OSError, ValueError, AttributeError):
+        return []
+    return lineage if isinstance(lineage, list) else []
+
+
+def _published_files(manifest: dict) -> list[str]:
+    names = []
+    for shard in manifest.get("shards", []):
+        names += [shard["path"], shard["path"][: -len(".tar")] + ".idx"]
+    return names
+
+
+def _sync_down(remote: Remote, manifest: dict, published: bytes) -> None:
+    """Downloads the published set into staging (files that are missing or differ), manifest last."""
+    log.info("downloading the published set of %s into %s", remote.url, remote.staging)
+    (remote.staging / MANIFEST).unlink(missing_ok=True)
+    sizes = {s["path"]: s["bytes"] for s in manifest.get("shards", [])}
+    listing = dict(store.list_objects(remote.url))
+    wanted = [n for n, _ in listing.items() if _is_public(n) and n != MANIFEST and n not in sizes]
+    wanted += [n for n in _published_files(manifest) if n in listing]
+    todo = []
+    for name in wanted:
+        path = remote.staging / name
+        if not (path.is_file() and path.stat().st_size == listing[name] and name.endswith((".tar", ".idx"))):
+            todo.append(name)
+    with ThreadPoolExecutor(UPLOAD_THREADS) as pool:
+        list(pool.map(lambda n: store.download_file(remote.url.join(n), remote.staging / n), todo))
+    tmp = remote.staging / (MANIFEST + ".tmp")
+    tmp.write_bytes(published)
+    os.replace(tmp, remote.staging / MANIFEST)
+
+
+def _is_public(name: str) -> bool:
+    return name.split("/", 1)[0] not in PRIVATE and not name.endswith(".tmp")
+
+
+# ------------------------------------------------------------------------------- chunks on other nodes
+def splits_key(sha256: str) -> str:
+    return f"{WORK_DIR}/splits-{sha256}.jsonl"
+
+
+def share_splits(remote: Remote, splits_path: Path, sha256: str) -> None:
+    """Uploads the splits file once, for jobs on other nodes (they read records from it)."""
+    key = remote.url.join(splits_key(sha256))
+    if store.head(key) is None:
+        store.upload_file(splits_path, key)
+
+
+def _chunk_prefix(job: ChunkJob) -> str:
+    return f"{WORK_DIR}/{job.split}/{job.region}/{job.chunk_id}"
+
+
+def localize(job: ChunkJob) -> bool:
+    """In a chunk job: re-roots ``job`` on this node's staging folder when the driver's is not here
+    (another node), fetching the splits file; returns whether the chunk must be shipped."""
+    if not job.remote:
+        return False
+    staging = staging_dir(job.remote)
+    token = staging / NODE_TOKEN
+    if token.is_file() and token.read_text(encoding="ascii").strip() == job.driver_token:
+        return False  # the driver's node: its staging folder is this one
+    url = S3Url.parse(job.remote)
+    local_splits = staging / WORK_DIR / Path(splits_key(job.splits_sha256)).name
+    if not local_splits.is_file():
+        store.download_file(url.join(splits_key(job.splits_sha256)), local_splits)
+    job.out_dir, job.splits_path = str(staging), str(local_splits)
+    return True
+
+
+def ship_chunk(job: ChunkJob) -> None:
+    """Uploads a finished chunk's parts, then its marker, under ``_work/`` in the store."""
+    url = S3Url.parse(job.remote)
+    prefix = _chunk_prefix(job)
+    files = sorted(p for p in job.work_dir.iterdir() if p.name != MARKER and not p.name.endswith(".tmp"))
+    with ThreadPoolExecutor(UPLOAD_THREADS) as pool:
+        list(pool.map(lambda p: store.upload_file(p, url.join(prefix, p.name)), files))
+    store.upload_file(job.work_dir / MARKER, url.join(prefix, MARKER))  # the chunk is complete only now
+
+
+def fetch_chunk(remote: Remote, job: ChunkJob) -> bool:
+    """Downloads a chunk another node finished (parts, then the marker); False if the store lacks it."""
+    prefix = remote.url.join(_chunk_prefix(job))
+    marker = store.read_bytes(prefix.join(MARKER))
+    if marker is None:
+        return False
+    try:
+        parts = [p["name"] for p in json.loads(marker)["parts"]]
+    except (ValueError, KeyError, TypeError):
+        return False  # a damaged marker: the chunk is redone
+    job.work_dir.mkdir(parents=True, exist_ok=True)
+    for name in parts:
+        store.download_file(prefix.join(name), job.work_dir / name)
+    tmp = job.work_dir / (MARKER + ".tmp")
+    tmp.write_bytes(marker)
+    os.replace(tmp, job.work_dir / MARKER)
+    return True
+
+
+# ---------------------------------------------------------------------------------------- publication
+def publish(remote: Remote, manifest: dict) -> dict:
+    """Uploads the staging folder's published set (see the module docstring); returns counts."""
+    staging, url = remote.staging, remote.url
+    listing = dict(store.list_objects(url))
+    current_bytes = store.read_bytes(url.join(MANIFEST)) if MANIFEST in listing else None
+    try:
+        current = json.loads(current_bytes) if current_bytes else None
+    except ValueError:
+        current = None
+    listed_now = set(_published_files(current)) if isinstance(current, dict) else set()
+    known = {s["path"]: s["sha256"] for s in (current or {}).get("shards", [])}
+    shas = {s["path"]: s["sha256"] for s in manifest["shards"]}
+    files = sorted(
+        p.relative_to(staging).as_posix()
+        for p in staging.rglob("*")
+        if p.is_file() and _is_public(p.relative_to(staging).as_posix())
+    )
+    files = [f for f in files if f != MANIFEST]
+    shards = set(_published_files(manifest))
+    files = [f for f in files if f in shards or "/" not in f]  # never a stray file of an earlier plan
+
+    def differs(name: str) -> bool:
+        size = (staging / name).stat().st_size
+        if listing.get(name) != size:
+            return True
+        if name in shas and known.get(name) == shas[name]:
+            return False
+        if (
+            name.endswith(".idx")
+            and name in listed_now
+            and known.get(name[:-4] + ".tar") == shas.get(name[:-4] + ".tar")
+        ):
+            return False
+        got = store.head(url.join(name))
+        return got is None or got["metadata"].get(SHA_META) != _sha(staging / name, shas.get(name))
+
+    upload = [f for f in files if differs(f)]
+    if current_bytes is not None and (set(upload) & (listed_now | _mappings(listing))):
+        store.delete([url.join(MANIFEST)])  # readers: no manifest rather than an old one over new objects
+    with ThreadPoolExecutor(UPLOAD_THREADS) as pool:
+        list(
+            pool.map(
+                lambda n: store.upload_file(
+                    staging / n, url.join(n), {SHA_META: _sha(staging / n, shas.get(n))}
+                ),
+                upload,
+            )
+        )
+    store.upload_file(staging / MANIFEST, url.join(MANIFEST))  # last: a shard listed there is complete
+    keep = set(files) | {MANIFEST}
+    unlisted = [n for n in listing if n not in keep]
+    stale = [url.join(n) for n in unlisted if n.startswith(f"{WORK_DIR}/") or _shard_file(n)]
+    deleted = store.delete(stale) if stale else 0
+    return {"uploaded": len(upload), "unchanged": len(files) - len(upload), "deleted": deleted}
+
+
+def _mappings(listing: dict) -> set[str]:
+    return {n for n in listing if n.startswith("class_mapping") and n.endswith(".json")}
+
+
+def _shard_file(name: str) -> bool:
+    """Whether ``name`` is where a published shard or its index lives (an earlier plan's, if unlisted)."""
+    return name.split("/", 1)[0] in SPLIT_NAMES and name.endswith((".tar", ".idx"))
+
+
+def _sha(path: Path, known: str | None) -> str:
+    if known:
+        return known
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(1 << 20):
+            digest.update(block)
+    return digest.hexdigest()

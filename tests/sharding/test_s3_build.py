@@ -1,0 +1,284 @@
+"""``flora build --out s3://bucket/prefix`` against a real S3 server on 127.0.0.1 (SeaweedFS, the
+``s3_bucket`` fixture): the published set equals a local build byte for byte; a re-run uploads
+nothing; a crash mid-publication never shows readers an old manifest over new objects and a re-run
+finishes; incremental builds upload only new shards; a chunk run on another node comes through the
+store; throttling (503 SlowDown) is retried; a missing bucket, refused credentials, an unreachable
+endpoint and another data set's prefix are one error line, exit 2, nothing written."""
+
+from __future__ import annotations
+
+import http.client
+import json
+import socket
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+from flora import store
+from flora.config import load_config
+from flora.store import S3Url
+from sharding import distribute
+from sharding.__main__ import main
+from sharding.build import BuildConfig, build
+from sharding.catalog import run_catalog
+from sharding.config import CatalogConfig
+from world import ImageServer, WorldSpec, build_world
+
+from .test_build import TEST_OVERRIDES
+from .test_incremental import config as incremental_config
+from .test_incremental import grown  # noqa: F401 - the fixture: catalogs v1 and v2, built locally
+
+pytestmark = pytest.mark.s3
+
+
+def config(cache: Path, *extra: str) -> BuildConfig:
+    return load_config(BuildConfig, None, [*TEST_OVERRIDES, "processes=1", f"cache.path={cache}", *extra])
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    root = tmp_path_factory.mktemp("s3world")
+    (root / "images").mkdir()
+    server = ImageServer(root / "images")
+    spec = WorldSpec(n_records=240, n_species=8, seed=4, fault_rate=0.05)
+    w = build_world(root, spec, base_url=server.base_url)
+    for path, fault in w.faults.items():
+        server.set_fault(path, fault)
+    run_catalog(str(w.catalog_path), root / "splits", load_config(CatalogConfig, None, ["progress=false"]))
+    with server:
+        manifest = build(root / "splits", root / "local", config(root / "cache"))
+        yield SimpleNamespace(
+            root=root, splits=root / "splits", local=root / "local", manifest=manifest, cache=root / "cache"
+        )
+
+
+def published(url: str) -> dict[str, bytes]:
+    """Every object under ``url`` by relative key."""
+    base = S3Url.parse(url)
+    return {key: store.read_bytes(base.join(key)) for key, _ in store.list_objects(base)}
+
+
+def local_files(out: Path) -> dict[str, bytes]:
+    return {
+        p.relative_to(out).as_posix(): p.read_bytes()
+        for p in sorted(out.rglob("*"))
+        if p.is_file() and p.relative_to(out).parts[0] not in ("_work", "_build.lock")
+    }
+
+
+def assert_same_set(url: str, out: Path) -> None:
+    """The store holds exactly the local folder's published files; shards, indices, logs byte-equal."""
+    objects, files = published(url), local_files(out)
+    assert set(objects) == set(files)
+    for name, data in files.items():
+        if name != "manifest.json":  # its last_run differs (timings)
+            assert objects[name] == data, name
+    ours, theirs = json.loads(objects["manifest.json"]), json.loads(files["manifest.json"])
+    assert ours["shards"] == theirs["shards"] and ours["accounting"] == theirs["accounting"]
+
+
+def test_build_to_s3_equals_the_local_build_and_a_rerun_uploads_nothing(world, s3_bucket):
+    url = f"s3://{s3_bucket}/flora/shards"
+    manifest = build(world.splits, url, config(world.cache))
+    assert manifest["published"]["uploaded"] > 0 and manifest["published"]["deleted"] == 0
+    assert_same_set(url, world.local)
+    again = build(world.splits, url, config(world.cache))
+    assert again["published"]["uploaded"] == 0, "nothing differs, so nothing is uploaded again"
+
+
+def test_a_crash_mid_publication_hides_the_old_manifest_and_a_rerun_finishes(
+    world, s3_bucket, tmp_path, monkeypatch
+):
+    url = f"s3://{s3_bucket}/crash"
+    build(world.splits, url, config(world.cache))
+    smaller = ("shards.max_samples=25",)  # another plan: objects the manifest lists are overwritten
+    real, calls = store.upload_file, []
+
+    def failing(path, target, metadata=None):
+        calls.append(target)
+        if len(calls) > 3:
+            raise store.StoreError(f"injected: connection lost uploading {target}")
+        return real(path, target, metadata)
+
+    monkeypatch.setattr(store, "upload_file", failing)
+    with pytest.raises(store.StoreError, match="injected"):
+        build(world.splits, url, config(world.cache, *smaller))
+    assert store.read_bytes(S3Url.parse(url).join("manifest.json")) is None, (
+        "readers must not see the old manifest over partly replaced objects"
+    )
+    monkeypatch.setattr(store, "upload_file", real)
+    done = build(world.splits, url, config(world.cache, *smaller))
+    assert done["accounting"]["ok"]
+    full = build(world.splits, tmp_path / "local25", config(world.cache, *smaller))
+    assert_same_set(url, tmp_path / "local25")
+    assert len(full["shards"]) != len(world.manifest["shards"])
+
+
+def test_incremental_build_to_s3_uploads_only_the_new_shards(grown, s3_bucket):  # noqa: F811
+    url = f"s3://{s3_bucket}/grown"
+    v1 = build(grown.root / "splits_v1", url, incremental_config(grown.cache))
+    base = S3Url.parse(url)
+    etags = {s["path"]: store.head(base.join(s["path"]))["etag"] for s in v1["shards"]}
+    v2 = build(grown.root / "splits_v2", url, incremental_config(grown.cache))
+    new = {s["path"] for s in v2["shards"]} - set(etags)
+    assert new and v2["parent"] == v1["version"]
+    assert {p: store.head(base.join(p))["etag"] for p in etags} == etags, "v1 shards are not uploaded again"
+    shards_uploaded = v2["published"]["uploaded"] - sum(
+        1 for k in local_files(grown.root / "inc") if "/" not in k
+    )
+    assert shards_uploaded <= 2 * len(new), "at most the new tars and their indices (+ the logs)"
+    assert_same_set(url, grown.root / "inc")
+
+
+def test_a_chunk_run_on_another_node_comes_through_the_store(world, s3_bucket, tmp_path, monkeypatch):
+    """Jobs run in this process but with another cache root, as on a node without the driver's staging
+    folder: each re-roots, reads the splits from the store, ships its chunk; the driver fetches it."""
+    url = f"s3://{s3_bucket}/nodes"
+    elsewhere, shipped = tmp_path / "other-node", []
+
+    def other_node(fn, jobs, processes, **_):
+        for job in jobs:
+            with monkeypatch.context() as m:
+                m.setenv("FLORA_CACHE_DIR", str(elsewhere))
+                result = fn(job)
+            shipped.append(job.chunk_id)
+            yield job, result
+
+    monkeypatch.setitem(distribute.DISTRIBUTORS, "ray", other_node)
+    manifest = build(world.splits, url, config(world.cache, "distributor=ray"))
+    assert shipped and manifest["accounting"]["ok"]
+    assert list(elsewhere.glob("staging/*/_work/*/*/*/chunk.json")), "the job worked on its own node"
+    assert_same_set(url, world.local)
+    keys = [k for k, _ in store.list_objects(S3Url.parse(url))]
+    assert not [k for k in keys if k.startswith("_work/")], "the store's work area goes once published"
+
+
+SLOW_DOWN = b"<Error><Code>SlowDown</Code><Message>Please reduce your request rate.</Message></Error>"
+
+
+class Throttle:
+    """A loopback proxy in front of the S3 server answering every ``every``-th request with S3's
+    ``503 SlowDown`` (what a throttling store sends); the rest are forwarded as they are."""
+
+    def __init__(self, upstream: str, every: int = 3):
+        host, port = upstream.split("://", 1)[1].split(":")
+        self.count = self.throttled = 0
+        self.lock = threading.Lock()
+        proxy = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args):
+                pass
+
+            def _any(self):
+                body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                with proxy.lock:
+                    proxy.count += 1
+                    slow = proxy.count % every == 0
+                    proxy.throttled += slow
+                if slow:
+                    text = SLOW_DOWN
+                    self.send_response(503)
+                    self.send_header("Content-Type", "application/xml")
+                    self.send_header("Content-Length", str(len(text)))
+                    self.end_headers()
+                    self.wfile.write(text)
+                    return
+                conn = http.client.HTTPConnection(host, int(port), timeout=30)
+                headers = {k: v for k, v in self.headers.items() if k.lower() != "connection"}
+                conn.request(self.command, self.path, body=body, headers=headers)
+                got = conn.getresponse()
+                data = got.read()
+                self.send_response(got.status)
+                for k, v in got.getheaders():
+                    if k.lower() not in ("transfer-encoding", "connection", "content-length"):
+                        self.send_header(k, v)
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                if self.command != "HEAD":
+                    self.wfile.write(data)
+                conn.close()
+
+            do_GET = do_PUT = do_POST = do_DELETE = do_HEAD = _any
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+
+    def __enter__(self):
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def test_throttling_is_retried_not_fatal(world, s3_bucket, monkeypatch):
+    import os
+
+    with Throttle(os.environ["AWS_ENDPOINT_URL"]) as proxy:
+        monkeypatch.setenv("AWS_ENDPOINT_URL", proxy.url)
+        url = f"s3://{s3_bucket}/throttled"
+        manifest = build(world.splits, url, config(world.cache))
+        assert proxy.throttled > 0 and manifest["accounting"]["ok"]
+    monkeypatch.setenv("AWS_ENDPOINT_URL", os.environ["AWS_ENDPOINT_URL"])
+    assert_same_set(url, world.local)
+
+
+def _cli(world, url: str) -> list[str]:
+    return [
+        "build",
+        "--splits",
+        str(world.splits),
+        "--out",
+        url,
+        *TEST_OVERRIDES,
+        f"cache.path={world.cache}",
+    ]
+
+
+def _one_error_line(capsys, *words: str) -> str:
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("flora build: error: "), err
+    for word in words:
+        assert word in err[0], err[0]
+    return err[0]
+
+
+def test_a_missing_bucket_is_one_error_line(world, s3_bucket, capsys):
+    assert main(_cli(world, f"s3://{s3_bucket}-missing/x")) == 2
+    _one_error_line(capsys, "does not exist")
+
+
+def test_refused_credentials_are_one_error_line_and_never_printed(world, s3_bucket, capsys, monkeypatch):
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "not-the-secret-4242")
+    assert main(_cli(world, f"s3://{s3_bucket}/x")) == 2
+    line = _one_error_line(capsys, "refused the credentials")
+    assert "not-the-secret-4242" not in line
+
+
+def test_an_unreachable_endpoint_is_one_error_line(world, s3_bucket, capsys, monkeypatch):
+    with socket.socket() as probe:  # a port nobody listens on
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{port}")
+    monkeypatch.setattr(store, "MAX_ATTEMPTS", 2)
+    assert main(_cli(world, f"s3://{s3_bucket}/x")) == 2
+    _one_error_line(capsys, "cannot reach", f"127.0.0.1:{port}")
+
+
+def test_a_prefix_with_another_data_sets_manifest_is_refused(world, s3_bucket, capsys):
+    base = S3Url.parse(f"s3://{s3_bucket}/taken")
+    theirs = {"version": "f" * 64, "shards": [], "accounting": {}}
+    store.write_bytes(base.join("manifest.json"), json.dumps(theirs).encode())
+    before = sorted(store.list_objects(base))
+    assert main(_cli(world, base.url)) == 2
+    _one_error_line(capsys, "another data set")
+    assert sorted(store.list_objects(base)) == before, "nothing written"
+
