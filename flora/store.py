@@ -231,7 +231,7 @@ def download_file(url: S3Url, path: str | Path) -> None:
     """Downloads to ``path`` through a temporary name (a crash never leaves half a file there)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.part")
+    tmp = path.with_name(f"{path.name}.{os.getpid()}-{threading.get_ident()}.part")
     try:
         client().download_file(url.bucket, url.key, str(tmp), Config=_transfer_config())
         os.replace(tmp, path)

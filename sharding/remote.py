@@ -142,10 +142,9 @@ def _sync_down(remote: Remote, manifest: dict, published: bytes) -> None:
     """Downloads the published set into staging (files that are missing or differ), manifest last."""
     log.info("downloading the published set of %s into %s", remote.url, remote.staging)
     (remote.staging / MANIFEST).unlink(missing_ok=True)
-    sizes = {s["path"]: s["bytes"] for s in manifest.get("shards", [])}
     listing = dict(store.list_objects(remote.url))
-    wanted = [n for n, _ in listing.items() if _is_public(n) and n != MANIFEST and n not in sizes]
-    wanted += [n for n in _published_files(manifest) if n in listing]
+    top = [n for n in listing if "/" not in n and _is_public(n) and n != MANIFEST]  # logs, class mappings
+    wanted = sorted(set(top) | {n for n in _published_files(manifest) if n in listing})
     todo = []
     for name in wanted:
         path = remote.staging / name

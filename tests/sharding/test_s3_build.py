@@ -117,12 +117,21 @@ def test_a_crash_mid_publication_hides_the_old_manifest_and_a_rerun_finishes(
     assert len(full["shards"]) != len(world.manifest["shards"])
 
 
-def test_incremental_build_to_s3_uploads_only_the_new_shards(grown, s3_bucket):  # noqa: F811
+def test_incremental_build_to_s3_uploads_only_the_new_shards(
+    grown,  # noqa: F811
+    s3_bucket,
+    tmp_path,
+    monkeypatch,
+):
+    """v2 is built on "another driver machine" (an empty cache root): it first downloads v1's
+    published set into its staging folder, then builds incrementally over it."""
     url = f"s3://{s3_bucket}/grown"
     v1 = build(grown.root / "splits_v1", url, incremental_config(grown.cache))
     base = S3Url.parse(url)
     etags = {s["path"]: store.head(base.join(s["path"]))["etag"] for s in v1["shards"]}
+    monkeypatch.setenv("FLORA_CACHE_DIR", str(tmp_path / "new-driver"))
     v2 = build(grown.root / "splits_v2", url, incremental_config(grown.cache))
+    assert v2["last_run"]["incremental"]["kept_shards"] == len(v1["shards"])
     new = {s["path"] for s in v2["shards"]} - set(etags)
     assert new and v2["parent"] == v1["version"]
     assert {p: store.head(base.join(p))["etag"] for p in etags} == etags, "v1 shards are not uploaded again"
@@ -281,4 +290,3 @@ def test_a_prefix_with_another_data_sets_manifest_is_refused(world, s3_bucket, c
     assert main(_cli(world, base.url)) == 2
     _one_error_line(capsys, "another data set")
     assert sorted(store.list_objects(base)) == before, "nothing written"
-
