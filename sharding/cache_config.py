@@ -1,13 +1,15 @@
 """The image cache's settings: ``CacheConfig`` (validated on load), its defaults, the check that its
 path can be the cache folder (``check_cache_dir``: not a file, nor under one; ``cache.path`` and the
-sharder's ``--cache`` flag both go through it), and the check that the byte cap fits the disk the cache
-lives on (``cap_warning``).
+sharder's ``--cache`` flag both go through it), the check that the byte cap fits the disk the cache
+lives on (``cap_warning``), and where a node keeps its cache (``node_cache_dir``: ``$FLORA_IMAGE_CACHE_DIR``
+on that node, else ``cache.path``).
 
 Leaves out: the cache itself (cache.py).
 """
 
 from __future__ import annotations
 
+import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,6 +32,10 @@ MIN_MAP_BYTES = 1 * MiB
 #: only grows as pages are written.
 MAP_OVERHEAD_FACTOR = 2
 MAP_SLACK_BYTES = 64 * MiB
+#: This node's image cache folder, overriding ``cache.path`` where it is set: the build's config comes
+#: from the driver, but each node of a Ray cluster keeps its own LMDB cache on its own disk. (Not
+#: ``FLORA_CACHE_DIR``: that is the root of the derived caches, flora/cache.py.)
+NODE_CACHE_ENV = "FLORA_IMAGE_CACHE_DIR"
 #: Default queue length for recency updates of ``get`` hits: one write transaction (and its fsync) per
 #: this many hits. Measured with 50 KB values: ~3.7k hits/s at 1, ~17k hits/s at 16 (2-core VM); a
 #: warm rebuild of 100k images spent ~2.5 s in those fsyncs at 16, so 256 (the sharder also flushes
@@ -48,6 +54,15 @@ def check_cache_dir(path: str, key: str = "cache.path") -> None:
     what = "is a file" if probe.is_file() else "is not a directory"
     where = f"{key} {path}" if probe == Path(path) else f"{key} {path}: {probe}"
     raise ConfigError(f"{where} {what}; expected a directory (the LMDB cache folder)")
+
+
+def node_cache_dir(cfg_cache: CacheConfig) -> str | None:
+    """The image cache folder of the node this runs on: ``$FLORA_IMAGE_CACHE_DIR`` when set, else
+    ``cfg_cache.path``; None when the build has no cache (the variable moves a cache, it does not
+    turn one on). A string, as ``CacheConfig.path`` holds it."""
+    if cfg_cache.path is None:
+        return None
+    return os.environ.get(NODE_CACHE_ENV) or cfg_cache.path
 
 
 def _is_int(value: Any) -> bool:

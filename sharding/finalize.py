@@ -4,9 +4,10 @@ Owns ``finalize``: content-hash dedup in global plan order (train, then val, the
 train is kept, so identical bytes under two URLs never leak into evaluation; the index lives in
 SQLite beside the work area, so finalizing 10^6 records needs no more memory than 10^4), then
 near-duplicate dedup in the same order (``near_duplicates`` config, neardup.py: the same photograph
-at another size or JPEG quality; the perceptual hashes of all samples, 8 bytes each plus three
-small ints, are held in memory for the candidate search), both logged to ``duplicates.jsonl``
-(reason ``same_content`` or ``near_duplicate`` with the Hamming ``distance``); work parts
+at another size or JPEG quality, or cropped; the perceptual hashes of all samples, whole image and
+crops, are held in memory for the candidate search), both logged to ``duplicates.jsonl`` (reason
+``same_content`` or ``near_duplicate`` with the Hamming ``distance`` and its ``match``: ``whole`` or
+``crop``); work parts
 renamed to their final names with a DALI ``.idx`` beside each; ``failures.jsonl``,
 ``duplicates.jsonl`` and ``manifest.json`` committed together, the manifest last (a shard listed
 there is complete); shards of an earlier, different plan removed.
@@ -51,7 +52,7 @@ from .config import SPLIT_NAMES
 from .format import DUPLICATES, FAILURES, MANIFEST, shard_name, write_index
 from .incremental import Increment, live_samples
 from .job import RESUME, load_marker
-from .neardup import NearDupConfig, hash_value, judge
+from .neardup import NearDupConfig, hamming, hash_value, judge
 from .outputs import OutputSet
 from .plan import WORK_DIR, ChunkJob
 from .writer import drop_samples
@@ -143,9 +144,10 @@ def _finalize(
     increment: Increment | None,
 ) -> dict:
     """Markers are read one at a time and the content index lives in SQLite beside the work area, so
-    finalizing 10^6 records needs no more memory than 10^4, but for the near-duplicate search: 25
-    bytes a sample (hash, content hash prefix, split, place), ~22 MB at 900k. The near-duplicate
-    settings are the build config's that every job carries.
+    finalizing 10^6 records needs no more memory than 10^4, but for the near-duplicate search: 169
+    bytes a sample (hash, content hash prefix, split, place, 9 crop hashes and their owner), ~150 MB
+    at 900k, and the search's own ~560 MiB there (benchmarks/neardup.py). The near-duplicate settings
+    are the build config's that every job carries.
     """
     failures: dict[str, dict] = {}  # by URL: a later round's outcome replaces an earlier failure
     duplicates, shards = [], list(increment.kept) if increment else []
@@ -160,7 +162,7 @@ def _finalize(
     content = ContentIndex(out / WORK_DIR / CONTENT_INDEX)
     if increment is not None:  # kept samples hold their bytes first; new shards go after old indices
         next_index.update({tuple(k.split("/")): v for k, v in increment.next_index.items()})
-        for key, sha, url, split, region, chunk, _phash in increment.live:
+        for key, sha, url, split, region, chunk, *_hashes in increment.live:
             content.first(sha, url, split, region, chunk or key)
     try:
         for n, job in enumerate(jobs):
@@ -222,29 +224,41 @@ def near_duplicates(
     A repeat of earlier bytes (same sha256) is left to the content index: it never reaches ``judge``.
     ``kept``: the live samples of an incremental build's kept shards (``Increment.live`` rows), judged
     first: a new sample near one of them is dropped; they are never dropped (their tars stay as they are).
+    A row without crop hashes (an increment saved before them) is matched by its whole-image hash.
     """
     if not cfg.enabled:
         return {}
     phash, sha, split, where = array("Q"), array("Q"), array("B"), array("q")
-    for i, (_key, sha256, _url, split_name, _region, _chunk, kept_phash) in enumerate(kept):
-        if not kept_phash or not sha256:  # a tar from before the hash was recorded: content dedup only
-            continue
-        phash.append(hash_value(kept_phash))
+    crops, crop_owner = array("Q"), array("q")  # 9 crop hashes a sample: 144 bytes with their owners
+
+    def add(whole: str, crop_hashes: list[str] | str | None, sha256: str, split_name: str, place: int):
+        if isinstance(crop_hashes, str):  # a kept sample's, joined (Increment.live)
+            crop_hashes = [crop_hashes[i : i + 16] for i in range(0, len(crop_hashes), 16)]
+        for crop in crop_hashes or ():  # none in an increment saved before crop hashes
+            crops.append(hash_value(crop))
+            crop_owner.append(len(phash))
+        phash.append(hash_value(whole))
         sha.append(int(sha256[:16], 16))
         split.append(SPLIT_NAMES.index(split_name))
-        where.append(-1 - i)  # negative: a kept sample
+        where.append(place)
+
+    for i, (_key, sha256, _url, split_name, _region, _chunk, kept_phash, *kept_crops) in enumerate(kept):
+        if not kept_phash or not sha256:  # a tar from before the hash was recorded: content dedup only
+            continue
+        add(kept_phash, kept_crops[0] if kept_crops else None, sha256, split_name, -1 - i)  # < 0: kept
     for n, job in enumerate(jobs):
         for i, sample in enumerate(load_marker(job)["samples"]):
-            phash.append(hash_value(sample["phash"]))
-            sha.append(int(sample["sha256"][:16], 16))
-            split.append(SPLIT_NAMES.index(job.split))
-            where.append(n << 32 | i)
+            add(sample["phash"], sample["phash_crops"], sample["sha256"], job.split, n << 32 | i)
     if not phash:
         return {}
     _, first = np.unique(np.frombuffer(sha, dtype=np.uint64), return_index=True)
     fresh = np.sort(first)  # the first sample with each content; later copies are content duplicates
     hashes = np.frombuffer(phash, dtype=np.uint64)[fresh]
-    verdicts = judge(hashes, np.frombuffer(split, dtype=np.uint8)[fresh], cfg.threshold, cfg.within_split)
+    owner = np.frombuffer(crop_owner, dtype=np.int64)
+    at = np.searchsorted(fresh, owner)  # the crop owners' places among the fresh samples
+    judged = fresh[np.minimum(at, fresh.size - 1)] == owner
+    verdicts = judge(hashes, np.frombuffer(split, dtype=np.uint8)[fresh], cfg.threshold, cfg.within_split,
+                     np.frombuffer(crops, dtype=np.uint64)[judged], at[judged])  # fmt: skip
     located = np.frombuffer(where, dtype=np.int64)[fresh]
 
     def place(s: int) -> tuple[int, int]:  # (job index, sample index in its marker); (-1, i): kept
@@ -259,7 +273,7 @@ def near_duplicates(
     for n, samples in wanted.items():  # only the markers involved are read again, for keys and URLs
         if n < 0:
             for i in samples:
-                key, _sha, url, split_name, region, chunk, kept_phash = kept[i]
+                key, _sha, url, split_name, region, chunk, kept_phash, *_crops = kept[i]
                 samples[i] = {"key": key, "image_url": url, "split": split_name, "region": region,
                               "chunk": chunk, "phash": kept_phash}  # fmt: skip
             continue
@@ -270,9 +284,11 @@ def near_duplicates(
     for s, (of, distance) in verdicts.items():
         (n, i), (m, j) = place(s), place(of)
         this, kept = wanted[n][i], wanted[m][j]
+        whole = hamming(int(hashes[s]), int(hashes[of])) == distance
         found[(n, this["key"])] = {
             "phash": this["phash"],
             "distance": distance,
+            "match": "whole" if whole else "crop",  # whole-image hashes, or one's whole and a crop's
             "duplicate_of": {k: kept[k] for k in ("image_url", "split", "region", "chunk", "phash")},
         }
     return found

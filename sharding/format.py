@@ -102,6 +102,8 @@ class SampleMeta:
     original_format: str | None = None
     #: The stored JPEG's 64-bit perceptual hash, 16 hex digits (sharding/neardup.py).
     phash: str | None = None
+    #: The perceptual hashes of its 95% crops (neardup.perceptual_hashes); None in older shards.
+    phash_crops: list[str] | None = None
 
     #: The catalog record's fields copied into every sample.
     RECORD_FIELDS = ("plant_id", "latin_name", "image_url", "license", "license_class", "source", "country",

@@ -6,8 +6,8 @@ and the pixel count from the header before anything is decoded (decompression bo
 (transparency composited on white, 16-bit scaled), optionally resize the shorter side (never
 upscaling), and encode a baseline JPEG. A JPEG that is already RGB, upright and small enough is
 stored byte for byte (``keep_original_jpeg``): no second generation of compression loss, no encode.
-Every stored JPEG gets its perceptual hash (``neardup.perceptual_hash`` of the stored bytes), which
-finalize uses to find near-duplicates.
+Every stored JPEG gets its perceptual hashes (``neardup.perceptual_hashes`` of the stored bytes: the
+whole image and its 95% crops), which finalize uses to find near-duplicates.
 
 Reason codes (``ImageError.reason``, written to failures.jsonl): ``not_an_image``, ``corrupt``,
 ``too_small``, ``too_large_dimensions``, ``decompression_bomb``, ``format_not_allowed``.
@@ -35,7 +35,7 @@ from PIL import ExifTags, Image, ImageOps, UnidentifiedImageError
 
 from flora.config import ConfigError
 
-from .neardup import perceptual_hash
+from .neardup import perceptual_hashes
 
 DEFAULT_FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF")
 #: Pillow reports JPEGs with a multi-picture extension (many camera photos) as MPO: still a JPEG.
@@ -145,6 +145,8 @@ class ProcessedImage:
     sha256: str
     #: 64-bit perceptual hash of ``jpeg`` (16 hex digits, ``neardup.perceptual_hash``).
     phash: str
+    #: The perceptual hashes of 95% crops of ``jpeg`` (``neardup.perceptual_hashes``).
+    phash_crops: list[str]
 
 
 # ---------------------------------------------------------------------- Pillow's bomb warning as error
@@ -324,5 +326,6 @@ def _result(
         original_format=fmt,
         original_mode=mode,
         sha256=hashlib.sha256(jpeg).hexdigest(),
-        phash=perceptual_hash(jpeg),
+        phash=(hashes := perceptual_hashes(jpeg))[0],
+        phash_crops=hashes[1],
     )

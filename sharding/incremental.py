@@ -5,7 +5,8 @@ Owns:
 * **When a build is incremental** (``plan_increment``): the output holds a manifest whose version
   (the ``splits_sha256`` of the catalog it was built from) is in the new catalog's lineage
   (``catalog_version.json``, lineage.py) and whose ``build_settings`` (seed, shard, image,
-  download-policy and near-duplicate settings, the sample format) equal this build's. A re-run with
+  download-policy and near-duplicate settings, the sample format: fields may have been added since)
+  equal this build's. A re-run with
   the same splits stays today's resume; any other case starts a fresh plan.
 * **The increment** (saved as ``_work/increment.json`` before any job runs, so that a crash, or a
   re-run after success, reuses it instead of comparing again against a manifest that may already be
@@ -27,9 +28,11 @@ Owns:
   of ``--compact`` finishes the swap.
 
 Dedup against kept shards: their live samples' sha256s seed finalize's content index and their
-perceptual hashes are judged first by the near-duplicate search, so a new sample that repeats a kept
-one is dropped as a full build would; the one difference: where a full build would keep the copy in
-an earlier split (a new train sample near a kept test sample), the kept one stays and the new one goes.
+perceptual hashes (whole and crops; computed from the stored JPEG for a tar written before they were
+stored: ``stored_hashes``, once per increment, which saves them) are judged first by the near-duplicate
+search, so a new sample that repeats a kept one is dropped as a full build would; the one
+difference: where a full build would keep the copy in an earlier split (a new train sample near a
+kept test sample), the kept one stays and the new one goes.
 
 Leaves out: running chunks (job.py), placing new parts and writing the manifest (finalize.py).
 """
@@ -48,6 +51,7 @@ from flora.io import sha256_file
 
 from .format import MANIFEST, SampleMeta, ShardFormatError, read_index, safe_key, write_index
 from .lineage import VERSION_FILE
+from .neardup import perceptual_hashes
 from .outputs import OutputSet, dumps
 from .plan import WORK_DIR
 from .records import url_key
@@ -64,7 +68,9 @@ class Increment:
 
     parent: str  # the version (splits sha256) of the manifest grown from
     kept: list[dict]  # its shard entries kept byte for byte, each with "tombstones" and "version"
-    live: list[list]  # [key, sha256, image_url, split, region, chunk, phash] of each live kept sample
+    #: [key, sha256, image_url, split, region, chunk, phash, crop hashes (joined: one str, 144 hex digits,
+    #: a third of a list's memory at 900k samples)] of each live kept sample
+    live: list[list]
     next_index: dict[str, int]  # "split/region" -> first index for new shards (after every old one)
     rebuilt_shards: list[str] = field(default_factory=list)  # failed their sha256: records re-planned
     new_tombstones: int = 0  # samples tombstoned by this version
@@ -109,17 +115,29 @@ def plan_increment(out: Path, splits_dir: Path, fingerprint: dict) -> Increment 
     manifest = json.loads((out / MANIFEST).read_text(encoding="utf-8"))
     parent = manifest_version(manifest)
     version = fingerprint["splits_sha256"]
-    if manifest.get("build_settings") != build_settings(fingerprint):
+    if not _same_settings(manifest.get("build_settings"), build_settings(fingerprint)):
         return None  # another seed, shard or image setting: nothing published can be kept
     if parent == version and not manifest.get("parent"):
         return None  # the same catalog over a full build: the ordinary resume
     if f"sha256:{parent}" not in _lineage(splits_dir):
         return None  # not an earlier version of this catalog
     increment = _compare(out, manifest, splits_dir / "dataset_splits.jsonl", parent)
+    if parent == version:  # this version's own manifest, its work area gone (--compact): its parent stays
+        increment.parent = manifest["parent"]
     tmp = saved.with_name(saved.name + ".tmp")
     tmp.write_text(dumps(asdict(increment)), encoding="utf-8")
     os.replace(tmp, saved)  # the plan now holds: a re-run reuses it
     return increment
+
+
+def _same_settings(published: dict | None, wanted: dict) -> bool:
+    """Equal settings; but for the sample format, which may have gained fields since (an older
+    sample reads them as None: ``SampleMeta.from_json``; the perceptual hashes are computed then)."""
+    if not isinstance(published, dict) or "sample_meta" not in wanted:
+        return published == wanted
+    older, newer = published.get("sample_meta"), wanted["sample_meta"]
+    added = isinstance(older, list) and newer[: len(older)] == older
+    return added and {**published, "sample_meta": newer} == wanted
 
 
 def _lineage(splits_dir: Path) -> list[str]:
@@ -159,6 +177,18 @@ def shard_samples(tar: Path) -> list[tuple[str, SampleMeta]]:
     return out
 
 
+def stored_hashes(tar: Path, keys: set[str]) -> dict[str, tuple[str, list[str]]]:
+    """``key -> perceptual_hashes`` of the stored JPEG of each of ``keys`` in a published tar."""
+    out = {}
+    with open(tar, "rb") as fh:
+        for sample in read_index(tar):
+            offset, size, name = sample.get("jpg", (0, 0, ""))
+            if name.split(".", 1)[0] in keys:
+                fh.seek(offset)
+                out[name.split(".", 1)[0]] = perceptual_hashes(fh.read(size))
+    return out
+
+
 def _index_of(path: str) -> int:
     return int(Path(path).stem.rsplit("-", 1)[1])
 
@@ -177,16 +207,23 @@ def _compare(out: Path, manifest: dict, splits_path: Path, parent: str) -> Incre
             continue
         old = set(entry.get("tombstones", []))
         tombstones = sorted(old)
+        unhashed = {}  # live samples of a tar written before (crop) hashes were stored
         for key, meta in shard_samples(tar):
             if key in old:
                 continue
             if key not in claimed and wanted.get(key) == (entry["split"], entry["region"], meta.label):
                 claimed.add(key)
                 where = [entry["split"], entry["region"], entry.get("chunk")]
-                live.append([key, meta.sha256, meta.image_url, *where, meta.phash])
+                crops = "".join(meta.phash_crops) if meta.phash_crops is not None else None
+                live.append([key, meta.sha256, meta.image_url, *where, meta.phash, crops])
+                if not meta.phash or meta.phash_crops is None:
+                    unhashed[key] = live[-1]
             else:
                 tombstones.append(key)
                 new_tombstones += 1
+        if unhashed:  # a function of the stored bytes, as job.py computes it for an old cache entry
+            for key, (phash, crops) in stored_hashes(tar, set(unhashed)).items():
+                unhashed[key][6:8] = [phash, "".join(crops)]
         kept.append({**entry, "tombstones": sorted(tombstones), "version": entry.get("version") or parent})
     return Increment(parent, kept, live, dict(sorted(next_index.items())), rebuilt, new_tombstones)
 

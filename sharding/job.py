@@ -23,17 +23,18 @@ import time
 from collections import Counter, deque
 from collections.abc import Iterator
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any, ClassVar
 
 from flora.errors import storage_error
 
 from .cache import ImageCache
+from .cache_config import node_cache_dir
 from .config import BuildConfig
 from .download import Downloader
 from .format import SampleMeta, safe_key
 from .images import ImageError, process_image
-from .neardup import perceptual_hash
+from .neardup import perceptual_hashes
 from .outputs import dumps
 from .plan import MARKER, ChunkJob, failure_policy, image_fingerprint
 from .records import url_key
@@ -81,7 +82,7 @@ class WorkerState:
                 key=key,
                 pid=os.getpid(),
                 downloader=Downloader(cfg.download),
-                cache=ImageCache.from_config(cfg.cache),
+                cache=ImageCache.from_config(replace(cfg.cache, path=node_cache_dir(cfg.cache))),  # per node
                 pool=ThreadPoolExecutor(cfg.download.threads, thread_name_prefix="fetch"),
                 policy=failure_policy(cfg.download),
             )
@@ -164,8 +165,9 @@ def obtain(record: dict, state: WorkerState, cfg: BuildConfig, prefix: str, use_
         if entry is not None:
             if not entry.meta.get("failed"):
                 meta = entry.meta
-                if "phash" not in meta:  # cached before the hash existed: it is a function of the bytes
-                    meta = {**meta, "phash": perceptual_hash(entry.data)}
+                if "phash_crops" not in meta:  # cached before the hashes existed: a function of the bytes
+                    phash, crops = perceptual_hashes(entry.data)
+                    meta = {**meta, "phash": phash, "phash_crops": crops}
                 return Outcome(True, "cache", entry.data, meta)
             if use_negative and entry.meta.get("policy") == state.policy:
                 meta = entry.meta
@@ -190,6 +192,7 @@ def obtain(record: dict, state: WorkerState, cfg: BuildConfig, prefix: str, use_
                 "original_height": image.original_height,
                 "original_format": image.original_format,
                 "phash": image.phash,
+                "phash_crops": image.phash_crops,
             }
             got = Outcome(True, "network", image.jpeg, meta)
     state.puts.add(key, *got.cache_entry(state.policy))
@@ -281,7 +284,7 @@ def run_chunk(job: ChunkJob) -> dict:
             key = safe_key(url_key(record["image_url"]))
             meta = SampleMeta.from_record(record, record["label"], got.meta).as_json()
             writer.write(Sample(key=key, jpg=got.jpg, label=int(record["label"]), meta=meta))
-            facts = {"sha256": got.meta["sha256"], "phash": got.meta["phash"]}
+            facts = {k: got.meta[k] for k in ("sha256", "phash", "phash_crops")}
             samples.append({"key": key, **facts, "image_url": record["image_url"]})
         parts = writer.close()
         puts.flush()

@@ -1,4 +1,4 @@
-"""Near-duplicate images: a perceptual hash of each stored JPEG, and which samples copy an earlier one.
+"""Near-duplicate images: perceptual hashes of each stored JPEG, and which samples copy an earlier one.
 
 Owns three things:
 
@@ -8,19 +8,26 @@ Owns three things:
   (above their median). The DCT is an integer matrix product and the median an integer comparison,
   so the hash is the same on every machine; and since it is a function of the stored bytes, a cold
   build, a warm rebuild from a cache entry written before the hash existed, and a reader checking a
-  shard all get the same 16 hex digits.
+  shard all get the same 16 hex digits. ``perceptual_hashes`` adds, from the same decode, the pHashes
+  of 9 crop windows (95% of each side at offsets 0, 2.5% and 5%, resampled sub-pixel): a copy cropped
+  by 5% is then within ~1% of the size and position of one of them, where its whole-image pHash moves
+  8-20 bits.
 * ``near_pairs``: every pair of hashes within Hamming distance ``k``, without comparing all pairs
   (multi-index hashing, Norouzi et al. 2012): the 64 bits are cut into ``m`` bands with radii ``r_i``,
   ``sum(r_i + 1) > k``, so two hashes within ``k`` differ in at most ``r_i`` bits of some band i
   (pigeonhole). Per band, each hash's band value XOR each mask of at most ``r_i`` bits is looked up in
   a table of the sorted band values; candidates are verified by popcount. ``plan_bands`` picks ``m``
   and the radii from a cost model (mask lookups + expected candidates for ``n`` hashes), so 900k
-  hashes take minutes and O(n) memory. ``brute_pairs`` is the quadratic reference.
-* ``judge``: the decision. Samples are taken in the order given (the build's job order: train, then
-  val, then test, then retry rounds); a sample within ``threshold`` of an earlier *kept* sample is a
-  near-duplicate when that one is in another split, or in the same split when ``within_split`` is
-  ``drop``. So the earliest split keeps its copy, and a decision never depends on later samples
-  (a retry round cannot change what was already published). ``NearDupConfig`` is the config section.
+  hashes take minutes and O(n) memory. ``brute_pairs`` is the quadratic reference. ``cross_pairs``:
+  every pair of a query set and an index within ``k`` (the whole-image hashes against all crop
+  hashes), the same bands over the index, so crops are never compared with each other.
+* ``judge``: the decision. Two samples are within ``k`` when their whole-image hashes are, or one's
+  whole-image hash and one of the other's crop hashes (either way round). Samples are taken in the
+  order given (the build's job order: train, then val, then test, then retry rounds); a sample
+  within ``threshold`` of an earlier *kept* sample is a near-duplicate when that one is in another
+  split, or in the same split when ``within_split`` is ``drop``. So the earliest split keeps its
+  copy, and a decision never depends on later samples (a retry round cannot change what was already
+  published). ``NearDupConfig`` is the config section.
 
 Leaves out: exact duplicates (finalize.py's content index runs first; identical bytes never reach
 ``judge``), writing the log (finalize.py), decoding for the shard (images.py).
@@ -45,9 +52,15 @@ HASH_SIDE = 32
 LOW_FREQ = 8
 #: The DCT basis scaled to integers (12 bits): coefficients stay exact in int64 (< 2^43).
 _DCT_SCALE = 1 << 12
-#: Default threshold, measured by ``benchmarks/neardup.py`` (README "Near-duplicates"): the largest
-#: distance at which distinct images of the sample world match at <= 0.01% of pairs.
-DEFAULT_THRESHOLD = 10
+#: Default threshold, measured by ``benchmarks/neardup.py`` (README "Near-duplicates"): with crop
+#: hashes, the smallest distance at which resized, re-encoded and 5%-cropped copies are all found
+#: (world and photos), distinct images of the sample world matching at 0.001% of pairs.
+DEFAULT_THRESHOLD = 8
+#: Crop windows hashed besides the whole image: 95% of each side (what a 5% crop keeps), at offsets
+#: 0, 2.5% and 5% of each side, so a 5% crop is within 1.25% of the width and height of one of them.
+CROP_KEEP = 0.95
+CROP_OFFSETS = (0.0, 0.025, 0.05)
+N_CROPS = len(CROP_OFFSETS) ** 2
 #: Hamming distances above this find a large share of unrelated photos (pHash of distinct photos:
 #: mean 32, standard deviation ~4-8): refused as a config value.
 MAX_THRESHOLD = 24
@@ -90,17 +103,41 @@ class NearDupConfig:
 
 
 # --------------------------------------------------------------------------------------------- hash
-def perceptual_hash(jpeg: bytes) -> str:
-    """The 64-bit pHash of an encoded image, as 16 hex digits (see the module docstring)."""
+def _luma(jpeg: bytes) -> Image.Image:
     img = Image.open(io.BytesIO(jpeg))
     img.draft("L", (HASH_SIDE, HASH_SIDE))  # JPEG: luma only, at the smallest DCT scale >= 32 px
-    small = img.convert("L").resize((HASH_SIDE, HASH_SIDE), Image.Resampling.LANCZOS)
-    pixels = np.asarray(small, dtype=np.int64)
-    coeffs = (_DCT @ pixels @ _DCT.T).ravel()
-    ranked = np.sort(coeffs)
-    half = coeffs.size // 2
-    bits = 2 * coeffs > ranked[half - 1] + ranked[half]  # above the median, in integers
-    return np.packbits(bits).tobytes().hex()
+    return img.convert("L")
+
+
+def _phashes(luma: Image.Image, boxes: list[tuple[float, float, float, float] | None]) -> list[str]:
+    """The pHash of each box of ``luma`` (None: the whole image; a box is sub-pixel, resampled from
+    the decoded pixels), in one batched integer DCT."""
+    small = [np.asarray(luma.resize((HASH_SIDE, HASH_SIDE), Image.Resampling.LANCZOS, box=b)) for b in boxes]
+    pixels = np.stack(small).astype(np.int64)
+    coeffs = (_DCT @ pixels @ _DCT.T).reshape(len(boxes), -1)
+    ranked = np.sort(coeffs, axis=1)
+    half = coeffs.shape[1] // 2
+    bits = 2 * coeffs > (ranked[:, half - 1] + ranked[:, half])[:, None]  # above the median, in integers
+    return [row.tobytes().hex() for row in np.packbits(bits, axis=1)]
+
+
+def perceptual_hash(jpeg: bytes) -> str:
+    """The 64-bit pHash of an encoded image, as 16 hex digits (see the module docstring)."""
+    return _phashes(_luma(jpeg), [None])[0]
+
+
+def perceptual_hashes(jpeg: bytes) -> tuple[str, list[str]]:
+    """``(perceptual_hash(jpeg), crop hashes)`` from one decode: the pHashes of the ``CROP_KEEP``
+    windows at ``CROP_OFFSETS`` x ``CROP_OFFSETS`` (row by row), in the image's own proportions."""
+    luma = _luma(jpeg)
+    w, h = luma.size
+    boxes = [
+        (fx * w, fy * h, (fx + CROP_KEEP) * w, (fy + CROP_KEEP) * h)
+        for fy in CROP_OFFSETS
+        for fx in CROP_OFFSETS
+    ]
+    whole, *crops = _phashes(luma, [None, *boxes])
+    return whole, crops
 
 
 def hash_value(phash: str) -> int:
@@ -166,18 +203,7 @@ def near_pairs(hashes: np.ndarray, k: int, bands: list[Band] | None = None) -> n
         vals = (h >> np.uint64(band.shift)) & np.uint64((1 << band.width) - 1)
         order = np.argsort(vals, kind="stable")
         ordered, in_order = vals[order], h[order]
-        if band.width <= TABLE_BITS:  # bucket v is ordered[starts[v]:starts[v + 1]]
-            starts = np.searchsorted(ordered, np.arange((1 << band.width) + 1, dtype=np.uint64))
-            bounds = np.stack([starts[:-1], starts[1:]], axis=1).astype(np.int32)
-
-            def bucket(values: np.ndarray, bounds=bounds) -> tuple[np.ndarray, np.ndarray]:
-                both = bounds[values]
-                return both[:, 0], both[:, 1]
-        else:
-
-            def bucket(values: np.ndarray, ordered=ordered) -> tuple[np.ndarray, np.ndarray]:
-                return np.searchsorted(ordered, values, "left"), np.searchsorted(ordered, values, "right")
-
+        bucket = _buckets(ordered, band.width)
         everyone = np.arange(h.size)
         _, ends = bucket(ordered)
         close = [_verify(in_order, everyone, everyone + 1, ends, k)]  # pairs inside one bucket
@@ -198,9 +224,76 @@ def near_pairs(hashes: np.ndarray, k: int, bands: list[Band] | None = None) -> n
     return pairs
 
 
-def _verify(h: np.ndarray, queries: np.ndarray, lo: np.ndarray, hi: np.ndarray, k: int) -> np.ndarray:
+def cross_pairs(
+    queries: np.ndarray,
+    index: np.ndarray,
+    k: int,
+    skip: np.ndarray | None = None,
+    bands: list[Band] | None = None,
+) -> np.ndarray:
+    """Every ``(q, i, distance)`` with ``queries[q]`` and ``index[i]`` (uint64) within Hamming ``k``,
+    sorted; not a self-join: pairs inside ``index`` or inside ``queries`` cost nothing.
+
+    The index is banded and bucketed as in ``near_pairs``; each query (in band-value order) probes every
+    mask. ``skip[i]``: a query that ``index[i]`` is never paired with (its own image), dropped as found.
+    """
+    q = np.ascontiguousarray(queries, dtype=np.uint64)
+    x = np.ascontiguousarray(index, dtype=np.uint64)
+    bands = plan_bands(x.size, k) if bands is None else bands
+    if sum(b.radius + 1 for b in bands) <= k or sum(b.width for b in bands) != HASH_BITS:
+        raise ValueError(f"bands {bands} do not cover {HASH_BITS} bits with sum(radius + 1) > {k}")
+    found = [np.empty((0, 3), dtype=np.int64)]
+    if not q.size or not x.size:
+        return found[0]
+    for band in bands:
+        low = np.uint64((1 << band.width) - 1)
+        vals = (x >> np.uint64(band.shift)) & low
+        order = np.argsort(vals, kind="stable")
+        bucket, x_in_order = _buckets(vals[order], band.width), x[order]
+        qvals = (q >> np.uint64(band.shift)) & low
+        qorder = np.argsort(qvals, kind="stable")
+        qsorted, q_in_order = qvals[qorder], q[qorder]
+        everyone = np.arange(q.size)
+        for mask in _masks(band.width, band.radius).tolist():
+            lo, hi = bucket(qsorted ^ np.uint64(mask))
+            pairs = _verify(q_in_order, everyone, lo, hi, k, x_in_order)
+            a, b = qorder[pairs[:, 0]], order[pairs[:, 1]]
+            keep = slice(None) if skip is None else skip[b] != a
+            found.append(np.stack([a[keep], b[keep], pairs[keep, 2]], axis=1))
+    pairs = np.concatenate(found)
+    if pairs.size:
+        pairs = np.unique(pairs, axis=0)  # a pair close in several bands is found once per band
+    return pairs
+
+
+def _buckets(ordered: np.ndarray, width: int):
+    """``values -> (lo, hi)``: where each band value's bucket lies in ``ordered`` (sorted band values)."""
+    if width <= TABLE_BITS:  # bucket v is ordered[starts[v]:starts[v + 1]]
+        starts = np.searchsorted(ordered, np.arange((1 << width) + 1, dtype=np.uint64))
+
+        def bucket(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+            at = values.astype(np.int64)  # an int64 index gathers ~5x faster than a uint64 one
+            return starts[at], starts[at + 1]
+
+        return bucket
+    return lambda values: (
+        np.searchsorted(ordered, values, "left"),
+        np.searchsorted(ordered, values, "right"),
+    )
+
+
+def _verify(
+    h: np.ndarray,
+    queries: np.ndarray,
+    lo: np.ndarray,
+    hi: np.ndarray,
+    k: int,
+    candidates: np.ndarray | None = None,
+) -> np.ndarray:
     """``(q, c, distance)`` for each query position ``q`` and candidate ``c`` in ``lo[q]..hi[q]-1``
-    whose hashes are within ``k``; in blocks of ``CANDIDATE_BLOCK`` candidates."""
+    whose hashes (``h[q]``, ``candidates[c]``; both in ``h`` by default) are within ``k``; in blocks of
+    ``CANDIDATE_BLOCK`` candidates."""
+    candidates = h if candidates is None else candidates
     counts = (hi - lo).astype(np.int64)
     some = np.flatnonzero(counts > 0)
     out = [np.empty((0, 3), dtype=np.int64)]
@@ -213,7 +306,7 @@ def _verify(h: np.ndarray, queries: np.ndarray, lo: np.ndarray, hi: np.ndarray, 
         total = int(c.sum())
         qi = np.repeat(queries[block], c)
         cj = np.repeat(lo[block] - (np.cumsum(c) - c), c) + np.arange(total)
-        dist = np.bitwise_count(h[qi] ^ h[cj]).astype(np.int64)
+        dist = np.bitwise_count(h[qi] ^ candidates[cj]).astype(np.int64)
         near = dist <= k
         out.append(np.stack([qi[near], cj[near], dist[near]], axis=1))
     return np.concatenate(out)
@@ -231,15 +324,36 @@ def brute_pairs(hashes: np.ndarray, k: int) -> np.ndarray:
 
 
 # ---------------------------------------------------------------------------------------- the decision
-def judge(hashes: np.ndarray, splits: np.ndarray, k: int, within_split: str) -> dict[int, tuple[int, int]]:
+def judge(
+    hashes: np.ndarray,
+    splits: np.ndarray,
+    k: int,
+    within_split: str,
+    crops: np.ndarray | None = None,
+    crop_owner: np.ndarray | None = None,
+) -> dict[int, tuple[int, int]]:
     """Near-duplicates among samples in order: ``{sample: (kept sample it duplicates, distance)}``.
 
-    A sample is dropped when an earlier kept sample is within ``k`` and in another split (or in the
-    same one, ``within_split == "drop"``); it cites the closest such sample (ties: the earliest).
-    Samples with equal hashes are grouped first, so a cluster of identical hashes costs no pairs.
+    Two samples are within ``k`` when their whole-image hashes are, or one's whole-image hash and one
+    of the other's crop hashes (``crops[i]`` is a crop hash of sample ``crop_owner[i]``; a sample
+    may have none); the distance is the smallest of these. A sample is dropped when an earlier kept
+    sample is within ``k`` and in another split (or in the same one, ``within_split == "drop"``); it
+    cites the closest such sample (ties: the earliest). Samples with equal hashes are grouped first,
+    so a cluster of identical hashes costs no pairs; crop hashes are searched by the distinct whole
+    hashes (``cross_pairs``), never against each other.
     """
     unique, group = np.unique(np.asarray(hashes, dtype=np.uint64), return_inverse=True)
+    group = group.ravel()
     pairs = near_pairs(unique, k)
+    if crops is not None and len(crops):
+        owner_group = group[np.asarray(crop_owner, dtype=np.int64)]
+        across = cross_pairs(unique, np.asarray(crops, dtype=np.uint64), k, skip=owner_group)
+        a, b = across[:, 0], owner_group[across[:, 1]]
+        pairs = np.concatenate([pairs, np.stack([np.minimum(a, b), np.maximum(a, b), across[:, 2]], axis=1)])
+        pairs = pairs[np.lexsort((pairs[:, 2], pairs[:, 1], pairs[:, 0]))]
+        first = np.ones(len(pairs), dtype=bool)
+        first[1:] = (pairs[1:, :2] != pairs[:-1, :2]).any(axis=1)
+        pairs = pairs[first]  # each pair of groups once, at its smallest distance
     neighbours: dict[int, list[tuple[int, int]]] = {}
     for a, b, d in pairs.tolist():
         neighbours.setdefault(a, []).append((b, d))

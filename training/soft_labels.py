@@ -39,6 +39,7 @@ from flora.cache import derived_dir
 from flora.errors import fail
 from loaders.backends import loader_class
 from loaders.index import SampleIndex
+from loaders.remote import tar_stamp
 
 from .distributed import Dist
 
@@ -93,11 +94,12 @@ def cache_key(cfg, index: SampleIndex) -> str:
 
 
 def shard_id(shard) -> str:
-    """A shard's file name in the cache: its manifest sha256 (content), else its path, size and mtime."""
+    """A shard's file name in the cache: its manifest sha256 (content), else its path, size and mtime
+    (a tar in an object store: its URL, size and ETag)."""
     if shard.sha256:
         return shard.sha256[:32]
-    stat = shard.path.stat()
-    return hashlib.sha256(f"{shard.path}|{stat.st_size}|{stat.st_mtime_ns}".encode()).hexdigest()[:32]
+    size, version = tar_stamp(shard.path)
+    return hashlib.sha256(f"{shard.path}|{size}|{version}".encode()).hexdigest()[:32]
 
 
 def cache_dir(cfg) -> Path:
@@ -190,15 +192,18 @@ def _write(
 
 
 def load_cache(folder: Path, files: list[Path], index: SampleIndex, computed: int = 0) -> SoftLabels:
-    """The per-shard files of ``index``'s shards, concatenated, with each sample's row."""
-    keys, classes, probs = [], [], []
-    for path in files:
+    """The per-shard files of ``index``'s shards, concatenated, with each sample's row: looked up in
+    its own shard's file (a key tombstoned in an older shard, whose file keeps its old row, may be
+    live in a newer one)."""
+    classes, probs, found, start = [], [], [], 0
+    for n, path in enumerate(files):
         with np.load(path, allow_pickle=False) as f:
-            keys += [str(k) for k in f["keys"]]
+            position = {str(k): start + i for i, k in enumerate(f["keys"])}
             classes.append(torch.from_numpy(f["classes"]).long())
             probs.append(torch.from_numpy(f["probs"]))
-    position = {k: i for i, k in enumerate(keys)}
-    rows = torch.tensor([position.get(k, -1) for k in index.keys], dtype=torch.long)
+        start += len(position)
+        found += [position.get(k, -1) for k in index.keys[index.bounds[n] : index.bounds[n + 1]]]
+    rows = torch.tensor(found, dtype=torch.long)
     missing = int((rows < 0).sum())
     if missing:
         raise RuntimeError(

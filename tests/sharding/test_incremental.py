@@ -313,3 +313,16 @@ def test_an_interrupted_compaction_is_finished_by_the_next_one(grown, tmp_path, 
     assert loader_samples(out, tmp_path / "derived") == loader_samples(
         grown.root / "full", tmp_path / "derived"
     )
+
+
+def test_rerun_without_the_work_area_keeps_the_manifests_parent(grown, tmp_path):
+    """The work area is gone (``--compact`` removes it; a user may): a re-run with v2's splits over v2's
+    own manifest keeps every shard and still names v1 as the parent, not v2 itself."""
+    out = tmp_path / "inc"
+    shutil.copytree(grown.root / "inc", out)
+    shutil.rmtree(out / "_work")
+    before = snapshot(out)
+    again = build(grown.root / "splits_v2", out, config(grown.cache))
+    assert again["parent"] == grown.inc["parent"] == grown.v1["version"] != again["version"]
+    assert snapshot(out) == before and again["shards"] == grown.inc["shards"]
+    assert again["accounting"] == grown.inc["accounting"]

@@ -67,3 +67,21 @@ def test_incremental_store_computes_soft_labels_for_new_shards_only(grown, tmp_p
     fresh = ensure_cache(soft_cfg(out, tmp_path / "fresh", checkpoint), mixer, v2, torch.device("cpu"))
     ids = torch.arange(len(v2))
     assert torch.allclose(grown_cache.lookup(ids, CLASSES), fresh.lookup(ids, CLASSES), atol=1e-6)
+
+
+def test_a_key_in_two_shards_gets_the_row_of_the_shard_that_serves_it(tmp_path):
+    """A record relabelled (or moved to another region) is tombstoned in its old shard, whose cached
+    file still holds its old row, and live in a new shard: the index's sample must get the new shard's
+    row, whatever the order of the shards."""
+    import numpy as np
+
+    from training.soft_labels import load_cache
+
+    new, old = tmp_path / "new.npz", tmp_path / "old.npz"
+    np.savez(new, keys=np.array(["a", "k"]), classes=np.array([[1], [2]], dtype=np.int32),
+             probs=np.ones((2, 1), dtype=np.float32))  # fmt: skip
+    np.savez(old, keys=np.array(["k", "b"]), classes=np.array([[7], [3]], dtype=np.int32),
+             probs=np.ones((2, 1), dtype=np.float32))  # fmt: skip
+    index = SimpleNamespace(keys=["a", "k", "b"], bounds=np.array([0, 2, 3]))  # "k" is tombstoned in old
+    cache = load_cache(tmp_path, [new, old], index)
+    assert cache.classes[cache.rows].squeeze(1).tolist() == [1, 2, 3]
