@@ -128,12 +128,10 @@ def _free_port_pairs(n: int) -> list[int]:
         found: list[int] = []
         while len(found) < n:
             port = rng.randrange(*PORT_RANGE)
-            pair = []
             try:
                 for p in (port, port + GRPC_PORT_OFFSET):
                     sock = stack.enter_context(socket.socket(socket.AF_INET, socket.SOCK_STREAM))
                     sock.bind((LOOPBACK, p))
-                    pair.append(p)
             except OSError:
                 continue  # taken; the sockets bound so far stay held until the end, harmlessly
             found.append(port)
@@ -338,7 +336,7 @@ class S3Server:
         self.ports = {}
 
     def __enter__(self) -> S3Server:
-        return self.start()
+        return self if self._run is not None else self.start()  # start_s3_server's comes started
 
     def __exit__(
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from tests.sharding.listening import descendants, listening
-from world.s3 import HAVE_S3_SERVER, LOOPBACK, PORT_RANGE, S3Server, S3ServerError
+from world.s3 import HAVE_S3_SERVER, LOOPBACK, PORT_RANGE, S3Server, S3ServerError, start_s3_server
 
 pytestmark = [
     pytest.mark.s3,
@@ -241,3 +241,11 @@ def _alive(pid: int) -> bool:
     except OSError:
         return False
     return state != "Z"
+
+
+def test_start_s3_server_returns_a_running_server_that_a_with_block_stops(tmp_path):
+    server = start_s3_server(tmp_path / "s3", buckets=["started"])
+    with server as same:
+        assert same is server and server.running
+        assert server.client().list_objects_v2(Bucket="started")["KeyCount"] == 0
+    assert not server.running
