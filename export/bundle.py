@@ -30,6 +30,7 @@ from PIL import Image
 
 from flora.errors import FloraError
 from flora.io import sha256_file
+from flora.store import S3Url, StoreError, is_remote
 from sharding.format import MANIFEST, ShardFormatError, read_index, read_manifest
 
 FORMAT = 1
@@ -147,22 +148,33 @@ def write_metadata(bundle: Bundle, out: Path, layout: str, input_name: str, outp
 
 
 # ------------------------------------------------------------------------------------- sample inputs
-def _images_from_shards(root: Path, split: str, limit: int) -> list[tuple[str, bytes]]:
-    """The first ``limit`` JPEGs of ``split``'s shards, in the manifest's order, read by index."""
+def _images_from_shards(root: Path | str, split: str, limit: int) -> list[tuple[str, bytes]]:
+    """The first ``limit`` JPEGs of ``split``'s shards, in the manifest's order, read by index; ``root``
+    a folder or an ``s3://`` prefix (its metadata mirrored under the cache root, jpgs read by range)."""
+    from loaders.remote import fetch_index, fetch_metadata, is_remote, open_shard
+
+    remote = is_remote(root)
     try:
-        manifest = read_manifest(root)
-        tars = [manifest.path(entry) for entry in manifest.select(split)]
+        mirror = fetch_metadata(str(root), None) if remote else Path(root)
+        manifest = read_manifest(mirror)
+        entries = manifest.select(split)
+        tars = (
+            [(S3Url.parse(str(root)).join(e.path).url, e.path) for e in entries]
+            if remote
+            else [(manifest.path(e), e.path) for e in entries]
+        )
         found: list[tuple[str, bytes]] = []
-        for tar in tars:
-            with tar.open("rb") as f:
-                for sample in read_index(tar):
+        for tar, rel in tars:
+            indexed = fetch_index(tar, rel, mirror) if remote else tar
+            with open_shard(tar) as f:
+                for sample in read_index(indexed):
                     if "jpg" in sample:
                         offset, size, name = sample["jpg"]
                         f.seek(offset)
-                        found.append((f"{tar.name}/{name}", f.read(size)))
+                        found.append((f"{Path(rel).name}/{name}", f.read(size)))
                         if len(found) >= limit:
                             return found
-    except ShardFormatError as exc:
+    except (ShardFormatError, StoreError) as exc:
         raise ExportError(f"{exc}; pass --images (a folder of JPEGs or a shard root)") from None
     return found
 
@@ -175,14 +187,18 @@ def _images_from_folder(root: Path, limit: int) -> list[tuple[str, bytes]]:
 def sample_images(
     bundle: Bundle, images: str | Path | None, limit: int, split: str = "test"
 ) -> list[tuple[str, bytes]]:
-    """Up to ``limit`` images: ``images`` (folder or shard root), else the checkpoint's test shards."""
+    """Up to ``limit`` images: ``images`` (folder or shard root, local or ``s3://``), else the
+    checkpoint's test shards."""
     if images is None:
         shards = bundle.data.get("shards")
         if not shards:
             raise ExportError("the checkpoint names no shard root: pass --images")
-        root = Path(shards)
-        if not root.is_dir():
+        root = shards if is_remote(shards) else Path(shards)
+        if not is_remote(root) and not root.is_dir():
             raise ExportError(f"the checkpoint's shard root {root} does not exist here: pass --images")
+        found = _images_from_shards(root, split, limit)
+    elif is_remote(images):  # an s3:// shard root
+        root = images
         found = _images_from_shards(root, split, limit)
     else:
         root = Path(images)

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Literal
 
 from flora.config import ConfigError, apply_overrides, from_dict, read_yaml
+from flora.store import S3Url, StoreError, is_remote
 
 from .backends import backend_names
 
@@ -125,7 +126,9 @@ class DecoderConfig:
 class DataConfig:
     """The ``data:`` section of a config. Batch sizes are per rank."""
 
-    shards: str = ""  # shard root: manifest.json, {split}/{region}/*.tar + .idx, class_mapping*.json
+    #: Shard root: manifest.json, {split}/{region}/*.tar + .idx, class_mapping*.json; a folder or an
+    #: object-store prefix ``s3://bucket/prefix`` (endpoint and credentials from the AWS environment).
+    shards: str = ""
     train_split: str = "train"
     val_split: str = "val"
     #: ``null``/``all``: every region; a name (``EU_SW``) or a list of names.
@@ -176,6 +179,11 @@ class DataConfig:
             raise ConfigError(f"data.backend: expected one of {backend_names()}, got {self.backend!r}")
         if not self.shards:
             raise ConfigError("data.shards: the shard root (the folder with manifest.json) is required")
+        if is_remote(self.shards):
+            try:
+                S3Url.parse(self.shards)
+            except StoreError as exc:
+                raise ConfigError(f"data.shards: {exc}") from None
         for name in ("image_size", "batch_size", "threads", "shuffle_buffer", "prefetch"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"data.{name}: expected >= 1, got {getattr(self, name)}")

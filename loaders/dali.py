@@ -3,11 +3,13 @@
 Owns the DALI graph and its wiring:
 
 * ``fn.readers.webdataset`` over *filtered* index files written per epoch (index.py's
-  ``write_dali_files``) that list exactly this rank's plan (base.py: the epoch's shard order, the
-  rank's cut, less the samples that failed the scan's filters or a check since), so DALI and the
-  reference loader read the same samples and a sample dropped on one rank moves no other rank's
-  cut; a shuffle buffer of ``shuffle_buffer`` (``initial_fill``) for training, ``pad_last_batch``
-  so an epoch never bleeds into the next, and ``name`` = the ``reader_name`` the iterator uses.
+  ``write_dali_files``; local files also for tars in an object store: DALI reads ``s3://`` tars
+  with local index files, one ranged GET per sample's jpg, nothing else of the tar) that list
+  exactly this rank's plan (base.py: the epoch's shard order, the rank's cut, less the samples
+  that failed the scan's filters or a check since), so DALI and the reference loader read the same
+  samples and a sample dropped on one rank moves no other rank's cut; a shuffle buffer of
+  ``shuffle_buffer`` (``initial_fill``) for training, ``pad_last_batch`` so an epoch never bleeds
+  into the next, and ``name`` = the ``reader_name`` the iterator uses.
 * Train: ``decoders.image_random_crop`` (decoding fused with RandomResizedCrop: libjpeg-turbo
   decodes only the crop window on the CPU; nvJPEG / the hardware decoder on ``mixed``), resize,
   rotation, ``color_twist`` (brightness, contrast, saturation, hue), and ``crop_mirror_normalize``
@@ -35,19 +37,25 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import logging
 import math
 import shutil
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from flora import store
+from flora.errors import one_line
+
 from .base import EpochLoader, epoch_seed
 from .config import DataConfig
 from .index import LoaderError
 from .recheck import recheck
+from .remote import StoreError, dali_s3_check, is_remote
 
 try:  # DALI is a hard dependency in setup.cfg, but the reference loader must work without it
     from nvidia.dali import fn, pipeline_def, types
@@ -58,6 +66,7 @@ try:  # DALI is a hard dependency in setup.cfg, but the reference loader must wo
 except ImportError:  # pragma: no cover - exercised only where DALI is not installed
     HAVE_DALI = False
 
+log = logging.getLogger(__name__)
 #: Hue in DALI's color_twist is in degrees; torchvision's ColorJitter hue is a fraction of a turn.
 DEGREES_PER_TURN = 360.0
 #: RandomResizedCrop's attempts before falling back to a center crop (torchvision uses 10 too).
@@ -65,6 +74,12 @@ CROP_ATTEMPTS = 10
 #: Seed salt of the pipelines that read the rest of an epoch after a decode failure (+1 per failure);
 #: clear of the reference loader's salts 1-3.
 RECOVERY_SALT = 16
+#: Words of DALI's errors that come from its S3 client (the AWS SDK over curl), not from a sample.
+STORE_FAILURES = ("curlCode", "S3 Object", "S3 object", "response stream", "AWS")
+#: Backoff before a new pipeline reads the rest of an epoch after a failed read from the store (as
+#: botocore's standard mode: doubling, capped).
+STORE_BACKOFF_S = 0.1
+STORE_BACKOFF_MAX_S = 5.0
 
 
 def _uniform(low: float, high: float):
@@ -217,6 +232,11 @@ class DaliLoader(EpochLoader):
                 "for CUDA 13); or use backend: torch"
             )
         super().__init__(*args, **kwargs)
+        if is_remote(self.index.root):
+            try:
+                dali_s3_check(str(self.index.root))
+            except StoreError as exc:
+                raise LoaderError(str(exc)) from None
         self.gpu = self.device.type == "cuda"
         self._tmp = Path(tempfile.mkdtemp(prefix="flora-dali-idx-"))
         self._lookup = self.index.lookup()
@@ -254,6 +274,7 @@ class DaliLoader(EpochLoader):
             "recoveries": int(state.get("dali_recoveries", 0)),
         }
         self._progress = progress
+        store_failures, progress_at = 0, -1  # failed reads from the store since samples last came out
         while True:
             ids = plan
             if progress["recoveries"]:
@@ -264,6 +285,26 @@ class DaliLoader(EpochLoader):
                     yield images, batch_ids
                 return
             except _DecodeFailure as failure:
+                if is_remote(self.index.root) and any(m in str(failure) for m in STORE_FAILURES):
+                    # Not a damaged sample (no re-check): DALI's S3 reader gives up on a throttled or
+                    # dropped read (its SDK cannot retry a GET whose body it streams into DALI's buffer),
+                    # so the rest of the epoch is read by a new pipeline, after a backoff.
+                    returned = int(progress["seen"].sum())
+                    store_failures = store_failures + 1 if returned == progress_at else 1
+                    progress_at = returned
+                    if store_failures >= store.MAX_ATTEMPTS:
+                        raise LoaderError(
+                            f"DALI could not read the object store in epoch {epoch} of split "
+                            f"{self.index.split!r} (rank {self.rank}; {store_failures} pipelines in a row "
+                            f"got no sample out): {failure}"
+                        ) from None
+                    log.warning("DALI: a read from the object store failed (%s); the epoch goes on",
+                                one_line(failure)[-200:])  # fmt: skip
+                    time.sleep(min(STORE_BACKOFF_S * 2**store_failures, STORE_BACKOFF_MAX_S))
+                    progress["base"] = progress["seen"].copy()
+                    progress["recoveries"] += 1
+                    checkpoint = None
+                    continue
                 rest = plan[~progress["seen"] & ~np.isin(plan, self._found_during(epoch))]
                 bad = recheck(self.index, rest, "decode", self.cfg.threads)
                 if not bad:
@@ -287,28 +328,34 @@ class DaliLoader(EpochLoader):
         self._passes += 1
         folder = self._tmp / f"pass{self._passes:06d}"
         paths, idx = self.index.write_dali_files(ids, folder)
-        pipe = build_pipeline(
-            self.cfg,
-            self.train,
-            paths,
-            idx,
-            shard_id=0,  # the files hold this rank's plan only
-            num_shards=1,
-            gpu=self.gpu,
-            device_id=self.device.index if self.gpu else None,
-            seed=epoch_seed(self.cfg.seed, epoch, self.rank, RECOVERY_SALT + recoveries if recoveries else 0),
-            checkpoint=checkpoint,
-        )
-        iterator = DALIGenericIterator(
-            [pipe],
-            ["image", "source"],
-            reader_name="reader",
-            last_batch_policy=LastBatchPolicy.PARTIAL,
-            auto_reset=False,
-        )
-        self._iterator = iterator
-        self._reader_done = False
+        pipe = iterator = None
         try:
+            try:  # building reads the tars' sizes, the iterator runs the first batch: either may fail
+                pipe = build_pipeline(
+                    self.cfg,
+                    self.train,
+                    paths,
+                    idx,
+                    shard_id=0,  # the files hold this rank's plan only
+                    num_shards=1,
+                    gpu=self.gpu,
+                    device_id=self.device.index if self.gpu else None,
+                    seed=epoch_seed(
+                        self.cfg.seed, epoch, self.rank, RECOVERY_SALT + recoveries if recoveries else 0
+                    ),
+                    checkpoint=checkpoint,
+                )
+                iterator = DALIGenericIterator(
+                    [pipe],
+                    ["image", "source"],
+                    reader_name="reader",
+                    last_batch_policy=LastBatchPolicy.PARTIAL,
+                    auto_reset=False,
+                )
+            except RuntimeError as exc:
+                raise _DecodeFailure(exc) from exc
+            self._iterator = iterator
+            self._reader_done = False
             while True:
                 try:
                     out = next(iterator)[0]

@@ -7,11 +7,15 @@ Owns, for both loaders (so that they agree sample for sample):
   apart from skips (``tombstoned``); then by ``production_only`` (each sample's ``license_class``)
   and, for ``label_space: region``, by the region's class mapping. Labels come from here (the
   ``.cls`` member, or remapped by species name).
+* **Where the shards are**: a local folder or an object-store prefix (``s3://bucket/prefix``, read
+  through remote.py: the manifest and class mappings mirrored under the cache root; a shard's scan
+  reads its tar once, in one GET; the loaders then read each planned sample's jpg by byte range).
 * **Verification**: every sample's JPEG is checked once (sha256 against its ``.json`` under
   ``verify: full``; markers and the json's width/height under ``header``). A corrupt sample that
   slipped into a shard is skipped and counted with a reason, never fatal and never silent. Scan
-  results are cached per shard, keyed by the tar's and index's size and mtime (which bit rot keeps:
-  recheck.py re-checks later, with the sha256 the scan keeps per sample).
+  results are cached per shard under the cache root, keyed by the tar's and index's size and mtime
+  (a tar in the store: its size and ETag), which bit rot keeps: recheck.py re-checks later, with
+  the sha256 the scan keeps per sample.
 * **The manifest's word on each tar**: a tar whose size differs from the manifest's is refused
   (always, one ``stat``); under ``verify: full`` a fresh scan also hashes the whole tar and refuses
   a sha256 mismatch that no damaged sample explains (torn or tampered store, not bit rot).
@@ -36,6 +40,7 @@ import tempfile
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import NamedTuple
 
@@ -43,6 +48,7 @@ import numpy as np
 
 from flora.cache import derived_dir
 from flora.errors import FloraError
+from flora.store import S3Url, StoreError, read_range
 from sharding.format import (
     PERMISSIVE,
     SampleMeta,
@@ -55,6 +61,7 @@ from sharding.format import (
 )
 
 from .config import DataConfig
+from .remote import TarStream, fetch_index, fetch_metadata, is_remote, tar_stamp, translate
 
 CACHE_FORMAT = 2  # 2: rows carry each sample's sha256
 SHA256_BYTES = 32
@@ -70,7 +77,7 @@ class LoaderError(FloraError, ValueError):
 
 @dataclass(frozen=True)
 class Shard:
-    path: Path  # absolute tar path
+    path: Path | str  # absolute tar path, or its s3:// URL
     rel: str  # as in the manifest
     split: str
     region: str
@@ -83,7 +90,7 @@ class Shard:
 class SampleIndex:
     """The selected samples of one split, grouped by shard (shard ``i`` owns ``bounds[i]:bounds[i+1]``)."""
 
-    root: Path
+    root: Path | str  # the shard folder, or an s3:// prefix
     split: str
     shards: list[Shard]
     bounds: np.ndarray  # int64, len(shards) + 1
@@ -217,12 +224,16 @@ def buffer_shuffle(samples: np.ndarray, buffer: int, seed: int) -> np.ndarray:
 
 
 # ------------------------------------------------------------------------------------------ building
-def select_shards(root: Path, split: str, regions: list[str] | None) -> list[Shard]:
-    """The shards of ``split`` (and ``regions``) that the manifest of ``root`` lists."""
+def select_shards(
+    root: Path, split: str, regions: list[str] | None, store_root: str | None = None
+) -> list[Shard]:
+    """The shards of ``split`` (and ``regions``) that the manifest of ``root`` lists; with
+    ``store_root`` (an s3:// prefix; ``root`` is then its mirror) the tars are that prefix's."""
     manifest = read_manifest(root)
+    prefix = S3Url.parse(store_root) if store_root else None
     return [
         Shard(
-            path=manifest.path(e),
+            path=manifest.path(e) if prefix is None else prefix.join(e.path).url,
             rel=e.path,
             split=e.split,
             region=e.region,
@@ -236,16 +247,23 @@ def select_shards(root: Path, split: str, regions: list[str] | None) -> list[Sha
 
 def build_index(cfg: DataConfig, split: str) -> SampleIndex:
     """Selects, scans (or reads the scan cache) and filters the samples of ``split``."""
-    root = Path(cfg.shards).resolve()
+    remote = is_remote(cfg.shards)
+    root = S3Url.parse(cfg.shards).url if remote else Path(cfg.shards).resolve()
     regions = cfg.regions
+    meta = root  # where manifest.json and the class mappings are read: the folder, or the store's mirror
     try:
-        shards = select_shards(root, split, regions)
-        region_map = read_class_mapping(root, regions[0]) if cfg.label_space == "region" else None
-        global_map = read_class_mapping(root)
+        region = regions[0] if cfg.label_space == "region" else None
+        if remote:
+            meta = fetch_metadata(root, cfg.cache_root, region)
+        shards = select_shards(meta, split, regions, store_root=root if remote else None)
+        region_map = read_class_mapping(meta, region) if region is not None else None
+        global_map = read_class_mapping(meta)
         cache_dir = _cache_dir(root, cfg.index_cache, cfg.cache_root)
         with ThreadPoolExecutor(max_workers=max(1, cfg.threads)) as pool:
-            scans = list(pool.map(lambda s: scan_shard(s, cfg.verify, cache_dir), shards))
+            scans = list(pool.map(lambda s: scan_shard(s, cfg.verify, cache_dir, meta), shards))
     except ShardFormatError as exc:
+        raise LoaderError(translate(str(exc), meta, root) if remote else str(exc)) from None
+    except StoreError as exc:  # a missing bucket, refused credentials, an unreachable endpoint...
         raise LoaderError(str(exc)) from None
     keys, labels, offsets, sizes, digests, bounds = [], [], [], [], [], [0]
     skipped: Counter = Counter()
@@ -308,7 +326,7 @@ def _digest_bytes(sha: str) -> bytes:
     return raw if len(raw) == SHA256_BYTES else bytes(SHA256_BYTES)
 
 
-def _cache_dir(root: Path, setting: bool | str | None, cache_root: str | None) -> Path | None:
+def _cache_dir(root: Path | str, setting: bool | str | None, cache_root: str | None) -> Path | None:
     if setting in (None, False, "off"):
         return None
     path = derived_dir("loader_index", root, cache_root) if setting in (True, "auto") else Path(setting)
@@ -335,12 +353,20 @@ class Row(NamedTuple):
     sha256: str  # the jpg's sha256 as the json records it ("" when it records none)
 
 
-def scan_shard(shard: Shard, verify: str, cache_dir: Path | None) -> tuple[list[Row], bool]:
+def scan_shard(
+    shard: Shard, verify: str, cache_dir: Path | None, mirror: Path | None = None
+) -> tuple[list[Row], bool]:
     """Every sample of one tar with its label, jpg location and verification verdict (cached), and
     whether it was scanned now (False: read from the cache). A tar that disagrees with the manifest
-    is refused (``check_manifest``)."""
-    idx_path = shard.path.with_suffix(".idx")
-    stamp = _stamp(shard.path, idx_path)
+    is refused (``check_manifest``). A tar in the store needs ``mirror`` (remote.fetch_metadata's)."""
+    remote = is_remote(shard.path)
+    if remote:
+        size, etag = tar_stamp(shard.path)
+        if size is None:
+            raise LoaderError(f"shard listed in the manifest is missing from the store: {shard.path}")
+        stamp = [[shard.rel.rsplit("/", 1)[-1], size, etag]]
+    else:
+        stamp = _stamp(shard.path, shard.path.with_suffix(".idx"))
     check_manifest_size(shard, stamp[0][1])
     cache = (
         cache_dir / (hashlib.sha1(str(shard.path).encode()).hexdigest()[:20] + ".json") if cache_dir else None
@@ -356,9 +382,12 @@ def scan_shard(shard: Shard, verify: str, cache_dir: Path | None) -> tuple[list[
                 return [Row(*r) for r in data["rows"]], False
         except (OSError, ValueError, TypeError):
             pass  # a damaged cache entry is rebuilt
-    rows = _scan(shard, verify)
+    if remote:
+        rows, found = _scan_remote(shard, verify, mirror, stamp[0][1])
+    else:
+        rows, found = _scan(shard, verify), None
     if verify == "full":
-        check_manifest_sha256(shard, rows)
+        check_manifest_sha256(shard, rows, found)
     if cache is not None:
         tmp = cache.with_name(cache.name + f".{os.getpid()}.tmp")
         tmp.write_text(json.dumps({"format": CACHE_FORMAT, "stamp": stamp, "verify": verify, "rows": rows}))
@@ -382,17 +411,18 @@ _DAMAGE = frozenset(
 )
 
 
-def check_manifest_sha256(shard: Shard, rows: list[Row]) -> None:
-    """Refuses a tar whose sha256 is not the manifest's unless damaged samples explain it (bit rot
-    in a sample is skipped and counted; changed bytes that no sample check sees are not bit rot we
-    can skip around)."""
+def check_manifest_sha256(shard: Shard, rows: list[Row], found: str | None = None) -> None:
+    """Refuses a tar whose sha256 (``found``, else hashed now) is not the manifest's unless damaged
+    samples explain it (bit rot in a sample is skipped and counted; changed bytes that no sample check
+    sees are not bit rot we can skip around)."""
     if not shard.sha256 or any(r.problem in _DAMAGE for r in rows):
         return  # nothing to compare with, or damaged samples (skipped, counted) account for a mismatch
-    h = hashlib.sha256()
-    with open(shard.path, "rb") as f:
-        while chunk := f.read(_HASH_CHUNK):
-            h.update(chunk)
-    found = h.hexdigest()
+    if found is None:
+        h = hashlib.sha256()
+        with open(shard.path, "rb") as f:
+            while chunk := f.read(_HASH_CHUNK):
+                h.update(chunk)
+        found = h.hexdigest()
     if found != shard.sha256:
         raise LoaderError(
             f"shard {shard.rel}: the manifest lists sha256 {shard.sha256} ({shard.bytes} bytes), found "
@@ -413,38 +443,61 @@ def _stamp(*paths: Path) -> list:
 
 
 def _scan(shard: Shard, verify: str) -> list[Row]:
-    rows: list[Row] = []
     size_on_disk = shard.path.stat().st_size
     with open(shard.path, "rb") as f:
-        for comps in read_index(shard.path):
-            name = next(iter(comps.values()))[2]
-            key = name.split(".", 1)[0]
-            if "jpg" not in comps:
-                rows.append(Row(key, -1, 0, 0, "", "", "missing_jpg", ""))
-                continue
-            off, size, _ = comps["jpg"]
-            if off + size > size_on_disk:
-                rows.append(Row(key, -1, off, size, "", "", "truncated_shard", ""))
-                continue
-            meta, problem = SampleMeta(), None
-            if "json" in comps:
-                try:
-                    meta = SampleMeta.from_json(_read(f, comps["json"]))
-                except (ValueError, TypeError):
-                    problem = "bad_json"
-            label = -1
-            try:
-                label = (
-                    int(_read(f, comps["cls"]).decode("ascii").strip()) if "cls" in comps else int(meta.label)
-                )
-            except (ValueError, TypeError):
-                problem = problem or "bad_label"
-            if problem is None:
-                f.seek(off)
-                problem = check_jpeg(f.read(size), meta, verify)
-            licence, latin = meta.license_class or "", meta.latin_name or ""
-            rows.append(Row(key, label, off, size, licence, latin, problem, meta.sha256 or ""))
-    return rows
+        return [_row(comps, lambda c: _read(f, c), size_on_disk, verify) for comps in read_index(shard.path)]
+
+
+def _scan_remote(shard: Shard, verify: str, mirror: Path, size_in_store: int) -> tuple[list[Row], str | None]:
+    """``_scan`` of a tar in the store, read front to back in one GET (each sample's members as one
+    span); with ``verify: full`` and a sha256 in the manifest, the tar's sha256 from the same pass."""
+    entries = read_index(fetch_index(str(shard.path), shard.rel, mirror))
+    stream = TarStream(str(shard.path))
+    rows: list[Row] = []
+    try:
+        for comps in entries:
+            start = min(c[0] for c in comps.values())
+            end = min(max(c[0] + c[1] for c in comps.values()), size_in_store)
+            if start >= stream.pos:
+                span = stream.read_at(start, max(0, end - start))
+            else:  # members listed out of tar order: this sample by byte range
+                span = read_range(S3Url.parse(str(shard.path)), start, max(0, end - start))
+            get = partial(_slice, span, start)  # a member's bytes out of the span
+            rows.append(_row(comps, get, size_in_store, verify))
+        whole = verify == "full" and shard.sha256 and not any(r.problem in _DAMAGE for r in rows)
+        return rows, stream.finish()[0] if whole else None
+    finally:
+        stream.close()
+
+
+def _slice(span: bytes, start: int, comp: tuple[int, int, str]) -> bytes:
+    return span[comp[0] - start : comp[0] - start + comp[1]]
+
+
+def _row(comps: dict, get, size_on_disk: int, verify: str) -> Row:
+    """One sample's Row from its index entry; ``get(member)`` returns a member's bytes."""
+    name = next(iter(comps.values()))[2]
+    key = name.split(".", 1)[0]
+    if "jpg" not in comps:
+        return Row(key, -1, 0, 0, "", "", "missing_jpg", "")
+    off, size, _ = comps["jpg"]
+    if off + size > size_on_disk:
+        return Row(key, -1, off, size, "", "", "truncated_shard", "")
+    meta, problem = SampleMeta(), None
+    if "json" in comps:
+        try:
+            meta = SampleMeta.from_json(get(comps["json"]))
+        except (ValueError, TypeError):
+            problem = "bad_json"
+    label = -1
+    try:
+        label = int(get(comps["cls"]).decode("ascii").strip()) if "cls" in comps else int(meta.label)
+    except (ValueError, TypeError):
+        problem = problem or "bad_label"
+    if problem is None:
+        problem = check_jpeg(get(comps["jpg"]), meta, verify)
+    licence, latin = meta.license_class or "", meta.latin_name or ""
+    return Row(key, label, off, size, licence, latin, problem, meta.sha256 or "")
 
 
 def _read(f, comp: tuple[int, int, str]) -> bytes:

@@ -30,6 +30,7 @@ from PIL import Image
 from sharding.format import SampleMeta
 
 from .index import SampleIndex, check_jpeg
+from .remote import open_shard
 
 LEVELS = ("full", "header", "decode")
 DECODE_ERROR = "decode_error"
@@ -55,7 +56,7 @@ def recheck(index: SampleIndex, samples: np.ndarray, level: str, threads: int = 
 def _recheck_shard(index: SampleIndex, samples: np.ndarray, level: str) -> dict[int, str]:
     out: dict[int, str] = {}
     order = samples[np.argsort(index.jpg_offset[samples], kind="stable")]
-    with open(index.shards[index.shard_of(int(order[0]))].path, "rb") as f:
+    with open_shard(index.shards[index.shard_of(int(order[0]))].path) as f:
         for sid in order.tolist():
             size = int(index.jpg_size[sid])
             f.seek(int(index.jpg_offset[sid]))

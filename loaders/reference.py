@@ -19,8 +19,10 @@ process: by then that process has threads (gloo's, torch's pools, an earlier loa
 feeders), and a fork copies whatever locks they hold at that instant, so now and then a new
 epoch's worker hung for good (seen under torchrun in CI). The server is a clean process that has
 imported this module once (its start costs ~3-10 s once per process); each worker receives only the
-samples still to read (``WorkerPlan``), not the whole index. A script that builds loaders at its top
-level needs the usual ``if __name__ == "__main__":`` guard then, or ``worker_start: fork``.
+samples still to read (``WorkerPlan``), not the whole index, and, for shards in an object store,
+this process's AWS settings (remote.py; each sample's jpg is then one ranged GET). A script that
+builds loaders at its top level needs the usual ``if __name__ == "__main__":`` guard then, or
+``worker_start: fork``.
 
 Leaves out: epochs/remainder/state bookkeeping (base.py) and shard selection (index.py).
 """
@@ -31,7 +33,9 @@ import io
 import logging
 import math
 import multiprocessing
+import os
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import torch
@@ -40,12 +44,17 @@ from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from torchvision.transforms import InterpolationMode, v2
 
+from flora.store import S3Url, read_range
+
 from .base import EpochLoader, epoch_seed
 from .config import DataConfig
 from .index import SampleIndex, buffer_shuffle
 from .recheck import DECODE_ERROR
+from .remote import aws_env, is_remote
 
 log = logging.getLogger(__name__)
+#: Ranged GETs in flight per worker when the tars are in an object store (a batch's jpgs at once).
+REMOTE_READ_THREADS = 8
 
 
 def build_transform(cfg: DataConfig, train: bool) -> Callable:
@@ -117,6 +126,9 @@ def warn_and_count(exc: Exception, sample: dict) -> bool:
 
 def read_samples(batches, index: SampleIndex | WorkerPlan):
     """Stage: planned batches of sample ids -> dict samples with the raw jpg bytes."""
+    if index.shards and is_remote(index.shards[0].path):
+        yield from _read_remote(batches, index)
+        return
     handles: dict[int, object] = {}
     try:
         for batch_no, ids in batches:
@@ -126,16 +138,37 @@ def read_samples(batches, index: SampleIndex | WorkerPlan):
                 if f is None:
                     f = handles[shard] = open(index.shards[shard].path, "rb")  # noqa: SIM115 - closed below
                 f.seek(int(index.jpg_offset[sid]))
-                yield {
-                    "__key__": index.keys[sid],
-                    "__shard__": index.shards[shard].rel,
-                    "id": sid,
-                    "batch": batch_no,
-                    "jpg": f.read(int(index.jpg_size[sid])),
-                }
+                yield _sample(index, sid, shard, batch_no, f.read(int(index.jpg_size[sid])))
     finally:
         for f in handles.values():
             f.close()
+
+
+def _sample(index, sid: int, shard: int, batch_no: int, data: bytes) -> dict:
+    rel = index.shards[shard].rel
+    return {"__key__": index.keys[sid], "__shard__": rel, "id": sid, "batch": batch_no, "jpg": data}
+
+
+def _read_remote(batches, index: SampleIndex | WorkerPlan):
+    """``read_samples`` from an object store: each jpg one ranged GET, a batch's GETs in parallel
+    threads, the next batch's issued while this one is decoded (the store's latency overlapped)."""
+    urls = [S3Url.parse(str(s.path)) for s in index.shards]
+
+    def fetch(sid: int) -> bytes:
+        return read_range(urls[index.shard_of(sid)], int(index.jpg_offset[sid]), int(index.jpg_size[sid]))
+
+    with ThreadPoolExecutor(max_workers=REMOTE_READ_THREADS) as pool:
+        pending = None
+        for item in [*batches, None]:  # one batch of look-ahead
+            ahead = None
+            if item is not None:
+                batch_no, ids = item[0], item[1].tolist()
+                ahead = (batch_no, ids, [pool.submit(fetch, sid) for sid in ids])
+            if pending is not None:
+                got_no, got_ids, futures = pending
+                for sid, future in zip(got_ids, futures, strict=True):
+                    yield _sample(index, sid, index.shard_of(sid), got_no, future.result())
+            pending = ahead
 
 
 def decode_and_transform(samples, transform: Callable, handler: Callable, seed: int | None = None):
@@ -229,10 +262,14 @@ class PlannedBatches(IterableDataset):
         self.index, self.batches, self.first, self.transform = index, batches, first, transform
         self.seed = seed
         self._plan: WorkerPlan | None = None  # what __getstate__ sends, built on first use
+        #: A fork server's environment is that of its start: a worker applies this process's AWS settings.
+        self.env = aws_env() if is_remote(index.root) else {}
 
     def __iter__(self):
         info = get_worker_info()
         worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        if info is not None:
+            os.environ.update(self.env)
         mine = [(b, self.batches[b]) for b in range(self.first + worker, len(self.batches), workers)]
         pipeline = wds.DataPipeline(
             lambda: iter(mine),

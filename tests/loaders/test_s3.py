@@ -1,0 +1,245 @@
+"""Loaders from object storage (``data.shards: s3://bucket/prefix``) against a real S3 server on
+127.0.0.1 (SeaweedFS, the ``s3_bucket`` fixture): both backends read the same samples from the store
+as from the local copy; the scan reads each tar once and is cached under the cache root (nothing is
+written to the store); an epoch reads each planned jpg once; throttling is retried; a missing
+bucket, refused credentials, an unreachable endpoint, a prefix without a manifest or with another
+data set's manifest are one error line, exit 2."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from benchmarks.loader_s3 import counts, proxy_process
+from flora import store
+from flora.config import ConfigError
+from flora.store import S3Url
+from loaders import create_dataloaders
+from loaders.__main__ import main
+from loaders.config import load_data_config
+from loaders.dali import HAVE_DALI
+from loaders.index import build_index
+
+from ..training.conftest import teachers  # noqa: F401 - the fixture: trained test_vit checkpoints
+from .conftest import data_cfg
+
+pytestmark = pytest.mark.s3
+BACKENDS = [pytest.param("dali", marks=pytest.mark.skipif(not HAVE_DALI, reason="no DALI")), "torch"]
+
+
+def upload(root: Path, url: str) -> None:
+    """A local shard folder's published files under ``url``, as ``flora build --out s3://`` lays them out."""
+    base = S3Url.parse(url)
+    for path in sorted(root.rglob("*")):
+        rel = path.relative_to(root)
+        if path.is_file() and not rel.parts[0].startswith("_"):
+            store.upload_file(path, base.join(rel.as_posix()))
+
+
+@pytest.fixture
+def s3_shards(shard_root, s3_bucket) -> str:
+    url = f"s3://{s3_bucket}/sets/world"
+    upload(shard_root, url)
+    return url
+
+
+def ids_and_labels(loader) -> dict[int, int]:
+    out: dict[int, int] = {}
+    for batch in loader:
+        keep = batch["valid"]
+        for i, label in zip(batch["index"][keep].tolist(), batch["label"][keep].tolist(), strict=True):
+            assert i not in out, f"sample {i} twice in one epoch"
+            out[i] = label
+    return out
+
+
+def keyed(loader, found: dict[int, int]) -> dict[str, int]:
+    return {loader.index.keys[i]: label for i, label in found.items()}
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_the_same_samples_from_s3_as_from_the_local_copy(shard_root, s3_shards, tmp_path, backend):
+    before = sorted(store.list_objects(S3Url.parse(s3_shards)))
+    over = {"backend": backend, "train_remainder": "pad", "index_cache": "auto", "cache_root": str(tmp_path)}
+    local_train, local_val, local_info = create_dataloaders(data_cfg(shard_root, **over))
+    s3_train, s3_val, s3_info = create_dataloaders(data_cfg(s3_shards, **over))
+    assert s3_info.samples == local_info.samples and s3_info.class_mapping == local_info.class_mapping
+    for local, remote in ((local_val, s3_val), (local_train, s3_train)):
+        want = keyed(local, ids_and_labels(local))
+        got = keyed(remote, ids_and_labels(remote))
+        assert got == want and len(got) == len(local.index)  # every sample once, with its label
+    batch = next(iter(s3_train))
+    assert batch["image"].shape == (16, 3, 64, 64) and batch["image"].dtype == torch.float32
+    # the scans are cached under the cache root, one entry per tar; nothing was written to the store
+    cached = list((tmp_path / "loader_index").glob("world-*/*.json"))
+    assert len(cached) == len(s3_train.index.shards) + len(s3_val.index.shards)
+    assert sorted(store.list_objects(S3Url.parse(s3_shards))) == before
+    s3_train.close()
+    local_train.close()
+
+
+def test_a_scan_reads_each_tar_once_an_epoch_each_jpg_once_and_a_cached_scan_no_tar(s3_shards, tmp_path):
+    """Bytes through a counting proxy: the scan reads every tar whole, once (its sha256 from the same
+    pass); the torch loader's epoch reads exactly the planned samples' jpg bytes; a second index of
+    the same store (scan cache) reads no tar bytes at all."""
+    root = S3Url.parse(s3_shards)
+    prefix = f"/{root.bucket}/{root.key}/"
+    cfg = load_data_config(data_cfg(s3_shards, backend="torch", index_cache="auto", cache_root=str(tmp_path)))
+    with proxy_process(os.environ["AWS_ENDPOINT_URL"]) as proxy:
+        os.environ["AWS_ENDPOINT_URL"] = proxy  # the s3_bucket fixture restores it
+        index = build_index(cfg, "val")
+        scanned = counts(proxy)["bytes"]
+        for shard in index.shards:
+            assert scanned[prefix + shard.rel] == shard.bytes  # the whole tar, once
+        train, val, _ = create_dataloaders(cfg)  # the val scan is cached now; train's is new
+        after_scan = counts(proxy)["bytes"]
+        for shard in val.index.shards:
+            assert after_scan[prefix + shard.rel] == shard.bytes, "a cached scan reads no tar bytes"
+        ids_and_labels(val)
+        read = counts(proxy)["bytes"]
+        for i, shard in enumerate(val.index.shards):
+            jpg = int(val.index.jpg_size[val.index.bounds[i] : val.index.bounds[i + 1]].sum())
+            assert read[prefix + shard.rel] - after_scan[prefix + shard.rel] == jpg  # each jpg once
+        train.close()
+
+
+def test_throttling_is_retried_not_fatal(s3_server, s3_shards, tmp_path):
+    """The server answers 503 to any second concurrent read; the scan (threads) and the torch loader
+    (workers x parallel GETs) retry and deliver every sample."""
+    cfg = data_cfg(s3_shards, backend="torch", cache_root=str(tmp_path), index_cache="auto")
+    s3_server.throttle({"Read": 1})
+    try:
+        _, val, info = create_dataloaders(cfg)
+        assert len(ids_and_labels(val)) == info.samples["val"]
+    finally:
+        s3_server.throttle(None)
+
+
+def run_cli(tmp_path: Path, shards: str, capsys) -> str:
+    config = tmp_path / "data.yaml"
+    config.write_text(json.dumps(data_cfg(shards, backend="torch")))
+    assert main(["--config", str(config)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("flora loaders: error: "), err
+    return err[0]
+
+
+def test_a_missing_bucket_is_one_error_line(s3_bucket, tmp_path, capsys):
+    assert "does not exist" in run_cli(tmp_path, f"s3://{s3_bucket}-missing/shards", capsys)
+
+
+def test_refused_credentials_are_one_error_line_never_printed(s3_shards, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "not-the-secret-4242")
+    line = run_cli(tmp_path, s3_shards, capsys)
+    assert "refused the credentials" in line and "not-the-secret-4242" not in line
+
+
+def test_an_unreachable_endpoint_is_one_error_line(s3_bucket, tmp_path, capsys, monkeypatch):
+    import socket
+
+    with socket.socket() as probe:  # a port nobody listens on
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{port}")
+    monkeypatch.setattr(store, "MAX_ATTEMPTS", 2)
+    line = run_cli(tmp_path, f"s3://{s3_bucket}/shards", capsys)
+    assert "cannot reach" in line and f"127.0.0.1:{port}" in line
+
+
+def test_a_prefix_without_a_manifest_is_one_error_line(s3_shards, tmp_path, capsys):
+    line = run_cli(tmp_path, s3_shards + "/train", capsys)  # tars there, but not a shard root
+    assert "no manifest.json at" in line and s3_shards + "/train" in line
+
+
+def test_another_data_sets_manifest_is_one_error_line(s3_bucket, tmp_path, capsys):
+    base = S3Url.parse(f"s3://{s3_bucket}/theirs")
+    store.write_bytes(base.join("manifest.json"), json.dumps({"files": ["a.parquet"], "rows": 3}).encode())
+    assert "not a Flora shard manifest" in run_cli(tmp_path, base.url, capsys)
+
+
+def test_a_manifest_whose_tars_are_elsewhere_is_one_error_line(shard_root, s3_bucket, tmp_path, capsys):
+    base = S3Url.parse(f"s3://{s3_bucket}/copied")
+    for name in ("manifest.json", "class_mapping.json"):
+        store.upload_file(shard_root / name, base.join(name))
+    assert "missing from the store" in run_cli(tmp_path, base.url, capsys)
+
+
+def test_a_malformed_s3_location_is_a_config_error():
+    with pytest.raises(ConfigError, match="data.shards"):
+        load_data_config(data_cfg("s3:///no-bucket"))
+
+
+def test_exports_parity_images_come_from_s3_as_from_the_local_copy(shard_root, s3_shards):
+    from types import SimpleNamespace
+
+    from export.bundle import sample_images
+
+    local = sample_images(SimpleNamespace(data={"shards": str(shard_root)}), None, 30, split="val")
+    from_checkpoint = sample_images(SimpleNamespace(data={"shards": s3_shards}), None, 30, split="val")
+    from_flag = sample_images(SimpleNamespace(data={}), s3_shards, 30, split="val")
+    assert from_checkpoint == from_flag == local and len(local) == 30
+
+
+@pytest.mark.slow
+def test_evaluation_from_s3_equals_the_local_evaluation(teachers, shard_root, s3_shards, tmp_path):  # noqa: F811
+    from training.evaluate import evaluate
+
+    kwargs = {"split": "val", "calibration_split": None}
+    local = evaluate(teachers["global"], shards=str(shard_root), out_dir=tmp_path / "local", **kwargs)
+    remote = evaluate(teachers["global"], shards=s3_shards, out_dir=tmp_path / "s3", **kwargs)
+    assert remote["metrics"] == local["metrics"] and remote["samples"] == local["samples"]
+
+
+@pytest.mark.skipif(not HAVE_DALI, reason="no DALI")
+def test_dali_refuses_an_endpoint_host_name_it_would_address_virtual_host_style(s3_shards, monkeypatch):
+    """DALI's S3 client asks ``bucket.localhost`` (which does not resolve) where boto3 asks
+    ``localhost/bucket``: the DALI backend says so in one line, the torch backend reads the store."""
+    from loaders.index import LoaderError
+
+    endpoint = os.environ["AWS_ENDPOINT_URL"]
+    monkeypatch.setenv("AWS_ENDPOINT_URL", endpoint.replace("127.0.0.1", "localhost"))
+    with pytest.raises(LoaderError, match=r"does not resolve; give AWS_ENDPOINT_URL with the") as err:
+        create_dataloaders(data_cfg(s3_shards, backend="dali"))
+    assert "\n" not in str(err.value) and "http://127.0.0.1:" in str(err.value)
+    _, val, info = create_dataloaders(data_cfg(s3_shards, backend="torch"))
+    assert len(ids_and_labels(val)) == info.samples["val"]
+
+
+@pytest.mark.skipif(not HAVE_DALI, reason="no DALI")
+def test_dali_is_given_the_s3_specific_endpoint(s3_shards, monkeypatch):
+    """boto3 prefers ``AWS_ENDPOINT_URL_S3``; DALI reads ``AWS_ENDPOINT_URL`` only, so it is copied."""
+    endpoint = os.environ["AWS_ENDPOINT_URL"]
+    monkeypatch.delenv("AWS_ENDPOINT_URL")
+    monkeypatch.setenv("AWS_ENDPOINT_URL_S3", endpoint)
+    _, val, info = create_dataloaders(data_cfg(s3_shards, backend="dali"))
+    assert os.environ["AWS_ENDPOINT_URL"] == endpoint
+    assert len(ids_and_labels(val)) == info.samples["val"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_slow_down_answers_to_sample_reads_are_retried(s3_shards, tmp_path, backend):
+    """``python -m loaders`` (a fresh process: DALI's S3 client reads its endpoint once) through a
+    proxy that answers every third sample read (a ranged GET) ``503 SlowDown``, six times: an epoch
+    of both splits completes, every sample once (the audit). botocore retries the torch loader's
+    GETs; DALI's reader cannot retry one, so its loader reads the rest of the epoch anew."""
+    import subprocess
+    import sys
+
+    config = tmp_path / "data.yaml"
+    config.write_text(json.dumps(data_cfg(s3_shards, backend=backend, cache_root=str(tmp_path / "c"))))
+    audit = tmp_path / "audit.json"
+    with proxy_process(os.environ["AWS_ENDPOINT_URL"], throttle_every=3, throttle_max=6) as proxy:
+        env = {**os.environ, "AWS_ENDPOINT_URL": proxy}
+        cmd = [sys.executable, "-m", "loaders", "--config", str(config), "--audit", str(audit)]
+        done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, check=False)
+        throttled = counts(proxy)["throttled"]
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert throttled == 6
+    seen = json.loads(audit.read_text())
+    val = seen["epochs"][0]["val"][0]
+    assert sorted(val) == list(range(seen["samples"]["val"]))
