@@ -10,12 +10,10 @@ Owns, for both loaders (so that they agree sample for sample):
 * **Where the shards are**: a local folder or an object-store prefix (``s3://bucket/prefix``, read
   through remote.py: the manifest and class mappings mirrored under the cache root; a shard's scan
   reads its tar once, in one GET; the loaders then read each planned sample's jpg by byte range).
-* **Verification**: every sample's JPEG is checked once (sha256 against its ``.json`` under
-  ``verify: full``; markers and the json's width/height under ``header``). A corrupt sample that
-  slipped into a shard is skipped and counted with a reason, never fatal and never silent. Scan
-  results are cached per shard under the cache root, keyed by the tar's and index's size and mtime
-  (a tar in the store: its size and ETag), which bit rot keeps: recheck.py re-checks later, with
-  the sha256 the scan keeps per sample.
+* **Verification**: every sample's JPEG is checked once (jpeg.py); a corrupt one is skipped and
+  counted with a reason, never fatal, never silent. Scan results are cached per shard under the cache
+  root, keyed by the tar's and index's size and mtime (in the store: size and ETag), which bit rot
+  keeps: recheck.py re-checks later, with the sha256 the scan keeps per sample.
 * **The manifest's word on each tar**: a tar whose size differs from the manifest's is refused
   (always, one ``stat``); under ``verify: full`` a fresh scan also hashes the whole tar and refuses
   a sha256 mismatch that no damaged sample explains (torn or tampered store, not bit rot).
@@ -35,7 +33,6 @@ import hashlib
 import json
 import os
 import random
-import struct
 import tempfile
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
@@ -61,14 +58,12 @@ from sharding.format import (
 )
 
 from .config import DataConfig
+from .jpeg import check_jpeg, jpeg_size  # noqa: F401 - jpeg_size: part of this module's interface
 from .remote import TarStream, fetch_index, fetch_metadata, is_remote, tar_stamp, translate
 
 CACHE_FORMAT = 2  # 2: rows carry each sample's sha256
 SHA256_BYTES = 32
 _HASH_CHUNK = 1 << 20  # bytes read at a time when hashing a whole tar
-_JPEG_SOI, _JPEG_EOI = b"\xff\xd8", b"\xff\xd9"
-#: Start-of-frame markers (baseline, extended, progressive, lossless...) that carry the image size.
-_SOF_MARKERS = {0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF}
 
 
 class LoaderError(FloraError, ValueError):
@@ -503,42 +498,3 @@ def _row(comps: dict, get, size_on_disk: int, verify: str) -> Row:
 def _read(f, comp: tuple[int, int, str]) -> bytes:
     f.seek(comp[0])
     return f.read(comp[1])
-
-
-def check_jpeg(data: bytes, meta: SampleMeta, verify: str) -> str | None:
-    """None when the JPEG looks intact, else the reason it is skipped."""
-    if verify == "full" and meta.sha256:
-        return None if hashlib.sha256(data).hexdigest() == meta.sha256 else "sha256_mismatch"
-    if not data.startswith(_JPEG_SOI) or not data.rstrip(b"\0").endswith(_JPEG_EOI):
-        return "not_a_jpeg"
-    dims = jpeg_size(data)
-    if dims is None:
-        return "no_jpeg_frame"
-    if meta.width is not None and meta.height is not None and dims != (meta.width, meta.height):
-        return "size_mismatch"
-    return None
-
-
-def jpeg_size(data: bytes) -> tuple[int, int] | None:
-    """(width, height) from the first start-of-frame segment, or None."""
-    i, n = 2, len(data)
-    while i + 4 <= n:
-        if data[i] != 0xFF:
-            return None
-        marker = data[i + 1]
-        if marker == 0xFF:  # fill byte
-            i += 1
-            continue
-        if marker in (0xD8, 0x01) or 0xD0 <= marker <= 0xD7:
-            i += 2
-            continue
-        (length,) = struct.unpack(">H", data[i + 2 : i + 4])
-        if marker in _SOF_MARKERS:
-            if i + 9 > n:
-                return None
-            h, w = struct.unpack(">HH", data[i + 5 : i + 9])
-            return w, h
-        if marker == 0xDA:  # start of scan before any frame header
-            return None
-        i += 2 + length
-    return None

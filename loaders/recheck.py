@@ -29,7 +29,8 @@ from PIL import Image
 
 from sharding.format import SampleMeta
 
-from .index import SampleIndex, check_jpeg
+from .index import SampleIndex
+from .jpeg import check_jpeg
 from .remote import open_shard
 
 LEVELS = ("full", "header", "decode")
