@@ -26,7 +26,9 @@ import hashlib
 import io
 import struct
 import threading
+import time
 import warnings
+from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -193,12 +195,31 @@ def _filters_changed() -> None:
 # ------------------------------------------------------------------------------------------ pipeline
 
 
-def process_image(data: bytes, cfg: ImageConfig) -> ProcessedImage:
+class StageClock:
+    """Thread CPU time per stage of ``process_image``, summed over calls (the sharder benchmark's
+    per-image breakdown): ``open`` (header, checks, EXIF), ``decode``, ``orient``, ``colour``, ``resize``,
+    ``encode``, ``hashes`` (SHA-256 and the perceptual hashes)."""
+
+    def __init__(self) -> None:
+        self.ns: Counter[str] = Counter()
+        self._last = 0
+
+    def start(self) -> None:
+        self._last = time.thread_time_ns()
+
+    def lap(self, stage: str) -> None:
+        now = time.thread_time_ns()
+        self.ns[stage] += now - self._last
+        self._last = now
+
+
+def process_image(data: bytes, cfg: ImageConfig, *, clock: StageClock | None = None) -> ProcessedImage:
     """Validates ``data`` and returns the JPEG to store (see the module docstring for the steps).
 
     Args:
         data: The downloaded bytes.
         cfg: What is accepted, and the resize and encode settings.
+        clock: Times the stages (benchmarks); None times nothing.
 
     Returns:
         The stored JPEG with its size, the original's size, format and mode, and the SHA-256.
@@ -207,6 +228,8 @@ def process_image(data: bytes, cfg: ImageConfig) -> ProcessedImage:
         ImageError: With ``reason`` one of ``not_an_image``, ``corrupt``, ``too_small``,
             ``too_large_dimensions``, ``decompression_bomb``, ``format_not_allowed``.
     """
+    if clock is not None:
+        clock.start()
     with _bomb_warning_is_error():
         img = _open(data)
         fmt = _FORMAT_ALIASES.get(img.format or "", img.format or "")
@@ -226,6 +249,8 @@ def process_image(data: bytes, cfg: ImageConfig) -> ProcessedImage:
             and orientation == 1
         )
         original_mode = img.mode
+        if clock is not None:
+            clock.lap("open")
         try:
             if keep:
                 img.draft(img.mode, (max(1, width // VALIDATE_SCALE), max(1, height // VALIDATE_SCALE)))
@@ -240,19 +265,35 @@ def process_image(data: bytes, cfg: ImageConfig) -> ProcessedImage:
             raise ImageError("decompression_bomb", f"Pillow refused a frame: {exc}") from exc
         except _DECODE_ERRORS as exc:
             raise ImageError("corrupt", f"{img.format} does not decode: {exc}") from exc
+    if clock is not None:
+        clock.lap("decode")
     if orientation in _SWAPS_AXES:
         width, height = height, width
         target = None if target is None else (target[1], target[0])
     if keep:
-        return _result(data, (width, height), (width, height), img.format or "", original_mode)
+        result = _result(data, (width, height), (width, height), img.format or "", original_mode)
+        if clock is not None:
+            clock.lap("hashes")
+        return result
     if orientation != 1:
         ImageOps.exif_transpose(img, in_place=True)
+    if clock is not None:
+        clock.lap("orient")
     rgb = _to_rgb(img)
+    if clock is not None:
+        clock.lap("colour")
     if target is not None and rgb.size != target:
         rgb = rgb.resize(target, RESAMPLE[cfg.resample], reducing_gap=REDUCING_GAP)
+    if clock is not None:
+        clock.lap("resize")
     out = io.BytesIO()
     rgb.save(out, "JPEG", quality=cfg.jpeg_quality, optimize=False, progressive=False)
-    return _result(out.getvalue(), rgb.size, (width, height), img.format or "", original_mode)
+    if clock is not None:
+        clock.lap("encode")
+    result = _result(out.getvalue(), rgb.size, (width, height), img.format or "", original_mode)
+    if clock is not None:
+        clock.lap("hashes")
+    return result
 
 
 def _open(data: bytes) -> Image.Image:

@@ -7,7 +7,10 @@ from __future__ import annotations
 import email.utils
 import ipaddress
 import random
+import shutil
 import socket
+import ssl
+import subprocess
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -318,6 +321,8 @@ def test_unresolvable_host_is_dns_error():
         ("ftp://example.org/x.jpg", "bad_scheme"),
         ("file:///etc/passwd", "bad_scheme"),
         ("http:///x.jpg", "invalid_url"),
+        ("http://127.0.0.1:99999/x.jpg", "invalid_url"),
+        ("http://exa mple.org/x.jpg", "invalid_url"),
     ],
 )
 def test_unusable_urls(url, reason):
@@ -342,6 +347,10 @@ class _Scripted(BaseHTTPRequestHandler):
         srv = self.server
         with srv.lock:
             srv.ports.append(self.client_address[1])
+            srv.paths.append(self.path)
+        if self.path == "/reset":  # hang up without a response
+            self.close_connection = True
+            return
         if self.path.startswith("/stream/"):
             self._stream(int(self.path.rsplit("/", 1)[1]))
         elif self.path == "/slow":
@@ -382,6 +391,7 @@ class _ScriptedServer(ThreadingHTTPServer):
         super().__init__(("127.0.0.1", 0), _Scripted)
         self.lock = threading.Lock()
         self.ports: list[int] = []
+        self.paths: list[str] = []
         self.active = self.peak = self.sent = 0
         self.hung_up = False
 
@@ -428,6 +438,57 @@ def test_keep_alive_survives_error_pages(scripted):
         for path in ["/missing", "/ok"] * 5:
             dl.fetch(scripted.url(path))
     assert len(scripted.ports) == 10 and len(set(scripted.ports)) == 1  # one connection for all
+
+
+def test_url_is_percent_encoded_on_the_wire(scripted):
+    with downloader() as dl:
+        result = dl.fetch(scripted.url("/a b/é.jpg?q=x y#frag"))
+    assert result.ok
+    assert scripted.paths == ["/a%20b/%C3%A9.jpg?q=x%20y"]  # as requests sent it; no fragment
+
+
+def test_connection_dropped_before_the_response_is_retried(scripted):
+    with downloader() as dl:
+        result = dl.fetch(scripted.url("/reset"))
+    assert (result.reason, result.attempts, result.status) == ("connection_error", 3, None)
+
+
+def test_refused_connection_is_connection_error():
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    with downloader(retries=0) as dl:
+        result = dl.fetch(f"http://127.0.0.1:{port}/x.jpg")
+    assert (result.reason, result.attempts) == ("connection_error", 1)
+
+
+@pytest.fixture
+def tls_server(tmp_path):
+    """An HTTPS server on loopback with a self-signed certificate (not in certifi's bundle)."""
+    if shutil.which("openssl") is None:
+        pytest.skip("needs the openssl command to make a certificate")
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=127.0.0.1",
+         "-keyout", str(key), "-out", str(cert)],
+        check=True, capture_output=True,
+    )  # fmt: skip
+    server = _ScriptedServer()
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(cert, key)
+    server.socket = context.wrap_socket(server.socket, server_side=True)
+    thread = threading.Thread(target=server.serve_forever, args=(0.02,), daemon=True)
+    thread.start()
+    yield f"https://127.0.0.1:{server.server_address[1]}/ok"
+    server.shutdown()
+    server.server_close()
+
+
+def test_untrusted_certificate_is_tls_error_and_not_retried(tls_server):
+    with downloader() as dl:
+        result = dl.fetch(tls_server)
+    assert (result.reason, result.attempts) == ("tls_error", 1)
+    assert "certificate" in result.message.lower()
 
 
 # ------------------------------------------------------------------------------------- concurrency

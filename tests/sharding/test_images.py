@@ -13,7 +13,7 @@ import pytest
 from PIL import Image
 
 from flora.config import ConfigError
-from sharding.images import ImageConfig, ImageError, ProcessedImage, process_image
+from sharding.images import ImageConfig, ImageError, ProcessedImage, StageClock, process_image
 from world import render_image
 from world.server import HTML_PAGE, bomb_png, corrupt_jpeg, tiny_jpeg
 
@@ -236,3 +236,44 @@ def test_concurrent_calls_leave_no_warning_filter_behind():
 def test_config_errors_name_the_key(kwargs, key):
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
         ImageConfig(**kwargs)
+
+
+def psnr(a: Image.Image, b: Image.Image) -> float:
+    mse = float(((np.asarray(a, np.float64) - np.asarray(b, np.float64)) ** 2).mean())
+    return 99.0 if mse == 0 else 10 * np.log10(255**2 / mse)
+
+
+@pytest.mark.parametrize("progressive", [False, True])
+@pytest.mark.parametrize("orientation", [1, 6])
+def test_drafted_decode_matches_the_full_size_reference(progressive, orientation):
+    """The scaled (DCT-domain) decode of a large JPEG, progressive or not, EXIF-rotated or not, against
+    a full-size decode, rotation and resize of the same bytes: same size, same orientation, same colours."""
+    exif = Image.Exif()
+    exif[ORIENTATION_TAG] = orientation
+    source = Image.open(io.BytesIO(render_image(NAME, 8, 0, size=(1600, 1200)))).convert("RGB")
+    source.paste((250, 20, 20), (0, 0, 400, 1200))  # stored left quarter red
+    data = encode(source, "JPEG", quality=92, progressive=progressive, exif=exif.tobytes())
+    result = process_image(data, ImageConfig(resize_shorter_side=256, resample="box"))
+    size = (256, 341) if orientation == 6 else (341, 256)
+    img = check_rgb_jpeg(result, size)
+    full = Image.open(io.BytesIO(data))
+    full.load()
+    reference = full.transpose(Image.Transpose.ROTATE_270) if orientation == 6 else full
+    reference = reference.convert("RGB").resize(size, Image.Resampling.BOX)
+    assert psnr(img, reference) > 32  # measured 36.2-36.3 dB (draft at 1/4, then box; JPEG q90)
+    pixels = np.asarray(img, np.int16)
+    top_or_left = pixels[:40] if orientation == 6 else pixels[:, :40]
+    assert top_or_left[..., 0].mean() > 200 and top_or_left[..., 1].mean() < 80  # the red quarter, turned
+
+
+def test_stage_clock_times_every_stage_and_changes_nothing():
+    data = render_image(NAME, 9, 0, size=(800, 600))
+    cfg = ImageConfig(resize_shorter_side=256)
+    clock = StageClock()
+    timed = process_image(data, cfg, clock=clock)
+    assert timed == process_image(data, cfg)
+    assert set(clock.ns) == {"open", "decode", "orient", "colour", "resize", "encode", "hashes"}
+    assert all(ns >= 0 for ns in clock.ns.values()) and clock.ns["decode"] > 0
+    kept = StageClock()
+    process_image(render_image(NAME, 9, 0, size=(200, 150)), cfg, clock=kept)
+    assert set(kept.ns) == {"open", "decode", "hashes"}  # stored as is: no resize, no encode
