@@ -525,6 +525,9 @@ def main(argv: list[str] | None = None) -> int:
     from flora.errors import fail
 
     args = _parser().parse_args(argv)
+    # Ctrl-C stops it even when started from a shell that ignores SIGINT in background jobs (a child
+    # inherits the ignored disposition, and Python then installs no handler of its own).
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         server = start_s3_server(
             args.dir,
