@@ -141,6 +141,9 @@ def build_photo_shards(
             "progress=false",
             "download.allow_networks=[127.0.0.1/32]",
             "images.resize_shorter_side=null",
+            # the photos are crops of a few source photographs: near-duplicates by design, which the
+            # crop-robust near-duplicate search would (rightly) drop across splits, emptying val
+            "near_duplicates.enabled=false",
         ]
         build(work / "splits", shards, load_config(BuildConfig, None, overrides))
     return shards, photos_dir
