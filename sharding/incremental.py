@@ -119,7 +119,7 @@ def plan_increment(out: Path, splits_dir: Path, fingerprint: dict) -> Increment 
         return None  # another seed, shard or image setting: nothing published can be kept
     if parent == version and not manifest.get("parent"):
         return None  # the same catalog over a full build: the ordinary resume
-    if f"sha256:{parent}" not in _lineage(splits_dir):
+    if f"sha256:{parent}" not in catalog_lineage(splits_dir):
         return None  # not an earlier version of this catalog
     increment = _compare(out, manifest, splits_dir / "dataset_splits.jsonl", parent)
     if parent == version:  # this version's own manifest, its work area gone (--compact): its parent stays
@@ -140,7 +140,7 @@ def _same_settings(published: dict | None, wanted: dict) -> bool:
     return added and {**published, "sample_meta": newer} == wanted
 
 
-def _lineage(splits_dir: Path) -> list[str]:
+def catalog_lineage(splits_dir: Path) -> list[str]:
     path = splits_dir / VERSION_FILE
     if not path.is_file():
         return []

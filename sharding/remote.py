@@ -49,12 +49,12 @@ from pathlib import Path
 from flora import store
 from flora.cache import cache_root
 from flora.errors import FloraError
+from flora.io import sha256_file
 from flora.store import S3Url
 
 from .config import SPLIT_NAMES
 from .format import MANIFEST
-from .incremental import manifest_version
-from .lineage import VERSION_FILE
+from .incremental import catalog_lineage, manifest_version
 from .lock import LOCK_FILE
 from .plan import MARKER, WORK_DIR, ChunkJob
 
@@ -113,7 +113,7 @@ def check_prefix(remote: Remote, splits_dir: Path | None, version: str | None) -
         raise RemoteOutputError(
             f"{remote.url} holds a manifest.json that is not a Flora shard manifest; choose another prefix"
         )
-    if version is not None and theirs != version and f"sha256:{theirs}" not in _lineage(splits_dir):
+    if version is not None and theirs != version and f"sha256:{theirs}" not in catalog_lineage(splits_dir):
         raise RemoteOutputError(
             f"{remote.url} holds the shards of another data set (catalog version {theirs[:12]}, not "
             f"{version[:12]} nor one in its lineage); choose another prefix or delete that one first"
@@ -121,14 +121,6 @@ def check_prefix(remote: Remote, splits_dir: Path | None, version: str | None) -
     local = remote.staging / MANIFEST
     if not local.is_file() or local.read_bytes() != published:
         _sync_down(remote, manifest, published)
-
-
-def _lineage(splits_dir: Path) -> list[str]:
-    try:
-        lineage = json.loads((splits_dir / VERSION_FILE).read_text(encoding="utf-8")).get("lineage", [])
-    except (OSError, ValueError, AttributeError):
-        return []
-    return lineage if isinstance(lineage, list) else []
 
 
 def _published_files(manifest: dict) -> list[str]:
@@ -290,10 +282,4 @@ def _shard_file(name: str) -> bool:
 
 
 def _sha(path: Path, known: str | None) -> str:
-    if known:
-        return known
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while block := fh.read(1 << 20):
-            digest.update(block)
-    return digest.hexdigest()
+    return known or sha256_file(path)
