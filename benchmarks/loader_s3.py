@@ -12,8 +12,9 @@ same threads and training augmentations for both:
    epochs until ``--min-images``); the S3 runs talk to the server directly.
 2. **Bytes read**: a first epoch from S3 with a cold scan cache, through a counting proxy in front
    of the server (a separate process: DALI's S3 client runs while its Python call holds the GIL):
-   bytes the scan read per shard (x the tar's size), bytes the epoch read (x the planned samples'
-   jpg bytes, and x the tar's size), GET requests.
+   bytes the index read per shard (the sample table, the publisher's; a scan's tar bytes where a
+   table is missing; x the tar's size), bytes the epoch read (x the planned samples' jpg bytes, and
+   x the tar's size), GET requests.
 
 Prints a table, writes ``benchmarks/results/loader_s3.json`` and a bar chart ``loader_s3.png``.
 ``python -m benchmarks.loader_s3 --proxy UPSTREAM [--throttle-every N]`` runs only the proxy (prints
@@ -47,6 +48,8 @@ from benchmarks.results import RESULTS_DIR, print_table, rate_bars, write_result
 from flora import store
 from flora.store import S3Url
 from loaders import create_dataloaders
+from sharding.format import MANIFEST, table_name
+from sharding.remote import publish_tables
 
 #: S3's throttling answer (what a store over its request rate sends).
 SLOW_DOWN = b"<Error><Code>SlowDown</Code><Message>Please reduce your request rate.</Message></Error>"
@@ -157,7 +160,8 @@ def counts(proxy_url: str) -> dict:
 
 # ------------------------------------------------------------------------------------- the store
 def upload_folder(root: Path, url: str) -> int:
-    """Puts a local shard folder's published files under ``url`` (not its ``_work``/caches)."""
+    """Puts a local shard folder's published files under ``url`` (not its ``_work``/caches) with the
+    sample tables ``flora build --out s3://`` publishes beside the tars."""
     base = S3Url.parse(url)
     n = 0
     for path in sorted(root.rglob("*")):
@@ -165,7 +169,8 @@ def upload_folder(root: Path, url: str) -> int:
         if path.is_file() and not rel.parts[0].startswith("_"):
             store.upload_file(path, base.join(rel.as_posix()))
             n += 1
-    return n
+    shards = json.loads((root / MANIFEST).read_text())["shards"]
+    return n + publish_tables(base, root, shards, {s["path"] for s in shards})
 
 
 @contextmanager
@@ -316,25 +321,27 @@ def first_epoch(backend: str, url: str, args, work: Path, proxy: str) -> dict:
 
 
 def summarize(shards: list[dict], start: dict, scanned: dict, before: dict, after: dict, url: str) -> dict:
-    """Bytes and GETs per shard: the scan's (x the tar), the epoch's (x its planned jpg bytes, x tar)."""
+    """Bytes and GETs per shard: the scan's (the tar's bytes a scan read, and the sample table's; x the
+    tar), the epoch's (x its planned jpg bytes, x tar)."""
     root = S3Url.parse(url)
     prefix = "/" + "/".join([root.bucket, root.key]).strip("/") + "/"
     per_shard = []
     for shard in shards:
-        path = prefix + shard["rel"]
+        path, table = prefix + shard["rel"], prefix + table_name(shard["rel"])
         get = f"GET {path}"
         per_shard.append(
             {
                 "shard": shard["rel"],
                 "tar_bytes": shard["bytes"],
                 "scan_bytes": scanned["bytes"].get(path, 0) - start["bytes"].get(path, 0),
+                "table_bytes": scanned["bytes"].get(table, 0) - start["bytes"].get(table, 0),
                 "epoch_bytes": after["bytes"].get(path, 0) - before["bytes"].get(path, 0),
                 "epoch_jpg_bytes": shard["jpg"],
                 "epoch_gets": after["requests"].get(get, 0) - before["requests"].get(get, 0),
             }
         )
     tar = sum(r["tar_bytes"] for r in per_shard)
-    scan = sum(r["scan_bytes"] for r in per_shard)
+    scan = sum(r["scan_bytes"] + r["table_bytes"] for r in per_shard)
     epoch = sum(r["epoch_bytes"] for r in per_shard)
     needed = sum(r["epoch_jpg_bytes"] for r in per_shard)
     return {

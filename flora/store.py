@@ -14,7 +14,9 @@ Owns:
   ``list_objects``, ``exists``;
 * ``check_bucket``: the anticipated failures (a missing bucket, refused credentials, an unreachable
   endpoint) as one ``StoreError`` line each, raised before anything is written. Every other call maps
-  botocore's errors the same way (``store_error``).
+  botocore's errors the same way (``store_error``). The first request to an endpoint
+  (``first_contact``: ``check_bucket``, ``read_bytes``) is tried ``PROBE_ATTEMPTS`` times only unless
+  the store answers, so a wrong or dead endpoint is one line in about a second.
 
 Leaves out: what is stored where (the sharder's publish step, sharding/remote.py; the loaders).
 """
@@ -33,6 +35,8 @@ from flora.errors import FloraError
 SCHEME = "s3://"
 #: Attempts per request in all (botocore ``standard`` mode: 5xx, throttling and connection errors).
 MAX_ATTEMPTS = 10
+#: Attempts of the first request to an endpoint (``first_contact``).
+PROBE_ATTEMPTS = 2
 #: Objects at least this large are uploaded in parts of ``PART_BYTES`` (S3's minimum part is 5 MiB).
 MULTIPART_BYTES = 64 << 20
 PART_BYTES = 16 << 20
@@ -82,20 +86,24 @@ class S3Url:
 
 _lock = threading.Lock()
 _clients: dict[tuple, Any] = {}
+_reached: set[str | None] = set()  # endpoints that answered in this process (first_contact)
 
 
 def _endpoint() -> str | None:
     return os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or None
 
 
-def client() -> Any:
-    """The process's S3 client for the current environment (endpoint, credentials, region)."""
+def client(attempts: int | None = None) -> Any:
+    """The process's S3 client for the current environment (endpoint, credentials, region), retrying
+    each request ``attempts`` times in all (default ``MAX_ATTEMPTS``)."""
+    attempts = attempts or MAX_ATTEMPTS
     try:
         import boto3
         from botocore.config import Config
     except ImportError as exc:  # pragma: no cover - boto3 is a declared dependency of the s3 extra
         raise StoreError("s3:// locations need boto3: pip install 'flora[s3]'") from exc
     key = (
+        attempts,
         os.getpid(),
         _endpoint(),
         os.environ.get("AWS_ACCESS_KEY_ID"),
@@ -108,7 +116,7 @@ def client() -> Any:
         found = _clients.get(key)
         if found is None:
             config = Config(
-                retries={"mode": "standard", "max_attempts": MAX_ATTEMPTS},
+                retries={"mode": "standard", "max_attempts": attempts},
                 connect_timeout=5,
                 read_timeout=60,
                 max_pool_connections=32,
@@ -159,11 +167,38 @@ def _errors() -> tuple[type[BaseException], ...]:
     return (BotoCoreError, ClientError, S3UploadFailedError, S3TransferFailedError)
 
 
+#: Error codes of a store that answered but is busy or failing: retried with ``MAX_ATTEMPTS``.
+_RETRYABLE = {"SlowDown", "Throttling", "ThrottlingException", "RequestLimitExceeded", "InternalError",
+              "ServiceUnavailable", "RequestTimeout"}  # fmt: skip
+
+
+def first_contact(call: Any) -> Any:
+    """``call(client)``, the first time per endpoint in this process with ``PROBE_ATTEMPTS`` only: an
+    endpoint that nothing answers on is reported in about a second, not after ``MAX_ATTEMPTS``
+    backoffs (tens of seconds); a store that answers 5xx or throttles is asked again with the full
+    retries. Once any answer came, later calls get the full retries straight away."""
+    endpoint = _endpoint()
+    if endpoint in _reached:
+        return call(client())
+    try:
+        out = call(client(PROBE_ATTEMPTS))
+    except _errors() as exc:
+        code = _code(exc)
+        if code in _RETRYABLE or code.startswith("5"):
+            out = call(client())
+        else:
+            if code:  # the store answered (404, 403...): reachable
+                _reached.add(endpoint)
+            raise
+    _reached.add(endpoint)
+    return out
+
+
 def check_bucket(url: S3Url | str) -> None:
     """Raises ``StoreError`` (one line) unless the bucket exists and accepts these credentials."""
     url = S3Url.parse(url) if isinstance(url, str) else url
     try:
-        client().head_bucket(Bucket=url.bucket)
+        first_contact(lambda c: c.head_bucket(Bucket=url.bucket))
     except _errors() as exc:
         raise store_error(exc, f"bucket {url.bucket}") from None
 
@@ -192,7 +227,7 @@ def head(url: S3Url) -> dict | None:
 def read_bytes(url: S3Url) -> bytes | None:
     """The object's bytes, or None when there is no such object."""
     try:
-        return client().get_object(Bucket=url.bucket, Key=url.key)["Body"].read()
+        return first_contact(lambda c: c.get_object(Bucket=url.bucket, Key=url.key)["Body"].read())
     except _errors() as exc:
         if _code(exc) in ("404", "NoSuchKey", "NotFound"):
             return None

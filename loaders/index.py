@@ -8,8 +8,8 @@ Owns, for both loaders (so that they agree sample for sample):
   and, for ``label_space: region``, by the region's class mapping. Labels come from here (the
   ``.cls`` member, or remapped by species name).
 * **Where the shards are**: a local folder or an object-store prefix (``s3://bucket/prefix``, read
-  through remote.py: the manifest and class mappings mirrored under the cache root; a shard's scan
-  reads its tar once, in one GET; the loaders then read each planned sample's jpg by byte range).
+  through remote.py: the manifest and class mappings mirrored under the cache root; the publisher's
+  sample table of a tar, else a scan of it in one GET; then each planned sample's jpg by byte range).
 * **Verification**: every sample's JPEG is checked once (jpeg.py); a corrupt one is skipped and
   counted with a reason, never fatal, never silent. Scan results are cached per shard under the cache
   root, keyed by the tar's and index's size and mtime (in the store: size and ETag), which bit rot
@@ -37,7 +37,6 @@ import tempfile
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from functools import partial
 from pathlib import Path
 from typing import NamedTuple
 
@@ -59,7 +58,7 @@ from sharding.format import (
 
 from .config import DataConfig
 from .jpeg import check_jpeg, jpeg_size  # noqa: F401 - jpeg_size: part of this module's interface
-from .remote import TarStream, fetch_index, fetch_metadata, is_remote, tar_stamp, translate
+from .remote import TarStream, fetch_index, fetch_metadata, fetch_table, is_remote, tar_stamp, translate
 
 CACHE_FORMAT = 2  # 2: rows carry each sample's sha256
 SHA256_BYTES = 32
@@ -377,7 +376,9 @@ def scan_shard(
                 return [Row(*r) for r in data["rows"]], False
         except (OSError, ValueError, TypeError):
             pass  # a damaged cache entry is rebuilt
-    if remote:
+    if remote and (table := fetch_table(str(shard.path), shard.sha256, *stamp[0][1:])) is not None:
+        rows, found = [Row(*r[:6], None, r[6]) for r in table], shard.sha256  # the publisher's scan
+    elif remote:
         rows, found = _scan_remote(shard, verify, mirror, stamp[0][1])
     else:
         rows, found = _scan(shard, verify), None
@@ -443,7 +444,7 @@ def _scan(shard: Shard, verify: str) -> list[Row]:
         return [_row(comps, lambda c: _read(f, c), size_on_disk, verify) for comps in read_index(shard.path)]
 
 
-def _scan_remote(shard: Shard, verify: str, mirror: Path, size_in_store: int) -> tuple[list[Row], str | None]:
+def _scan_remote(shard: Shard, verify: str, mirror: Path, size: int) -> tuple[list[Row], str | None]:
     """``_scan`` of a tar in the store, read front to back in one GET (each sample's members as one
     span); with ``verify: full`` and a sha256 in the manifest, the tar's sha256 from the same pass."""
     entries = read_index(fetch_index(str(shard.path), shard.rel, mirror))
@@ -452,21 +453,16 @@ def _scan_remote(shard: Shard, verify: str, mirror: Path, size_in_store: int) ->
     try:
         for comps in entries:
             start = min(c[0] for c in comps.values())
-            end = min(max(c[0] + c[1] for c in comps.values()), size_in_store)
+            end = min(max(c[0] + c[1] for c in comps.values()), size)
             if start >= stream.pos:
                 span = stream.read_at(start, max(0, end - start))
             else:  # members listed out of tar order: this sample by byte range
                 span = read_range(S3Url.parse(str(shard.path)), start, max(0, end - start))
-            get = partial(_slice, span, start)  # a member's bytes out of the span
-            rows.append(_row(comps, get, size_in_store, verify))
+            rows.append(_row(comps, lambda c, s=span, o=start: s[c[0] - o : c[0] - o + c[1]], size, verify))
         whole = verify == "full" and shard.sha256 and not any(r.problem in _DAMAGE for r in rows)
         return rows, stream.finish()[0] if whole else None
     finally:
         stream.close()
-
-
-def _slice(span: bytes, start: int, comp: tuple[int, int, str]) -> bytes:
-    return span[comp[0] - start : comp[0] - start + comp[1]]
 
 
 def _row(comps: dict, get, size_on_disk: int, verify: str) -> Row:

@@ -8,6 +8,11 @@ credentials and region from the standard AWS environment and config files; throt
   is built (small files), a shard's ``.idx`` only when the shard is scanned, into
   ``store_meta/<store>/`` under the cache root (never into the store, which may be read-only), so the
   shard format's own readers (sharding/format.py) parse them. Tars are never copied to disk.
+* **Sample tables** (``fetch_table``): the publisher's table of a tar's samples, used instead of a
+  scan when it names the tar's current ETag and the manifest's sha256 (the store vouches for the
+  bytes: an ETag is the store's checksum of the object it holds), so a first epoch reads each jpg
+  once and the tars nowhere else. A store without tables (a local build copied with ``aws s3 sync``)
+  or with a tar replaced since is scanned as below.
 * **Stamps**: a tar's size and ETag (one HEAD) stand in for a local file's size and mtime as the
   scan cache's key (``tar_stamp``).
 * **Reading tars**: ``open_shard`` gives a tar as a file for ``seek`` + ``read``: a local file, or a
@@ -38,7 +43,7 @@ from urllib.parse import urlsplit
 from flora import store
 from flora.cache import derived_dir
 from flora.store import S3Url, StoreError, is_remote
-from sharding.format import MANIFEST, class_mapping_name
+from sharding.format import MANIFEST, ShardFormatError, class_mapping_name, read_table, table_name
 
 __all__ = [
     "RangeReader",
@@ -47,6 +52,7 @@ __all__ = [
     "dali_s3_check",
     "fetch_index",
     "fetch_metadata",
+    "fetch_table",
     "is_remote",
     "open_shard",
     "tar_stamp",
@@ -141,6 +147,23 @@ def fetch_index(tar_url: str, rel: str, mirror: Path) -> Path:
         )
     _put(mirror / f"{stem}.idx", data)
     return mirror / f"{stem}.tar"
+
+
+def fetch_table(tar_url: str, sha256: str | None, size: int, etag: str) -> list[list] | None:
+    """The sample table (sharding/format.py) beside a tar in the store if it describes the object
+    there now (the manifest's sha256; the object's size and ETag, which the store computes from the
+    bytes it holds); None otherwise, and the tar is scanned."""
+    if not sha256 or not tar_url.endswith(".tar"):
+        return None
+    data = store.read_bytes(S3Url.parse(table_name(tar_url)))
+    if data is None:
+        return None
+    try:
+        table = read_table(data)
+    except ShardFormatError:
+        return None
+    found = (table.get("tar_sha256"), table.get("tar_bytes"), table.get("tar_etag"))
+    return table["rows"] if found == (sha256, size, str(etag).strip('"')) else None
 
 
 def tar_stamp(path: str | Path) -> tuple[int | None, str | int | None]:

@@ -13,6 +13,10 @@ Owns the contract between the sharder and its readers (the loaders, training, ex
 * **DALI index files** (the ``wds2idx`` format DALI's ``fn.readers.webdataset`` reads, version
   ``v1.2``: a header ``v1.2 <samples>``, then per sample ``<ext> <data offset> <size> <member name>``
   for each of its files): written (``write_index``, ``index_text``) and read (``read_index``).
+* **Sample tables** (in an object store only, beside each tar: ``table_name``): every sample's key,
+  label, jpg location, license class, species and jpg sha256, with the tar's size, sha256 and the
+  store's ETag of the tar object, so a reader that finds that ETag still on the tar needs no scan of
+  its bytes (``sample_rows``, ``table_bytes``, ``read_table``).
 * **The manifest**: ``ShardEntry`` per tar (path, split, region, samples, bytes, sha256, classes,
   licenses, the ``version`` that wrote it, ``tombstones``: keys of samples an incremental build
   removed, which readers must skip), plus ``version``/``parent`` (the catalog versions of this build
@@ -206,6 +210,72 @@ def read_index(tar_path: Path) -> list[IndexEntry]:
             {parts[j]: (int(parts[j + 1]), int(parts[j + 2]), parts[j + 3]) for j in range(0, len(parts), 4)}
         )
     return samples
+
+
+# ------------------------------------------------------------------------------------- sample tables
+#: A sample table's ``format`` field.
+TABLE_FORMAT = "flora-sample-table/1"
+#: The fields of each of its rows, in order.
+TABLE_FIELDS = ("key", "label", "jpg_offset", "jpg_size", "license_class", "latin_name", "sha256")
+
+
+def table_name(tar_rel: str) -> str:
+    """Where a tar's sample table lives in a store: beside the tar, ``<stem>.samples.json``."""
+    return tar_rel[: -len(".tar")] + ".samples.json"
+
+
+def sample_rows(tar_path: Path, sha256: str) -> list[list] | None:
+    """The ``TABLE_FIELDS`` of every sample of a local tar (label from ``cls``, else the json's); None
+    unless the tar hashes to ``sha256`` and every sample has its three members, a parseable json and
+    label, and a jpg whose sha256 is the json's (then a reader's scan of these bytes would find nothing
+    to skip)."""
+    entries = read_index(tar_path)
+    h = hashlib.sha256()
+    with open(tar_path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+        if h.hexdigest() != sha256:
+            return None
+        rows = []
+        for comps in entries:
+            if set(comps) != set(MEMBERS):
+                return None
+            got = {}
+            for member, (offset, size, _) in comps.items():
+                f.seek(offset)
+                got[member] = f.read(size)
+            try:
+                meta = SampleMeta.from_json(got["json"])
+                label = int(got["cls"].decode("ascii").strip())
+            except (ValueError, TypeError):
+                return None
+            if not meta.sha256 or hashlib.sha256(got["jpg"]).hexdigest() != meta.sha256:
+                return None
+            offset, size, name = comps["jpg"]
+            rows.append([name.split(".", 1)[0], label, offset, size, meta.license_class or "",
+                         meta.latin_name or "", meta.sha256])  # fmt: skip
+    return rows
+
+
+def table_bytes(rows: list[list], tar_bytes: int, tar_sha256: str, tar_etag: str) -> bytes:
+    """A sample table: ``rows`` of one tar, with the tar's size, sha256 and the store's ETag of it."""
+    table = {"format": TABLE_FORMAT, "fields": list(TABLE_FIELDS), "tar_bytes": tar_bytes,
+             "tar_sha256": tar_sha256, "tar_etag": tar_etag.strip('"'), "rows": rows}  # fmt: skip
+    return json.dumps(table, separators=(",", ":")).encode()
+
+
+def read_table(data: bytes) -> dict:
+    """Parses a sample table (``table_bytes``); ShardFormatError for anything else."""
+    try:
+        table = json.loads(data)
+        ok = isinstance(table, dict) and table.get("format") == TABLE_FORMAT
+        ok = ok and table.get("fields") == list(TABLE_FIELDS) and isinstance(table.get("rows"), list)
+        ok = ok and all(isinstance(r, list) and len(r) == len(TABLE_FIELDS) for r in table["rows"])
+    except ValueError:
+        ok = False
+    if not ok:
+        raise ShardFormatError(f"not a {TABLE_FORMAT} sample table")
+    return table
 
 
 # -------------------------------------------------------------------------------------------- manifest

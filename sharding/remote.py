@@ -21,12 +21,15 @@ Owns the three steps that make an object-store output keep the local guarantees:
 * **Publication** (``publish``), after finalize has written the staging folder: every published
   file (class mappings, shards and their DALI ``.idx``, the logs) whose object is missing or differs
   (size, or the sha256 the manifest records and each upload carries as ``x-amz-meta-sha256``) is
-  uploaded (multipart above 64 MiB, retried with backoff on 5xx and throttling); ``manifest.json``
-  goes last. If an object that the store's current manifest lists would be overwritten, that
-  manifest is deleted first. So a reader sees the old set whole, no manifest (the loaders refuse),
-  or the new set whole. Objects no manifest lists any more (an earlier plan's shards, the store's
-  ``_work/``) are deleted after the new manifest is in place. A crash at any point is finished by a
-  re-run: the local build is idempotent and publication uploads only what differs.
+  uploaded (multipart above 64 MiB, retried with backoff on 5xx and throttling); then each tar's
+  *sample table* (format.py: its samples' labels, jpg locations and sha256s, with the tar's sha256 and
+  the store's ETag of the tar object; rebuilt when either differs), so that readers need not scan the
+  tars; ``manifest.json`` goes last. If an object that the store's current manifest lists would be
+  overwritten, that manifest is deleted first. So a reader sees the old set whole, no manifest (the
+  loaders refuse), or the new set whole. Objects no manifest lists any more (an earlier plan's
+  shards and tables, the store's ``_work/``) are deleted after the new manifest is in place. A crash
+  at any point is finished by a re-run: the local build is idempotent and publication uploads only
+  what differs.
 
 One build per output: the lock is the staging folder's (lock.py), so two builds from one machine
 never meet; two drivers on different machines writing one prefix are not prevented (S3 has no lock
@@ -53,7 +56,7 @@ from flora.io import sha256_file
 from flora.store import S3Url
 
 from .config import SPLIT_NAMES
-from .format import MANIFEST
+from .format import MANIFEST, sample_rows, table_bytes, table_name
 from .incremental import catalog_lineage, manifest_version
 from .lock import LOCK_FILE
 from .plan import MARKER, WORK_DIR, ChunkJob
@@ -68,6 +71,8 @@ PRIVATE = {WORK_DIR, LOCK_FILE, NODE_TOKEN}
 #: Parallel uploads during publication.
 UPLOAD_THREADS = 8
 SHA_META = "sha256"
+#: A sample table's metadata: ``<tar sha256>-<tar ETag>`` of the tar it describes.
+TABLE_META = "tar"
 
 
 class RemoteOutputError(FloraError, ValueError):
@@ -264,12 +269,45 @@ def publish(remote: Remote, manifest: dict) -> dict:
                 upload,
             )
         )
+    tables = publish_tables(url, staging, manifest["shards"], set(upload))
     store.upload_file(staging / MANIFEST, url.join(MANIFEST))  # last: a shard listed there is complete
-    keep = set(files) | {MANIFEST}
+    keep = set(files) | {MANIFEST} | {table_name(s["path"]) for s in manifest["shards"]}
     unlisted = [n for n in listing if n not in keep]
     stale = [url.join(n) for n in unlisted if n.startswith(f"{WORK_DIR}/") or _shard_file(n)]
     deleted = store.delete(stale) if stale else 0
-    return {"uploaded": len(upload), "unchanged": len(files) - len(upload), "deleted": deleted}
+    return {
+        "uploaded": len(upload),
+        "unchanged": len(files) - len(upload),
+        "tables": tables,
+        "deleted": deleted,
+    }
+
+
+def publish_tables(url: S3Url, root: Path, shards: list[dict], fresh: set[str]) -> int:
+    """Uploads the sample table (format.py) of each of ``shards`` (manifest entries) whose tar in the
+    store at ``url`` has none for its current ETag and sha256, built from the tar under ``root``;
+    ``fresh``: tars uploaded just now (their tables are rebuilt without asking). Returns the count."""
+
+    def one(shard: dict) -> int:
+        rel, sha = shard["path"], shard["sha256"]
+        tar = store.head(url.join(rel))
+        if tar is None:
+            return 0
+        etag = str(tar["etag"]).strip('"')
+        if rel not in fresh:
+            have = store.head(url.join(table_name(rel)))
+            if have and have["metadata"].get(TABLE_META) == f"{sha}-{etag}":
+                return 0
+        rows = sample_rows(root / rel, sha)
+        if rows is None:
+            log.warning("%s: no sample table (the staged tar is not the manifest's, or damaged)", rel)
+            return 0
+        data = table_bytes(rows, tar["size"], sha, etag)
+        store.write_bytes(url.join(table_name(rel)), data, {TABLE_META: f"{sha}-{etag}"})
+        return 1
+
+    with ThreadPoolExecutor(UPLOAD_THREADS) as pool:
+        return sum(pool.map(one, shards))
 
 
 def _mappings(listing: dict) -> set[str]:
@@ -278,7 +316,7 @@ def _mappings(listing: dict) -> set[str]:
 
 def _shard_file(name: str) -> bool:
     """Whether ``name`` is where a published shard or its index lives (an earlier plan's, if unlisted)."""
-    return name.split("/", 1)[0] in SPLIT_NAMES and name.endswith((".tar", ".idx"))
+    return name.split("/", 1)[0] in SPLIT_NAMES and name.endswith((".tar", ".idx", ".samples.json"))
 
 
 def _sha(path: Path, known: str | None) -> str:

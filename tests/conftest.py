@@ -5,6 +5,8 @@ small sample world over loopback (loaders, training)."""
 import os
 import secrets
 import shutil
+import socket
+import threading
 from pathlib import Path
 
 import pytest
@@ -63,6 +65,29 @@ def s3_bucket(s3_server, monkeypatch) -> str:
     for name, value in s3_server.env().items():
         monkeypatch.setenv(name, value)
     return s3_server.create_bucket(f"test-{secrets.token_hex(6)}")
+
+
+@pytest.fixture
+def dead_endpoint():
+    """An endpoint on 127.0.0.1 that accepts each connection and closes it unanswered (a dead store
+    behind a live port); yields its URL and a list with the count of connections it took."""
+    taken = [0]
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(64)
+
+        def drop() -> None:
+            while True:
+                try:
+                    conn, _ = listener.accept()
+                except OSError:
+                    return  # closed: the test is over
+                taken[0] += 1
+                conn.close()
+
+        threading.Thread(target=drop, daemon=True).start()
+        yield f"http://127.0.0.1:{listener.getsockname()[1]}", taken
+        listener.shutdown(socket.SHUT_RDWR)
 
 
 @pytest.fixture(scope="session")

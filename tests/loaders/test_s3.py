@@ -1,6 +1,7 @@
 """Loaders from object storage (``data.shards: s3://bucket/prefix``) against a real S3 server on
 127.0.0.1 (SeaweedFS, the ``s3_bucket`` fixture): both backends read the same samples from the store
-as from the local copy; the scan reads each tar once and is cached under the cache root (nothing is
+as from the local copy; the publisher's sample tables stand in for scans unless a tar changed under
+them, without them the scan reads each tar once and is cached under the cache root (nothing is
 written to the store); an epoch reads each planned jpg once; throttling is retried; a missing
 bucket, refused credentials, an unreachable endpoint, a prefix without a manifest or with another
 data set's manifest are one error line, exit 2."""
@@ -22,7 +23,9 @@ from loaders import create_dataloaders
 from loaders.__main__ import main
 from loaders.config import load_data_config
 from loaders.dali import HAVE_DALI
-from loaders.index import build_index
+from loaders.index import LoaderError, build_index
+from sharding.format import table_name
+from sharding.remote import publish_tables
 
 from ..training.conftest import teachers  # noqa: F401 - the fixture: trained test_vit checkpoints
 from .conftest import data_cfg
@@ -31,19 +34,31 @@ pytestmark = pytest.mark.s3
 BACKENDS = [pytest.param("dali", marks=pytest.mark.skipif(not HAVE_DALI, reason="no DALI")), "torch"]
 
 
-def upload(root: Path, url: str) -> None:
-    """A local shard folder's published files under ``url``, as ``flora build --out s3://`` lays them out."""
+def upload(root: Path, url: str, tables: bool = True) -> None:
+    """A local shard folder's published files under ``url``, as ``flora build --out s3://`` lays them
+    out (with its sample tables), or as ``aws s3 sync`` copies them (``tables=False``)."""
     base = S3Url.parse(url)
     for path in sorted(root.rglob("*")):
         rel = path.relative_to(root)
         if path.is_file() and not rel.parts[0].startswith("_"):
             store.upload_file(path, base.join(rel.as_posix()))
+    if tables:
+        shards = json.loads((root / "manifest.json").read_text())["shards"]
+        assert publish_tables(base, root, shards, {s["path"] for s in shards}) == len(shards)
 
 
 @pytest.fixture
 def s3_shards(shard_root, s3_bucket) -> str:
     url = f"s3://{s3_bucket}/sets/world"
     upload(shard_root, url)
+    return url
+
+
+@pytest.fixture
+def s3_synced(shard_root, s3_bucket) -> str:
+    """The shards copied into the store without sample tables."""
+    url = f"s3://{s3_bucket}/sets/synced"
+    upload(shard_root, url, tables=False)
     return url
 
 
@@ -82,29 +97,60 @@ def test_the_same_samples_from_s3_as_from_the_local_copy(shard_root, s3_shards, 
     local_train.close()
 
 
-def test_a_scan_reads_each_tar_once_an_epoch_each_jpg_once_and_a_cached_scan_no_tar(s3_shards, tmp_path):
-    """Bytes through a counting proxy: the scan reads every tar whole, once (its sha256 from the same
-    pass); the torch loader's epoch reads exactly the planned samples' jpg bytes; a second index of
-    the same store (scan cache) reads no tar bytes at all."""
+def test_a_first_epoch_reads_each_jpg_once_and_no_other_tar_bytes(s3_shards, tmp_path):
+    """Bytes through a counting proxy: with the publisher's sample tables the index reads no tar bytes
+    (a HEAD and the table per tar), and the torch loader's epoch reads exactly the planned samples'
+    jpg bytes: a first epoch from the store costs at most the tars' size."""
     root = S3Url.parse(s3_shards)
     prefix = f"/{root.bucket}/{root.key}/"
     cfg = load_data_config(data_cfg(s3_shards, backend="torch", index_cache="auto", cache_root=str(tmp_path)))
+    with proxy_process(os.environ["AWS_ENDPOINT_URL"]) as proxy:
+        os.environ["AWS_ENDPOINT_URL"] = proxy  # the s3_bucket fixture restores it
+        train, val, _ = create_dataloaders(cfg)
+        indexed = counts(proxy)["bytes"]
+        for shard in [*train.index.shards, *val.index.shards]:
+            assert indexed.get(prefix + shard.rel, 0) == 0, "the sample table stands in for the scan"
+            assert 0 < indexed[prefix + table_name(shard.rel)] < shard.bytes / 10
+        ids_and_labels(val)
+        read = counts(proxy)["bytes"]
+        for i, shard in enumerate(val.index.shards):
+            jpg = int(val.index.jpg_size[val.index.bounds[i] : val.index.bounds[i + 1]].sum())
+            assert read[prefix + shard.rel] == jpg <= shard.bytes  # each jpg once
+        train.close()
+
+
+def test_without_tables_a_scan_reads_each_tar_once_and_a_cached_scan_no_tar(s3_synced, tmp_path):
+    """A store filled by copying a local build (no sample tables): the scan reads every tar whole, once
+    (its sha256 from the same pass); a second index of the same store (scan cache) reads none."""
+    root = S3Url.parse(s3_synced)
+    prefix = f"/{root.bucket}/{root.key}/"
+    cfg = load_data_config(data_cfg(s3_synced, backend="torch", index_cache="auto", cache_root=str(tmp_path)))
     with proxy_process(os.environ["AWS_ENDPOINT_URL"]) as proxy:
         os.environ["AWS_ENDPOINT_URL"] = proxy  # the s3_bucket fixture restores it
         index = build_index(cfg, "val")
         scanned = counts(proxy)["bytes"]
         for shard in index.shards:
             assert scanned[prefix + shard.rel] == shard.bytes  # the whole tar, once
-        train, val, _ = create_dataloaders(cfg)  # the val scan is cached now; train's is new
-        after_scan = counts(proxy)["bytes"]
-        for shard in val.index.shards:
-            assert after_scan[prefix + shard.rel] == shard.bytes, "a cached scan reads no tar bytes"
-        ids_and_labels(val)
-        read = counts(proxy)["bytes"]
-        for i, shard in enumerate(val.index.shards):
-            jpg = int(val.index.jpg_size[val.index.bounds[i] : val.index.bounds[i + 1]].sum())
-            assert read[prefix + shard.rel] - after_scan[prefix + shard.rel] == jpg  # each jpg once
-        train.close()
+        build_index(cfg, "val")
+        again = counts(proxy)["bytes"]
+        for shard in index.shards:
+            assert again[prefix + shard.rel] == shard.bytes, "a cached scan reads no tar bytes"
+
+
+def test_a_tar_replaced_under_its_table_is_scanned_and_a_tampered_one_refused(s3_shards, tmp_path):
+    """A table names its tar's ETag: a tar overwritten in the store (same size, one byte of a tar
+    header's padding changed: no sample check sees it) is scanned, not trusted, and ``verify: full``
+    refuses it as the local loader would; the untouched tars still come from their tables."""
+    cfg = load_data_config(data_cfg(s3_shards, backend="torch", index_cache="auto", cache_root=str(tmp_path)))
+    shard = build_index(cfg, "val").shards[0]
+    url = S3Url.parse(str(shard.path))
+    data = bytearray(store.read_bytes(url))
+    data[500] ^= 0x01  # inside the first member's 512-byte header, past its fields: padding
+    store.write_bytes(url, bytes(data))
+    with pytest.raises(LoaderError, match="tampered shard store"):
+        build_index(
+            load_data_config(data_cfg(s3_shards, backend="torch", cache_root=str(tmp_path / "b"))), "val"
+        )
 
 
 def test_throttling_is_retried_not_fatal(s3_server, s3_shards, tmp_path):
@@ -145,9 +191,18 @@ def test_an_unreachable_endpoint_is_one_error_line(s3_bucket, tmp_path, capsys, 
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
     monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{port}")
-    monkeypatch.setattr(store, "MAX_ATTEMPTS", 2)
     line = run_cli(tmp_path, f"s3://{s3_bucket}/shards", capsys)
     assert "cannot reach" in line and f"127.0.0.1:{port}" in line
+
+
+def test_a_dead_endpoint_is_given_up_after_the_probe_attempts(
+    s3_bucket, dead_endpoint, tmp_path, capsys, monkeypatch
+):
+    url, taken = dead_endpoint
+    monkeypatch.setenv("AWS_ENDPOINT_URL", url)
+    line = run_cli(tmp_path, f"s3://{s3_bucket}/shards", capsys)
+    assert "cannot reach" in line and url.split("//")[1] in line
+    assert 0 < taken[0] <= 2 * store.PROBE_ATTEMPTS < store.MAX_ATTEMPTS  # urllib3 may reconnect once
 
 
 def test_a_prefix_without_a_manifest_is_one_error_line(s3_shards, tmp_path, capsys):

@@ -25,6 +25,7 @@ from sharding.__main__ import main
 from sharding.build import BuildConfig, build
 from sharding.catalog import run_catalog
 from sharding.config import CatalogConfig
+from sharding.format import read_table, sample_rows, table_name
 from world import ImageServer, WorldSpec, build_world
 
 from .test_build import TEST_OVERRIDES
@@ -70,9 +71,23 @@ def local_files(out: Path) -> dict[str, bytes]:
 
 
 def assert_same_set(url: str, out: Path) -> None:
-    """The store holds exactly the local folder's published files; shards, indices, logs byte-equal."""
+    """The store holds exactly the local folder's published files (shards, indices, logs byte-equal)
+    and a sample table beside each tar that describes the tar object there (its ETag, sha256, rows)."""
     objects, files = published(url), local_files(out)
+    tables = {name: objects.pop(name) for name in list(objects) if name.endswith(".samples.json")}
     assert set(objects) == set(files)
+    shards = json.loads(objects["manifest.json"])["shards"]
+    assert set(tables) == {table_name(s["path"]) for s in shards}
+    for shard in shards:
+        table = read_table(tables[table_name(shard["path"])])
+        etag = store.head(S3Url.parse(url).join(shard["path"]))["etag"].strip('"')
+        assert (table["tar_sha256"], table["tar_bytes"], table["tar_etag"]) == (
+            shard["sha256"],
+            shard["bytes"],
+            etag,
+        )
+        assert table["rows"] == sample_rows(out / shard["path"], shard["sha256"])
+        assert len(table["rows"]) == shard["samples"]  # tombstoned ones too: readers skip them
     for name, data in files.items():
         if name != "manifest.json":  # its last_run differs (timings)
             assert objects[name] == data, name
@@ -87,6 +102,7 @@ def test_build_to_s3_equals_the_local_build_and_a_rerun_uploads_nothing(world, s
     assert_same_set(url, world.local)
     again = build(world.splits, url, config(world.cache))
     assert again["published"]["uploaded"] == 0, "nothing differs, so nothing is uploaded again"
+    assert manifest["published"]["tables"] == len(manifest["shards"]) and again["published"]["tables"] == 0
 
 
 def test_a_crash_mid_publication_hides_the_old_manifest_and_a_rerun_finishes(
@@ -139,6 +155,7 @@ def test_incremental_build_to_s3_uploads_only_the_new_shards(
         1 for k in local_files(grown.root / "inc") if "/" not in k
     )
     assert shards_uploaded <= 2 * len(new), "at most the new tars and their indices (+ the logs)"
+    assert v2["published"]["tables"] == len(new), "v1 shards' sample tables are kept"
     assert_same_set(url, grown.root / "inc")
 
 
@@ -207,7 +224,10 @@ class Throttle:
                 for k, v in got.getheaders():
                     if k.lower() not in ("transfer-encoding", "connection", "content-length"):
                         self.send_header(k, v)
-                self.send_header("Content-Length", str(len(data)))
+                head = self.command == "HEAD"  # a HEAD's length is the object's, not of its empty body
+                self.send_header(
+                    "Content-Length", got.getheader("Content-Length", "0") if head else str(len(data))
+                )
                 self.end_headers()
                 if self.command != "HEAD":
                     self.wfile.write(data)
@@ -231,12 +251,13 @@ class Throttle:
 def test_throttling_is_retried_not_fatal(world, s3_bucket, monkeypatch):
     import os
 
-    with Throttle(os.environ["AWS_ENDPOINT_URL"]) as proxy:
+    server = os.environ["AWS_ENDPOINT_URL"]
+    with Throttle(server) as proxy:
         monkeypatch.setenv("AWS_ENDPOINT_URL", proxy.url)
         url = f"s3://{s3_bucket}/throttled"
         manifest = build(world.splits, url, config(world.cache))
         assert proxy.throttled > 0 and manifest["accounting"]["ok"]
-    monkeypatch.setenv("AWS_ENDPOINT_URL", os.environ["AWS_ENDPOINT_URL"])
+    monkeypatch.setenv("AWS_ENDPOINT_URL", server)  # the server itself: the proxy is gone
     assert_same_set(url, world.local)
 
 
@@ -277,9 +298,20 @@ def test_an_unreachable_endpoint_is_one_error_line(world, s3_bucket, capsys, mon
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
     monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{port}")
-    monkeypatch.setattr(store, "MAX_ATTEMPTS", 2)
     assert main(_cli(world, f"s3://{s3_bucket}/x")) == 2
     _one_error_line(capsys, "cannot reach", f"127.0.0.1:{port}")
+
+
+def test_a_dead_endpoint_is_given_up_after_the_probe_attempts(
+    world, s3_bucket, dead_endpoint, capsys, monkeypatch
+):
+    """Nothing answers: the first request is tried PROBE_ATTEMPTS times, not MAX_ATTEMPTS (seconds of
+    backoff each)."""
+    url, taken = dead_endpoint
+    monkeypatch.setenv("AWS_ENDPOINT_URL", url)
+    assert main(_cli(world, f"s3://{s3_bucket}/x")) == 2
+    _one_error_line(capsys, "cannot reach", url.split("//")[1])
+    assert 0 < taken[0] <= 2 * store.PROBE_ATTEMPTS < store.MAX_ATTEMPTS  # urllib3 may reconnect once
 
 
 def test_a_prefix_with_another_data_sets_manifest_is_refused(world, s3_bucket, capsys):
