@@ -20,8 +20,8 @@ feeders), and a fork copies whatever locks they hold at that instant, so now and
 epoch's worker hung for good (seen under torchrun in CI). The server is a clean process that has
 imported this module once (its start costs ~3-10 s once per process); each worker receives only the
 samples still to read (``WorkerPlan``), not the whole index, and, for shards in an object store,
-this process's AWS settings (remote.py; each sample's jpg is then one ranged GET). A script that
-builds loaders at its top level needs the usual ``if __name__ == "__main__":`` guard then, or
+this process's AWS settings (remote.py; a batch's consecutive jpgs of a shard are one ranged GET).
+A script that builds loaders at its top level needs the usual ``if __name__ == "__main__":`` guard then, or
 ``worker_start: fork``.
 
 Leaves out: epochs/remainder/state bookkeeping (base.py) and shard selection (index.py).
@@ -53,8 +53,13 @@ from .recheck import DECODE_ERROR
 from .remote import aws_env, is_remote
 
 log = logging.getLogger(__name__)
-#: Ranged GETs in flight per worker when the tars are in an object store (a batch's jpgs at once).
+#: Ranged GETs in flight per worker when the tars are in an object store (a batch's runs at once).
 REMOTE_READ_THREADS = 8
+#: Largest gap between two planned jpgs of a shard that one GET reads through (a sample's other members
+#: and tar headers are ~2-3 KiB; a left-out sample's jpg, tens of KiB, starts a new GET).
+RUN_GAP = 8 << 10
+#: A run's GET stops growing at this size.
+RUN_BYTES = 8 << 20
 
 
 def build_transform(cfg: DataConfig, train: bool) -> Callable:
@@ -150,25 +155,48 @@ def _sample(index, sid: int, shard: int, batch_no: int, data: bytes) -> dict:
 
 
 def _read_remote(batches, index: SampleIndex | WorkerPlan):
-    """``read_samples`` from an object store: each jpg one ranged GET, a batch's GETs in parallel
-    threads, the next batch's issued while this one is decoded (the store's latency overlapped)."""
+    """``read_samples`` from an object store: a batch's ids are read in *runs* (consecutive ids of one
+    shard whose jpgs lie at most ``RUN_GAP`` bytes apart in the tar: the planned order is tar order
+    within a shard), each run one ranged GET from its first jpg to its last, the jpgs cut out of it;
+    a batch's runs in parallel threads, the next batch's issued while this one is decoded."""
     urls = [S3Url.parse(str(s.path)) for s in index.shards]
 
-    def fetch(sid: int) -> bytes:
-        return read_range(urls[index.shard_of(sid)], int(index.jpg_offset[sid]), int(index.jpg_size[sid]))
+    def fetch(run: list[int]) -> list[bytes]:
+        start = int(index.jpg_offset[run[0]])
+        end = int(index.jpg_offset[run[-1]] + index.jpg_size[run[-1]])
+        span = read_range(urls[index.shard_of(run[0])], start, end - start)
+        cut = [(int(index.jpg_offset[sid]) - start, int(index.jpg_size[sid])) for sid in run]
+        return [span[o : o + n] for o, n in cut]
 
     with ThreadPoolExecutor(max_workers=REMOTE_READ_THREADS) as pool:
         pending = None
         for item in [*batches, None]:  # one batch of look-ahead
             ahead = None
             if item is not None:
-                batch_no, ids = item[0], item[1].tolist()
-                ahead = (batch_no, ids, [pool.submit(fetch, sid) for sid in ids])
+                runs = read_runs(index, item[1].tolist())
+                ahead = (item[0], runs, [pool.submit(fetch, run) for run in runs])
             if pending is not None:
-                got_no, got_ids, futures = pending
-                for sid, future in zip(got_ids, futures, strict=True):
-                    yield _sample(index, sid, index.shard_of(sid), got_no, future.result())
+                got_no, runs, futures = pending
+                for run, future in zip(runs, futures, strict=True):
+                    for sid, data in zip(run, future.result(), strict=True):
+                        yield _sample(index, sid, index.shard_of(sid), got_no, data)
             pending = ahead
+
+
+def read_runs(index: SampleIndex | WorkerPlan, ids: list[int]) -> list[list[int]]:
+    """``ids`` (in order) cut into runs that one ranged GET each reads (see ``_read_remote``)."""
+    runs: list[list[int]] = []
+    for sid in ids:
+        if runs:
+            last = runs[-1][-1]
+            end = int(index.jpg_offset[last] + index.jpg_size[last])
+            gap = int(index.jpg_offset[sid]) - end
+            same = index.shard_of(sid) == index.shard_of(last)
+            if same and 0 <= gap <= RUN_GAP and end - int(index.jpg_offset[runs[-1][0]]) < RUN_BYTES:
+                runs[-1].append(sid)
+                continue
+        runs.append([sid])
+    return runs
 
 
 def decode_and_transform(samples, transform: Callable, handler: Callable, seed: int | None = None):
