@@ -64,10 +64,14 @@ PROG = "python -m benchmarks.loader_s3"
 # ------------------------------------------------------------------------------------- the proxy
 class CountingProxy:
     """A loopback HTTP proxy in front of an S3 server: counts response bytes and requests per object
-    path; with ``throttle_every`` it answers every N-th ranged GET (a loader's sample read) ``503
-    SlowDown`` instead, ``throttle_max`` times at most (0: no limit)."""
+    path; with ``throttle_every`` it answers every N-th ranged GET (a loader's sample read; with
+    ``throttle_any``, every N-th request of any kind) ``503 SlowDown`` instead, ``throttle_max`` times
+    at most (0: no limit). ``serve_forever`` in a process of its own (``proxy_process``), or as a
+    context manager, in a thread of this one."""
 
-    def __init__(self, upstream: str, throttle_every: int = 0, throttle_max: int = 0):
+    def __init__(
+        self, upstream: str, throttle_every: int = 0, throttle_max: int = 0, throttle_any: bool = False
+    ):
         parts = urlsplit(upstream)
         self.host, self.port = parts.hostname, parts.port or 80
         self.bytes: Counter = Counter()
@@ -97,7 +101,7 @@ class CountingProxy:
                     return self._reply(200, json.dumps(proxy.counts()).encode())
                 body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
                 with proxy.lock:
-                    ranged = self.command == "GET" and "Range" in self.headers
+                    ranged = throttle_any or (self.command == "GET" and "Range" in self.headers)
                     proxy.seen += ranged
                     slow = bool(throttle_every) and ranged and proxy.seen % throttle_every == 0
                     slow = slow and (not throttle_max or proxy.throttled < throttle_max)
@@ -134,6 +138,14 @@ class CountingProxy:
 
     def serve_forever(self) -> None:
         self.server.serve_forever()
+
+    def __enter__(self) -> CountingProxy:
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.server.shutdown()
+        self.server.server_close()
 
 
 @contextmanager

@@ -7,16 +7,14 @@ endpoint and another data set's prefix are one error line, exit 2, nothing writt
 
 from __future__ import annotations
 
-import http.client
 import json
 import socket
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 
+from benchmarks.loader_s3 import CountingProxy
 from flora import store
 from flora.config import load_config
 from flora.store import S3Url
@@ -182,77 +180,11 @@ def test_a_chunk_run_on_another_node_comes_through_the_store(world, s3_bucket, t
     assert not [k for k in keys if k.startswith("_work/")], "the store's work area goes once published"
 
 
-SLOW_DOWN = b"<Error><Code>SlowDown</Code><Message>Please reduce your request rate.</Message></Error>"
-
-
-class Throttle:
-    """A loopback proxy in front of the S3 server answering every ``every``-th request with S3's
-    ``503 SlowDown`` (what a throttling store sends); the rest are forwarded as they are."""
-
-    def __init__(self, upstream: str, every: int = 3):
-        host, port = upstream.split("://", 1)[1].split(":")
-        self.count = self.throttled = 0
-        self.lock = threading.Lock()
-        proxy = self
-
-        class Handler(BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-
-            def log_message(self, *args):
-                pass
-
-            def _any(self):
-                body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
-                with proxy.lock:
-                    proxy.count += 1
-                    slow = proxy.count % every == 0
-                    proxy.throttled += slow
-                if slow:
-                    text = SLOW_DOWN
-                    self.send_response(503)
-                    self.send_header("Content-Type", "application/xml")
-                    self.send_header("Content-Length", str(len(text)))
-                    self.end_headers()
-                    self.wfile.write(text)
-                    return
-                conn = http.client.HTTPConnection(host, int(port), timeout=30)
-                headers = {k: v for k, v in self.headers.items() if k.lower() != "connection"}
-                conn.request(self.command, self.path, body=body, headers=headers)
-                got = conn.getresponse()
-                data = got.read()
-                self.send_response(got.status)
-                for k, v in got.getheaders():
-                    if k.lower() not in ("transfer-encoding", "connection", "content-length"):
-                        self.send_header(k, v)
-                head = self.command == "HEAD"  # a HEAD's length is the object's, not of its empty body
-                self.send_header(
-                    "Content-Length", got.getheader("Content-Length", "0") if head else str(len(data))
-                )
-                self.end_headers()
-                if self.command != "HEAD":
-                    self.wfile.write(data)
-                conn.close()
-
-            do_GET = do_PUT = do_POST = do_DELETE = do_HEAD = _any
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
-
-    def __enter__(self):
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self.server.shutdown()
-        self.server.server_close()
-
-
 def test_throttling_is_retried_not_fatal(world, s3_bucket, monkeypatch):
     import os
 
     server = os.environ["AWS_ENDPOINT_URL"]
-    with Throttle(server) as proxy:
+    with CountingProxy(server, throttle_every=3, throttle_any=True) as proxy:  # 503 SlowDown to every 3rd
         monkeypatch.setenv("AWS_ENDPOINT_URL", proxy.url)
         url = f"s3://{s3_bucket}/throttled"
         manifest = build(world.splits, url, config(world.cache))
