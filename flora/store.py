@@ -140,6 +140,14 @@ def _code(exc: BaseException) -> str:
 _UNREACHABLE = ("EndpointConnectionError", "ConnectTimeoutError", "ConnectionClosedError", "ReadTimeoutError")
 
 
+def unreachable(what: str, reason: str) -> StoreError:
+    """The one line for an endpoint that did not answer (``reason``: the client's error name)."""
+    return StoreError(
+        f"{what}: cannot reach the object store at {_endpoint() or 'AWS S3'} ({reason}); "
+        "check AWS_ENDPOINT_URL"
+    )
+
+
 def store_error(exc: BaseException, what: str) -> StoreError:
     """botocore's ``exc`` (while doing ``what``) as one line a user can act on."""
     if isinstance(exc, StoreError):
@@ -155,9 +163,7 @@ def store_error(exc: BaseException, what: str) -> StoreError:
         )
     name = type(exc).__name__
     if name in _UNREACHABLE:
-        return StoreError(
-            f"{what}: cannot reach the object store at {endpoint} ({name}); check AWS_ENDPOINT_URL"
-        )
+        return unreachable(what, name)
     if name == "NoCredentialsError":
         return StoreError(f"{what}: no AWS credentials found (set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY)")
     return StoreError(f"{what}: {code or name}: {exc}")
@@ -344,11 +350,7 @@ def read_range(url: S3Url, offset: int, size: int) -> bytes:
         try:
             got = _pool().request("GET", _signed_url(url, fresh), headers=headers)
         except urllib3.exceptions.HTTPError as exc:
-            reason = type(getattr(exc, "reason", None) or exc).__name__
-            raise StoreError(
-                f"reading {url}: cannot reach the object store at {_endpoint() or 'AWS S3'} ({reason}); "
-                "check AWS_ENDPOINT_URL"
-            ) from None
+            raise unreachable(f"reading {url}", type(getattr(exc, "reason", None) or exc).__name__) from None
         if got.status == 206:
             return got.data
         if got.status == 200:  # a store that ignores Range: the whole object
