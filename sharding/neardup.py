@@ -3,15 +3,16 @@
 Owns three things:
 
 * ``perceptual_hash``: a 64-bit DCT hash (pHash, the definition of the ``imagehash`` package) of the
-  *stored* JPEG's bytes: luma decoded at a reduced scale (libjpeg's DCT scaling, Pillow's ``draft``),
-  a 32x32 Lanczos downscale, the 8x8 lowest frequencies of its 2-D DCT, one bit per coefficient
-  (above their median). The DCT is an integer matrix product and the median an integer comparison,
-  so the hash is the same on every machine; and since it is a function of the stored bytes, a cold
-  build, a warm rebuild from a cache entry written before the hash existed, and a reader checking a
-  shard all get the same 16 hex digits. ``perceptual_hashes`` adds, from the same decode, the pHashes
-  of 9 crop windows (95% of each side at offsets 0, 2.5% and 5%, resampled sub-pixel): a copy cropped
-  by 5% is then within ~1% of the size and position of one of them, where its whole-image pHash moves
-  8-20 bits.
+  *stored* JPEG's bytes: luma decoded at a reduced scale (libjpeg's DCT scaling, Pillow's ``draft``), a
+  32x32 Lanczos downscale (Pillow 13's arithmetic, bit for bit, as exact matrix products: resample.py), the
+  8x8 lowest frequencies of its 2-D DCT, one bit per coefficient (above their median). The resample and the
+  DCT are exact integer products and the median an integer comparison, so the hash is the same on every
+  machine and does not move with Pillow's resize (13.0 changed its pass order); and since it is a function
+  of the stored bytes, a cold build, a warm rebuild from a cache entry written before the hash existed, and
+  a reader checking a shard all get the same 16 hex digits. ``perceptual_hashes`` adds, from the same
+  decode, the pHashes of 9 crop windows (95% of each side at offsets 0, 2.5% and 5%, resampled sub-pixel): a
+  copy cropped by 5% is then within ~1% of the size and position of one of them, where its whole-image pHash
+  moves 8-20 bits.
 * ``near_pairs``: every pair of hashes within Hamming distance ``k``, without comparing all pairs
   (multi-index hashing, Norouzi et al. 2012): the 64 bits are cut into ``m`` bands with radii ``r_i``,
   ``sum(r_i + 1) > k``, so two hashes within ``k`` differ in at most ``r_i`` bits of some band i
@@ -35,6 +36,7 @@ Leaves out: exact duplicates (finalize.py's content index runs first; identical 
 
 from __future__ import annotations
 
+import functools
 import io
 import itertools
 import math
@@ -45,6 +47,9 @@ import numpy as np
 from PIL import Image
 
 from flora.config import ConfigError
+
+from .resample import Plan, resample
+from .resample import plan as resample_plan
 
 HASH_BITS = 64
 #: imagehash's pHash: a 32x32 downscale (hash_size 8 x highfreq_factor 4), its 8x8 lowest frequencies.
@@ -68,6 +73,8 @@ MAX_THRESHOLD = 24
 TABLE_BITS = 22
 #: Candidate pairs verified per block: bounds the temporary memory of one lookup pass (~200 MB).
 CANDIDATE_BLOCK = 4_000_000
+#: Resampling plans kept, one per luma size (~200 KB each for 43x32; a build resizes to a few sizes).
+PLAN_CACHE = 64
 
 
 def _dct_matrix() -> np.ndarray:
@@ -80,6 +87,7 @@ def _dct_matrix() -> np.ndarray:
 
 
 _DCT = _dct_matrix()  # LOW_FREQ x HASH_SIDE
+_DCT_F = _DCT.astype(np.float64)  # the same integers; float64 products of them stay exact (< 2^53)
 
 
 @dataclass
@@ -111,14 +119,19 @@ def _luma(jpeg: bytes) -> Image.Image:
 
 def _phashes(luma: Image.Image, boxes: list[tuple[float, float, float, float] | None]) -> list[str]:
     """The pHash of each box of ``luma`` (None: the whole image; a box is sub-pixel, resampled from
-    the decoded pixels), in one batched integer DCT."""
-    small = [np.asarray(luma.resize((HASH_SIDE, HASH_SIDE), Image.Resampling.LANCZOS, box=b)) for b in boxes]
-    pixels = np.stack(small).astype(np.int64)
-    coeffs = (_DCT @ pixels @ _DCT.T).reshape(len(boxes), -1)
+    the decoded pixels), in one batched integer DCT. The 32x32 Lanczos resamples are Pillow's, bit
+    for bit (resample.py), done as two matrix products with coefficients cached per luma size."""
+    pixels = resample(np.asarray(luma), _resample_plan(luma.size, tuple(boxes)))  # n x 32 x 32, exact
+    coeffs = (_DCT_F @ pixels @ _DCT_F.T).reshape(len(boxes), -1)  # exact: integers < 2^43
     ranked = np.sort(coeffs, axis=1)
     half = coeffs.shape[1] // 2
     bits = 2 * coeffs > (ranked[:, half - 1] + ranked[:, half])[:, None]  # above the median, in integers
     return [row.tobytes().hex() for row in np.packbits(bits, axis=1)]
+
+
+@functools.lru_cache(maxsize=PLAN_CACHE)
+def _resample_plan(size: tuple[int, int], boxes: tuple) -> Plan:
+    return resample_plan(size, (HASH_SIDE, HASH_SIDE), list(boxes))
 
 
 def perceptual_hash(jpeg: bytes) -> str:
