@@ -156,13 +156,12 @@ class RollingTarWriter:
             self._finish()
         if self._writer is None:
             self._open()
-        entries = []
+        entries, chunks = [], []
         for name, data in sample.members():
-            self._writer.write(tar_header(name, len(data)))
-            self._writer.write(data)
-            self._writer.write(b"\0" * (-len(data) % tarfile.BLOCKSIZE))
+            chunks += (tar_header(name, len(data)), data, b"\0" * (-len(data) % tarfile.BLOCKSIZE))
             entries.append((name, self._offset + tarfile.BLOCKSIZE, len(data)))
             self._offset += tarfile.BLOCKSIZE + len(data) + (-len(data) % tarfile.BLOCKSIZE)
+        self._writer.write(b"".join(chunks))  # one write and one hash update per sample
         cur = self._current
         cur.index.append(index_line(entries))
         cur.samples += 1

@@ -1,9 +1,10 @@
 """sharding/resample.py: Pillow 13's Lanczos resampling of 8-bit images as exact matrix products, the
 same pixels as ``Image.resize`` on random sizes, boxes and contents (smooth, noise, extremes), pinned
-by a digest so that its results do not move with the installed Pillow; and the pHashes built on it
-equal the ones ten ``Image.resize`` calls give."""
+by a digest so that its results do not move with the installed Pillow; the pHashes built on it equal
+the ones ten ``Image.resize`` calls give; and the luma decoded by simplejpeg is Pillow's draft("L")."""
 
 import hashlib
+import io
 
 import numpy as np
 import PIL
@@ -100,3 +101,56 @@ def test_phashes_equal_the_ten_pillow_resizes():
         bits = 2 * coeffs > (ranked[:, 31] + ranked[:, 32])[:, None]
         expected = [row.tobytes().hex() for row in np.packbits(bits, axis=1)]
         assert neardup.perceptual_hashes(jpeg) == (expected[0], expected[1:])
+
+
+def jpeg_kinds() -> list[tuple[str, bytes]]:
+    """Stored-JPEG variants (and the files simplejpeg must leave to Pillow), sizes around the DCT
+    scale steps."""
+    photo = Image.open(io.BytesIO(render_image(species_names(1)[0][0], 1, seed=5, size=(1024, 768))))
+    out = []
+    for w, h in [
+        (341, 256),
+        (256, 341),
+        (253, 253),
+        (256, 256),
+        (255, 300),
+        (512, 384),
+        (1024, 768),
+        (40, 33),
+    ]:
+        img = photo.resize((w, h))
+        for label, kwargs in [
+            ("4:2:0", {"subsampling": 2}),
+            ("4:2:2", {"subsampling": 1}),
+            ("4:4:4", {"subsampling": 0}),
+            ("progressive", {"progressive": True}),
+            ("optimized", {"optimize": True, "quality": 60}),
+        ]:
+            out.append((f"{w}x{h} {label}", encode(img, "JPEG", **kwargs)))
+        out.append((f"{w}x{h} grey", encode(img.convert("L"), "JPEG")))
+        out.append((f"{w}x{h} cmyk", encode(img.convert("CMYK"), "JPEG")))
+    small = photo.resize((15, 12))
+    out += [("15x12", encode(small, "JPEG")), ("png", encode(photo.resize((300, 200)), "PNG"))]
+    return out
+
+
+def encode(img: Image.Image, fmt: str, **kwargs) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, fmt, **kwargs)
+    return buf.getvalue()
+
+
+def test_luma_decode_equals_pillow_draft(monkeypatch):
+    """The pHash's luma: simplejpeg's decode gives Pillow's draft("L") pixels byte for byte, at the
+    same scale, on colour and grey JPEGs of every kind; CMYK, PNG and tiny images go through Pillow."""
+    assert neardup.simplejpeg is not None  # a dependency: the fast path is what builds use
+    reference, through_pillow = neardup._luma, []
+    monkeypatch.setattr(neardup, "_luma", lambda data: through_pillow.append(data) or reference(data))
+    kinds = jpeg_kinds()
+    for label, data in kinds:
+        mine = neardup._luma_pixels(data)
+        expected = np.asarray(reference(data))
+        assert mine.shape == expected.shape and np.array_equal(mine, expected), label
+    assert through_pillow == [d for label, d in kinds if label.endswith(("cmyk", "png", "15x12"))]
+    assert neardup._draft_scale(253, 253) == 4 and neardup._draft_scale(256, 256) == 8
+    assert neardup._draft_scale(31, 500) == 1 and neardup._draft_scale(64, 64) == 2
