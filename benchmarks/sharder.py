@@ -366,7 +366,10 @@ def main(argv: list[str] | None = None) -> int:
     server, base = start_server(root)
     started, load_at_start = time.time(), list(os.getloadavg())
     try:
-        result = {"benchmark": "sharder", "command": "python -m benchmarks.sharder " + " ".join(argv or [])}
+        result = {
+            "benchmark": "sharder",
+            "command": " ".join(["python -m benchmarks.sharder", *(sys.argv[1:] if argv is None else argv)]),
+        }
         runs, summaries, stages = [], [], []
         for image_set in args.sets:  # 1 and 2: interleaved runs, warm rebuild
             rows, summary = compare(args, root, base, image_set)
