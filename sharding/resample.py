@@ -41,7 +41,7 @@ SUPPORT = 3.0
 Box = tuple[float, float, float, float]
 #: Axes kept (size, window, output): a few per stored size; each at most out x in float64 (~11 KB for
 #: the hashes' 43 -> 32), read-only.
-TAPS_CACHE = 1024
+TAPS_CACHE = 256
 
 
 def _sinc(x: float) -> float:
