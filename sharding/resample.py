@@ -82,6 +82,7 @@ def taps(in_size: int, in0: float, in1: float, out_size: int) -> np.ndarray:
         for x, w in enumerate(ws):
             k = w / total if total != 0.0 else w
             out[xx, xmin + x] = int(-0.5 + k * _ONE) if k < 0 else int(0.5 + k * _ONE)
+    out.setflags(write=False)  # cached and shared: nobody may change it
     return out
 
 
@@ -116,7 +117,10 @@ def plan(size: tuple[int, int], out: tuple[int, int], boxes: list[Box | None]) -
         kxs.append((taps(w, x0, x1, ow) if need_h else identity(w)).T)
         kys.append(taps(h, y0, y1, oh) if need_v else identity(h))
     vertical_first = h - oh > 0 and h - oh > (w - ow) * 2
-    return Plan(vertical_first, np.ascontiguousarray(np.stack(kxs)), np.stack(kys))
+    horizontal, vertical = np.ascontiguousarray(np.stack(kxs)), np.stack(kys)
+    horizontal.setflags(write=False)  # plans are cached (neardup) and shared by threads
+    vertical.setflags(write=False)
+    return Plan(vertical_first, horizontal, vertical)
 
 
 def resample(pixels: np.ndarray, p: Plan) -> np.ndarray:
