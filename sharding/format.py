@@ -127,7 +127,7 @@ class SampleMeta:
         raw = json.loads(data) if isinstance(data, bytes | str) else data
         if not isinstance(raw, dict):
             raise ShardFormatError(f"a sample's json member must be an object, got {type(raw).__name__}")
-        known = {f.name for f in fields(cls)}
+        known = _meta_fields()
         return cls(**{k: v for k, v in raw.items() if k in known})
 
     def as_json(self) -> dict:

@@ -49,12 +49,12 @@ from PIL import Image
 from flora.config import ConfigError
 
 from .resample import Plan, resample
+from .resample import plan as resample_plan
 
 try:  # a dependency (setup.cfg); the hashes are the same without it (Pillow's decode), only slower
     import simplejpeg
 except ImportError:  # pragma: no cover
     simplejpeg = None
-from .resample import plan as resample_plan
 
 HASH_BITS = 64
 #: imagehash's pHash: a 32x32 downscale (hash_size 8 x highfreq_factor 4), its 8x8 lowest frequencies.
@@ -153,11 +153,11 @@ def _draft_scale(w: int, h: int) -> int:
     return next(s for s in (8, 4, 2, 1) if fits >= s or s == 1)
 
 
-def _phashes(luma: np.ndarray, boxes: list[tuple[float, float, float, float] | None]) -> list[str]:
+def _phashes(luma: np.ndarray, boxes: tuple) -> list[str]:
     """The pHash of each box of ``luma`` (None: the whole image; a box is sub-pixel, resampled from
     the decoded pixels), in one batched integer DCT. The 32x32 Lanczos resamples are Pillow's, bit
     for bit (resample.py), done as two matrix products with coefficients cached per luma size."""
-    pixels = resample(luma, _resample_plan(luma.shape[::-1], tuple(boxes)))  # n x 32 x 32, exact
+    pixels = resample(luma, _resample_plan(luma.shape[::-1], boxes))  # n x 32 x 32, exact
     coeffs = (_DCT_F @ pixels @ _DCT_F.T).reshape(len(boxes), -1)  # exact: integers < 2^43
     ranked = np.sort(coeffs, axis=1)
     half = coeffs.shape[1] // 2
@@ -172,7 +172,15 @@ def _resample_plan(size: tuple[int, int], boxes: tuple) -> Plan:
 
 def perceptual_hash(jpeg: bytes) -> str:
     """The 64-bit pHash of an encoded image, as 16 hex digits (see the module docstring)."""
-    return _phashes(_luma_pixels(jpeg), [None])[0]
+    return _phashes(_luma_pixels(jpeg), (None,))[0]
+
+
+@functools.lru_cache(maxsize=PLAN_CACHE)
+def crop_boxes(w: int, h: int) -> tuple:
+    """The windows ``perceptual_hashes`` hashes in a ``w x h`` luma: None (the whole image), then the
+    ``CROP_KEEP`` windows at ``CROP_OFFSETS`` x ``CROP_OFFSETS`` (row by row), sub-pixel corners."""
+    return (None, *((fx * w, fy * h, (fx + CROP_KEEP) * w, (fy + CROP_KEEP) * h)
+                    for fy in CROP_OFFSETS for fx in CROP_OFFSETS))  # fmt: skip
 
 
 def perceptual_hashes(jpeg: bytes) -> tuple[str, list[str]]:
@@ -180,12 +188,7 @@ def perceptual_hashes(jpeg: bytes) -> tuple[str, list[str]]:
     windows at ``CROP_OFFSETS`` x ``CROP_OFFSETS`` (row by row), in the image's own proportions."""
     luma = _luma_pixels(jpeg)
     h, w = luma.shape
-    boxes = [
-        (fx * w, fy * h, (fx + CROP_KEEP) * w, (fy + CROP_KEEP) * h)
-        for fy in CROP_OFFSETS
-        for fx in CROP_OFFSETS
-    ]
-    whole, *crops = _phashes(luma, [None, *boxes])
+    whole, *crops = _phashes(luma, crop_boxes(w, h))
     return whole, crops
 
 

@@ -158,9 +158,10 @@ class RollingTarWriter:
             self._open()
         entries, chunks = [], []
         for name, data in sample.members():
-            chunks += (tar_header(name, len(data)), data, b"\0" * (-len(data) % tarfile.BLOCKSIZE))
+            pad = -len(data) % tarfile.BLOCKSIZE
+            chunks += (tar_header(name, len(data)), data, b"\0" * pad)
             entries.append((name, self._offset + tarfile.BLOCKSIZE, len(data)))
-            self._offset += tarfile.BLOCKSIZE + len(data) + (-len(data) % tarfile.BLOCKSIZE)
+            self._offset += tarfile.BLOCKSIZE + len(data) + pad
         self._writer.write(b"".join(chunks))  # one write and one hash update per sample
         cur = self._current
         cur.index.append(index_line(entries))

@@ -34,11 +34,7 @@ def contents(seed: int, w: int, h: int) -> np.ndarray:
 
 
 def windows(w: int, h: int, rng: np.random.Generator) -> list:
-    boxes = [None] + [
-        (fx * w, fy * h, (fx + neardup.CROP_KEEP) * w, (fy + neardup.CROP_KEEP) * h)
-        for fy in neardup.CROP_OFFSETS
-        for fx in neardup.CROP_OFFSETS
-    ]
+    boxes = list(neardup.crop_boxes(w, h))
     x0, y0 = rng.uniform(0, w / 2), rng.uniform(0, h / 2)
     return [*boxes, (x0, y0, rng.uniform(x0 + 0.25, w), rng.uniform(y0 + 0.25, h))]
 
@@ -90,11 +86,7 @@ def test_phashes_equal_the_ten_pillow_resizes():
         jpeg = render_image(name, i, seed=3, size=size)
         luma = neardup._luma(jpeg)
         w, h = luma.size
-        boxes = [None] + [
-            (fx * w, fy * h, (fx + neardup.CROP_KEEP) * w, (fy + neardup.CROP_KEEP) * h)
-            for fy in neardup.CROP_OFFSETS
-            for fx in neardup.CROP_OFFSETS
-        ]
+        boxes = neardup.crop_boxes(w, h)
         small = [np.asarray(luma.resize((32, 32), Image.Resampling.LANCZOS, box=b)) for b in boxes]
         coeffs = (neardup._DCT @ np.stack(small).astype(np.int64) @ neardup._DCT.T).reshape(len(boxes), -1)
         ranked = np.sort(coeffs, axis=1)
