@@ -1,7 +1,7 @@
 """Catalog benchmark: the seed-sized catalog (340,749 records, 7,120 species, ~50% duplicate URLs)
 through validation, dedup and split, from JSONL and from MongoDB, in one run.
 
-Each variant runs ``python -m sharding catalog`` in a child process, timed from outside, with its
+Each variant runs ``flora catalog`` in a child process, timed from outside, with its
 peak memory read by the child itself at exit (``VmHWM`` of /proc/self/status: the high-water mark
 of its own address space; ``ru_maxrss`` would include the forked parent's pages). The baseline,
 in the same run, is the floor any catalog must pay: a child that only reads and ``json.loads``
@@ -95,7 +95,7 @@ def main(argv: list[str] | None = None) -> int:
     base_s, base_mb, _ = run_child("-c", PARSE_ONLY, [str(source)])
     rows.append({"variant": "baseline: read + json.loads only", "seconds": base_s, "peak_mib": base_mb})
     seconds, peak, out = run_child(
-        "-m", "sharding", [*catalog, "--source", str(source), "--out", str(args.out / "splits_jsonl")]
+        "-m", "flora.sharding", [*catalog, "--source", str(source), "--out", str(args.out / "splits_jsonl")]
     )
     rows.append({"variant": "catalog from JSONL", "seconds": seconds, "peak_mib": peak})
     stats = json.loads((args.out / "splits_jsonl" / "export_stats.json").read_text())
@@ -111,7 +111,7 @@ def main(argv: list[str] | None = None) -> int:
             uri = f"{server.uri}/flora_bench.images"
             seconds, peak, _ = run_child(
                 "-m",
-                "sharding",
+                "flora.sharding",
                 [*catalog, "--source", uri, "--out", str(args.out / "splits_mongo"), "mongo.batch_size=5000"],
             )
             rows.append(

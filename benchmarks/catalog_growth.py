@@ -118,7 +118,7 @@ def main(argv: list[str] | None = None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     v1_src, v2_src = write_versions(args.records, args.previous_records, species, args.out)
     out = {name: args.out / f"growth_{name}" for name in ("v1", "v2_fresh", "v2_frozen")}
-    catalog = ["sharding", ["catalog", "--no-progress"]]
+    catalog = ["flora.sharding", ["catalog", "--no-progress"]]
 
     rows = []
     seconds, peak, _ = run_child("-c", PARSE_ONLY, [str(v2_src)])

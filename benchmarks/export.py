@@ -29,12 +29,12 @@ import torch
 
 from benchmarks.photos import fetch_sources, make_photos
 from benchmarks.results import RESULTS_DIR, group_panels, print_table, save_figure, write_result
-from export import onnx as onnx_export
-from export import tfjs
-from export.bundle import load_bundle
-from training.checkpoint import save_checkpoint
-from training.config import ModelConfig
-from training.models import build_model
+from flora.export import onnx as onnx_export
+from flora.export import tfjs
+from flora.export.bundle import load_bundle
+from flora.training.checkpoint import save_checkpoint
+from flora.training.config import ModelConfig
+from flora.training.models import build_model
 
 REPO = Path(__file__).resolve().parents[1]
 OUT = REPO / "benchmarks" / "out" / "export"
@@ -172,8 +172,8 @@ def main(argv: list[str] | None = None) -> int:
         "reports": [{"model": r["model"], "tfjs": r["_report"], "onnx": r["_onnx"]} for r in rows],
     }
     path = write_result("export", result)
-    chart(rows, RESULTS_DIR / "export.png")
-    print(f"wrote {path} and {RESULTS_DIR / 'export.png'}")
+    chart(rows, RESULTS_DIR / "flora.export.png")
+    print(f"wrote {path} and {RESULTS_DIR / 'flora.export.png'}")
     return 0
 
 

@@ -198,7 +198,7 @@ def time_epochs(loader, epochs: int) -> dict:
 
 
 def measure_loaders(shards: Path, sizes: Sizes, cuda: bool, work: Path) -> list[dict]:
-    from loaders import create_dataloaders
+    from flora.loaders import create_dataloaders
 
     hints = data_section(shards, sizes, work)["decoder"]
     decoder = "mixed" if cuda else "cpu"
@@ -284,8 +284,8 @@ def experiment(
 
 def train_run(cfg: dict, cuda: bool, label: str, part: str, resident: bool = False) -> dict:
     """One fit of the project's loop; its steady and whole-epoch throughput, data wait, peak memory."""
-    from training.config import load_experiment
-    from training.loop import Trainer
+    from flora.training.config import load_experiment
+    from flora.training.loop import Trainer
 
     shutil.rmtree(Path(cfg["run"]["root"]) / cfg["run"]["name"], ignore_errors=True)
     started = time.perf_counter()

@@ -47,8 +47,8 @@ def write_catalog(
     root: Path, base_url: str, paths: list[str], n: int, name: str, previous: Path | None
 ) -> Path:
     """A catalog of the first ``n`` records and its splits (``--previous`` when given)."""
-    from sharding.catalog import run_catalog
-    from sharding.config import CatalogConfig
+    from flora.sharding.catalog.run import run_catalog
+    from flora.sharding.config import CatalogConfig
 
     src = root / f"{name}.jsonl"
     with open(src, "w", encoding="utf-8") as fh:
@@ -64,8 +64,8 @@ def write_catalog(
 
 
 def flora_build(splits: Path, out: Path, cache: Path, processes: int, threads: int) -> tuple[float, dict]:
-    """One ``python -m sharding build`` run; (seconds, manifest)."""
-    argv = [sys.executable, "-m", "sharding", "build", "--splits", str(splits), "--out", str(out),
+    """One ``flora build`` run; (seconds, manifest)."""
+    argv = [sys.executable, "-m", "flora.sharding", "build", "--splits", str(splits), "--out", str(out),
             "--cache", str(cache), "--allow-network", "127.0.0.1/32", "--no-progress",
             f"processes={processes}", f"download.threads={threads}", f"shards.max_samples={SHARD_SAMPLES}",
             "images.resize_shorter_side=256", "near_duplicates.enabled=false"]  # fmt: skip

@@ -37,8 +37,8 @@ from PIL import Image
 
 from benchmarks.photos import build_photo_shards, build_world_shards
 from benchmarks.results import RESULTS_DIR, print_table, rate_bars, write_result
-from loaders import create_dataloaders
-from loaders.reference import build_transform
+from flora.loaders import create_dataloaders
+from flora.loaders.reference import build_transform
 
 OUT = Path(__file__).resolve().parent / "out" / "loader"
 #: The seed's list vs timm's default train transform (RandomResizedCrop + flip).
@@ -131,7 +131,7 @@ def time_seed(index, images_dir: Path, args, min_images: int) -> dict:
     """The seed's Dataset over the originals the shards were built from, served on loopback."""
     import json
 
-    from loaders.config import load_data_config
+    from flora.loaders.config import load_data_config
     from world import ImageServer
 
     meta: dict[str, dict] = {}

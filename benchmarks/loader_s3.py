@@ -46,10 +46,10 @@ from benchmarks.loader import AUGMENTS, OUT, cores, time_loader
 from benchmarks.photos import build_photo_shards
 from benchmarks.results import RESULTS_DIR, print_table, rate_bars, write_result
 from flora import store
+from flora.loaders import create_dataloaders
+from flora.sharding.build.remote import publish_tables
+from flora.sharding.format.schema import MANIFEST, table_name
 from flora.store import S3Url
-from loaders import create_dataloaders
-from sharding.format import MANIFEST, table_name
-from sharding.remote import publish_tables
 
 #: S3's throttling answer (what a store over its request rate sends).
 SLOW_DOWN = b"<Error><Code>SlowDown</Code><Message>Please reduce your request rate.</Message></Error>"

@@ -39,9 +39,9 @@ import numpy as np
 from PIL import Image
 
 from benchmarks.results import RESULTS_DIR, print_table, write_result
-from sharding.images import ImageConfig, process_image
-from sharding.job import memory_mib
-from sharding.neardup import (
+from flora.sharding.build.job import memory_mib
+from flora.sharding.images.convert import ImageConfig, process_image
+from flora.sharding.images.neardup import (
     DEFAULT_THRESHOLD,
     N_CROPS,
     brute_pairs,

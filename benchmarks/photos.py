@@ -123,9 +123,9 @@ def build_photo_shards(
     """(shard root, photo folder): photos made, served, catalogued and sharded (once; reused after).
     ``sources``: the photos to cut from (default: opencv-doc's, fetched into ``work``)."""
     from flora.config import load_config
-    from sharding.build import BuildConfig, build
-    from sharding.catalog import run_catalog
-    from sharding.config import CatalogConfig
+    from flora.sharding.build.run import BuildConfig, build
+    from flora.sharding.catalog.run import run_catalog
+    from flora.sharding.config import CatalogConfig
     from world import ImageServer
 
     photos_dir = work / "photos"
@@ -153,9 +153,9 @@ def build_world_shards(work: Path, n_records: int) -> tuple[Path, Path]:
     """(shard root, image folder) of a sample world as ``make demo`` builds it (synthetic images,
     resized to 256 by the smoke sharder config), built once under ``work``."""
     from flora.config import load_config
-    from sharding.build import BuildConfig, build
-    from sharding.catalog import run_catalog
-    from sharding.config import CatalogConfig
+    from flora.sharding.build.run import BuildConfig, build
+    from flora.sharding.catalog.run import run_catalog
+    from flora.sharding.config import CatalogConfig
     from world import ImageServer, build_world
 
     root = work / f"world-{n_records}"

@@ -33,7 +33,7 @@ REPO = Path(__file__).resolve().parents[1]
 def flora_build(
     splits: Path, out: str, cache: Path, processes: int, threads: int, env: dict
 ) -> tuple[float, dict]:
-    argv = [sys.executable, "-m", "sharding", "build", "--splits", str(splits), "--out", out,
+    argv = [sys.executable, "-m", "flora.sharding", "build", "--splits", str(splits), "--out", out,
             "--cache", str(cache), "--allow-network", "127.0.0.1/32", "--no-progress",
             f"processes={processes}", f"download.threads={threads}", f"shards.max_samples={SHARD_SAMPLES}",
             "images.resize_shorter_side=256", "near_duplicates.enabled=false"]  # fmt: skip

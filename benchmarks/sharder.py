@@ -104,8 +104,8 @@ def make_images(root: Path, n_files: int, image_set: str = "500") -> list[str]:
 
 def write_splits(root: Path, base_url: str, paths: list[str], n: int, tag: str = "") -> Path:
     """A catalog of ``n`` records (distinct URL variants) and its splits, as Flora's input."""
-    from sharding.catalog import run_catalog
-    from sharding.config import CatalogConfig
+    from flora.sharding.catalog.run import run_catalog
+    from flora.sharding.config import CatalogConfig
 
     src = root / f"catalog{tag}_{n}.jsonl"
     with open(src, "w", encoding="utf-8") as fh:
@@ -155,7 +155,7 @@ def flora(splits: Path, out: Path, cache: Path, processes: int, threads: int) ->
     flags = [a for a in BUILD_SETTINGS if "=" not in a]
     overrides = [a for a in BUILD_SETTINGS if "=" in a]
     args += [*flags, "--processes", str(processes), *overrides, f"download.threads={threads}"]
-    seconds, peak, _ = run_child("-m", "sharding", args)
+    seconds, peak, _ = run_child("-m", "flora.sharding", args)
     return seconds, peak, json.loads((out / "manifest.json").read_text())
 
 

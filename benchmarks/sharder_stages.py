@@ -111,15 +111,15 @@ def flora_stages(splits: Path, n: int, core: int, work: Path, build_args: list[s
 
 def _flora_child(splits_path: str, n: str, work: str, out: str, build_args: str) -> None:
     from flora.config import load_config
-    from sharding.build import BuildConfig
-    from sharding.cache import ImageCache
-    from sharding.download import Downloader
-    from sharding.format import SampleMeta, safe_key
-    from sharding.images import ImageError, StageClock, process_image
-    from sharding.job import PUT_BATCH
-    from sharding.plan import image_fingerprint
-    from sharding.records import url_key
-    from sharding.writer import RollingTarWriter, Sample
+    from flora.sharding.build.job import PUT_BATCH
+    from flora.sharding.build.plan import image_fingerprint
+    from flora.sharding.build.run import BuildConfig
+    from flora.sharding.cache.image_cache import ImageCache
+    from flora.sharding.catalog.records import url_key
+    from flora.sharding.download.fetch import Downloader
+    from flora.sharding.format.schema import SampleMeta, safe_key
+    from flora.sharding.format.writer import RollingTarWriter, Sample
+    from flora.sharding.images.convert import ImageError, StageClock, process_image
 
     overrides = [a for a in json.loads(build_args) if "=" in a and not a.startswith("-")]
     cfg = load_config(BuildConfig, None, [*overrides, "download.allow_networks=[127.0.0.1/32]"])
@@ -220,7 +220,7 @@ def _flora_run(splits: Path, n: int, core: int, work: Path, build_args: list[str
     args += [a for a in build_args if "=" not in a] + [a for a in build_args if "=" in a]
     args.append(f"download.threads={THREADS}")
     before = _cpu_children()
-    argv = [sys.executable, "-m", "sharding", *args]
+    argv = [sys.executable, "-m", "flora.sharding", *args]
     subprocess.run(argv, cwd=REPO, check=True, capture_output=True, preexec_fn=_pinned(core))
     spent = _cpu_children() - before
     accounting = json.loads((out / "manifest.json").read_text())["accounting"]
@@ -348,7 +348,7 @@ def scale_table(datas: dict[str, list[bytes]], shorter: int) -> list[dict]:
         return []
     from PIL import Image
 
-    from sharding.images import ImageConfig, process_image
+    from flora.sharding.images.convert import ImageConfig, process_image
 
     cfg = ImageConfig(resize_shorter_side=shorter, resample="box", jpeg_quality=90)
     rows = []

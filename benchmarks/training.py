@@ -25,8 +25,8 @@ from benchmarks.loader import OUT as LOADER_OUT
 from benchmarks.loader import cores
 from benchmarks.photos import build_world_shards
 from benchmarks.results import print_table, write_result
-from training.config import load_experiment
-from training.loop import Trainer
+from flora.training.config import load_experiment
+from flora.training.loop import Trainer
 
 REPO = Path(__file__).resolve().parents[1]
 OUT = REPO / "benchmarks" / "out" / "training"

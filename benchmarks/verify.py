@@ -34,8 +34,8 @@ import torch
 from benchmarks.loader import OUT, cores
 from benchmarks.photos import build_photo_shards
 from benchmarks.results import RESULTS_DIR, group_panels, print_table, save_figure, write_result
-from loaders import create_dataloaders
-from loaders.recheck import recheck
+from flora.loaders import create_dataloaders
+from flora.loaders.recheck import recheck
 
 #: The loaders measured: (label, backend, augment overrides); ``--torch`` adds TORCH.
 LOADERS = [

@@ -30,8 +30,8 @@ from PIL import Image
 
 from flora.errors import FloraError
 from flora.io import sha256_file
+from flora.sharding.format.schema import MANIFEST, ShardFormatError, read_index, read_manifest
 from flora.store import S3Url, StoreError, is_remote
-from sharding.format import MANIFEST, ShardFormatError, read_index, read_manifest
 
 FORMAT = 1
 
@@ -64,7 +64,7 @@ class Bundle:
     @cached_property
     def transform(self):
         """The evaluation transform of the loaders (loaders.reference.eval_transform) for this checkpoint."""
-        from loaders.reference import eval_transform
+        from flora.loaders.reference import eval_transform
 
         p = self.preprocessing
         return eval_transform(self.image_size, int(p["val_resize"]), p["mean"], p["std"])
@@ -81,8 +81,8 @@ def labels_in_order(class_mapping: dict[str, int]) -> list[str]:
 
 def load_bundle(checkpoint: str | Path) -> Bundle:
     """Reads a Flora checkpoint (``weights_only``) and rebuilds its network on the CPU, in eval mode."""
-    from training.checkpoint import CheckpointError, load_checkpoint
-    from training.models import ModelError, model_from_checkpoint
+    from flora.training.checkpoint import CheckpointError, load_checkpoint
+    from flora.training.models import ModelError, model_from_checkpoint
 
     path = Path(checkpoint)
     try:
@@ -151,7 +151,7 @@ def write_metadata(bundle: Bundle, out: Path, layout: str, input_name: str, outp
 def _images_from_shards(root: Path | str, split: str, limit: int) -> list[tuple[str, bytes]]:
     """The first ``limit`` JPEGs of ``split``'s shards, in the manifest's order, read by index; ``root``
     a folder or an ``s3://`` prefix (its metadata mirrored under the cache root, jpgs read by range)."""
-    from loaders.remote import fetch_index, fetch_metadata, is_remote, open_shard
+    from flora.loaders.remote import fetch_index, fetch_metadata, is_remote, open_shard
 
     remote = is_remote(root)
     try:

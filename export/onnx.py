@@ -1,6 +1,6 @@
 """ONNX export of a Flora checkpoint, checked against PyTorch with onnxruntime.
 
-``python -m export.onnx --checkpoint runs/student/best_model.pt --out exports/student_onnx`` writes
+``flora export onnx --checkpoint runs/student/best_model.pt --out exports/student_onnx`` writes
 ``model.onnx`` (input ``input``: NCHW float32 normalised, dynamic batch; output ``logits``),
 ``labels.json``, ``preprocess.json`` (bundle.py) and ``report.json`` (onnxruntime vs PyTorch on
 real test images: top-1 agreement, max |logit difference|, probability difference after the
@@ -15,7 +15,6 @@ Leaves out: TF.js (tfjs.py) and what the numbers must reach (parity.py holds the
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import re
@@ -27,10 +26,16 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from flora.errors import fail
-
-from .bundle import ExportError, exact_logits, load_bundle, sample_inputs, torch_logits, write_metadata
-from .parity import compare
+from flora.errors import ArgumentParser, fail
+from flora.export.bundle import (
+    ExportError,
+    exact_logits,
+    load_bundle,
+    sample_inputs,
+    torch_logits,
+    write_metadata,
+)
+from flora.export.parity import compare
 
 log = logging.getLogger(__name__)
 
@@ -153,7 +158,7 @@ def export(
 
 
 def main(argv: list[str] | None = None, prog: str | None = None) -> int:
-    parser = argparse.ArgumentParser(prog=prog or "python -m export.onnx", description=__doc__.split("\n")[0])
+    parser = ArgumentParser(prog=prog or "flora export onnx", description=__doc__.split("\n")[0])
     parser.add_argument("--checkpoint", required=True, help="a Flora checkpoint (best_model.pt)")
     parser.add_argument("--out", required=True, help="output folder")
     parser.add_argument("--images", help=IMAGES_HELP)

@@ -23,7 +23,7 @@ the graph model with ``@tensorflow/tfjs`` on the wasm backend (``@tensorflow/tfj
 install here) and writes the logits back; it also times batch-1 inference. The Node packages come
 from ``export/js/package-lock.json`` (``make js-deps``).
 
-``python -m export.parity --export exports/student_tfjs --checkpoint runs/student/best_model.pt``
+``flora parity --export exports/student_tfjs --checkpoint runs/student/best_model.pt``
 re-checks an existing export against its checkpoint (after copying it somewhere, say): labels and
 preprocessing must be the checkpoint's, and the numbers must hold; exit 1 otherwise.
 
@@ -32,7 +32,6 @@ Leaves out: producing the exports (onnx.py, tfjs.py) and preprocessing (bundle.p
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import shutil
@@ -44,9 +43,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from flora.errors import fail
-
-from .bundle import (
+from flora.errors import ArgumentParser, fail
+from flora.export.bundle import (
     Bundle,
     ExportError,
     exact_logits,
@@ -239,9 +237,7 @@ def verify(
 
 
 def main(argv: list[str] | None = None, prog: str | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog=prog or "python -m export.parity", description="Re-checks a TF.js export."
-    )
+    parser = ArgumentParser(prog=prog or "flora parity", description="Re-checks a TF.js export.")
     parser.add_argument("--export", required=True, help="the TF.js export folder")
     parser.add_argument("--checkpoint", required=True, help="the checkpoint it was exported from")
     parser.add_argument(

@@ -1,6 +1,6 @@
 """Serves the browser demo page with an exported model, from this machine only (127.0.0.1 by default).
 
-``python -m export.serve --model exports/student_tfjs [--port 8000]`` then open the printed address.
+``flora serve --model exports/student_tfjs [--port 8000]`` then open the printed address.
 One static server, four mounts:
 ``/`` -> ``export/web/`` (the page), ``/model/`` -> the export folder (model.json, weight shards,
 labels.json, preprocess.json), ``/vendor/tfjs/`` and ``/vendor/tfjs-backend-wasm/`` -> the ``dist``
@@ -15,7 +15,6 @@ Leaves out: the page itself (``export/web/``) and producing the export (tfjs.py)
 
 from __future__ import annotations
 
-import argparse
 import shutil
 import sys
 import threading
@@ -24,7 +23,7 @@ from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from urllib.parse import unquote, urlsplit
 
-from flora.errors import fail
+from flora.errors import ArgumentParser, fail
 
 HERE = Path(__file__).resolve().parent
 WEB = HERE / "web"
@@ -92,7 +91,7 @@ def missing_vendor() -> str | None:
 def _check_sources(model_dir: Path) -> None:
     """The export and the npm packages the page loads are there, or FileNotFoundError saying what to run."""
     if not (model_dir / "model.json").is_file():
-        raise FileNotFoundError(f"{model_dir}/model.json not found: run `python -m export.tfjs` first")
+        raise FileNotFoundError(f"{model_dir}/model.json not found: run `flora export tfjs` first")
     problem = missing_vendor()
     if problem:
         raise FileNotFoundError(problem)
@@ -130,9 +129,7 @@ def serve_in_thread(model_dir: str | Path, host: str = "127.0.0.1") -> tuple[Dem
 
 
 def main(argv: list[str] | None = None, prog: str | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog=prog or "python -m export.serve", description=__doc__.split("\n")[0]
-    )
+    parser = ArgumentParser(prog=prog or "flora serve", description=__doc__.split("\n")[0])
     parser.add_argument("--model", required=True, help="a TF.js export folder (the --out of export.tfjs)")
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8000)

@@ -1,6 +1,6 @@
 """TF.js export of a Flora checkpoint, proven against PyTorch in the TF.js runtime itself.
 
-``python -m export.tfjs --checkpoint runs/student/best_model.pt --out exports/student_tfjs
+``flora export tfjs --checkpoint runs/student/best_model.pt --out exports/student_tfjs
 [--quantize float16|uint8]`` writes a TF.js graph model (``model.json`` + weight shards),
 ``labels.json``, ``preprocess.json`` (bundle.py: NHWC input, size, resize, mean, std, temperature) and
 ``report.json`` (parity with PyTorch in TF.js on Node's wasm backend, model size, batch-1 latency of
@@ -23,7 +23,6 @@ Leaves out: the thresholds (parity.py) and the page that uses the model (``expor
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import shutil
@@ -36,11 +35,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from flora.errors import fail
-
-from .bundle import ExportError, ParityError, load_bundle, sample_inputs, write_metadata
-from .onnx import IMAGES_HELP, export_module, for_export
-from .parity import check_tfjs
+from flora.errors import ArgumentParser, fail
+from flora.export.bundle import ExportError, ParityError, load_bundle, sample_inputs, write_metadata
+from flora.export.onnx import IMAGES_HELP, export_module, for_export
+from flora.export.parity import check_tfjs
 
 ROOT = Path(__file__).resolve().parent.parent
 QUANTIZE = {None: [], "float16": ["--quantize_float16=*"], "uint8": ["--quantize_uint8=*"]}
@@ -232,7 +230,7 @@ def summary_line(report: dict, out: str | Path) -> str:
 
 
 def main(argv: list[str] | None = None, prog: str | None = None) -> int:
-    parser = argparse.ArgumentParser(prog=prog or "python -m export.tfjs", description=__doc__.split("\n")[0])
+    parser = ArgumentParser(prog=prog or "flora export tfjs", description=__doc__.split("\n")[0])
     parser.add_argument("--checkpoint", required=True, help="a Flora checkpoint (best_model.pt)")
     parser.add_argument("--out", required=True, help="output folder")
     parser.add_argument(

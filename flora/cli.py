@@ -1,12 +1,13 @@
-"""``flora <stage> <verb>``: one command for every stage.
+"""``flora <stage> [<verb>]``: one command for every stage (also ``python -m flora``).
 
-Each stage keeps its own parser and ``main(argv, prog)``; this module only routes to it (so
-``python -m sharding``, ``python -m training.train``... keep working, torchrun calls those) and
-imports a stage only when it is asked for (DALI, TensorFlow's converters or Ray load only where used).
+Each stage keeps its own parser and ``main(argv, prog)``; this module only routes to it and imports a
+stage only when it is asked for (DALI, TensorFlow's converters or Ray load only where used). A stage
+with verbs (``flora export tfjs|onnx``) is a group: ``flora export --help`` lists its verbs, and a
+missing or unknown verb is one error line.
 
     flora catalog --source catalog.jsonl --out splits/
     flora build --splits splits/ --out shards/
-    flora train --config config/teacher_global.yaml
+    flora train --config config/teacher_global.yaml          (torchrun --no-python flora train ...)
     flora export tfjs --checkpoint runs/student/best_model.pt --out exports/student_tfjs
 
 Leaves out: what each stage does (its module) and error formatting (flora.errors).
@@ -30,20 +31,28 @@ class Stage:
     verb: str | None = None  # passed first to the module's main (sharding's catalog / build)
 
 
+_SHARDING, _TRAINING, _EXPORT = "flora.sharding.__main__", "flora.training", "flora.export"
 STAGES: dict[str, Stage] = {
-    "catalog": Stage("sharding.__main__", "records (JSONL or MongoDB) -> deduplicated splits", "catalog"),
-    "build": Stage("sharding.__main__", "splits -> WebDataset shards (+ DALI index, manifest)", "build"),
-    "loaders": Stage("loaders.__main__", "iterate the shards as training batches (DALI or torch)"),
-    "train": Stage("training.train", "train a teacher or distil a student (under torchrun for several GPUs)"),
-    "evaluate": Stage("training.evaluate", "top-1/5, macro, ECE, temperature of a checkpoint"),
-    "soft-labels": Stage("training.soft_labels", "precompute the teachers' soft labels for distillation"),
-    "report": Stage("training.report", "teachers vs students, one table"),
-    "export tfjs": Stage("export.tfjs", "a checkpoint -> TF.js graph model, parity checked in TF.js"),
-    "export onnx": Stage("export.onnx", "a checkpoint -> ONNX, parity checked in onnxruntime"),
-    "parity": Stage("export.parity", "re-check an export against its checkpoint"),
-    "serve": Stage("export.serve", "the browser demo page for an export"),
+    "catalog": Stage(_SHARDING, "records (JSONL or MongoDB) -> deduplicated splits", "catalog"),
+    "build": Stage(_SHARDING, "splits -> WebDataset shards (+ DALI index, manifest)", "build"),
+    "loaders": Stage("flora.loaders.__main__", "iterate the shards as training batches (DALI or torch)"),
+    "train": Stage(f"{_TRAINING}.train", "train a teacher or distil a student (torchrun for several GPUs)"),
+    "evaluate": Stage(f"{_TRAINING}.evaluate", "top-1/5, macro, ECE, temperature of a checkpoint"),
+    "soft-labels": Stage(f"{_TRAINING}.soft_labels", "precompute the teachers' soft labels for distillation"),
+    "report": Stage(f"{_TRAINING}.report", "teachers vs students, one table"),
+    "export tfjs": Stage(f"{_EXPORT}.tfjs", "a checkpoint -> TF.js graph model, parity checked in TF.js"),
+    "export onnx": Stage(f"{_EXPORT}.onnx", "a checkpoint -> ONNX, parity checked in onnxruntime"),
+    "parity": Stage(f"{_EXPORT}.parity", "re-check an export against its checkpoint"),
+    "serve": Stage(f"{_EXPORT}.serve", "the browser demo page for an export"),
     "world": Stage("world.__main__", "generate or serve the sample world (tests, demo)"),
 }  # fmt: skip
+
+#: Stages with verbs (``flora export tfjs``) -> their verbs, from STAGES.
+GROUPS: dict[str, list[str]] = {}
+for _name in STAGES:
+    if " " in _name:
+        _group, _verb = _name.split(" ", 1)
+        GROUPS.setdefault(_group, []).append(_verb)
 
 
 #: Optional parts and the extra that installs each (``pip install 'flora[<extra>]'``).
@@ -74,10 +83,13 @@ def _import(module: str):
         return importlib.import_module(module)
 
 
-def usage() -> str:
-    width = max(len(name) for name in STAGES)
-    lines = ["usage: flora <stage> [<verb>] [options]   (flora <stage> --help for a stage's options)", ""]
-    lines += [f"  {name.ljust(width)}  {stage.help}" for name, stage in STAGES.items()]
+def usage(group: str | None = None) -> str:
+    """``flora --help`` (every stage), or ``flora <group> --help`` (the group's verbs)."""
+    names = [n for n in STAGES if group is None or n.startswith(group + " ")]
+    width = max(len(name) for name in names)
+    head = f"flora {group} <verb>" if group else "flora <stage> [<verb>]"
+    lines = [f"usage: {head} [options]   (flora <stage> [<verb>] --help for a command's options)", ""]
+    lines += [f"  {name.ljust(width)}  {STAGES[name].help}" for name in names]
     return "\n".join(lines)
 
 
@@ -96,9 +108,10 @@ def main(argv: list[str] | None = None) -> int:
         print(usage())
         return 0 if argv else EXIT_USAGE
     found = resolve(argv)
+    if found is None and argv[0] in GROUPS:
+        return _group(argv[0], argv[1:])
     if found is None:
-        wanted = " ".join(argv[:2]) if argv[0] == "export" else argv[0]
-        return fail(None, f"unknown stage {wanted!r}; expected one of: {', '.join(STAGES)}")
+        return fail(None, f"unknown stage {argv[0]!r}; expected one of: {', '.join(STAGES)}")
     name, stage, rest = found
     try:
         entry: Callable[..., int] = _import(stage.module).main
@@ -107,6 +120,17 @@ def main(argv: list[str] | None = None) -> int:
     if stage.verb:
         return entry([stage.verb, *rest], prog="flora")
     return entry(rest, prog=f"flora {name}")
+
+
+def _group(group: str, rest: list[str]) -> int:
+    """``flora <group>`` without a known verb: help for ``--help``, else one error line."""
+    verbs = GROUPS[group]
+    if rest and rest[0] in ("-h", "--help", "help"):
+        print(usage(group))
+        return 0
+    if not rest or rest[0].startswith("-"):
+        return fail(group, f"expected a verb after 'flora {group}': one of {', '.join(verbs)}")
+    return fail(None, f"unknown stage '{group} {rest[0]}'; expected one of: {', '.join(STAGES)}")
 
 
 if __name__ == "__main__":

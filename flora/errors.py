@@ -11,6 +11,7 @@ Leaves out: unanticipated errors (bugs), which keep their traceback.
 
 from __future__ import annotations
 
+import argparse
 import sys
 
 #: Exit status of a command refused for anticipated bad input (argparse's own status for usage errors).
@@ -30,6 +31,14 @@ def fail(stage: str | None, exc: BaseException | str, code: int = EXIT_USAGE) ->
     """Prints ``flora <stage>: error: <exc>`` to stderr; returns ``code`` for the command to exit with."""
     print(f"flora{' ' + stage if stage else ''}: error: {one_line(exc)}", file=sys.stderr)
     return code
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse's parser whose usage errors are one line too: ``<prog>: error: <what> (<prog> --help)``."""
+
+    def error(self, message: str):
+        print(f"{self.prog}: error: {one_line(message)} (see {self.prog} --help)", file=sys.stderr)
+        raise SystemExit(EXIT_USAGE)
 
 
 #: errno values that mean "the filesystem is full" (no space, quota exceeded).

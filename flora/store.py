@@ -20,7 +20,7 @@ Owns:
   (``first_contact``: ``check_bucket``, ``read_bytes``) is tried ``PROBE_ATTEMPTS`` times only unless
   the store answers, so a wrong or dead endpoint is one line in about a second.
 
-Leaves out: what is stored where (the sharder's publish step, sharding/remote.py; the loaders).
+Leaves out: what is stored where (the sharder's publish step, sharding/build/remote.py; the loaders).
 """
 
 from __future__ import annotations

@@ -4,9 +4,9 @@
 the remainder policy across ranks and mid-epoch resume.
 """
 
-from .config import AugmentConfig, DataConfig, load_data_config
-from .factory import LoaderInfo, create_dataloaders
-from .index import LoaderError
+from flora.loaders.config import AugmentConfig, DataConfig, load_data_config
+from flora.loaders.factory import LoaderInfo, create_dataloaders
+from flora.loaders.index import LoaderError
 
 __all__ = [
     "AugmentConfig",

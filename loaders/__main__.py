@@ -1,4 +1,4 @@
-"""``python -m loaders``: iterate a config's loaders for some epochs and report images/s.
+"""``flora loaders``: iterate a config's loaders for some epochs and report images/s.
 
 Works alone or under ``torchrun`` (one process per rank; ``gloo`` on CPU, ``nccl`` on GPU), where
 the ranks' counts are summed with ``all_reduce`` and, with ``--audit FILE``, every rank's sample ids
@@ -10,7 +10,6 @@ Leaves out: training (training/), and timing comparisons (benchmarks/loader.py).
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 import time
@@ -21,14 +20,13 @@ import torch.distributed as dist
 
 from flora.config import ConfigError
 from flora.distributed import torchrun_env
-from flora.errors import fail
-
-from . import create_dataloaders
-from .index import LoaderError
+from flora.errors import ArgumentParser, fail
+from flora.loaders import create_dataloaders
+from flora.loaders.index import LoaderError
 
 
 def main(argv: list[str] | None = None, prog: str | None = None) -> int:
-    parser = argparse.ArgumentParser(prog=prog or "python -m loaders", description=__doc__.splitlines()[0])
+    parser = ArgumentParser(prog=prog or "flora loaders", description=__doc__.splitlines()[0])
     parser.add_argument("--config", required=True, help="YAML with a data: section")
     parser.add_argument("--epochs", type=int, default=1)
     parser.add_argument("--audit", type=Path, help="write every epoch's sample ids per rank (JSON)")

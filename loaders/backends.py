@@ -13,8 +13,8 @@ import importlib
 
 #: Built-in backends, by import path: imported only when chosen.
 BACKENDS: dict[str, str | type] = {
-    "dali": "loaders.dali:DaliLoader",
-    "torch": "loaders.reference:ReferenceLoader",
+    "dali": "flora.loaders.dali:DaliLoader",
+    "torch": "flora.loaders.reference:ReferenceLoader",
 }
 
 

@@ -39,9 +39,9 @@ from collections.abc import Iterator
 import numpy as np
 import torch
 
-from .config import DataConfig
-from .index import LoaderError, SampleIndex, rank_bounds
-from .recheck import recheck
+from flora.loaders.config import DataConfig
+from flora.loaders.index import LoaderError, SampleIndex, rank_bounds
+from flora.loaders.recheck import recheck
 
 STATE_FORMAT = 1
 log = logging.getLogger(__name__)

@@ -16,9 +16,8 @@ from pathlib import Path
 from typing import Literal
 
 from flora.config import ConfigError, apply_overrides, from_dict, read_yaml
+from flora.loaders.backends import backend_names
 from flora.store import S3Url, StoreError, is_remote
-
-from .backends import backend_names
 
 #: ImageNet statistics (torchvision's and timm's defaults), in [0, 1] units.
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -169,7 +168,7 @@ class DataConfig:
     #: root; ``off`` (YAML reads it as false) or null: no cache; else a folder.
     index_cache: bool | str | None = "auto"
     #: Root of the derived caches (scan results, soft labels), never inside the shard store: null =
-    #: ``$FLORA_CACHE_DIR``, else ``~/.cache/flora`` (flora/cache.py).
+    #: ``$FLORA_CACHE_DIR``, else ``~/.cache/flora`` (sharding/cache/derived.py).
     cache_root: str | None = None
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     decoder: DecoderConfig = field(default_factory=DecoderConfig)

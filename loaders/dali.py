@@ -50,12 +50,11 @@ import torch
 
 from flora import store
 from flora.errors import one_line
-
-from .base import EpochLoader, epoch_seed
-from .config import DataConfig
-from .index import LoaderError
-from .recheck import recheck
-from .remote import StoreError, dali_s3_check, is_remote
+from flora.loaders.base import EpochLoader, epoch_seed
+from flora.loaders.config import DataConfig
+from flora.loaders.index import LoaderError
+from flora.loaders.recheck import recheck
+from flora.loaders.remote import StoreError, dali_s3_check, is_remote
 
 try:  # DALI is a hard dependency in setup.cfg, but the reference loader must work without it
     from nvidia.dali import fn, pipeline_def, types

@@ -17,11 +17,10 @@ from pathlib import Path
 import torch
 
 from flora.distributed import torchrun_env
-
-from .backends import loader_class
-from .base import EpochLoader
-from .config import DataConfig, load_data_config
-from .index import LoaderError, build_index
+from flora.loaders.backends import loader_class
+from flora.loaders.base import EpochLoader
+from flora.loaders.config import DataConfig, load_data_config
+from flora.loaders.index import LoaderError, build_index
 
 
 @dataclass

@@ -42,10 +42,20 @@ from typing import NamedTuple
 
 import numpy as np
 
-from flora.cache import derived_dir
 from flora.errors import FloraError
-from flora.store import S3Url, StoreError, read_range
-from sharding.format import (
+from flora.loaders.config import DataConfig
+from flora.loaders.jpeg import check_jpeg, jpeg_size  # noqa: F401 - jpeg_size: part of this module's interface
+from flora.loaders.remote import (
+    TarStream,
+    fetch_index,
+    fetch_metadata,
+    fetch_table,
+    is_remote,
+    tar_stamp,
+    translate,
+)
+from flora.sharding.cache.derived import derived_dir
+from flora.sharding.format.schema import (
     PERMISSIVE,
     SampleMeta,
     ShardFormatError,
@@ -55,10 +65,7 @@ from sharding.format import (
     read_index,
     read_manifest,
 )
-
-from .config import DataConfig
-from .jpeg import check_jpeg, jpeg_size  # noqa: F401 - jpeg_size: part of this module's interface
-from .remote import TarStream, fetch_index, fetch_metadata, fetch_table, is_remote, tar_stamp, translate
+from flora.store import S3Url, StoreError, read_range
 
 CACHE_FORMAT = 2  # 2: rows carry each sample's sha256
 SHA256_BYTES = 32

@@ -12,7 +12,7 @@ from __future__ import annotations
 import hashlib
 import struct
 
-from sharding.format import SampleMeta
+from flora.sharding.format.schema import SampleMeta
 
 _JPEG_SOI, _JPEG_EOI = b"\xff\xd8", b"\xff\xd9"
 #: Start-of-frame markers (baseline, extended, progressive, lossless...) that carry the image size.

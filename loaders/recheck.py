@@ -27,11 +27,10 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 from PIL import Image
 
-from sharding.format import SampleMeta
-
-from .index import SampleIndex
-from .jpeg import check_jpeg
-from .remote import open_shard
+from flora.loaders.index import SampleIndex
+from flora.loaders.jpeg import check_jpeg
+from flora.loaders.remote import open_shard
+from flora.sharding.format.schema import SampleMeta
 
 LEVELS = ("full", "header", "decode")
 DECODE_ERROR = "decode_error"

@@ -44,13 +44,12 @@ from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from torchvision.transforms import InterpolationMode, v2
 
+from flora.loaders.base import EpochLoader, epoch_seed
+from flora.loaders.config import DataConfig
+from flora.loaders.index import SampleIndex, buffer_shuffle
+from flora.loaders.recheck import DECODE_ERROR
+from flora.loaders.remote import aws_env, is_remote
 from flora.store import S3Url, read_range
-
-from .base import EpochLoader, epoch_seed
-from .config import DataConfig
-from .index import SampleIndex, buffer_shuffle
-from .recheck import DECODE_ERROR
-from .remote import aws_env, is_remote
 
 log = logging.getLogger(__name__)
 #: Ranged GETs in flight per worker when the tars are in an object store (a batch's runs at once).

@@ -7,7 +7,7 @@ credentials and region from the standard AWS environment and config files; throt
 * **The metadata mirror**: ``manifest.json`` and the class mappings are fetched each time an index
   is built (small files), a shard's ``.idx`` only when the shard is scanned, into
   ``store_meta/<store>/`` under the cache root (never into the store, which may be read-only), so the
-  shard format's own readers (sharding/format.py) parse them. Tars are never copied to disk.
+  shard format's own readers (sharding/format/schema.py) parse them. Tars are never copied to disk.
 * **Sample tables** (``fetch_table``): the publisher's table of a tar's samples, used instead of a
   scan when it names the tar's current ETag and the manifest's sha256 (the store vouches for the
   bytes: an ETag is the store's checksum of the object it holds), so a first epoch reads each jpg
@@ -41,9 +41,15 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 from flora import store
-from flora.cache import derived_dir
+from flora.sharding.cache.derived import derived_dir
+from flora.sharding.format.schema import (
+    MANIFEST,
+    ShardFormatError,
+    class_mapping_name,
+    read_table,
+    table_name,
+)
 from flora.store import S3Url, StoreError, is_remote
-from sharding.format import MANIFEST, ShardFormatError, class_mapping_name, read_table, table_name
 
 __all__ = [
     "RangeReader",
@@ -150,7 +156,7 @@ def fetch_index(tar_url: str, rel: str, mirror: Path) -> Path:
 
 
 def fetch_table(tar_url: str, sha256: str | None, size: int, etag: str) -> list[list] | None:
-    """The sample table (sharding/format.py) beside a tar in the store if it describes the object
+    """The sample table (sharding/format/schema.py) beside a tar in the store if it describes the object
     there now (the manifest's sha256; the object's size and ETag, which the store computes from the
     bytes it holds); None otherwise, and the tar is scanned."""
     if not sha256 or not tar_url.endswith(".tar"):

@@ -1,4 +1,4 @@
 """Flora's data stages: the catalog (records -> splits) and, later, the sharder (splits -> tar shards).
 
-Run as ``python -m sharding catalog --source SOURCE --out DIR``; see sharding/__main__.py.
+Run as ``flora catalog --source SOURCE --out DIR``; see sharding/__main__.py.
 """

@@ -1,4 +1,4 @@
-"""Command line of the sharding package: ``python -m sharding catalog|build`` (``flora catalog|build``).
+"""Command line of the sharding package: ``flora catalog|build`` (``flora catalog|build``).
 
 Owns argument parsing, turning anticipated failures (missing file, unreachable MongoDB, bad config
 key) into one ``error: ...`` line and exit status 2, and the end-of-run summary.
@@ -18,19 +18,18 @@ from dataclasses import asdict
 from pathlib import Path
 
 from flora.config import from_dict, load_config
-from flora.errors import FloraError, fail
-
-from .cache_config import check_cache_dir
-from .config import CatalogConfig
-from .download import DownloadConfig
-from .sources import redact
+from flora.errors import ArgumentParser, FloraError, fail
+from flora.sharding.cache.config import check_cache_dir
+from flora.sharding.catalog.sources import redact
+from flora.sharding.config import CatalogConfig
+from flora.sharding.download.fetch import DownloadConfig
 
 #: ``--wait-lock`` without a number: YAML's infinity, so the flag goes through ``wait_lock_s``'s validation.
 WAIT_FOREVER = ".inf"
 
 
 def _catalog(args: argparse.Namespace) -> int:
-    from .catalog import run_catalog
+    from flora.sharding.catalog.run import run_catalog
 
     overrides = list(args.overrides)
     if args.seed is not None:
@@ -71,7 +70,7 @@ def _catalog(args: argparse.Namespace) -> int:
 
 
 def _build(args: argparse.Namespace) -> int:
-    from .build import BuildConfig, build
+    from flora.sharding.build.run import BuildConfig, build
 
     overrides = list(args.overrides)
     if args.cache:  # named as the flag when refused; then validated again as its config key
@@ -135,7 +134,7 @@ def _published(manifest: dict) -> None:
 
 
 def _compact(args: argparse.Namespace, cfg) -> int:
-    from .build import compact_shards
+    from flora.sharding.build.run import compact_shards
 
     if args.retry_failed:
         return fail("build", "--compact and --retry-failed are separate runs; pass one of them")
@@ -150,7 +149,7 @@ def _compact(args: argparse.Namespace, cfg) -> int:
 
 
 def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog=prog or "python -m sharding", description=__doc__.splitlines()[0])
+    parser = ArgumentParser(prog=prog or "flora catalog|build", description=__doc__.splitlines()[0])
     verbs = parser.add_subparsers(dest="verb", required=True)
     cat = verbs.add_parser("catalog", help="records (JSONL or MongoDB) -> validated, deduplicated splits")
     cat.add_argument("--source", required=True, help="a JSONL(.gz) file or mongodb://host:port/DB.COLLECTION")

@@ -12,11 +12,10 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from flora.config import ConfigError
-
-from .cache_config import CacheConfig
-from .download import DownloadConfig
-from .images import ImageConfig
-from .neardup import NearDupConfig
+from flora.sharding.cache.config import CacheConfig
+from flora.sharding.download.fetch import DownloadConfig
+from flora.sharding.images.convert import ImageConfig
+from flora.sharding.images.neardup import NearDupConfig
 
 #: The seed's split: 80/10/10.
 DEFAULT_FRACTIONS = {"train": 0.8, "val": 0.1, "test": 0.1}

@@ -11,11 +11,11 @@ from pathlib import Path
 
 import pytest
 
-from flora.cache import ENV_VAR
 from flora.config import load_config
-from sharding.build import BuildConfig, build
-from sharding.catalog import run_catalog
-from sharding.config import CatalogConfig
+from flora.sharding.build.run import BuildConfig, build
+from flora.sharding.cache.derived import ENV_VAR
+from flora.sharding.catalog.run import run_catalog
+from flora.sharding.config import CatalogConfig
 from world import ImageServer, WorldSpec, build_world
 from world.mongo import HAVE_PYMONGO, HAVE_SECANTUS, MongoTestServer
 from world.s3 import FOREIGN_AWS_VARS, HAVE_S3_SERVER, S3Server

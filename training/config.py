@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Literal
 
 from flora.config import ConfigError, apply_overrides, from_dict, read_yaml, to_dict
-from loaders.config import DataConfig
+from flora.loaders.config import DataConfig
 
 SECTIONS = ("run", "data", "model", "optim", "schedule", "train", "objective", "distill")
 
@@ -152,7 +152,7 @@ class ObjectiveConfig:
     kind: str = "classification"
 
     def __post_init__(self) -> None:
-        from .objectives import objective_names
+        from flora.training.objectives import objective_names
 
         if self.kind not in objective_names():
             raise ConfigError(f"objective.kind: expected one of {objective_names()}, got {self.kind!r}")

@@ -38,10 +38,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .config import DistillConfig
-from .objectives import Objective, masked_mean, register_objective
-from .soft_labels import ensure_cache
-from .teachers import Teacher, TeacherMix, build_mixer
+from flora.training.config import DistillConfig
+from flora.training.objectives import Objective, masked_mean, register_objective
+from flora.training.soft_labels import ensure_cache
+from flora.training.teachers import Teacher, TeacherMix, build_mixer
 
 __all__ = ["Distillation", "Teacher", "TeacherMix", "build_mixer", "kd_terms"]
 

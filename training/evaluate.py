@@ -1,4 +1,4 @@
-"""``python -m training.evaluate --checkpoint runs/x/best_model.pt --split test [--region EU_SW]``.
+"""``flora evaluate --checkpoint runs/x/best_model.pt --split test [--region EU_SW]``.
 
 Also under ``torchrun``: each rank predicts its share, the per-sample records are merged on every
 rank and checked (each sample of the split exactly once) before any metric is computed.
@@ -18,7 +18,6 @@ Leaves out: the metric definitions (metrics.py) and the figures (plots.py).
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import os
@@ -30,16 +29,15 @@ import numpy as np
 import torch
 
 from flora.config import ConfigError
-from flora.errors import fail
-from loaders.config import load_data_config
-from loaders.factory import make_loader, resolve_device
-from loaders.index import LoaderError
-
-from . import plots
-from .checkpoint import CheckpointError, load_checkpoint, update_checkpoint
-from .distributed import destroy_distributed, init_distributed
-from .errors import TrainingError
-from .metrics import (
+from flora.errors import ArgumentParser, fail
+from flora.loaders.config import load_data_config
+from flora.loaders.factory import make_loader, resolve_device
+from flora.loaders.index import LoaderError
+from flora.training import plots
+from flora.training.checkpoint import CheckpointError, load_checkpoint, update_checkpoint
+from flora.training.distributed import destroy_distributed, init_distributed
+from flora.training.errors import TrainingError
+from flora.training.metrics import (
     ECE_BINS,
     calibration_bins,
     confused_pairs,
@@ -47,9 +45,9 @@ from .metrics import (
     fit_temperature,
     summarize,
 )
-from .models import ModelError, model_from_checkpoint
-from .precision import autocast_dtype
-from .predict import gather_predictions
+from flora.training.models import ModelError, model_from_checkpoint
+from flora.training.precision import autocast_dtype
+from flora.training.predict import gather_predictions
 
 log = logging.getLogger(__name__)
 
@@ -214,9 +212,7 @@ def evaluate(
 
 
 def main(argv: list[str] | None = None, prog: str | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog=prog or "python -m training.evaluate", description=__doc__.splitlines()[0]
-    )
+    parser = ArgumentParser(prog=prog or "flora evaluate", description=__doc__.splitlines()[0])
     parser.add_argument("--checkpoint", required=True, help="a Flora checkpoint (best_model.pt)")
     parser.add_argument("--split", default="test")
     parser.add_argument("--region", help="evaluate on this region's samples only (e.g. EU_SW)")

@@ -31,10 +31,9 @@ import time
 import torch
 from torch import nn
 
-from loaders import create_dataloaders
-
-from . import distill  # noqa: F401 - registers the "distill" objective
-from .checkpoint import (
+from flora.loaders import create_dataloaders
+from flora.training import distill  # noqa: F401 - registers the "distill" objective
+from flora.training.checkpoint import (
     BEST,
     LAST,
     CheckpointError,
@@ -44,15 +43,15 @@ from .checkpoint import (
     save_checkpoint,
     set_rng_state,
 )
-from .config import ExperimentConfig
-from .distributed import Dist, destroy_distributed, init_distributed, wrap_ddp
-from .errors import TrainingError
-from .metrics import summarize
-from .models import ModelError, build_model, init_from_checkpoint
-from .objectives import Objective, build_objective
-from .precision import autocast, autocast_dtype
-from .predict import gather_predictions, predict
-from .runlog import RunLog
+from flora.training.config import ExperimentConfig
+from flora.training.distributed import Dist, destroy_distributed, init_distributed, wrap_ddp
+from flora.training.errors import TrainingError
+from flora.training.metrics import summarize
+from flora.training.models import ModelError, build_model, init_from_checkpoint
+from flora.training.objectives import Objective, build_objective
+from flora.training.precision import autocast, autocast_dtype
+from flora.training.predict import gather_predictions, predict
+from flora.training.runlog import RunLog
 
 __all__ = [  # the loop's public names, including those now owned by their own modules
     "RESUME_FIXED", "Dist", "Trainer", "TrainingError", "autocast", "autocast_dtype", "destroy_distributed",

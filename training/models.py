@@ -21,8 +21,7 @@ import torch
 from torch import nn
 
 from flora.errors import FloraError
-
-from .config import ModelConfig
+from flora.training.config import ModelConfig
 
 log = logging.getLogger(__name__)
 

@@ -25,7 +25,7 @@ from torch import nn
 OBJECTIVES: dict[str, Callable[..., Objective]] = {}
 #: The objectives that ship with Flora and the module that registers each: ``objective.kind`` is
 #: validated against these names when a config loads, before any of them is imported.
-BUILTIN = {"classification": __name__, "distill": "training.distill"}
+BUILTIN = {"classification": __name__, "distill": "flora.training.distill"}
 
 
 def register_objective(name: str):

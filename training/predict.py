@@ -11,12 +11,11 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from loaders.base import EpochLoader
-
-from .distributed import Dist
-from .errors import TrainingError
-from .metrics import Predictions
-from .precision import autocast
+from flora.loaders.base import EpochLoader
+from flora.training.distributed import Dist
+from flora.training.errors import TrainingError
+from flora.training.metrics import Predictions
+from flora.training.precision import autocast
 
 
 @torch.no_grad()

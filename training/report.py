@@ -1,4 +1,4 @@
-"""``python -m training.report --student S/best_model.pt [--student ...] --teacher T/best_model.pt [...]``
+"""``flora report --student S/best_model.pt [--student ...] --teacher T/best_model.pt [...]``
 
 The distillation comparison: every teacher and every student on the same test split, as JSON and a
 Markdown table. Owns the pairing rule (a regional model is compared on its region's test samples: a
@@ -14,7 +14,6 @@ Leaves out: the metrics (metrics.py) and the evaluation itself (evaluate.py).
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from pathlib import Path
@@ -22,11 +21,10 @@ from pathlib import Path
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from flora.errors import fail
-
-from .checkpoint import CheckpointError, load_checkpoint
-from .evaluate import evaluate
-from .models import model_from_checkpoint
+from flora.errors import ArgumentParser, fail
+from flora.training.checkpoint import CheckpointError, load_checkpoint
+from flora.training.evaluate import evaluate
+from flora.training.models import model_from_checkpoint
 
 
 def model_size(checkpoint: dict) -> dict:
@@ -138,9 +136,7 @@ def markdown(report: dict) -> str:
 
 
 def main(argv: list[str] | None = None, prog: str | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog=prog or "python -m training.report", description="Teachers vs students, one table"
-    )
+    parser = ArgumentParser(prog=prog or "flora report", description="Teachers vs students, one table")
     parser.add_argument("--student", type=Path, action="append", required=True, help="a student checkpoint")
     parser.add_argument("--teacher", type=Path, action="append", required=True, help="a teacher checkpoint")
     parser.add_argument("--split", default="test")

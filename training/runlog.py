@@ -75,7 +75,7 @@ class RunLog:
         """The summary into ``metrics.json``, ``curves.png``, and TensorBoard closed."""
         self.write_metrics(summary)
         if self.main and self.history:
-            from .plots import training_curves
+            from flora.training.plots import training_curves
 
             training_curves(self.history, self.run_dir / "curves.png", title=title)
         if self._writer is not None:

@@ -1,7 +1,7 @@
 """Cached soft labels: the teachers' top-k mixture per training sample, computed once, kept in the cache root.
 
 Owns the cache (``<cache root>/soft_labels/<store>/<key>/`` with ``meta.json`` and one
-``shards/<shard id>.npz`` per shard, or under ``distill.cache.dir``; flora/cache.py), its key (a hash
+``shards/<shard id>.npz`` per shard, or under ``distill.cache.dir``; cache/derived.py), its key (a hash
 of everything the values depend on: each teacher checkpoint's path, size and mtime, weights,
 temperature, mixing rule, top-k, the student's class mapping, the data selection and the view's
 size/normalisation: change any and a new cache is built), the **per-shard** files (named by the
@@ -16,7 +16,7 @@ their rows are simply not looked up.
 Top-k: the mixture's ``top_k`` largest probabilities per sample, renormalised to sum 1 over the kept
 classes; with ``top_k`` >= the class count the cache equals the online mixture of that view.
 
-``python -m training.soft_labels --config config/student.yaml`` precomputes it (also under torchrun);
+``flora soft-labels --config config/student.yaml`` precomputes it (also under torchrun);
 training with ``distill.soft_labels: cached`` builds it when missing.
 
 Leaves out: the teachers and the mixing (distill.py).
@@ -24,7 +24,6 @@ Leaves out: the teachers and the mixing (distill.py).
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import logging
@@ -35,13 +34,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from flora.cache import derived_dir
-from flora.errors import fail
-from loaders.backends import loader_class
-from loaders.index import SampleIndex
-from loaders.remote import tar_stamp
-
-from .distributed import Dist
+from flora.errors import ArgumentParser, fail
+from flora.loaders.backends import loader_class
+from flora.loaders.index import SampleIndex
+from flora.loaders.remote import tar_stamp
+from flora.sharding.cache.derived import derived_dir
+from flora.training.distributed import Dist
 
 log = logging.getLogger(__name__)
 
@@ -214,17 +212,14 @@ def load_cache(folder: Path, files: list[Path], index: SampleIndex, computed: in
 
 def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     from flora.config import ConfigError
-    from loaders import create_dataloaders
-    from loaders.index import LoaderError
+    from flora.loaders import create_dataloaders
+    from flora.loaders.index import LoaderError
+    from flora.training.config import load_experiment
+    from flora.training.distributed import destroy_distributed, init_distributed
+    from flora.training.models import ModelError
+    from flora.training.teachers import build_mixer
 
-    from .config import load_experiment
-    from .distributed import destroy_distributed, init_distributed
-    from .models import ModelError
-    from .teachers import build_mixer
-
-    parser = argparse.ArgumentParser(
-        prog=prog or "python -m training.soft_labels", description=__doc__.splitlines()[0]
-    )
+    parser = ArgumentParser(prog=prog or "flora soft-labels", description=__doc__.splitlines()[0])
     parser.add_argument("--config", required=True, help="a student config (objective.kind: distill)")
     parser.add_argument("overrides", nargs="*", help="section.key=value")
     args = parser.parse_args(argv)

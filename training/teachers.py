@@ -19,9 +19,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .checkpoint import load_checkpoint
-from .config import DistillConfig, TeacherConfig
-from .models import ModelError, model_from_checkpoint
+from flora.training.checkpoint import load_checkpoint
+from flora.training.config import DistillConfig, TeacherConfig
+from flora.training.models import ModelError, model_from_checkpoint
 
 log = logging.getLogger(__name__)
 

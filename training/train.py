@@ -1,6 +1,6 @@
-"""``torchrun --nproc_per_node=N -m training.train --config config/teacher_global.yaml [key=value ...]``.
+"""``torchrun --nproc_per_node=N --no-python flora train --config config/teacher_global.yaml [k=v ...]``.
 
-Also ``python -m training.train`` for one process. Multi-node: torchrun's own rendezvous
+Also ``flora train`` for one process. Multi-node: torchrun's own rendezvous
 (``--nnodes``, ``--rdzv-endpoint``...); this script only reads the environment torchrun sets.
 ``--resume`` continues ``runs/<name>/last_checkpoint.pt``; ``--stop-after N`` stops cleanly after N
 optimizer steps with a checkpoint written (a job slot ending, a preemption drill).
@@ -10,28 +10,24 @@ Leaves out: everything the loop does (loop.py); this file parses, logs and repor
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import os
 import sys
 
 from flora.config import ConfigError
-from flora.errors import fail
-from loaders.index import LoaderError
-
-from .checkpoint import CheckpointError
-from .config import load_experiment
-from .loop import Trainer, TrainingError, destroy_distributed
-from .models import ModelError
+from flora.errors import ArgumentParser, fail
+from flora.loaders.index import LoaderError
+from flora.training.checkpoint import CheckpointError
+from flora.training.config import load_experiment
+from flora.training.loop import Trainer, TrainingError, destroy_distributed
+from flora.training.models import ModelError
 
 EXPECTED_ERRORS = (ConfigError, LoaderError, TrainingError, ModelError, CheckpointError, FileNotFoundError)
 
 
 def main(argv: list[str] | None = None, prog: str | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog=prog or "python -m training.train", description=__doc__.splitlines()[0]
-    )
+    parser = ArgumentParser(prog=prog or "flora train", description=__doc__.splitlines()[0])
     parser.add_argument("--config", required=True, help="experiment YAML (config/teacher_global.yaml ...)")
     parser.add_argument("--resume", action="store_true", help="continue runs/<name>/last_checkpoint.pt")
     parser.add_argument("--stop-after", type=int, help="stop after this many optimizer steps (checkpointed)")

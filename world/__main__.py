@@ -15,7 +15,7 @@ import threading
 import time
 from pathlib import Path
 
-from flora.errors import fail
+from flora.errors import ArgumentParser, fail
 from world.generate import DEFAULT_BASE_URL, WorldSpec, build_world
 from world.images import image_owners
 from world.server import ImageServer
@@ -24,9 +24,7 @@ DEFAULT_PORT = 8765  # matches DEFAULT_BASE_URL, so `generate` then `serve` work
 
 
 def _parser(prog: str | None = None) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog=prog or "python -m world", description="Generate or serve the sample world."
-    )
+    parser = ArgumentParser(prog=prog or "python -m world", description="Generate or serve the sample world.")
     sub = parser.add_subparsers(dest="command", required=True)
     defaults = WorldSpec()
     gen = sub.add_parser("generate", help="write catalog.jsonl, images/ and faults.json")

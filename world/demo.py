@@ -91,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
         for name, source, splits, previous in versions:
             argv = [
                 "-m",
-                "sharding",
+                "flora.sharding",
                 "catalog",
                 "--source",
                 str(out / "world" / source),
@@ -104,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
                 f"shards {name}" + (" (incremental)" if previous else ""),
                 [
                     "-m",
-                    "sharding",
+                    "flora.sharding",
                     "build",
                     "--splits",
                     str(out / splits),
@@ -123,7 +123,7 @@ def main(argv: list[str] | None = None) -> int:
         "loaders",
         [
             "-m",
-            "loaders",
+            "flora.loaders",
             "--config",
             "config/data_smoke.yaml",
             f"data.shards={out / 'shards'}",
@@ -140,7 +140,7 @@ def main(argv: list[str] | None = None) -> int:
             f"teacher ({kind})",
             [
                 "-m",
-                "training.train",
+                "flora.training.train",
                 "--config",
                 f"config/{name}.yaml",
                 f"run.root={runs}",
@@ -153,7 +153,7 @@ def main(argv: list[str] | None = None) -> int:
             f"evaluate ({kind})",
             [
                 "-m",
-                "training.evaluate",
+                "flora.training.evaluate",
                 "--checkpoint",
                 str(runs / name / "best_model.pt"),
                 "--split",
@@ -170,7 +170,7 @@ def main(argv: list[str] | None = None) -> int:
             f"student ({mode} soft labels)",
             [
                 "-m",
-                "training.train",
+                "flora.training.train",
                 "--config",
                 "config/student_smoke.yaml",
                 f"run.root={runs}",
@@ -184,7 +184,7 @@ def main(argv: list[str] | None = None) -> int:
     report = runs / students["online"] / "report"
     _run(
         "distillation report",
-        ["-m", "training.report", "--out", str(report)]
+        ["-m", "flora.training.report", "--out", str(report)]
         + [arg for name in students.values() for arg in ("--student", str(runs / name / "best_model.pt"))]
         + [arg for path in best.values() for arg in ("--teacher", str(path))],
     )
@@ -192,11 +192,11 @@ def main(argv: list[str] | None = None) -> int:
     exports = out / "exports"
     _run(
         "ONNX export",
-        ["-m", "export.onnx", "--checkpoint", str(student), "--out", str(exports / "student_onnx")],
+        ["-m", "flora.export.onnx", "--checkpoint", str(student), "--out", str(exports / "student_onnx")],
     )
     _run(
         "TF.js export (parity in TF.js on Node's wasm backend)",
-        ["-m", "export.tfjs", "--checkpoint", str(student), "--out", str(exports / "student_tfjs")],
+        ["-m", "flora.export.tfjs", "--checkpoint", str(student), "--out", str(exports / "student_tfjs")],
     )
     stats = json.loads((out / "splits" / "export_stats.json").read_text())
     manifest = json.loads((out / "shards" / "manifest.json").read_text())
@@ -247,7 +247,7 @@ def main(argv: list[str] | None = None) -> int:
     lat = tfjs_report["latency"]
     print(
         f"   batch-1 latency: TF.js {lat['tfjs_ms']:.2f} ms, PyTorch {lat['torch_ms_1_thread']:.2f} ms "
-        f"(1 thread); try the page: python -m export.serve --model {exports / 'student_tfjs'}"
+        f"(1 thread); try the page: flora serve --model {exports / 'student_tfjs'}"
     )
     print(
         f"   outputs: {out}/splits, {out}/shards (manifest.json, failures.jsonl), {runs}/<run>, {report}, "

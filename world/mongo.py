@@ -7,7 +7,7 @@ way the catalog stage will later read it.
 
 Leaves out: installing or managing a real ``mongod``; authentication, TLS and replica sets
 (SecantusDB has SCRAM and TLS, but nothing in Flora's tests needs them); the record schema
-(``sharding/records.py``) and reading records back for the catalog (``sharding/sources.py``).
+(``sharding/catalog/records.py``) and reading records back for the catalog (``sharding/catalog/sources.py``).
 
 The server runs in its own process so a crashing test cannot wedge it, it does not compete with the
 test for the GIL, and ``stop()`` can always end it with a signal.

@@ -13,7 +13,7 @@ from PIL import Image
 
 from benchmarks.gpu_bundle import BundleError, pack, receive, split
 from flora.io import sha256_file
-from loaders.dali import HAVE_DALI
+from flora.loaders.dali import HAVE_DALI
 
 REPO = Path(__file__).resolve().parents[2]
 

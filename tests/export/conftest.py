@@ -8,16 +8,16 @@ from pathlib import Path
 
 import pytest
 
-from export.bundle import ExportError
-from export.parity import node_ready
+from flora.export.bundle import ExportError
+from flora.export.parity import node_ready
+from flora.training.config import load_experiment
+from flora.training.evaluate import evaluate
+from flora.training.loop import Trainer
 from tests.training.conftest import experiment
-from training.config import load_experiment
-from training.evaluate import evaluate
-from training.loop import Trainer
 
 
 def converters_missing() -> str | None:
-    from export.tfjs import converter_venv
+    from flora.export.tfjs import converter_venv
 
     try:
         converter_venv()
@@ -51,7 +51,7 @@ def tfjs_export(student, tmp_path_factory) -> tuple[Path, dict]:
     problem = converters_missing()
     if problem:
         pytest.fail(f"the TF.js toolchain is not installed (make tfjs-env js-deps): {problem}")
-    from export.tfjs import export
+    from flora.export.tfjs import export
 
     out = tmp_path_factory.mktemp("tfjs") / "student_tfjs"
     report = export(student, out, latency_runs=5, shard_bytes=256 * 1024)

@@ -14,8 +14,15 @@ import numpy as np
 import pytest
 import torch
 
-from export.bundle import exact_logits, load_bundle, preprocess, probabilities, sample_images, torch_logits
-from export.serve import serve_in_thread
+from flora.export.bundle import (
+    exact_logits,
+    load_bundle,
+    preprocess,
+    probabilities,
+    sample_images,
+    torch_logits,
+)
+from flora.export.serve import serve_in_thread
 
 JS = Path(__file__).resolve().parents[2] / "export" / "js"
 CHROMIUM = os.environ.get("FLORA_CHROMIUM", "/usr/bin/chromium")
@@ -117,7 +124,7 @@ def test_the_static_bundle_works_from_a_plain_web_server(student, tfjs_export, t
     from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
     from threading import Thread
 
-    from export.serve import main as serve_main
+    from flora.export.serve import main as serve_main
 
     out, _ = tfjs_export
     site = tmp_path / "site"

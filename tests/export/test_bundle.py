@@ -10,7 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
-from export.bundle import (
+from flora.export.bundle import (
     ExportError,
     labels_in_order,
     load_bundle,
@@ -20,7 +20,7 @@ from export.bundle import (
     sample_inputs,
     write_metadata,
 )
-from training.checkpoint import load_checkpoint
+from flora.training.checkpoint import load_checkpoint
 
 
 def test_labels_follow_the_class_index_not_the_mapping_order():

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from export.bundle import ExportError, load_bundle, sample_inputs, torch_logits
-from export.onnx import BlockedLinear, export, export_module, for_export, main, run_onnxruntime
+from flora.export.bundle import ExportError, load_bundle, sample_inputs, torch_logits
+from flora.export.onnx import BlockedLinear, export, export_module, for_export, main, run_onnxruntime
 
 
 def test_blocked_linear_is_the_same_function():

@@ -14,10 +14,10 @@ import pytest
 import torch
 from PIL import Image
 
-from export.bundle import ExportError, load_bundle, preprocess, sample_images, sample_inputs
-from export.parity import ERROR_ABS, TARGET_ABS, compare, run_tfjs, verify
-from export.parity import main as parity_main
-from export.tfjs import _run, export, main
+from flora.export.bundle import ExportError, load_bundle, preprocess, sample_images, sample_inputs
+from flora.export.parity import ERROR_ABS, TARGET_ABS, compare, run_tfjs, verify
+from flora.export.parity import main as parity_main
+from flora.export.tfjs import _run, export, main
 
 WEB = Path(__file__).resolve().parents[2] / "export" / "web"
 

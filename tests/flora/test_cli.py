@@ -38,10 +38,10 @@ def test_unknown_stage_is_one_line_and_status_2(capsys):
 
 
 def test_the_command_and_the_module_fail_alike(tmp_path):
-    """``flora catalog`` and ``python -m sharding catalog``: same line, same status."""
+    """``flora catalog`` and ``flora catalog``: same line, same status."""
     missing = str(tmp_path / "missing.jsonl")
     outs = []
-    for cmd in (["-m", "flora.cli", "catalog"], ["-m", "sharding", "catalog"]):
+    for cmd in (["-m", "flora.cli", "catalog"], ["-m", "flora.sharding", "catalog"]):
         proc = subprocess.run(
             [sys.executable, *cmd, "--source", missing, "--out", str(tmp_path / "o")],
             cwd=REPO, capture_output=True, text=True, timeout=120,
@@ -51,12 +51,12 @@ def test_the_command_and_the_module_fail_alike(tmp_path):
 
 
 def test_stage_errors_share_one_base():
-    from export.bundle import ExportError
     from flora.config import ConfigError
-    from loaders import LoaderError
-    from sharding.format import ShardFormatError
-    from training.checkpoint import CheckpointError
-    from training.loop import TrainingError
+    from flora.export.bundle import ExportError
+    from flora.loaders import LoaderError
+    from flora.sharding.format.schema import ShardFormatError
+    from flora.training.checkpoint import CheckpointError
+    from flora.training.loop import TrainingError
 
     for cls in (ExportError, ConfigError, LoaderError, ShardFormatError, CheckpointError, TrainingError):
         assert issubclass(cls, FloraError), cls
@@ -87,7 +87,7 @@ def test_a_missing_optional_part_names_its_extra(monkeypatch, capsys):
     real = importlib.import_module
 
     def without_onnx(name, *args):
-        if name == "export.onnx":
+        if name == "flora.export.onnx":
             raise ModuleNotFoundError("No module named 'onnx'", name="onnx")
         return real(name, *args)
 
@@ -99,7 +99,7 @@ def test_a_missing_optional_part_names_its_extra(monkeypatch, capsys):
 
 
 def test_cache_root_and_store_keys(monkeypatch, tmp_path):
-    from flora.cache import ENV_VAR, cache_root, derived_dir, store_key
+    from flora.sharding.cache.derived import ENV_VAR, cache_root, derived_dir, store_key
 
     monkeypatch.setenv(ENV_VAR, str(tmp_path / "env"))
     assert cache_root() == tmp_path / "env" and cache_root(str(tmp_path / "cfg")) == tmp_path / "cfg"

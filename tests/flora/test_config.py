@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 
 from flora.config import ConfigError, find_config, merge, read_yaml
-from training.config import load_experiment
+from flora.training.config import load_experiment
 
 REPO = Path(__file__).resolve().parents[2]
 

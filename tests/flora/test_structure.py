@@ -1,21 +1,25 @@
 """The codebase's shape, checked: no import circles (function-level imports included), no product
-module over 500 lines, every module says what it owns, the sample world stays out of the product."""
+module over 500 lines, no folder over 15 modules, every module says what it owns, the sample world
+stays out of the product, and the product is imported only as ``flora.*``."""
 
 import ast
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
-PRODUCT = ("flora", "sharding", "loaders", "training", "export")
-#: STYLE.md: one module per concept, ~150-500 lines.
+#: The repository's product folders -> the installed names they map to (setup.cfg's package_dir).
+PRODUCT = {"flora": "flora", "sharding": "flora.sharding", "loaders": "flora.loaders",
+           "training": "flora.training", "export": "flora.export"}  # fmt: skip
+#: The house style: one module per concept, ~150-500 lines; no folder over ~15 modules.
 MAX_LINES = 500
+MAX_MODULES = 15
 
 
 def product_modules() -> dict[str, Path]:
     mods = {}
-    for pkg in PRODUCT:
-        for path in (REPO / pkg).rglob("*.py"):
-            name = ".".join(path.relative_to(REPO).with_suffix("").parts)
-            mods[name.removesuffix(".__init__")] = path
+    for folder, installed in PRODUCT.items():
+        for path in (REPO / folder).rglob("*.py"):
+            parts = path.relative_to(REPO / folder).with_suffix("").parts
+            mods[".".join((installed, *parts)).removesuffix(".__init__")] = path
     return mods
 
 
@@ -97,3 +101,24 @@ def test_the_sample_world_is_not_part_of_the_product():
             continue  # routes `flora world` to a checkout's world/, by name only
         text = path.read_text()
         assert "import world" not in text and "from world" not in text, name
+
+
+def test_no_folder_holds_more_than_15_modules():
+    for folder in PRODUCT:
+        for sub in [REPO / folder, *(p for p in (REPO / folder).rglob("*") if p.is_dir())]:
+            count = len([p for p in sub.glob("*.py") if p.name not in ("__init__.py", "__main__.py")])
+            assert count <= MAX_MODULES, f"{sub.relative_to(REPO)}: {count} modules"
+
+
+def test_the_product_is_imported_only_under_flora():
+    """``import sharding...`` would find a user's own package of that name; every import says flora."""
+    bare = tuple(f for f in PRODUCT if f != "flora")
+    for path in [*REPO.glob("*/**/*.py")]:
+        if path.parts[len(REPO.parts)] in (".venv", ".venv-tfjs", ".venv-img2dataset", "node_modules"):
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else []
+            if isinstance(node, ast.ImportFrom) and not node.level:
+                names = [node.module or ""]
+            for name in names:
+                assert name.split(".")[0] not in bare, f"{path.relative_to(REPO)}: import {name}"

@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 import torch
 
-from loaders import create_dataloaders
-from loaders.dali import HAVE_DALI
-from loaders.index import LoaderError
-from loaders.recheck import recheck
+from flora.loaders import create_dataloaders
+from flora.loaders.dali import HAVE_DALI
+from flora.loaders.index import LoaderError
+from flora.loaders.recheck import recheck
 
 from .conftest import data_cfg
 from .test_index import corrupt_member
@@ -138,7 +138,7 @@ def test_dali_resume_after_a_recovery_sees_exactly_the_unseen_samples(shard_copy
 def test_a_dali_failure_that_no_recheck_explains_stays_an_error(shard_copy, tmp_path, monkeypatch):
     cfg, _key = rotted_world(shard_copy, tmp_path, "frame", backend="dali")
     train, _, _ = create_dataloaders(cfg)
-    monkeypatch.setattr("loaders.dali.recheck", lambda *args, **kwargs: {})  # finds nothing to blame
+    monkeypatch.setattr("flora.loaders.dali.recheck", lambda *args, **kwargs: {})  # finds nothing to blame
     with pytest.raises(
         LoaderError, match=r"(?s)DALI failed in epoch 0 .*no sample of the epoch still to read"
     ):

@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 
 from flora.config import ConfigError
-from loaders import DataConfig, LoaderError, create_dataloaders, load_data_config
+from flora.loaders import DataConfig, LoaderError, create_dataloaders, load_data_config
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -97,11 +97,11 @@ def test_shard_root_problems_are_clear(tmp_path, shard_root):
 
 
 def test_backends_are_a_registry():
-    from loaders.backends import BACKENDS, backend_names, loader_class, register_backend
-    from loaders.reference import ReferenceLoader
+    from flora.loaders.backends import BACKENDS, backend_names, loader_class, register_backend
+    from flora.loaders.reference import ReferenceLoader
 
     assert backend_names() == ["dali", "torch"] and loader_class("torch") is ReferenceLoader
-    register_backend("mine", "loaders.reference:ReferenceLoader")
+    register_backend("mine", "flora.loaders.reference:ReferenceLoader")
     try:
         assert load_data_config({"data": {"shards": "/x", "backend": "mine"}}).backend == "mine"
         assert loader_class("mine") is ReferenceLoader

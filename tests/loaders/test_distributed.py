@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from loaders.dali import HAVE_DALI
+from flora.loaders.dali import HAVE_DALI
 
 
 @pytest.mark.slow
@@ -22,7 +22,7 @@ def test_torchrun_two_ranks_exact_epochs(shard_root, tmp_path, backend):
     )
     audit = tmp_path / "audit.json"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
-    cmd += ["-m", "loaders", "--config", str(config), "--epochs", "2", "--audit", str(audit)]
+    cmd += ["-m", "flora.loaders", "--config", str(config), "--epochs", "2", "--audit", str(audit)]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(audit.read_text())

@@ -20,8 +20,8 @@ import numpy as np
 import pytest
 import torch
 
-from loaders.config import load_data_config
-from loaders.dali import HAVE_DALI
+from flora.loaders.config import load_data_config
+from flora.loaders.dali import HAVE_DALI
 
 pytestmark = pytest.mark.skipif(not HAVE_DALI, reason="nvidia-dali is not installed")
 
@@ -81,7 +81,7 @@ def config(shards, augment: str, decoder: str, dtype: str, channels_last: bool):
 
 
 def define(cfg, train: bool, tars: list[str], gpu: bool):
-    from loaders.dali import define_pipeline
+    from flora.loaders.dali import define_pipeline
 
     pipe = define_pipeline(
         cfg,
@@ -194,7 +194,7 @@ def test_decoder_defaults_are_dalis_own():
     """``data.decoder``'s defaults are the values NVIDIA ships in DALI's decoder schema."""
     from nvidia.dali import backend
 
-    from loaders.config import DecoderConfig
+    from flora.loaders.config import DecoderConfig
 
     schema = backend.GetSchema("decoders__ImageRandomCrop")
     for key, value in DecoderConfig().dali_args().items():

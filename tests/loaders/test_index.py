@@ -9,8 +9,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from loaders.config import load_data_config
-from loaders.index import LoaderError, buffer_shuffle, build_index, jpeg_size, rank_bounds
+from flora.loaders.config import load_data_config
+from flora.loaders.index import LoaderError, buffer_shuffle, build_index, jpeg_size, rank_bounds
 
 from .conftest import data_cfg
 

@@ -10,9 +10,9 @@ import pytest
 import torch
 from PIL import Image
 
-from loaders import create_dataloaders
-from loaders.dali import HAVE_DALI
-from loaders.index import LoaderError
+from flora.loaders import create_dataloaders
+from flora.loaders.dali import HAVE_DALI
+from flora.loaders.index import LoaderError
 
 from .conftest import data_cfg
 from .test_index import corrupt_member
@@ -225,7 +225,7 @@ def test_fused_resize_rotate_is_a_resize_at_angle_zero(shard_root):
     """The train graph's one-warp resize + rotation: at (almost) no rotation it is DALI's resize."""
     from nvidia.dali import fn, pipeline_def, types
 
-    from loaders.dali import _resize_rotate
+    from flora.loaders.dali import _resize_rotate
 
     tars = sorted(str(p) for p in (shard_root / "val").glob("*/*.tar"))[:2]
 

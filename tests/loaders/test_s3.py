@@ -18,15 +18,15 @@ import torch
 from benchmarks.loader_s3 import counts, proxy_process
 from flora import store
 from flora.config import ConfigError
+from flora.loaders import create_dataloaders
+from flora.loaders.__main__ import main
+from flora.loaders.config import load_data_config
+from flora.loaders.dali import HAVE_DALI
+from flora.loaders.index import LoaderError, build_index
+from flora.loaders.reference import read_runs
+from flora.sharding.build.remote import publish_tables
+from flora.sharding.format.schema import table_name
 from flora.store import S3Url
-from loaders import create_dataloaders
-from loaders.__main__ import main
-from loaders.config import load_data_config
-from loaders.dali import HAVE_DALI
-from loaders.index import LoaderError, build_index
-from loaders.reference import read_runs
-from sharding.format import table_name
-from sharding.remote import publish_tables
 
 from ..training.conftest import teachers  # noqa: F401 - the fixture: trained test_vit checkpoints
 from .conftest import data_cfg
@@ -241,7 +241,7 @@ def test_a_malformed_s3_location_is_a_config_error():
 def test_exports_parity_images_come_from_s3_as_from_the_local_copy(shard_root, s3_shards):
     from types import SimpleNamespace
 
-    from export.bundle import sample_images
+    from flora.export.bundle import sample_images
 
     local = sample_images(SimpleNamespace(data={"shards": str(shard_root)}), None, 30, split="val")
     from_checkpoint = sample_images(SimpleNamespace(data={"shards": s3_shards}), None, 30, split="val")
@@ -251,7 +251,7 @@ def test_exports_parity_images_come_from_s3_as_from_the_local_copy(shard_root, s
 
 @pytest.mark.slow
 def test_evaluation_from_s3_equals_the_local_evaluation(teachers, shard_root, s3_shards, tmp_path):  # noqa: F811
-    from training.evaluate import evaluate
+    from flora.training.evaluate import evaluate
 
     kwargs = {"split": "val", "calibration_split": None}
     local = evaluate(teachers["global"], shards=str(shard_root), out_dir=tmp_path / "local", **kwargs)
@@ -263,7 +263,7 @@ def test_evaluation_from_s3_equals_the_local_evaluation(teachers, shard_root, s3
 def test_dali_refuses_an_endpoint_host_name_it_would_address_virtual_host_style(s3_shards, monkeypatch):
     """DALI's S3 client asks ``bucket.localhost`` (which does not resolve) where boto3 asks
     ``localhost/bucket``: the DALI backend says so in one line, the torch backend reads the store."""
-    from loaders.index import LoaderError
+    from flora.loaders.index import LoaderError
 
     endpoint = os.environ["AWS_ENDPOINT_URL"]
     monkeypatch.setenv("AWS_ENDPOINT_URL", endpoint.replace("127.0.0.1", "localhost"))
@@ -288,7 +288,7 @@ def test_dali_is_given_the_s3_specific_endpoint(s3_shards, monkeypatch):
 @pytest.mark.slow
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_slow_down_answers_to_sample_reads_are_retried(s3_shards, tmp_path, backend):
-    """``python -m loaders`` (a fresh process: DALI's S3 client reads its endpoint once) through a
+    """``flora loaders`` (a fresh process: DALI's S3 client reads its endpoint once) through a
     proxy that answers every third sample read (a ranged GET) ``503 SlowDown``, six times: an epoch
     of both splits completes, every sample once (the audit). botocore retries the torch loader's
     GETs; DALI's reader cannot retry one, so its loader reads the rest of the epoch anew."""
@@ -300,7 +300,7 @@ def test_slow_down_answers_to_sample_reads_are_retried(s3_shards, tmp_path, back
     audit = tmp_path / "audit.json"
     with proxy_process(os.environ["AWS_ENDPOINT_URL"], throttle_every=3, throttle_max=6) as proxy:
         env = {**os.environ, "AWS_ENDPOINT_URL": proxy}
-        cmd = [sys.executable, "-m", "loaders", "--config", str(config), "--audit", str(audit)]
+        cmd = [sys.executable, "-m", "flora.loaders", "--config", str(config), "--audit", str(audit)]
         done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, check=False)
         throttled = counts(proxy)["throttled"]
     assert done.returncode == 0, done.stderr[-3000:]

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from flora.config import ConfigError
-from loaders import create_dataloaders
+from flora.loaders import create_dataloaders
 
 from .conftest import data_cfg
 

@@ -17,11 +17,11 @@ import pytest
 
 from flora.config import load_config
 from flora.io import read_jsonl
-from sharding.__main__ import main
-from sharding.build import BuildConfig, build
-from sharding.catalog import run_catalog
-from sharding.config import CatalogConfig
-from sharding.format import INDEX_VERSION
+from flora.sharding.__main__ import main
+from flora.sharding.build.run import BuildConfig, build
+from flora.sharding.catalog.run import run_catalog
+from flora.sharding.config import CatalogConfig
+from flora.sharding.format.schema import INDEX_VERSION
 from world import ImageServer, WorldSpec, build_world
 
 REPO = Path(__file__).resolve().parents[2]
@@ -43,11 +43,11 @@ TEST_OVERRIDES = [
 
 
 def cli(splits: Path, out: Path, *extra: str) -> list[str]:
-    """``python -m sharding build ...`` with the test settings."""
+    """``flora build ...`` with the test settings."""
     return [
         sys.executable,
         "-m",
-        "sharding",
+        "flora.sharding",
         "build",
         "--splits",
         str(splits),
@@ -349,7 +349,7 @@ def test_sigkill_mid_run_then_resume_gives_the_uninterrupted_shards(world, built
 @pytest.mark.slow
 def test_ray_distributor(world, built, tmp_path, monkeypatch):
     pytest.importorskip("ray")
-    from sharding import distribute
+    from flora.sharding.build import distribute
 
     from .listening import descendants, listening
 
@@ -408,7 +408,7 @@ def test_missing_splits_is_one_error_line(tmp_path, capsys):
 
 
 def test_a_crashed_retry_round_is_resumed_not_repeated(tmp_path, monkeypatch):
-    from sharding import build as build_module
+    from flora.sharding.build import run as build_module
 
     with small_world(tmp_path, 4) as srv:
         srv.set_fault("/1.jpg", {"kind": "status", "status": 404})

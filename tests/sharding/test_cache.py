@@ -14,7 +14,7 @@ import lmdb
 import pytest
 
 from flora.config import ConfigError, from_dict
-from sharding.cache import CacheConfig, CacheEntry, ImageCache, encode_record, url_hash
+from flora.sharding.cache.image_cache import CacheConfig, CacheEntry, ImageCache, encode_record, url_hash
 
 MiB = 2**20
 META = {"width": 64, "height": 48, "format": "JPEG", "sha256": "ab" * 32}
@@ -399,7 +399,7 @@ def test_put_many_is_one_commit_with_put_semantics(tmp_path):
 def test_put_many_falling_back_counts_an_oversized_item_once(tmp_path, monkeypatch):
     """put_many's fallback (map exhausted) retries only the items that fit: the one too large for
     the cap is counted once, as put_many found it, not again by the single puts."""
-    from sharding.cache_lmdb import _MapExhausted
+    from flora.sharding.cache.lmdb_env import _MapExhausted
 
     with ImageCache(tmp_path / "c", 64 * 1024) as cache:
         real, calls = ImageCache._write, []

@@ -11,10 +11,10 @@ from pathlib import Path
 import pytest
 
 from flora.config import load_config
-from sharding.__main__ import main
-from sharding.catalog import run_catalog
-from sharding.config import CatalogConfig
-from sharding.records import OUTPUT_FIELDS
+from flora.sharding.__main__ import main
+from flora.sharding.catalog.records import OUTPUT_FIELDS
+from flora.sharding.catalog.run import run_catalog
+from flora.sharding.config import CatalogConfig
 from world import WorldSpec, generate_catalog
 
 REPO = Path(__file__).resolve().parents[2]
@@ -209,7 +209,7 @@ def test_python_dash_m_entry_point(raw_records, tmp_path):
         [
             sys.executable,
             "-m",
-            "sharding",
+            "flora.sharding",
             "catalog",
             "--source",
             str(src),
@@ -226,6 +226,8 @@ def test_python_dash_m_entry_point(raw_records, tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert (tmp_path / "o" / "dataset_eu_sw_train.jsonl").is_file()
     bad = subprocess.run(
-        [sys.executable, "-m", "sharding", "catalog", "--source", str(src)], capture_output=True, text=True
+        [sys.executable, "-m", "flora.sharding", "catalog", "--source", str(src)],
+        capture_output=True,
+        text=True,
     )
     assert bad.returncode == 2 and "--out" in bad.stderr

@@ -8,10 +8,10 @@ import pytest
 
 from flora.config import load_config
 from flora.io import read_jsonl
-from sharding import catalog as catalog_module
-from sharding.__main__ import main
-from sharding.catalog import run_catalog
-from sharding.config import CatalogConfig
+from flora.sharding.__main__ import main
+from flora.sharding.catalog import run as catalog_module
+from flora.sharding.catalog.run import run_catalog
+from flora.sharding.config import CatalogConfig
 
 
 def rec(i, name="Olea europaea", **fields):

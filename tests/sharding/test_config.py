@@ -3,7 +3,7 @@
 import pytest
 
 from flora.config import ConfigError, apply_overrides, load_config
-from sharding.config import CatalogConfig
+from flora.sharding.config import CatalogConfig
 
 
 def write(tmp_path, text):

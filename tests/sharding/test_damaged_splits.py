@@ -10,9 +10,9 @@ import pytest
 
 from flora.config import load_config
 from flora.io import read_jsonl
-from sharding.__main__ import main
-from sharding.catalog import run_catalog
-from sharding.config import CatalogConfig
+from flora.sharding.__main__ import main
+from flora.sharding.catalog.run import run_catalog
+from flora.sharding.config import CatalogConfig
 from world import ImageServer, WorldSpec, build_world
 
 ARGS = ["progress=false", "shards.max_samples=40", "download.allow_networks=[127.0.0.1/32]", "processes=1"]

@@ -14,12 +14,12 @@ from types import SimpleNamespace
 
 import pytest
 
-import sharding.finalize
 from flora.config import load_config
-from sharding.__main__ import main
-from sharding.catalog import run_catalog
-from sharding.config import CatalogConfig
-from sharding.format import ShardFormatError, read_manifest
+from flora.sharding.__main__ import main
+from flora.sharding.build import finalize
+from flora.sharding.catalog.run import run_catalog
+from flora.sharding.config import CatalogConfig
+from flora.sharding.format.schema import ShardFormatError, read_manifest
 from world import ImageServer, WorldSpec, build_world
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="mounting a tmpfs needs root")
@@ -116,7 +116,7 @@ def test_full_disk_in_the_finalize_of_a_rebuild_never_shows_readers_a_torn_set(
         old = read_manifest(out)
         capsys.readouterr()
 
-        real = sharding.finalize.write_index
+        real = finalize.write_index
         calls = []
 
         def write_index_on_a_filling_disk(tar, lines=None):
@@ -125,7 +125,7 @@ def test_full_disk_in_the_finalize_of_a_rebuild_never_shows_readers_a_torn_set(
                 fill(disk)
             return real(tar, lines)
 
-        monkeypatch.setattr(sharding.finalize, "write_index", write_index_on_a_filling_disk)
+        monkeypatch.setattr(finalize, "write_index", write_index_on_a_filling_disk)
         assert build(world, out, "shards.max_samples=7") == 2  # a changed plan over the existing build
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and "Traceback" not in err
@@ -140,7 +140,7 @@ def test_full_disk_in_the_finalize_of_a_rebuild_never_shows_readers_a_torn_set(
         assert not calls[2].with_suffix(".idx").exists()  # the old plan's index never sits beside a new tar
         assert len(old.shards) > 0
 
-        monkeypatch.setattr(sharding.finalize, "write_index", real)
+        monkeypatch.setattr(finalize, "write_index", real)
         (disk / "filler").unlink()
         assert build(world, out, "shards.max_samples=7") == 0
         new = read_manifest(out)
@@ -159,7 +159,7 @@ def test_a_full_cache_disk_is_a_warning_and_a_count_and_the_build_finishes(world
         out = tmp_path / "shards"
         argv = ["build", "--splits", str(world.splits), "--out", str(out), *ARGS]
         argv += [f"cache.path={disk / 'cache'}", "cache.max_bytes=1073741824"]
-        proc = subprocess.run([sys.executable, "-m", "sharding", *argv], capture_output=True, text=True)
+        proc = subprocess.run([sys.executable, "-m", "flora.sharding", *argv], capture_output=True, text=True)
         err = proc.stderr
         assert proc.returncode == 0, err
         lines = err.splitlines()

@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 
 from flora.errors import one_line
-from sharding.cache_config import NODE_CACHE_ENV, CacheConfig, node_cache_dir
-from sharding.distribute import USAGE_STATS_ENV, run_jobs
+from flora.sharding.build.distribute import USAGE_STATS_ENV, run_jobs
+from flora.sharding.cache.config import NODE_CACHE_ENV, CacheConfig, node_cache_dir
 
 from .listening import descendants, is_loopback, listening, parse_address
 
@@ -85,7 +85,7 @@ def test_a_cluster_address_on_loopback_is_dialled_as_given():
     pytest.importorskip("ray")
     from ray._private import services
 
-    from sharding.distribute import _ray_address_as_given
+    from flora.sharding.build.distribute import _ray_address_as_given
 
     original = services.resolve_ip_for_localhost
     with _ray_address_as_given("127.0.0.1:6379"):
@@ -100,7 +100,7 @@ def test_a_cluster_address_on_loopback_is_dialled_as_given():
 @pytest.mark.slow
 def test_a_job_whose_worker_keeps_dying_is_one_distribute_error():
     pytest.importorskip("ray")
-    from sharding.distribute import RAY_TASK_RETRIES, DistributeError
+    from flora.sharding.build.distribute import RAY_TASK_RETRIES, DistributeError
 
     def die(code: int) -> None:  # local: pickled by value, so the workers need not import this module
         os._exit(code)  # kills the Ray worker running it; Ray re-runs it RAY_TASK_RETRIES times

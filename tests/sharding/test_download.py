@@ -1,4 +1,4 @@
-"""Tests of sharding/download.py against real HTTP servers on loopback (the world's ImageServer and a
+"""Tests of sharding/download/fetch.py against real HTTP servers on loopback (the world's ImageServer and a
 small scripted one for what ImageServer cannot do: bodies without Content-Length, a concurrency gauge,
 a connection count)."""
 
@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 
 from flora.config import ConfigError
-from sharding.download import REASONS, DownloadConfig, Downloader, refusal, retry_after_seconds
+from flora.sharding.download.fetch import REASONS, DownloadConfig, Downloader, refusal, retry_after_seconds
 from world import ImageServer, render_image
 
 LOOPBACK = ["127.0.0.1/32"]

@@ -1,4 +1,4 @@
-"""Time limits of sharding/download.py (pace.py, ssrf.py): the attempt deadline, the minimum rate after
+"""Time limits of sharding/download/fetch.py (pace.py, ssrf.py): the attempt deadline, the minimum rate after
 a grace period and the DNS deadline, against the world's ImageServer trickling bytes on loopback; and a
 real build with trickling hosts, timed (issue 16: a trickle must not hold a build for minutes)."""
 
@@ -16,11 +16,11 @@ import pytest
 
 from flora.config import ConfigError, load_config
 from flora.io import read_jsonl
-from sharding.__main__ import main
-from sharding.build import BuildConfig, build
-from sharding.catalog import run_catalog
-from sharding.config import CatalogConfig
-from sharding.download import REASONS, RETRYABLE, DownloadConfig, Downloader
+from flora.sharding.__main__ import main
+from flora.sharding.build.run import BuildConfig, build
+from flora.sharding.catalog.run import run_catalog
+from flora.sharding.config import CatalogConfig
+from flora.sharding.download.fetch import REASONS, RETRYABLE, DownloadConfig, Downloader
 from world import ImageServer, WorldSpec, build_world, render_image
 
 from .test_download import Recorder

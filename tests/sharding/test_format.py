@@ -5,7 +5,7 @@ import tarfile
 
 import pytest
 
-from sharding import format as fmt
+from flora.sharding.format import schema as fmt
 
 
 def test_published_shards_follow_the_format(shard_root):
@@ -79,7 +79,7 @@ def test_sample_meta_from_a_record_and_back():
 
 
 def test_license_classes_have_one_owner():
-    from loaders import index
-    from sharding import licenses
+    from flora.loaders import index
+    from flora.sharding.catalog import licenses
 
     assert licenses.PERMISSIVE is fmt.PERMISSIVE and index.PERMISSIVE is fmt.PERMISSIVE

@@ -13,10 +13,10 @@ from pathlib import Path
 import pytest
 
 from flora.cli import main as flora_main
-from sharding.__main__ import main
-from sharding.config import SplitConfig
-from sharding.records import Record, normalize_latin_name, normalize_url, url_key
-from sharding.split import FrozenSplits, allocate, assign_splits, key_digest
+from flora.sharding.__main__ import main
+from flora.sharding.catalog.records import Record, normalize_latin_name, normalize_url, url_key
+from flora.sharding.catalog.split import FrozenSplits, allocate, assign_splits, key_digest
+from flora.sharding.config import SplitConfig
 from world import WorldSpec, generate_catalog, species_names, write_jsonl
 
 REPO = Path(__file__).resolve().parents[2]
@@ -524,7 +524,9 @@ def test_flora_command_and_python_m_refuse_the_same_way(growth, tmp_path, capsys
     assert flora_main(argv) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("flora catalog: error: --previous ") and "split.seed" in err[0]
-    proc = subprocess.run([sys.executable, "-m", "sharding", *argv], cwd=REPO, capture_output=True, text=True)
+    proc = subprocess.run(
+        [sys.executable, "-m", "flora.sharding", *argv], cwd=REPO, capture_output=True, text=True
+    )
     assert proc.returncode == 2 and proc.stderr.strip().splitlines() == err
 
 

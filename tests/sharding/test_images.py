@@ -1,4 +1,4 @@
-"""Tests of sharding/images.py on real encoded images: conversion, resize, orientation, every reason."""
+"""Tests of sharding/images/convert.py on real encoded images: conversion, resize, orientation, reasons."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import pytest
 from PIL import Image
 
 from flora.config import ConfigError
-from sharding.images import ImageConfig, ImageError, ProcessedImage, StageClock, process_image
+from flora.sharding.images.convert import ImageConfig, ImageError, ProcessedImage, StageClock, process_image
 from world import render_image
 from world.server import HTML_PAGE, bomb_png, corrupt_jpeg, tiny_jpeg
 

@@ -6,7 +6,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from sharding.job import in_order
+from flora.sharding.build.job import in_order
 
 WAIT_S = 10  # a bound for a broken implementation, never reached when it works
 

@@ -17,14 +17,14 @@ import pytest
 
 from flora.config import load_config
 from flora.io import sha256_file
-from loaders.config import load_data_config
-from loaders.index import build_index
-from sharding.__main__ import main
-from sharding.build import BuildConfig, build
-from sharding.catalog import run_catalog
-from sharding.config import CatalogConfig
-from sharding.format import safe_key
-from sharding.records import url_key
+from flora.loaders.config import load_data_config
+from flora.loaders.index import build_index
+from flora.sharding.__main__ import main
+from flora.sharding.build.run import BuildConfig, build
+from flora.sharding.catalog.records import url_key
+from flora.sharding.catalog.run import run_catalog
+from flora.sharding.config import CatalogConfig
+from flora.sharding.format.schema import safe_key
 from world import ImageServer, WorldSpec, build_world
 
 from .test_build import REPO, TEST_OVERRIDES, cli
@@ -95,7 +95,7 @@ def near_neighboured(images: Path, rows: list[dict], margin: int = 4) -> set[str
     """URLs whose image has another within the near-duplicate threshold (+ ``margin`` bits: the build
     hashes its re-encoded copy) as whole or crop hash. The world's synthetic plants of one species
     can come that close, and which of a pair the build keeps depends on the splits, so on the port."""
-    from sharding.neardup import DEFAULT_THRESHOLD, hamming, hash_value, perceptual_hashes
+    from flora.sharding.images.neardup import DEFAULT_THRESHOLD, hamming, hash_value, perceptual_hashes
     from world.images import image_relpath
 
     hashes = {}
@@ -312,8 +312,8 @@ def test_loader_scan_results_of_kept_shards_survive_the_incremental_build(grown,
 
 def test_an_interrupted_compaction_is_finished_by_the_next_one(grown, tmp_path, monkeypatch, capsys):
     """A crash mid-swap leaves no manifest (readers refuse, never a mix); --compact again finishes."""
-    import sharding.incremental as incremental
-    from loaders.index import LoaderError
+    import flora.sharding.build.incremental as incremental
+    from flora.loaders.index import LoaderError
 
     out = tmp_path / "inc"
     shutil.copytree(grown.root / "inc", out)

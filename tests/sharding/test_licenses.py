@@ -3,8 +3,8 @@
 import pytest
 
 from flora.config import ConfigError
-from sharding.catalog import BUNDLED_CONFIG_DIR
-from sharding.licenses import LicenseTable, license_key
+from flora.sharding.catalog.licenses import LicenseTable, license_key
+from flora.sharding.catalog.run import BUNDLED_CONFIG_DIR
 
 
 @pytest.fixture

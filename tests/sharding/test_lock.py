@@ -1,6 +1,6 @@
-"""One build per output folder (sharding/lock.py): the lock itself in-process (refusal line, waiting,
+"""One build per output folder (sharding/build/lock.py): the lock itself in-process (refusal line, waiting,
 stale and foreign lock files, a file replaced under a waiter, a lock path that is not a file, the
---wait-lock flag's validation), then real `python -m sharding build` processes against a loopback
+--wait-lock flag's validation), then real `flora build` processes against a loopback
 image server that can park one URL, so a build is held mid-download for as long as a test needs:
 two builds started together on one output, --wait-lock, a SIGKILLed holder, and two builds sharing
 one cache with different outputs."""
@@ -23,11 +23,11 @@ from types import SimpleNamespace
 import pytest
 
 from flora.config import ConfigError, load_config
-from sharding.__main__ import main
-from sharding.build import BuildConfig, build
-from sharding.catalog import run_catalog
-from sharding.config import CatalogConfig
-from sharding.lock import LOCK_FILE, OutputLockedError, Owner, _is_current, output_lock
+from flora.sharding.__main__ import main
+from flora.sharding.build.lock import LOCK_FILE, OutputLockedError, Owner, _is_current, output_lock
+from flora.sharding.build.run import BuildConfig, build
+from flora.sharding.catalog.run import run_catalog
+from flora.sharding.config import CatalogConfig
 from world import ImageServer, render_image
 
 REPO = Path(__file__).resolve().parents[2]
@@ -108,7 +108,7 @@ def shard_bytes(out: Path) -> dict[str, bytes]:
 
 
 def start(world, out: Path, cache: Path, *extra: str) -> subprocess.Popen:
-    argv = [sys.executable, "-m", "sharding", "build", "--splits", str(world.splits), "--out", str(out)]
+    argv = [sys.executable, "-m", "flora.sharding", "build", "--splits", str(world.splits), "--out", str(out)]
     return subprocess.Popen(
         [*argv, "--cache", str(cache), *OVERRIDES, *extra],
         cwd=REPO,
@@ -187,7 +187,7 @@ class _Seen(logging.Handler):
 
 def test_a_waiter_proceeds_once_the_holder_releases(tmp_path):
     seen = _Seen("waiting without limit")
-    logging.getLogger("sharding.lock").addHandler(seen)
+    logging.getLogger("flora.sharding.build.lock").addHandler(seen)
     order: list[str] = []
 
     def waiter():
@@ -202,7 +202,7 @@ def test_a_waiter_proceeds_once_the_holder_releases(tmp_path):
             order.append("holder released")
         thread.join(DEADLINE_S)
     finally:
-        logging.getLogger("sharding.lock").removeHandler(seen)
+        logging.getLogger("flora.sharding.build.lock").removeHandler(seen)
     assert order == ["holder released", "waiter locked"]
 
 
@@ -216,7 +216,7 @@ def test_a_waiter_proceeds_once_the_holder_releases(tmp_path):
 )
 def test_a_lock_file_nobody_holds_is_taken_over(tmp_path, caplog, body, warning):
     (tmp_path / LOCK_FILE).write_bytes(body)
-    with caplog.at_level(logging.WARNING, logger="sharding.lock"), output_lock(tmp_path) as path:
+    with caplog.at_level(logging.WARNING, logger="flora.sharding.build.lock"), output_lock(tmp_path) as path:
         assert holder(tmp_path).pid == os.getpid(), "the old record is replaced by this build's"
     assert (warning in caplog.text) if warning else not caplog.text
     assert not path.exists()

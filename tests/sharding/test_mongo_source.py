@@ -8,10 +8,10 @@ import pytest
 from pymongo import monitoring
 
 from flora.config import load_config
-from sharding.__main__ import main
-from sharding.catalog import run_catalog
-from sharding.config import CatalogConfig, MongoConfig
-from sharding.sources import MongoSource, SourceError, redact
+from flora.sharding.__main__ import main
+from flora.sharding.catalog.run import run_catalog
+from flora.sharding.catalog.sources import MongoSource, SourceError, redact
+from flora.sharding.config import CatalogConfig, MongoConfig
 from world import WorldSpec, generate_catalog
 from world.mongo import free_port, load_records
 

@@ -13,13 +13,14 @@ from PIL import Image
 
 from flora.config import ConfigError, load_config
 from flora.io import read_jsonl, sha256_file
-from sharding.build import BuildConfig, build
-from sharding.cache import ImageCache
-from sharding.catalog import run_catalog
-from sharding.config import CatalogConfig
-from sharding.format import SampleMeta, write_index
-from sharding.incremental import stored_hashes
-from sharding.neardup import (
+from flora.sharding.build.incremental import stored_hashes
+from flora.sharding.build.plan import image_fingerprint
+from flora.sharding.build.run import BuildConfig, build
+from flora.sharding.cache.image_cache import ImageCache
+from flora.sharding.catalog.run import run_catalog
+from flora.sharding.config import CatalogConfig
+from flora.sharding.format.schema import SampleMeta, write_index
+from flora.sharding.images.neardup import (
     DEFAULT_THRESHOLD,
     N_CROPS,
     Band,
@@ -34,7 +35,6 @@ from sharding.neardup import (
     perceptual_hashes,
     plan_bands,
 )
-from sharding.plan import image_fingerprint
 from world import ImageServer, render_image
 
 TRAIN, VAL, TEST = 0, 1, 2

@@ -35,7 +35,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from sharding.cache_config import NODE_CACHE_ENV
+from flora.sharding.cache.config import NODE_CACHE_ENV
 from world import ImageServer, WorldSpec, build_world
 
 from .listening import descendants, listening
@@ -231,7 +231,7 @@ def cluster(tmp_path_factory, s3_server) -> Iterator[Cluster]:
 # met Ray before (another test's local instance). It pauses, connected, after the first result.
 _DRIVER = """\
 import json, os, sys, time
-from sharding.distribute import run_jobs
+from flora.sharding.build.distribute import run_jobs
 
 def where(name):  # holds its node's one CPU a moment, so that the next task goes to the other node
     time.sleep(0.5)
@@ -280,8 +280,8 @@ def world(tmp_path_factory):
     spec = WorldSpec(n_records=300, n_species=8, seed=11, fault_rate=0.0)
     w = build_world(root, spec, base_url=server.base_url)
     from flora.config import load_config
-    from sharding.catalog import run_catalog
-    from sharding.config import CatalogConfig
+    from flora.sharding.catalog.run import run_catalog
+    from flora.sharding.config import CatalogConfig
 
     run_catalog(str(w.catalog_path), root / "splits", load_config(CatalogConfig, None, ["progress=false"]))
     with server:

@@ -2,7 +2,14 @@
 
 import pytest
 
-from sharding.records import RecordError, normalize_latin_name, normalize_url, put_meta, url_key, validate
+from flora.sharding.catalog.records import (
+    RecordError,
+    normalize_latin_name,
+    normalize_url,
+    put_meta,
+    url_key,
+    validate,
+)
 
 
 @pytest.mark.parametrize(

@@ -3,8 +3,8 @@
 import pytest
 
 from flora.config import ConfigError
-from sharding.catalog import BUNDLED_CONFIG_DIR
-from sharding.regions import UNKNOWN_REGION, RegionTable
+from flora.sharding.catalog.regions import UNKNOWN_REGION, RegionTable
+from flora.sharding.catalog.run import BUNDLED_CONFIG_DIR
 
 
 @pytest.fixture

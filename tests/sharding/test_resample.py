@@ -1,4 +1,4 @@
-"""sharding/resample.py: Pillow 13's Lanczos resampling of 8-bit images as exact matrix products, the
+"""sharding/images/resample.py: Pillow 13's Lanczos resampling of 8-bit images as exact matrix products, the
 same pixels as ``Image.resize`` on random sizes, boxes and contents (smooth, noise, extremes), pinned
 by a digest so that its results do not move with the installed Pillow; the pHashes built on it equal
 the ones ten ``Image.resize`` calls give; and the luma decoded by simplejpeg is Pillow's draft("L")."""
@@ -11,8 +11,8 @@ import PIL
 import pytest
 from PIL import Image
 
-from sharding import neardup
-from sharding.resample import plan, resample
+from flora.sharding.images import neardup
+from flora.sharding.images.resample import plan, resample
 from world import render_image, species_names
 
 #: Pillow 13 introduced the vertical-first pass order this module copies; other versions differ on

@@ -17,13 +17,13 @@ import pytest
 from benchmarks.loader_s3 import CountingProxy
 from flora import store
 from flora.config import load_config
+from flora.sharding.__main__ import main
+from flora.sharding.build import distribute
+from flora.sharding.build.run import BuildConfig, build
+from flora.sharding.catalog.run import run_catalog
+from flora.sharding.config import CatalogConfig
+from flora.sharding.format.schema import read_table, sample_rows, table_name
 from flora.store import S3Url
-from sharding import distribute
-from sharding.__main__ import main
-from sharding.build import BuildConfig, build
-from sharding.catalog import run_catalog
-from sharding.config import CatalogConfig
-from sharding.format import read_table, sample_rows, table_name
 from world import ImageServer, WorldSpec, build_world
 
 from .test_build import TEST_OVERRIDES

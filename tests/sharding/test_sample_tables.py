@@ -1,4 +1,4 @@
-"""Sample tables (sharding/format.py): what the publisher puts beside each tar in a store so readers
+"""Sample tables (sharding/format/schema.py): what the publisher puts beside each tar in a store so readers
 need no scan. A table's rows are exactly what the loaders' own scan finds in the tar; a tar that is
 not the manifest's, or holds a damaged sample, gets no table; anything but a table is refused."""
 
@@ -10,8 +10,8 @@ import shutil
 
 import pytest
 
-from loaders.index import Shard, scan_shard
-from sharding.format import ShardFormatError, read_table, sample_rows, table_bytes, table_name
+from flora.loaders.index import Shard, scan_shard
+from flora.sharding.format.schema import ShardFormatError, read_table, sample_rows, table_bytes, table_name
 
 
 def manifest_shards(root):

@@ -6,9 +6,9 @@ from collections import Counter
 import pytest
 
 from flora.config import ConfigError
-from sharding.config import SplitConfig
-from sharding.records import Record, normalize_url, url_key
-from sharding.split import allocate, assign_splits, dedup, leakage_report
+from flora.sharding.catalog.records import Record, normalize_url, url_key
+from flora.sharding.catalog.split import allocate, assign_splits, dedup, leakage_report
+from flora.sharding.config import SplitConfig
 
 
 def rec(name, url, license_class="permissive", **meta):

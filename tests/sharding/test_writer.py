@@ -5,8 +5,8 @@ import tarfile
 import pytest
 from wds2idx import IndexCreator
 
-from sharding.format import check_key, index_lines, safe_key, write_index
-from sharding.writer import RollingTarWriter, Sample, drop_samples
+from flora.sharding.format.schema import check_key, index_lines, safe_key, write_index
+from flora.sharding.format.writer import RollingTarWriter, Sample, drop_samples
 
 
 def sample(i, size=1000):
@@ -92,7 +92,7 @@ def test_webdataset_reads_our_shards(tmp_path):
     ("name", "size"), [("a.jpg", 0), (f"{'k' * 24}.json", 1), (f"{'x' * 90}.json", 123456789)]
 )
 def test_our_headers_are_the_bytes_tarfile_writes(name, size):
-    from sharding.writer import TAR_MODE, TAR_MTIME, TAR_OWNER, tar_header
+    from flora.sharding.format.writer import TAR_MODE, TAR_MTIME, TAR_OWNER, tar_header
 
     info = tarfile.TarInfo(name)
     info.size, info.mtime, info.mode = size, TAR_MTIME, TAR_MODE
@@ -103,7 +103,7 @@ def test_our_headers_are_the_bytes_tarfile_writes(name, size):
 def test_a_whole_part_is_the_tar_tarfile_writes(tmp_path):
     import io
 
-    from sharding.writer import TAR_MODE, TAR_MTIME, TAR_OWNER
+    from flora.sharding.format.writer import TAR_MODE, TAR_MTIME, TAR_OWNER
 
     (part,) = write(tmp_path, 3, max_samples=10, size=700)
     buf = io.BytesIO()

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from training.config import load_experiment
-from training.loop import Trainer
+from flora.training.config import load_experiment
+from flora.training.loop import Trainer
 
 
 def experiment(shards: Path, run_root: Path, name: str = "run", **sections) -> dict:

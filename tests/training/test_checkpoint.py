@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from training.checkpoint import (
+from flora.training.checkpoint import (
     CheckpointError,
     load_checkpoint,
     remove_stale_temporaries,
@@ -91,8 +91,8 @@ def test_an_unreadable_checkpoint_is_one_line_without_torch_advice(tmp_path, dam
 def test_every_command_reading_a_checkpoint_says_so_in_one_line(tmp_path):
     path = _damaged(tmp_path, "truncated")
     commands = {
-        "evaluate": ["training.evaluate", "--checkpoint", str(path)],
-        "export onnx": ["export.onnx", "--checkpoint", str(path), "--out", str(tmp_path / "onnx")],
+        "evaluate": ["flora.training.evaluate", "--checkpoint", str(path)],
+        "export onnx": ["flora.export.onnx", "--checkpoint", str(path), "--out", str(tmp_path / "onnx")],
     }
     procs = {
         stage: subprocess.Popen(

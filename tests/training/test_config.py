@@ -3,7 +3,7 @@ from pathlib import Path
 import pytest
 
 from flora.config import ConfigError
-from training.config import load_experiment
+from flora.training.config import load_experiment
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -60,7 +60,7 @@ def test_lr_is_scaled_to_the_global_batch_in_one_place():
 
 
 def test_objective_kind_is_checked_against_the_registry(tmp_path):
-    from training.objectives import OBJECTIVES, objective_names, register_objective
+    from flora.training.objectives import OBJECTIVES, objective_names, register_objective
 
     assert {"classification", "distill"} <= set(objective_names())
     base = {"data": {"shards": str(tmp_path)}, "model": {"name": "test_vit"}}

@@ -12,13 +12,13 @@ import torch
 import yaml
 from torch import nn
 
-from loaders import create_dataloaders
-from loaders.factory import make_loader
-from training.config import DistillConfig, load_experiment
-from training.distill import Distillation, Teacher, TeacherMix, build_mixer, kd_terms
-from training.loop import Trainer
-from training.report import compare, markdown
-from training.soft_labels import ensure_cache
+from flora.loaders import create_dataloaders
+from flora.loaders.factory import make_loader
+from flora.training.config import DistillConfig, load_experiment
+from flora.training.distill import Distillation, Teacher, TeacherMix, build_mixer, kd_terms
+from flora.training.loop import Trainer
+from flora.training.report import compare, markdown
+from flora.training.soft_labels import ensure_cache
 
 from .conftest import experiment
 
@@ -222,7 +222,7 @@ def test_torchrun_two_ranks_build_the_cache_and_distil(shard_root, teachers, tmp
         "--nproc-per-node",
         "2",
         "-m",
-        "training.train",
+        "flora.training.train",
         "--config",
         str(path),
     ]

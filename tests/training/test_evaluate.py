@@ -4,10 +4,10 @@ import json
 
 import pytest
 
-from training.checkpoint import load_checkpoint
-from training.evaluate import evaluate, mapping_difference
-from training.evaluate import main as evaluate_main
-from training.loop import TrainingError
+from flora.training.checkpoint import load_checkpoint
+from flora.training.evaluate import evaluate, mapping_difference
+from flora.training.evaluate import main as evaluate_main
+from flora.training.loop import TrainingError
 
 
 @pytest.fixture

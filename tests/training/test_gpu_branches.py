@@ -9,9 +9,9 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from loaders.dali import HAVE_DALI
-from training.config import load_experiment
-from training.loop import Trainer, autocast, wrap_ddp
+from flora.loaders.dali import HAVE_DALI
+from flora.training.config import load_experiment
+from flora.training.loop import Trainer, autocast, wrap_ddp
 
 from .conftest import experiment
 

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from training.metrics import (
+from flora.training.metrics import (
     Predictions,
     calibration_bins,
     confused_pairs,

@@ -2,8 +2,8 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from training.config import ModelConfig
-from training.models import ModelError, build_model, head_prefix, init_from_checkpoint, remap_head
+from flora.training.config import ModelConfig
+from flora.training.models import ModelError, build_model, head_prefix, init_from_checkpoint, remap_head
 
 
 def test_remap_head_copies_rows_by_species_name():

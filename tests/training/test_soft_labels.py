@@ -7,10 +7,10 @@ from types import SimpleNamespace
 import torch
 from torch import nn
 
-from loaders.config import load_data_config
-from loaders.index import build_index
-from sharding.build import build
-from training.soft_labels import ensure_cache
+from flora.loaders.config import load_data_config
+from flora.loaders.index import build_index
+from flora.sharding.build.run import build
+from flora.training.soft_labels import ensure_cache
 
 from ..sharding.test_incremental import config, grown  # noqa: F401  (grown: the module's fixture)
 
@@ -75,7 +75,7 @@ def test_a_key_in_two_shards_gets_the_row_of_the_shard_that_serves_it(tmp_path):
     row, whatever the order of the shards."""
     import numpy as np
 
-    from training.soft_labels import load_cache
+    from flora.training.soft_labels import load_cache
 
     new, old = tmp_path / "new.npz", tmp_path / "old.npz"
     np.savez(new, keys=np.array(["a", "k"]), classes=np.array([[1], [2]], dtype=np.int32),

@@ -9,11 +9,11 @@ import pytest
 import torch
 import yaml
 
-from loaders.dali import HAVE_DALI
-from training.checkpoint import load_checkpoint
-from training.config import load_experiment
-from training.loop import Trainer, TrainingError
-from training.train import main as train_main
+from flora.loaders.dali import HAVE_DALI
+from flora.training.checkpoint import load_checkpoint
+from flora.training.config import load_experiment
+from flora.training.loop import Trainer, TrainingError
+from flora.training.train import main as train_main
 
 from .conftest import experiment, killed_save
 
@@ -74,7 +74,7 @@ def test_a_run_starts_by_removing_a_killed_runs_checkpoint_temporaries(shard_roo
     leftover = killed_save(run / "last_checkpoint.pt")  # no last_checkpoint.pt: a fresh run may start
     other = run / ".notes.tmp"
     other.write_text("not a checkpoint temporary")
-    caplog.set_level(logging.INFO, logger="training.loop")
+    caplog.set_level(logging.INFO, logger="flora.training.loop")
     _, summary = _fit(experiment(shard_root, tmp_path, train={"epochs": 1, "max_steps": 2}))
     assert not leftover.exists() and other.exists()
     assert not list(run.glob(".*.pt.*.tmp"))  # nor any of this run's own
@@ -145,7 +145,7 @@ def test_torchrun_two_ranks_train_and_evaluate_exactly(shard_root, tmp_path):
     path.write_text(yaml.safe_dump(cfg))
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
     proc = subprocess.run(
-        [*torchrun, "-m", "training.train", "--config", str(path)],
+        [*torchrun, "-m", "flora.training.train", "--config", str(path)],
         capture_output=True,
         text=True,
         timeout=900,
@@ -159,7 +159,7 @@ def test_torchrun_two_ranks_train_and_evaluate_exactly(shard_root, tmp_path):
     assert [s["rank"] for s in last["loader"]] == [0, 1] and len(last["rng"]) == 2
     best = tmp_path / "ddp" / "best_model.pt"
     out2, out1 = tmp_path / "eval2", tmp_path / "eval1"
-    evaluate = ["-m", "training.evaluate", "--checkpoint", str(best), "--no-calibration", "--out"]
+    evaluate = ["-m", "flora.training.evaluate", "--checkpoint", str(best), "--no-calibration", "--out"]
     for launcher, out in ((torchrun, out2), ([sys.executable], out1)):
         proc = subprocess.run([*launcher, *evaluate, str(out)], capture_output=True, text=True, timeout=900)
         assert proc.returncode == 0, proc.stderr[-3000:]

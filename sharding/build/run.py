@@ -50,17 +50,24 @@ import time
 from collections import Counter
 from pathlib import Path
 
+from flora.sharding.build.finalize import finalize
+from flora.sharding.build.incremental import build_settings, compact, plan_increment
+from flora.sharding.build.job import load_marker, run_chunk
+from flora.sharding.build.lock import output_lock
+from flora.sharding.build.plan import (
+    MARKER,
+    PLAN_FILE,
+    WORK_DIR,
+    new_retry_round,
+    plan_fingerprint,
+    plan_jobs,
+    retry_rounds,
+)
+from flora.sharding.build.remote import Remote, check_prefix, fetch_chunk, prepare, publish, share_splits
+from flora.sharding.cache.config import cap_warning
+from flora.sharding.config import BuildConfig, ShardConfig
+from flora.sharding.format.schema import MANIFEST
 from flora.store import is_remote
-
-from .cache_config import cap_warning
-from .config import BuildConfig, ShardConfig
-from .finalize import finalize
-from .format import MANIFEST
-from .incremental import build_settings, compact, plan_increment
-from .job import load_marker, run_chunk
-from .lock import output_lock
-from .plan import MARKER, PLAN_FILE, WORK_DIR, new_retry_round, plan_fingerprint, plan_jobs, retry_rounds
-from .remote import Remote, check_prefix, fetch_chunk, prepare, publish, share_splits
 
 __all__ = ["BuildConfig", "ShardConfig", "build", "compact_shards"]
 
@@ -79,9 +86,7 @@ def build(splits_dir: str | Path, out_dir: str | Path, cfg: BuildConfig, retry_f
     splits_dir = Path(splits_dir)
     splits_path = splits_dir / "dataset_splits.jsonl"
     if not splits_path.is_file():
-        raise FileNotFoundError(
-            f"no dataset_splits.jsonl in {splits_dir} (run `python -m sharding catalog` first)"
-        )
+        raise FileNotFoundError(f"no dataset_splits.jsonl in {splits_dir} (run `flora catalog` first)")
     if not (splits_dir / "class_mapping.json").is_file():
         raise FileNotFoundError(f"no class_mapping.json in {splits_dir}")
     warning = cap_warning(cfg.cache)
@@ -98,7 +103,7 @@ def _build_locked(
 ) -> dict:
     from tqdm import tqdm
 
-    from .distribute import run_jobs
+    from flora.sharding.build.distribute import run_jobs
 
     splits_path = splits_dir / "dataset_splits.jsonl"
     work = out / WORK_DIR

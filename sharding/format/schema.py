@@ -48,7 +48,7 @@ INDEX_VERSION = "v1.2"  # the version DALI's wds2idx writes and fn.readers.webda
 KEY_HEX_CHARS = 24  # 96 bits of sha256: collisions are negligible far beyond 10^9 samples
 _SAFE_KEY = re.compile(r"[0-9A-Za-z_-]{1,90}")  # + ".json" stays under tar's 100-byte name field
 
-#: License classes (sharding/licenses.py maps raw license strings onto them).
+#: License classes (sharding/catalog/licenses.py maps raw license strings onto them).
 PERMISSIVE = "permissive"
 RESTRICTIVE = "restrictive"
 LICENSE_CLASSES = (PERMISSIVE, RESTRICTIVE)
@@ -105,7 +105,7 @@ class SampleMeta:
     original_width: int | None = None
     original_height: int | None = None
     original_format: str | None = None
-    #: The stored JPEG's 64-bit perceptual hash, 16 hex digits (sharding/neardup.py).
+    #: The stored JPEG's 64-bit perceptual hash, 16 hex digits (sharding/images/neardup.py).
     phash: str | None = None
     #: The perceptual hashes of its 95% crops (neardup.perceptual_hashes); None in older shards.
     phash_crops: list[str] | None = None

@@ -26,8 +26,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .format import MEMBERS, check_key, index_line
-from .outputs import dumps
+from flora.sharding.format.schema import MEMBERS, check_key, index_line
+from flora.sharding.outputs import dumps
 
 #: Tar metadata of every member: fixed so that shards are reproducible byte for byte.
 TAR_MTIME = 0

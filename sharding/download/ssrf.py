@@ -35,7 +35,7 @@ from urllib3.connection import HTTPConnection, HTTPSConnection
 from urllib3.exceptions import ConnectTimeoutError, NewConnectionError
 from urllib3.util import connection
 
-from .pace import PacedResponse, current
+from flora.sharding.download.pace import PacedResponse, current
 
 #: Linux only (TCP_QUICKACK, tcp(7)); elsewhere responses simply take the delayed-ACK path.
 _QUICKACK: int | None = getattr(socket, "TCP_QUICKACK", None)

@@ -47,15 +47,14 @@ import numpy as np
 
 from flora.errors import storage_error
 from flora.io import sha256_file
-
-from .config import SPLIT_NAMES
-from .format import DUPLICATES, FAILURES, MANIFEST, shard_name, write_index
-from .incremental import Increment, live_samples
-from .job import RESUME, load_marker
-from .neardup import NearDupConfig, hamming, hash_value, judge
-from .outputs import OutputSet
-from .plan import WORK_DIR, ChunkJob
-from .writer import drop_samples
+from flora.sharding.build.incremental import Increment, live_samples
+from flora.sharding.build.job import RESUME, load_marker
+from flora.sharding.build.plan import WORK_DIR, ChunkJob
+from flora.sharding.config import SPLIT_NAMES
+from flora.sharding.format.schema import DUPLICATES, FAILURES, MANIFEST, shard_name, write_index
+from flora.sharding.format.writer import drop_samples
+from flora.sharding.images.neardup import NearDupConfig, hamming, hash_value, judge
+from flora.sharding.outputs import OutputSet
 
 #: The SQLite file of content hashes, in the work area (removed when finalize ends).
 CONTENT_INDEX = "content.sqlite"

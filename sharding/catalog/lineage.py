@@ -41,10 +41,9 @@ from pathlib import Path
 from typing import Any
 
 from flora.errors import FloraError
-
-from .config import SPLIT_NAMES, SplitConfig
-from .records import OUTPUT_FIELDS, Record, RecordError, normalize_url, url_key
-from .split import FrozenSplits, SplitResult, allocate, group_key, key_digest
+from flora.sharding.catalog.records import OUTPUT_FIELDS, Record, RecordError, normalize_url, url_key
+from flora.sharding.catalog.split import FrozenSplits, SplitResult, allocate, group_key, key_digest
+from flora.sharding.config import SPLIT_NAMES, SplitConfig
 
 VERSION_FILE = "catalog_version.json"
 SPLITS_FILE = "dataset_splits.jsonl"

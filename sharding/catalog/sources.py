@@ -29,8 +29,7 @@ from typing import Any
 from urllib.parse import quote_plus
 
 from flora.errors import FloraError
-
-from .config import MongoConfig
+from flora.sharding.config import MongoConfig
 
 _URI_PASSWORD = re.compile(r"(mongodb(?:\+srv)?://[^:/@\s]+:)([^@\s]*)(@)")
 _URI_USER_ONLY = re.compile(r"(mongodb(?:\+srv)?://[^:/@\s]+)@")

@@ -59,10 +59,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from flora.config import ConfigError
-
-from .config import SPLIT_NAMES, SplitConfig
-from .licenses import PERMISSIVE
-from .records import Record
+from flora.sharding.catalog.licenses import PERMISSIVE
+from flora.sharding.catalog.records import Record
+from flora.sharding.config import SPLIT_NAMES, SplitConfig
 
 
 def canonical_json(obj: object) -> str:

@@ -48,14 +48,20 @@ from pathlib import Path
 
 from flora.errors import FloraError, storage_error
 from flora.io import sha256_file
-
-from .format import MANIFEST, SampleMeta, ShardFormatError, read_index, safe_key, write_index
-from .lineage import VERSION_FILE
-from .neardup import perceptual_hashes
-from .outputs import OutputSet, dumps
-from .plan import WORK_DIR
-from .records import url_key
-from .writer import drop_samples
+from flora.sharding.build.plan import WORK_DIR
+from flora.sharding.catalog.lineage import VERSION_FILE
+from flora.sharding.catalog.records import url_key
+from flora.sharding.format.schema import (
+    MANIFEST,
+    SampleMeta,
+    ShardFormatError,
+    read_index,
+    safe_key,
+    write_index,
+)
+from flora.sharding.format.writer import drop_samples
+from flora.sharding.images.neardup import perceptual_hashes
+from flora.sharding.outputs import OutputSet, dumps
 
 INCREMENT_FILE = "increment.json"
 COMPACT_FILE = "compact.json"

@@ -34,7 +34,7 @@ MAP_OVERHEAD_FACTOR = 2
 MAP_SLACK_BYTES = 64 * MiB
 #: This node's image cache folder, overriding ``cache.path`` where it is set: the build's config comes
 #: from the driver, but each node of a Ray cluster keeps its own LMDB cache on its own disk. (Not
-#: ``FLORA_CACHE_DIR``: that is the root of the derived caches, flora/cache.py.)
+#: ``FLORA_CACHE_DIR``: that is the root of the derived caches, sharding/cache/derived.py.)
 NODE_CACHE_ENV = "FLORA_IMAGE_CACHE_DIR"
 #: Default queue length for recency updates of ``get`` hits: one write transaction (and its fsync) per
 #: this many hits. Measured with 50 KB values: ~3.7k hits/s at 1, ~17k hits/s at 16 (2-core VM); a

@@ -27,19 +27,18 @@ from dataclasses import asdict, dataclass, field, replace
 from typing import Any, ClassVar
 
 from flora.errors import storage_error
-
-from .cache import ImageCache
-from .cache_config import node_cache_dir
-from .config import BuildConfig
-from .download import Downloader
-from .format import SampleMeta, safe_key
-from .images import ImageError, process_image
-from .neardup import perceptual_hashes
-from .outputs import dumps
-from .plan import MARKER, ChunkJob, failure_policy, image_fingerprint
-from .records import url_key
-from .remote import localize, ship_chunk
-from .writer import RollingTarWriter, Sample
+from flora.sharding.build.plan import MARKER, ChunkJob, failure_policy, image_fingerprint
+from flora.sharding.build.remote import localize, ship_chunk
+from flora.sharding.cache.config import node_cache_dir
+from flora.sharding.cache.image_cache import ImageCache
+from flora.sharding.catalog.records import url_key
+from flora.sharding.config import BuildConfig
+from flora.sharding.download.fetch import Downloader
+from flora.sharding.format.schema import SampleMeta, safe_key
+from flora.sharding.format.writer import RollingTarWriter, Sample
+from flora.sharding.images.convert import ImageError, process_image
+from flora.sharding.images.neardup import perceptual_hashes
+from flora.sharding.outputs import dumps
 
 #: Cache writes per commit (see PutBuffer): 32 images of ~50 KB, a few MB per transaction.
 PUT_BATCH = 32

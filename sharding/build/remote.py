@@ -3,7 +3,7 @@
 Owns the three steps that make an object-store output keep the local guarantees:
 
 * **Staging** (``prepare``): the build runs exactly as a local one, in a *staging* folder that mirrors
-  the output on the driver's node: ``<cache root>/staging/<id>`` (flora/cache.py: ``$FLORA_CACHE_DIR``,
+  the output on the driver's node: ``<cache root>/staging/<id>`` (cache/derived.py: ``$FLORA_CACHE_DIR``,
   else ``~/.cache/flora``; ``id``: the first 16 hex digits of the URL's sha256). The plan, chunk
   markers, increment and retry rounds live there, so resume, incremental builds, ``--retry-failed`` and
   ``--compact`` work unchanged. Before anything else the bucket is checked (a missing bucket, refused
@@ -50,16 +50,15 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from flora import store
-from flora.cache import cache_root
 from flora.errors import FloraError
 from flora.io import sha256_file
+from flora.sharding.build.incremental import catalog_lineage, manifest_version
+from flora.sharding.build.lock import LOCK_FILE
+from flora.sharding.build.plan import MARKER, WORK_DIR, ChunkJob
+from flora.sharding.cache.derived import cache_root
+from flora.sharding.config import SPLIT_NAMES
+from flora.sharding.format.schema import MANIFEST, sample_rows, table_bytes, table_name
 from flora.store import S3Url
-
-from .config import SPLIT_NAMES
-from .format import MANIFEST, sample_rows, table_bytes, table_name
-from .incremental import catalog_lineage, manifest_version
-from .lock import LOCK_FILE
-from .plan import MARKER, WORK_DIR, ChunkJob
 
 log = logging.getLogger(__name__)
 
@@ -87,7 +86,7 @@ class Remote:
 
 
 def staging_dir(url: str) -> Path:
-    """This node's staging folder for output ``url``, under the cache root (flora/cache.py)."""
+    """This node's staging folder for output ``url``, under the cache root (sharding/cache/derived.py)."""
     return cache_root() / STAGING / hashlib.sha256(url.encode()).hexdigest()[:16]
 
 

@@ -22,7 +22,7 @@ from typing import Any
 
 import lmdb
 
-from .cache_record import decode_record
+from flora.sharding.cache.record import decode_record
 
 _INDEX = struct.Struct(">QQ")  # tick, record size
 _U64 = struct.Struct(">Q")

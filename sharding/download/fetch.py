@@ -66,9 +66,15 @@ from urllib3.exceptions import SSLError as Urllib3SSLError
 from urllib3.util import Timeout, parse_url
 
 from flora.config import ConfigError
-
-from .pace import DeadlineExceeded, Pace, PaceError, TooSlow
-from .ssrf import AddressGuard, BlockedAddressError, DnsError, DnsTimeoutError, GuardedAdapter, refusal
+from flora.sharding.download.pace import DeadlineExceeded, Pace, PaceError, TooSlow
+from flora.sharding.download.ssrf import (
+    AddressGuard,
+    BlockedAddressError,
+    DnsError,
+    DnsTimeoutError,
+    GuardedAdapter,
+    refusal,
+)
 
 __all__ = ["REASONS", "DownloadConfig", "Downloader", "FetchResult", "refusal", "retry_after_seconds"]
 

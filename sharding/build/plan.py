@@ -24,12 +24,11 @@ from pathlib import Path
 from flora.config import ConfigError
 from flora.errors import FloraError
 from flora.io import read_jsonl, sha256_file
-
-from .config import SPLIT_NAMES, BuildConfig
-from .format import MANIFEST, SampleMeta, safe_key
-from .outputs import dumps
-from .records import url_key
-from .split import seeded_rank
+from flora.sharding.catalog.records import url_key
+from flora.sharding.catalog.split import seeded_rank
+from flora.sharding.config import SPLIT_NAMES, BuildConfig
+from flora.sharding.format.schema import MANIFEST, SampleMeta, safe_key
+from flora.sharding.outputs import dumps
 
 WORK_DIR = "_work"
 MARKER = "chunk.json"

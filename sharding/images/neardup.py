@@ -47,9 +47,8 @@ import numpy as np
 from PIL import Image
 
 from flora.config import ConfigError
-
-from .resample import Plan, resample
-from .resample import plan as resample_plan
+from flora.sharding.images.resample import Plan, resample
+from flora.sharding.images.resample import plan as resample_plan
 
 try:  # a dependency (setup.cfg); the hashes are the same without it (Pillow's decode), only slower
     import simplejpeg

@@ -17,8 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from flora.config import ConfigError, read_yaml
-
-from .format import LICENSE_CLASSES, PERMISSIVE, RESTRICTIVE
+from flora.sharding.format.schema import LICENSE_CLASSES, PERMISSIVE, RESTRICTIVE
 
 UNKNOWN = "unknown"
 __all__ = ["LICENSE_CLASSES", "PERMISSIVE", "RESTRICTIVE", "UNKNOWN", "LicenseTable", "license_key"]

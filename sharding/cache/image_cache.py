@@ -57,8 +57,13 @@ from typing import TypeVar
 
 import lmdb
 
-from .cache_config import DEFAULT_INITIAL_MAP_BYTES, DEFAULT_LOW_WATER, DEFAULT_RECENCY_BATCH, CacheConfig
-from .cache_lmdb import (
+from flora.sharding.cache.config import (
+    DEFAULT_INITIAL_MAP_BYTES,
+    DEFAULT_LOW_WATER,
+    DEFAULT_RECENCY_BATCH,
+    CacheConfig,
+)
+from flora.sharding.cache.lmdb_env import (
     _acquire,
     _CacheFault,
     _Dbs,
@@ -69,7 +74,7 @@ from .cache_lmdb import (
     _Writer,
     verify_scan,
 )
-from .cache_record import MAX_RECORD_BYTES, CacheEntry, decode_record, encode_record, url_hash
+from flora.sharding.cache.record import MAX_RECORD_BYTES, CacheEntry, decode_record, encode_record, url_hash
 
 __all__ = ["CacheConfig", "CacheEntry", "ImageCache", "encode_record", "url_hash"]
 

@@ -36,8 +36,7 @@ from dataclasses import dataclass, field
 from PIL import ExifTags, Image, ImageOps, UnidentifiedImageError
 
 from flora.config import ConfigError
-
-from .neardup import perceptual_hashes
+from flora.sharding.images.neardup import perceptual_hashes
 
 DEFAULT_FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF")
 #: Pillow reports JPEGs with a multi-picture extension (many camera photos) as MPO: still a JPEG.

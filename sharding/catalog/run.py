@@ -43,10 +43,8 @@ from pathlib import Path
 from typing import Any
 
 from flora.config import bundled_config_dir, find_config, to_dict
-
-from .config import SPLIT_NAMES, CatalogConfig
-from .licenses import PERMISSIVE, LicenseTable
-from .lineage import (
+from flora.sharding.catalog.licenses import PERMISSIVE, LicenseTable
+from flora.sharding.catalog.lineage import (
     PreviousCatalog,
     compare,
     fingerprint,
@@ -55,11 +53,12 @@ from .lineage import (
     stable_mapping,
     version_record,
 )
-from .outputs import TMP_SUFFIX, OutputSet
-from .records import Record, RecordError, put_meta, url_key, validate
-from .regions import RegionTable
-from .sources import Unparseable, open_source, redact
-from .split import assign_splits, canonical_json, dedup, leakage_report
+from flora.sharding.catalog.records import Record, RecordError, put_meta, url_key, validate
+from flora.sharding.catalog.regions import RegionTable
+from flora.sharding.catalog.sources import Unparseable, open_source, redact
+from flora.sharding.catalog.split import assign_splits, canonical_json, dedup, leakage_report
+from flora.sharding.config import SPLIT_NAMES, CatalogConfig
+from flora.sharding.outputs import TMP_SUFFIX, OutputSet
 
 BUNDLED_CONFIG_DIR = bundled_config_dir()
 

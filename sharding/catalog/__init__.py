@@ -1,0 +1,1 @@
+"""The catalog: record sources, the record schema, licences, regions, dedup + split, lineage."""

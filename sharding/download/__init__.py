@@ -1,0 +1,1 @@
+"""Downloading: the HTTP fetcher, its SSRF guard and its time limits."""

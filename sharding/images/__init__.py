@@ -1,0 +1,1 @@
+"""Images and hashes: downloaded bytes -> the stored JPEG, perceptual hashes, near-duplicates."""
