@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.installed-stamp
 DEMO   ?= demo_out
 PYTEST_ARGS ?=
 
-.PHONY: install tfjs-env js-deps browser-deps demo test test-fast lint s3-server bench-catalog \
+.PHONY: install tfjs-env js-deps browser-deps demo test test-fast lint docs s3-server bench-catalog \
 	bench-catalog-growth \
 	bench-sharder bench-loader bench-verify \
 	bench-training bench-export gpu-bundle gpu-check clean
@@ -62,6 +62,11 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff check flora sharding loaders training export world tests benchmarks
 	$(VENV)/bin/ruff format --check flora sharding loaders training export world tests benchmarks
 
+# The documentation site (docs/, mkdocs.yml) into site/. Strict: a broken link or anchor, or a page
+# missing from the nav, fails the build. mkdocs comes with the test extra (flora[docs]).
+docs: $(STAMP)
+	$(VENV)/bin/mkdocs build --strict --site-dir site
+
 # A local S3 server (SeaweedFS, 127.0.0.1 only) in the foreground; prints the AWS_* lines to export.
 S3_DIR    ?= build/s3-data
 S3_BUCKET ?= flora
@@ -115,4 +120,4 @@ gpu-check:
 		$(GPU_PYTHON) -m benchmarks.gpu --device cuda --sources $(GPU_STAGE)/photos $(GPU_CHECK_ARGS)
 
 clean:
-	rm -rf $(DEMO) .pytest_cache
+	rm -rf $(DEMO) .pytest_cache site
