@@ -30,8 +30,9 @@ from PIL import Image
 
 from flora.errors import FloraError
 from flora.io import sha256_file
-from flora.sharding.format.schema import MANIFEST, ShardFormatError, read_index, read_manifest
-from flora.store import S3Url, StoreError, is_remote
+from flora.sharding.format.reader import ShardReader
+from flora.sharding.format.schema import MANIFEST, ShardFormatError
+from flora.store import StoreError, is_remote
 
 FORMAT = 1
 
@@ -149,31 +150,18 @@ def write_metadata(bundle: Bundle, out: Path, layout: str, input_name: str, outp
 
 # ------------------------------------------------------------------------------------- sample inputs
 def _images_from_shards(root: Path | str, split: str, limit: int) -> list[tuple[str, bytes]]:
-    """The first ``limit`` JPEGs of ``split``'s shards, in the manifest's order, read by index; ``root``
-    a folder or an ``s3://`` prefix (its metadata mirrored under the cache root, jpgs read by range)."""
-    from flora.loaders.remote import fetch_index, fetch_metadata, is_remote, open_shard
-
-    remote = is_remote(root)
+    """The first ``limit`` JPEGs of ``split``'s shards, in the manifest's order, read by index (the
+    shard format's reader; tombstoned samples are not served); ``root`` a folder or an ``s3://`` prefix
+    (its metadata mirrored under the cache root, jpgs read by range)."""
+    found: list[tuple[str, bytes]] = []
     try:
-        mirror = fetch_metadata(str(root), None) if remote else Path(root)
-        manifest = read_manifest(mirror)
-        entries = manifest.select(split)
-        tars = (
-            [(S3Url.parse(str(root)).join(e.path).url, e.path) for e in entries]
-            if remote
-            else [(manifest.path(e), e.path) for e in entries]
-        )
-        found: list[tuple[str, bytes]] = []
-        for tar, rel in tars:
-            indexed = fetch_index(tar, rel, mirror) if remote else tar
-            with open_shard(tar) as f:
-                for sample in read_index(indexed):
-                    if "jpg" in sample:
-                        offset, size, name = sample["jpg"]
-                        f.seek(offset)
-                        found.append((f"{Path(rel).name}/{name}", f.read(size)))
-                        if len(found) >= limit:
-                            return found
+        reader = ShardReader(root)
+        for shard in reader.shards(split):
+            for sample in reader.samples(shard, ("jpg",)):
+                if sample.jpg is not None:
+                    found.append((f"{Path(shard.rel).name}/{sample.key}.jpg", sample.jpg))
+                    if len(found) >= limit:
+                        return found
     except (ShardFormatError, StoreError) as exc:
         raise ExportError(f"{exc}; pass --images (a folder of JPEGs or a shard root)") from None
     return found

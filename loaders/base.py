@@ -18,12 +18,12 @@ Remainder policy (the numbers every rank agrees on without talking to the others
   ``len(loader)`` batches of one shape and the ranks stay in step.
 
 Samples found bad after the scan (runtime skips) are the loader's to count: ``skipped`` is the
-scan's count by reason plus these, live (``LoaderInfo.skipped`` shows the same object). A sample
-found bad is left out of the plan from the next epoch on (``skip``); the epoch it was found in keeps
-its plan, so a mid-epoch state stays exact. With ``verify_every: N`` this rank's samples of epochs
-0, N, 2N... are re-checked (recheck.py) before the epoch starts, and the bad ones left out of that
-epoch already (the first re-check skips shards the scan has just checked). The runtime skips travel
-in ``state_dict()``, so a resumed run plans the same epochs.
+scan's count by reason (jpeg.py's ``SKIP_REASONS``) plus these, live (``LoaderInfo.skipped`` shows
+the same object). A sample found bad is left out of the plan from the next epoch on (``skip``); the
+epoch it was found in keeps its plan, so a mid-epoch state stays exact. With ``verify_every: N``
+this rank's samples of epochs 0, N, 2N... are re-checked (recheck.py) before the epoch starts, and
+the bad ones left out of that epoch already (the first re-check skips shards the scan has just
+checked). The runtime skips travel in ``state_dict()``, so a resumed run plans the same epochs.
 
 Leaves out: reading and augmenting (the subclasses: dali.py, reference.py yield raw batches).
 """
@@ -41,6 +41,7 @@ import torch
 
 from flora.loaders.config import DataConfig
 from flora.loaders.index import LoaderError, SampleIndex, rank_bounds
+from flora.loaders.jpeg import SKIP_REASONS
 from flora.loaders.recheck import recheck
 
 STATE_FORMAT = 1
@@ -114,8 +115,10 @@ class EpochLoader:
 
     def skip(self, found: dict[int, str], from_epoch: int) -> None:
         """Records samples found bad after the scan (``{sample id: reason}``): left out of the plans of
-        ``from_epoch`` and later, counted once in ``skipped``."""
+        ``from_epoch`` and later, counted once in ``skipped``; a reason must be one of ``SKIP_REASONS``."""
         for sid, reason in sorted(found.items()):
+            if reason not in SKIP_REASONS:
+                raise ValueError(f"skip reason must be one of {SKIP_REASONS}, got {reason!r}")
             if sid in self.runtime_skips:
                 continue
             self.runtime_skips[sid] = (reason, from_epoch)

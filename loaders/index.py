@@ -7,13 +7,15 @@ Owns, for both loaders (so that they agree sample for sample):
   apart from skips (``tombstoned``); then by ``production_only`` (each sample's ``license_class``)
   and, for ``label_space: region``, by the region's class mapping. Labels come from here (the
   ``.cls`` member, or remapped by species name).
-* **Where the shards are**: a local folder or an object-store prefix (``s3://bucket/prefix``, read
-  through remote.py: the manifest and class mappings mirrored under the cache root; the publisher's
-  sample table of a tar, else a scan of it in one GET; then each planned sample's jpg by byte range).
+* **Where the shards are**: a local folder or an object-store prefix (``s3://bucket/prefix``), read
+  through the shard format's reader (sharding/format/reader.py: the manifest and class mappings; the
+  publisher's sample table of a tar in a store, else a scan of the tar, in one GET there; then each
+  planned sample's jpg by byte range).
 * **Verification**: every sample's JPEG is checked once (jpeg.py); a corrupt one is skipped and
-  counted with a reason, never fatal, never silent. Scan results are cached per shard under the cache
-  root, keyed by the tar's and index's size and mtime (in the store: size and ETag), which bit rot
-  keeps: recheck.py re-checks later, with the sha256 the scan keeps per sample.
+  counted with a reason (jpeg.py's ``SKIP_REASONS``), never fatal, never silent. Scan results are
+  cached per shard under the cache root, keyed by the tar's and index's size and mtime (in the store:
+  size and ETag), which bit rot keeps: recheck.py re-checks later, with the sha256 the scan keeps per
+  sample.
 * **The manifest's word on each tar**: a tar whose size differs from the manifest's is refused
   (always, one ``stat``); under ``verify: full`` a fresh scan also hashes the whole tar and refuses
   a sha256 mismatch that no damaged sample explains (torn or tampered store, not bit rot).
@@ -23,8 +25,9 @@ Owns, for both loaders (so that they agree sample for sample):
 * **Filtered index files** for DALI (wds2idx v1.2 lines with only the given samples' ``jpg``, in
   order: base.py's plan of one epoch on one rank).
 
-Leaves out: decoding and augmentation (dali.py, reference.py), batching policy and runtime skips
-(the loaders, base.py) and re-checks after the scan (recheck.py).
+Leaves out: reading the shard format (sharding/format/reader.py), decoding and augmentation (dali.py,
+reference.py), batching policy and runtime skips (the loaders, base.py) and re-checks after the scan
+(recheck.py).
 """
 
 from __future__ import annotations
@@ -44,47 +47,32 @@ import numpy as np
 
 from flora.errors import FloraError
 from flora.loaders.config import DataConfig
-from flora.loaders.jpeg import check_jpeg, jpeg_size  # noqa: F401 - jpeg_size: part of this module's interface
-from flora.loaders.remote import (
-    TarStream,
-    fetch_index,
-    fetch_metadata,
-    fetch_table,
-    is_remote,
-    tar_stamp,
-    translate,
+from flora.loaders.jpeg import (  # jpeg_size: part of this module's interface
+    BAD_JSON,
+    BAD_LABEL,
+    LABEL_OUT_OF_RANGE,
+    LICENSE_FILTERED,
+    MISSING_JPG,
+    NO_JPEG_FRAME,
+    NOT_A_JPEG,
+    NOT_IN_LABEL_SPACE,
+    SHA256_MISMATCH,
+    SIZE_MISMATCH,
+    TRUNCATED_SHARD,
+    check_jpeg,
+    jpeg_size,  # noqa: F401
 )
 from flora.sharding.cache.derived import derived_dir
-from flora.sharding.format.schema import (
-    PERMISSIVE,
-    SampleMeta,
-    ShardFormatError,
-    index_line,
-    index_text,
-    read_class_mapping,
-    read_index,
-    read_manifest,
-)
-from flora.store import S3Url, StoreError, read_range
+from flora.sharding.format.reader import Shard, ShardReader, tar_stamp
+from flora.sharding.format.schema import PERMISSIVE, SampleMeta, ShardFormatError, index_line, index_text
+from flora.store import StoreError
 
 CACHE_FORMAT = 2  # 2: rows carry each sample's sha256
 SHA256_BYTES = 32
-_HASH_CHUNK = 1 << 20  # bytes read at a time when hashing a whole tar
 
 
 class LoaderError(FloraError, ValueError):
     """The shards cannot be loaded as configured; the message says what was found and expected."""
-
-
-@dataclass(frozen=True)
-class Shard:
-    path: Path | str  # absolute tar path, or its s3:// URL
-    rel: str  # as in the manifest
-    split: str
-    region: str
-    bytes: int = 0  # the manifest's size of the tar (0: not recorded)
-    sha256: str = ""  # the manifest's sha256 of the tar ("": not recorded)
-    tombstones: frozenset[str] = frozenset()  # keys the manifest says are removed (incremental builds)
 
 
 @dataclass
@@ -225,46 +213,20 @@ def buffer_shuffle(samples: np.ndarray, buffer: int, seed: int) -> np.ndarray:
 
 
 # ------------------------------------------------------------------------------------------ building
-def select_shards(
-    root: Path, split: str, regions: list[str] | None, store_root: str | None = None
-) -> list[Shard]:
-    """The shards of ``split`` (and ``regions``) that the manifest of ``root`` lists; with
-    ``store_root`` (an s3:// prefix; ``root`` is then its mirror) the tars are that prefix's."""
-    manifest = read_manifest(root)
-    prefix = S3Url.parse(store_root) if store_root else None
-    return [
-        Shard(
-            path=manifest.path(e) if prefix is None else prefix.join(e.path).url,
-            rel=e.path,
-            split=e.split,
-            region=e.region,
-            bytes=e.bytes,
-            sha256=e.sha256,
-            tombstones=frozenset(e.tombstones),
-        )
-        for e in manifest.select(split, regions)
-    ]
-
-
 def build_index(cfg: DataConfig, split: str) -> SampleIndex:
     """Selects, scans (or reads the scan cache) and filters the samples of ``split``."""
-    remote = is_remote(cfg.shards)
-    root = S3Url.parse(cfg.shards).url if remote else Path(cfg.shards).resolve()
     regions = cfg.regions
-    meta = root  # where manifest.json and the class mappings are read: the folder, or the store's mirror
     try:
         region = regions[0] if cfg.label_space == "region" else None
-        if remote:
-            meta = fetch_metadata(root, cfg.cache_root, region)
-        shards = select_shards(meta, split, regions, store_root=root if remote else None)
-        region_map = read_class_mapping(meta, region) if region is not None else None
-        global_map = read_class_mapping(meta)
+        reader = ShardReader(cfg.shards, cfg.cache_root)
+        root = reader.root
+        shards = reader.shards(split, regions)
+        region_map = reader.class_mapping(region) if region is not None else None
+        global_map = reader.class_mapping()
         cache_dir = _cache_dir(root, cfg.index_cache, cfg.cache_root)
         with ThreadPoolExecutor(max_workers=max(1, cfg.threads)) as pool:
-            scans = list(pool.map(lambda s: scan_shard(s, cfg.verify, cache_dir, meta), shards))
-    except ShardFormatError as exc:
-        raise LoaderError(translate(str(exc), meta, root) if remote else str(exc)) from None
-    except StoreError as exc:  # a missing bucket, refused credentials, an unreachable endpoint...
+            scans = list(pool.map(lambda s: scan_shard(s, cfg.verify, cache_dir, reader), shards))
+    except (ShardFormatError, StoreError) as exc:  # StoreError: a missing bucket, refused credentials...
         raise LoaderError(str(exc)) from None
     keys, labels, offsets, sizes, digests, bounds = [], [], [], [], [], [0]
     skipped: Counter = Counter()
@@ -277,17 +239,17 @@ def build_index(cfg: DataConfig, split: str) -> SampleIndex:
                 continue
             reason = problem
             if reason is None and cfg.production_only and license_class != PERMISSIVE:
-                reason = "license_filtered"
+                reason = LICENSE_FILTERED
             if reason is None and region_map is not None:
                 if latin not in region_map:
-                    reason = "not_in_label_space"
+                    reason = NOT_IN_LABEL_SPACE
                 else:
                     label = region_map[latin]
             if reason is None and not 0 <= label < len(global_map if region_map is None else region_map):
-                reason = "label_out_of_range"
+                reason = LABEL_OUT_OF_RANGE
             if reason is not None:
                 skipped[reason] += 1
-                if reason not in ("license_filtered",):
+                if reason != LICENSE_FILTERED:
                     bad.append({"shard": shard.rel, "key": key, "reason": reason})
                 continue
             keys.append(key)
@@ -355,13 +317,12 @@ class Row(NamedTuple):
 
 
 def scan_shard(
-    shard: Shard, verify: str, cache_dir: Path | None, mirror: Path | None = None
+    shard: Shard, verify: str, cache_dir: Path | None, reader: ShardReader
 ) -> tuple[list[Row], bool]:
     """Every sample of one tar with its label, jpg location and verification verdict (cached), and
     whether it was scanned now (False: read from the cache). A tar that disagrees with the manifest
-    is refused (``check_manifest``). A tar in the store needs ``mirror`` (remote.fetch_metadata's)."""
-    remote = is_remote(shard.path)
-    if remote:
+    is refused (``check_manifest_size``, ``check_manifest_sha256``)."""
+    if reader.remote:
         size, etag = tar_stamp(shard.path)
         if size is None:
             raise LoaderError(f"shard listed in the manifest is missing from the store: {shard.path}")
@@ -383,12 +344,13 @@ def scan_shard(
                 return [Row(*r) for r in data["rows"]], False
         except (OSError, ValueError, TypeError):
             pass  # a damaged cache entry is rebuilt
-    if remote and (table := fetch_table(str(shard.path), shard.sha256, *stamp[0][1:])) is not None:
+    if (table := reader.table(shard, *stamp[0][1:])) is not None:
         rows, found = [Row(*r[:6], None, r[6]) for r in table], shard.sha256  # the publisher's scan
-    elif remote:
-        rows, found = _scan_remote(shard, verify, mirror, stamp[0][1])
     else:
-        rows, found = _scan(shard, verify), None
+        with reader.scan(shard, stamp[0][1]) as tar:
+            rows = [_row(comps, get, tar.size, verify) for comps, get in tar]
+            whole = verify == "full" and shard.sha256 and not _damaged(rows)
+            found = tar.sha256() if whole else None
     if verify == "full":
         check_manifest_sha256(shard, rows, found)
     if cache is not None:
@@ -409,23 +371,19 @@ def check_manifest_size(shard: Shard, size: int | None) -> None:
 
 
 #: Sample problems that account for a tar's changed bytes (its sha256 then differs from the manifest's).
-_DAMAGE = frozenset(
-    {"sha256_mismatch", "not_a_jpeg", "no_jpeg_frame", "size_mismatch", "bad_json", "bad_label"}
-)
+_DAMAGE = frozenset({SHA256_MISMATCH, NOT_A_JPEG, NO_JPEG_FRAME, SIZE_MISMATCH, BAD_JSON, BAD_LABEL})
 
 
-def check_manifest_sha256(shard: Shard, rows: list[Row], found: str | None = None) -> None:
-    """Refuses a tar whose sha256 (``found``, else hashed now) is not the manifest's unless damaged
-    samples explain it (bit rot in a sample is skipped and counted; changed bytes that no sample check
-    sees are not bit rot we can skip around)."""
-    if not shard.sha256 or any(r.problem in _DAMAGE for r in rows):
+def _damaged(rows: list[Row]) -> bool:
+    return any(r.problem in _DAMAGE for r in rows)
+
+
+def check_manifest_sha256(shard: Shard, rows: list[Row], found: str | None) -> None:
+    """Refuses a tar whose sha256 (``found``: the scan's) is not the manifest's unless damaged samples
+    explain it (bit rot in a sample is skipped and counted; changed bytes that no sample check sees are
+    not bit rot we can skip around)."""
+    if not shard.sha256 or _damaged(rows):
         return  # nothing to compare with, or damaged samples (skipped, counted) account for a mismatch
-    if found is None:
-        h = hashlib.sha256()
-        with open(shard.path, "rb") as f:
-            while chunk := f.read(_HASH_CHUNK):
-                h.update(chunk)
-        found = h.hexdigest()
     if found != shard.sha256:
         raise LoaderError(
             f"shard {shard.rel}: the manifest lists sha256 {shard.sha256} ({shard.bytes} bytes), found "
@@ -445,59 +403,27 @@ def _stamp(*paths: Path) -> list:
     return out
 
 
-def _scan(shard: Shard, verify: str) -> list[Row]:
-    size_on_disk = shard.path.stat().st_size
-    with open(shard.path, "rb") as f:
-        return [_row(comps, lambda c: _read(f, c), size_on_disk, verify) for comps in read_index(shard.path)]
-
-
-def _scan_remote(shard: Shard, verify: str, mirror: Path, size: int) -> tuple[list[Row], str | None]:
-    """``_scan`` of a tar in the store, read front to back in one GET (each sample's members as one
-    span); with ``verify: full`` and a sha256 in the manifest, the tar's sha256 from the same pass."""
-    entries = read_index(fetch_index(str(shard.path), shard.rel, mirror))
-    stream = TarStream(str(shard.path))
-    rows: list[Row] = []
-    try:
-        for comps in entries:
-            start = min(c[0] for c in comps.values())
-            end = min(max(c[0] + c[1] for c in comps.values()), size)
-            if start >= stream.pos:
-                span = stream.read_at(start, max(0, end - start))
-            else:  # members listed out of tar order: this sample by byte range
-                span = read_range(S3Url.parse(str(shard.path)), start, max(0, end - start))
-            rows.append(_row(comps, lambda c, s=span, o=start: s[c[0] - o : c[0] - o + c[1]], size, verify))
-        whole = verify == "full" and shard.sha256 and not any(r.problem in _DAMAGE for r in rows)
-        return rows, stream.finish()[0] if whole else None
-    finally:
-        stream.close()
-
-
 def _row(comps: dict, get, size_on_disk: int, verify: str) -> Row:
     """One sample's Row from its index entry; ``get(member)`` returns a member's bytes."""
     name = next(iter(comps.values()))[2]
     key = name.split(".", 1)[0]
     if "jpg" not in comps:
-        return Row(key, -1, 0, 0, "", "", "missing_jpg", "")
+        return Row(key, -1, 0, 0, "", "", MISSING_JPG, "")
     off, size, _ = comps["jpg"]
     if off + size > size_on_disk:
-        return Row(key, -1, off, size, "", "", "truncated_shard", "")
+        return Row(key, -1, off, size, "", "", TRUNCATED_SHARD, "")
     meta, problem = SampleMeta(), None
     if "json" in comps:
         try:
             meta = SampleMeta.from_json(get(comps["json"]))
         except (ValueError, TypeError):
-            problem = "bad_json"
+            problem = BAD_JSON
     label = -1
     try:
         label = int(get(comps["cls"]).decode("ascii").strip()) if "cls" in comps else int(meta.label)
     except (ValueError, TypeError):
-        problem = problem or "bad_label"
+        problem = problem or BAD_LABEL
     if problem is None:
         problem = check_jpeg(get(comps["jpg"]), meta, verify)
     licence, latin = meta.license_class or "", meta.latin_name or ""
     return Row(key, label, off, size, licence, latin, problem, meta.sha256 or "")
-
-
-def _read(f, comp: tuple[int, int, str]) -> bytes:
-    f.seek(comp[0])
-    return f.read(comp[1])

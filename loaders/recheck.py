@@ -12,7 +12,9 @@ which re-reads given samples by byte offset and returns the ones that fail, with
   sha256 recorded when it was written is not suspected.
 
 A sample whose bytes are no longer there at all (the tar shrank) is ``truncated_shard``. Shards are
-checked in parallel (``threads``; hashing and decoding release the GIL), each read in offset order.
+checked in parallel (``threads``; hashing and decoding release the GIL), each read in offset order
+through the shard format's reader (``open_tar``: a local file, or ranged GETs in a store). The
+reasons are jpeg.py's ``SKIP_REASONS``.
 
 Leaves out: the first scan and its cache (index.py) and what a loader does with the verdicts
 (base.py leaves the samples out of later epochs and counts them; dali.py rebuilds a failed epoch).
@@ -28,13 +30,13 @@ import numpy as np
 from PIL import Image
 
 from flora.loaders.index import SampleIndex
-from flora.loaders.jpeg import check_jpeg
-from flora.loaders.remote import open_shard
+from flora.loaders.jpeg import DECODE_ERROR, SHA256_MISMATCH, TRUNCATED_SHARD, check_jpeg
+from flora.sharding.format.reader import open_tar
 from flora.sharding.format.schema import SampleMeta
 
+__all__ = ["DECODE_ERROR", "LEVELS", "recheck", "verdict"]  # DECODE_ERROR: the reference loader's too
+
 LEVELS = ("full", "header", "decode")
-DECODE_ERROR = "decode_error"
-TRUNCATED = "truncated_shard"
 
 
 def recheck(index: SampleIndex, samples: np.ndarray, level: str, threads: int = 1) -> dict[int, str]:
@@ -56,12 +58,12 @@ def recheck(index: SampleIndex, samples: np.ndarray, level: str, threads: int = 
 def _recheck_shard(index: SampleIndex, samples: np.ndarray, level: str) -> dict[int, str]:
     out: dict[int, str] = {}
     order = samples[np.argsort(index.jpg_offset[samples], kind="stable")]
-    with open_shard(index.shards[index.shard_of(int(order[0]))].path) as f:
+    with open_tar(index.shards[index.shard_of(int(order[0]))].path) as f:
         for sid in order.tolist():
             size = int(index.jpg_size[sid])
             f.seek(int(index.jpg_offset[sid]))
             data = f.read(size)
-            problem = TRUNCATED if len(data) < size else verdict(data, index.digest(sid), level)
+            problem = TRUNCATED_SHARD if len(data) < size else verdict(data, index.digest(sid), level)
             if problem is not None:
                 out[sid] = problem
     return out
@@ -70,7 +72,7 @@ def _recheck_shard(index: SampleIndex, samples: np.ndarray, level: str) -> dict[
 def verdict(data: bytes, digest: bytes | None, level: str) -> str | None:
     """None when ``data`` passes the ``level`` check, else the reason it fails."""
     if level != "header" and digest is not None:
-        return None if hashlib.sha256(data).digest() == digest else "sha256_mismatch"
+        return None if hashlib.sha256(data).digest() == digest else SHA256_MISMATCH
     problem = check_jpeg(data, SampleMeta(), "header")
     if problem is None and level == "decode":
         try:

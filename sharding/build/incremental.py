@@ -11,11 +11,12 @@ Owns:
 * **The increment** (saved as ``_work/increment.json`` before any job runs, so that a crash, or a
   re-run after success, reuses it instead of comparing again against a manifest that may already be
   the new one): every published shard is verified against its manifest sha256 and read (its samples'
-  ``json`` members, by the ``.idx`` offsets). A sample stays *live* when the new catalog has its
-  record (same sample key, split, region and label); otherwise its key becomes a **tombstone** of
-  that shard (removed records, and relabelled ones: removed + new). Kept shards are never rewritten.
-  A shard whose sha256 no longer matches is not kept: its records are planned again (rebuilt from the
-  cache or the network), it is listed in ``incremental.rebuilt_shards`` and removed at publication.
+  ``json`` members, through the shard format's reader: format/reader.py). A sample stays *live* when
+  the new catalog has its record (same sample key, split, region and label); otherwise its key becomes
+  a **tombstone** of that shard (removed records, and relabelled ones: removed + new). Kept shards are
+  never rewritten. A shard whose sha256 no longer matches is not kept: its records are planned again
+  (rebuilt from the cache or the network), it is listed in ``incremental.rebuilt_shards`` and removed
+  at publication.
 * **What is planned**: every record of the new catalog that is not live in a kept shard: new records,
   relabelled ones, and those that failed or were content duplicates last time (they come back from
   the cache, negative entries included, so they fail or dedup again without a request: accounting
@@ -34,7 +35,8 @@ search, so a new sample that repeats a kept one is dropped as a full build would
 difference: where a full build would keep the copy in an earlier split (a new train sample near a
 kept test sample), the kept one stays and the new one goes.
 
-Leaves out: running chunks (job.py), placing new parts and writing the manifest (finalize.py).
+Leaves out: running chunks (job.py), placing new parts and writing the manifest (finalize.py), and
+reading manifests and tars (format/: schema.py, reader.py).
 """
 
 from __future__ import annotations
@@ -51,11 +53,12 @@ from flora.io import sha256_file
 from flora.sharding.build.plan import WORK_DIR
 from flora.sharding.catalog.lineage import VERSION_FILE
 from flora.sharding.catalog.records import url_key
+from flora.sharding.format.reader import tar_samples
 from flora.sharding.format.schema import (
     MANIFEST,
     SampleMeta,
     ShardFormatError,
-    read_index,
+    read_manifest,
     safe_key,
     write_index,
 )
@@ -118,7 +121,7 @@ def plan_increment(out: Path, splits_dir: Path, fingerprint: dict) -> Increment 
         return Increment(**json.loads(saved.read_text(encoding="utf-8")))
     if not (out / MANIFEST).is_file():
         return None
-    manifest = json.loads((out / MANIFEST).read_text(encoding="utf-8"))
+    manifest = read_manifest(out).raw
     parent = manifest_version(manifest)
     version = fingerprint["splits_sha256"]
     if not _same_settings(manifest.get("build_settings"), build_settings(fingerprint)):
@@ -171,28 +174,19 @@ def _wanted(splits_path: Path) -> dict[str, tuple]:
 
 
 def shard_samples(tar: Path) -> list[tuple[str, SampleMeta]]:
-    """(key, json meta) of each sample of a published tar, read by its index's offsets."""
+    """(key, json meta) of each sample of a tar, read by its index's offsets (by its headers without
+    an index: a tar rewritten by ``drop_samples``)."""
     out = []
-    with open(tar, "rb") as fh:
-        for sample in read_index(tar):
-            if "json" not in sample:
-                raise ShardFormatError(f"{tar}: sample {sample} has no json member")
-            offset, size, name = sample["json"]
-            fh.seek(offset)
-            out.append((name.split(".", 1)[0], SampleMeta.from_json(fh.read(size))))
+    for sample in tar_samples(tar, ("json",)):
+        if sample.meta is None:
+            raise ShardFormatError(f"{tar}: sample {sample.key} has no json member")
+        out.append((sample.key, sample.meta))
     return out
 
 
 def stored_hashes(tar: Path, keys: set[str]) -> dict[str, tuple[str, list[str]]]:
     """``key -> perceptual_hashes`` of the stored JPEG of each of ``keys`` in a published tar."""
-    out = {}
-    with open(tar, "rb") as fh:
-        for sample in read_index(tar):
-            offset, size, name = sample.get("jpg", (0, 0, ""))
-            if name.split(".", 1)[0] in keys:
-                fh.seek(offset)
-                out[name.split(".", 1)[0]] = perceptual_hashes(fh.read(size))
-    return out
+    return {s.key: perceptual_hashes(s.jpg) for s in tar_samples(tar, ("jpg",), keys) if s.jpg is not None}
 
 
 def _index_of(path: str) -> int:
@@ -255,7 +249,7 @@ def _compact(out: Path) -> dict:
     if not plan_path.is_file():
         if not (out / MANIFEST).is_file():
             raise CompactError(f"--compact: no {MANIFEST} in {out} (build first)")
-        plan = _plan_compaction(out, json.loads((out / MANIFEST).read_text(encoding="utf-8")))
+        plan = _plan_compaction(out, read_manifest(out).raw)
         if not plan["moves"]:
             return plan["manifest"]  # no tombstones: nothing to rewrite
         tmp = plan_path.with_name(plan_path.name + ".tmp")
@@ -295,7 +289,7 @@ def _plan_compaction(out: Path, manifest: dict) -> dict:
             copy.unlink()
             moves.append([None, entry["path"]])
             continue
-        metas = [meta for _key, meta in shard_samples_from_tar(copy)]
+        metas = [meta for _key, meta in shard_samples(copy)]
         shards.append(
             {**entry, "samples": len(metas), "bytes": copy.stat().st_size, "sha256": sha256_file(copy),
              "classes": sorted({m.label for m in metas}), "tombstones": [],
@@ -307,18 +301,6 @@ def _plan_compaction(out: Path, manifest: dict) -> dict:
     new = {**manifest, "shards": shards, "compacted": done}
     new["totals"] = _totals(shards)
     return {"manifest": new, "moves": moves}
-
-
-def shard_samples_from_tar(tar: Path) -> list[tuple[str, SampleMeta]]:
-    """(key, json meta) of each sample of a tar without an index, read from its headers."""
-    import tarfile
-
-    with tarfile.open(tar, "r:") as fh:
-        return [
-            (m.name.split(".", 1)[0], SampleMeta.from_json(fh.extractfile(m).read()))
-            for m in fh
-            if m.name.endswith(".json")
-        ]
 
 
 def live_samples(entry: dict) -> int:

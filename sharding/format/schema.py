@@ -22,8 +22,8 @@ Owns the contract between the sharder and its readers (the loaders, training, ex
   removed, which readers must skip), plus ``version``/``parent`` (the catalog versions of this build
   and of the one it grew from), totals, accounting and run facts the sharder keeps there.
 
-Leaves out: writing tars (writer.py), deciding what goes where (build.py), reading samples in
-training order (loaders/index.py).
+Leaves out: writing tars (writer.py), reading a shard root, local or in a store (reader.py), deciding
+what goes where (sharding/build/), reading samples in training order (loaders/index.py).
 """
 
 from __future__ import annotations

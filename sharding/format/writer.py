@@ -9,11 +9,11 @@ Owns the bytes on disk of a shard:
   Headers are built here (``tar_header``: the exact bytes ``tarfile`` writes for such a member, a
   test checks it) rather than through ``tarfile``/webdataset: ``tarfile``'s stream writer was 70% of
   a warm rebuild's time, and importing webdataset imports torch (~500 MB, ~2 s in every worker).
-  Each part's DALI index lines are recorded while writing (format.py owns the index format).
+  Each part's DALI index lines are recorded while writing (schema.py owns the index format).
 * ``drop_samples`` rewrites a shard without some keys (content-hash duplicates found later).
 
-Leaves out: the format itself (format.py: members, keys, index files, manifest), which samples go
-where (build.py) and downloading (download.py).
+Leaves out: the format itself (schema.py: members, keys, index files, manifest), reading shards
+(reader.py), which samples go where (sharding/build/) and downloading (sharding/download/).
 """
 
 from __future__ import annotations

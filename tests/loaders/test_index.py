@@ -1,7 +1,9 @@
 """Sample selection and verification: region and license filters, regional labels, corrupt samples,
-the scan cache, and the epoch plan's rank cut (the same cut DALI's reader makes)."""
+the skip reasons (one list), the scan cache, and the epoch plan's rank cut (the same cut DALI's
+reader makes)."""
 
 import hashlib
+import io
 import json
 import tarfile
 from pathlib import Path
@@ -9,8 +11,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from flora.loaders import jpeg
 from flora.loaders.config import load_data_config
 from flora.loaders.index import LoaderError, buffer_shuffle, build_index, jpeg_size, rank_bounds
+from flora.loaders.jpeg import DECODE_ERROR, SKIP_REASONS
+from flora.loaders.recheck import verdict
+from flora.sharding.format.schema import read_index, write_index
 
 from .conftest import data_cfg
 
@@ -193,3 +199,108 @@ def test_jpeg_size_reads_the_frame_header(shard_root):
         meta = json.loads(t.extractfile(jpg.name.replace(".jpg", ".json")).read())
         assert jpeg_size(t.extractfile(jpg).read()) == (meta["width"], meta["height"])
     assert jpeg_size(b"\xff\xd8\xff\xda\x00\x02") is None
+
+
+# ------------------------------------------------------------------------------------- skip reasons
+def tiny_jpeg(width: int = 8, height: int = 6) -> bytes:
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("RGB", (width, height), (90, 140, 60)).save(buf, format="JPEG")
+    return buf.getvalue()
+
+
+def odd_shards(root: Path) -> Path:
+    """A one-tar shard root whose samples each earn one skip reason (key: the reason, or ``ok``)."""
+    jpg = tiny_jpeg()
+    good = {"latin_name": "Aa", "license_class": "permissive", "width": 8, "height": 6, "label": 0}
+    sha = hashlib.sha256(jpg).hexdigest()
+    samples = {  # key -> members (cls, jpg, json), in tar order; a missing one is left out
+        "ok": ("0", jpg, {**good, "sha256": sha}),
+        "missing_jpg": ("0", None, good),
+        "bad_json": ("0", jpg, "{not json"),
+        "bad_label": ("x", jpg, good),
+        "not_a_jpeg": ("0", b"hello", good),
+        "no_jpeg_frame": ("0", b"\xff\xd8\xff\xd9", good),
+        "size_mismatch": ("0", jpg, {**good, "width": 9}),
+        "sha256_mismatch": ("0", jpg, {**good, "sha256": "00" * 32}),
+        "license_filtered": ("0", jpg, {**good, "license_class": "restrictive"}),
+        "not_in_label_space": ("1", jpg, {**good, "latin_name": "Bb"}),
+        "label_out_of_range": ("7", jpg, good),
+        "truncated_shard": ("0", jpg, good),  # last: the tar is cut inside its jpg
+    }
+    tar_path = root / "train" / "EU" / "train-EU-000000.tar"
+    tar_path.parent.mkdir(parents=True)
+    with tarfile.open(tar_path, "w") as tar:
+        for key, (cls, data, meta) in samples.items():
+            members = {
+                "cls": cls.encode(),
+                "jpg": data,
+                "json": meta if isinstance(meta, str) else json.dumps(meta),
+            }
+            for ext, payload in members.items():
+                if payload is not None:
+                    payload = payload.encode() if isinstance(payload, str) else payload
+                    info = tarfile.TarInfo(f"{key}.{ext}")
+                    info.size = len(payload)
+                    tar.addfile(info, io.BytesIO(payload))
+    write_index(tar_path)
+    last_jpg = read_index(tar_path)[-1]["jpg"]
+    tar_path.write_bytes(tar_path.read_bytes()[: last_jpg[0] + last_jpg[1] // 2])
+    entry = {
+        "path": "train/EU/train-EU-000000.tar",
+        "split": "train",
+        "region": "EU",
+        "samples": len(samples),
+    }
+    (root / "manifest.json").write_text(json.dumps({"shards": [entry]}))
+    (root / "class_mapping.json").write_text(json.dumps({"Aa": 0, "Bb": 1}))
+    (root / "class_mapping_eu.json").write_text(json.dumps({"Aa": 0}))
+    return root
+
+
+def test_every_skip_reason_produced_is_in_the_list(tmp_path):
+    root = odd_shards(tmp_path)
+    runs = [
+        index_for(root, verify="header", production_only=True, region_filter="EU", label_space="region"),
+        index_for(root, verify="full"),
+    ]
+    produced = {s["reason"] for run in runs for s in run.skipped_samples} | {
+        r for run in runs for r in run.skipped
+    }
+    for run in runs:  # each sample is skipped for the reason it was made for, or kept
+        assert {(s["key"], s["reason"]) for s in run.skipped_samples} <= {(r, r) for r in SKIP_REASONS}
+        assert "ok" in run.keys
+    assert runs[0].skipped["license_filtered"] == 1 and "sha256_mismatch" in runs[0].keys  # header: no sha256
+    undecodable = (
+        b"\xff\xd8\xff\xc0\x00\x11\x08\x00\x10\x00\x10\x03\x01\x22\x00\x02\x11\x01\x03\x11\x01\xff\xd9"
+    )
+    produced.add(verdict(undecodable, None, "decode"))  # markers and a frame, but no image data
+    assert produced == set(SKIP_REASONS)
+    assert len(SKIP_REASONS) == len(set(SKIP_REASONS))
+
+
+def test_runtime_skips_must_name_a_listed_reason(tmp_path):
+    import torch
+
+    from flora.loaders.base import EpochLoader
+
+    cfg = load_data_config(data_cfg(odd_shards(tmp_path), verify="full", batch_size=1))
+    loader = EpochLoader(build_index(cfg, "train"), cfg, False, 0, 1, torch.device("cpu"))
+    loader.skip({0: DECODE_ERROR}, from_epoch=1)
+    assert loader.skipped[DECODE_ERROR] == 1 and loader.runtime_skips == {0: (DECODE_ERROR, 1)}
+    with pytest.raises(ValueError, match="skip reason must be one of"):
+        loader.skip({1: "gremlins"}, from_epoch=1)
+
+
+def test_the_loaders_spell_skip_reasons_only_in_the_list():
+    """Every module that produces a reason uses jpeg.py's named constants, never its own string."""
+    import ast
+
+    spelled = {}
+    for path in Path(jpeg.__file__).parent.glob("*.py"):
+        if path.name != "jpeg.py":
+            for node in ast.walk(ast.parse(path.read_text())):
+                if isinstance(node, ast.Constant) and node.value in SKIP_REASONS:
+                    spelled[path.name] = node.value
+    assert spelled == {}

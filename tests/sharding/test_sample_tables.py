@@ -10,7 +10,8 @@ import shutil
 
 import pytest
 
-from flora.loaders.index import Shard, scan_shard
+from flora.loaders.index import scan_shard
+from flora.sharding.format.reader import Shard, ShardReader
 from flora.sharding.format.schema import ShardFormatError, read_table, sample_rows, table_bytes, table_name
 
 
@@ -21,10 +22,11 @@ def manifest_shards(root):
 def test_table_rows_are_what_the_loaders_scan_finds(shard_root):
     shards = manifest_shards(shard_root)
     assert shards
+    reader = ShardReader(shard_root)
     for entry in shards:
         path = shard_root / entry["path"]
         shard = Shard(path, entry["path"], entry["split"], entry["region"], entry["bytes"], entry["sha256"])
-        scanned, _ = scan_shard(shard, "full", None)
+        scanned, _ = scan_shard(shard, "full", None, reader)
         rows = sample_rows(path, entry["sha256"])
         assert rows == [[r.key, r.label, r.jpg_offset, r.jpg_size, r.license_class, r.latin_name, r.sha256]
                         for r in scanned]  # fmt: skip
