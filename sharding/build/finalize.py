@@ -48,8 +48,8 @@ import numpy as np
 from flora.errors import storage_error
 from flora.io import sha256_file
 from flora.sharding.build.incremental import Increment, live_samples
-from flora.sharding.build.job import RESUME, load_marker
-from flora.sharding.build.plan import WORK_DIR, ChunkJob
+from flora.sharding.build.job import RESUME
+from flora.sharding.build.plan import WORK_DIR, ChunkJob, load_marker
 from flora.sharding.config import SPLIT_NAMES
 from flora.sharding.format.schema import DUPLICATES, FAILURES, MANIFEST, shard_name, write_index
 from flora.sharding.format.writer import drop_samples
@@ -153,7 +153,7 @@ def _finalize(
     repeats = 0
     next_index: Counter = Counter()
     version = release.get("version")
-    near_cfg = jobs[0].cfg.near_duplicates if jobs and jobs[0].cfg else NearDupConfig(enabled=False)
+    near_cfg = jobs[0].settings.cfg.near_duplicates if jobs else NearDupConfig(enabled=False)
     started = time.perf_counter()
     near = near_duplicates(jobs, near_cfg, increment.live if increment else ())
     run_stats["near_duplicates"] = {**asdict(near_cfg), "dropped": len(near),

@@ -249,7 +249,7 @@ RESUME = "run the build again (finished chunks are kept and reused)"
 def run_chunk(job: ChunkJob) -> dict:
     """Runs one chunk job (see module docstring), writes its marker, returns the marker's summary
     (counts, cache counters, memory) to the driver: the rest stays on disk until finalize."""
-    cfg = job.cfg
+    cfg = job.settings.cfg
     started = time.perf_counter()
     ship = localize(job)  # remote.py: on another node than the driver, work here, then ship via the store
     shutil.rmtree(job.work_dir, ignore_errors=True)  # a chunk without a marker is redone from scratch
@@ -360,13 +360,3 @@ def _delta(before: dict[str, int], after: dict[str, int]) -> dict[str, int]:
     counters = ("hits", "misses", "puts", "evictions", "corrupt", "too_large_for_cache")
     counters += ("write_failures", "read_failures")
     return {k: after[k] - before.get(k, 0) for k in counters if k in after}
-
-
-def load_marker(job: ChunkJob) -> dict | None:
-    path = job.work_dir / MARKER
-    if not path.is_file():
-        return None
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None  # a damaged marker: redo the chunk

@@ -1,7 +1,8 @@
 """The sharder's plan: catalog splits -> chunk jobs, deterministic and resumable.
 
 Owns ``ChunkJob`` (one planned shard: records of one ``(split, region)`` stream, by byte offset into
-the splits file), ``plan_jobs`` (each stream ordered by ``sha256(seed, url key)``, the seeded
+the splits file, with the ``JobSettings`` every job of a build carries; ``load_marker`` reads the
+marker of a finished one), ``plan_jobs`` (each stream ordered by ``sha256(seed, url key)``, the seeded
 shuffle, and cut into chunks of ``shards.max_samples`` records; only offsets are held, ~16 bytes a
 record), ``chunk_stream`` (the one chunking rule, shared by plans and retry rounds), retry rounds
 (``--retry-failed``: the records of ``failures.jsonl`` as new chunks, saved so that a crash resumes
@@ -39,6 +40,19 @@ _SAFE_NAME = re.compile(r"[A-Za-z0-9_]{1,64}")
 FAILURE_POLICY_KEYS = ("allow_networks", "max_bytes", "max_redirects")
 
 
+@dataclass(frozen=True)
+class JobSettings:
+    """What every chunk job of one build carries besides its records: the build config, the splits
+    file's sha256 (the catalog version being built) and, for an object-store output (remote.py), the
+    output's URL and the driver's node token (with them a job on another node works in its own staging
+    folder, reads the splits from the store and ships its chunk there)."""
+
+    cfg: BuildConfig
+    splits_sha256: str
+    remote: str | None = None
+    driver_token: str = ""
+
+
 @dataclass
 class ChunkJob:
     """One planned shard: records of one stream, by byte offset into the splits file."""
@@ -49,12 +63,8 @@ class ChunkJob:
     splits_path: str
     out_dir: str
     offsets: Sequence[int]  # a numpy int64 array when planned, a list when loaded from a retry round
-    use_negative_cache: bool = True
-    cfg: BuildConfig | None = None
-    #: An object-store output (remote.py): its URL, the driver's node token, the splits file's sha256.
-    remote: str | None = None
-    driver_token: str = ""
-    splits_sha256: str = ""
+    settings: JobSettings
+    use_negative_cache: bool = True  # False in a retry round: it re-attempts the URLs that failed
 
     @property
     def work_dir(self) -> Path:
@@ -65,15 +75,39 @@ class ChunkJob:
         return len(self.offsets)
 
 
+#: The fields of a job that a retry round's job file holds (the settings are the running build's).
+SAVED_FIELDS = ("chunk_id", "split", "region", "splits_path", "out_dir", "offsets", "use_negative_cache")
+
+
+def load_marker(job: ChunkJob) -> dict | None:
+    """The job's ``chunk.json`` (job.py writes it last); None while the chunk is unfinished or damaged."""
+    path = job.work_dir / MARKER
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None  # a damaged marker: redo the chunk
+
+
 def stream_order(stream: tuple[str, str]) -> tuple[int, str]:
     """Streams in global plan order: train, val, test; regions by name."""
     return SPLIT_NAMES.index(stream[0]), stream[1]
 
 
 def chunk_stream(
-    split: str, region: str, offsets: Sequence[int], splits_path, out_dir, per: int, prefix: str
+    split: str,
+    region: str,
+    offsets: Sequence[int],
+    splits_path,
+    out_dir,
+    settings: JobSettings,
+    prefix: str,
+    use_negative_cache: bool = True,
 ) -> list[ChunkJob]:
-    """One stream's records (in plan order) cut into chunks of ``per``: ``<prefix>NNNNNN`` each."""
+    """One stream's records (in plan order) cut into chunks of ``shards.max_samples``: ``<prefix>NNNNNN``
+    each."""
+    per = settings.cfg.shards.max_samples
     return [
         ChunkJob(
             f"{prefix}{c:06d}",
@@ -82,6 +116,8 @@ def chunk_stream(
             str(splits_path),
             str(out_dir),
             offsets[start : start + per].copy(),
+            settings,
+            use_negative_cache,
         )
         for c, start in enumerate(range(0, len(offsets), per))
     ]
@@ -121,9 +157,10 @@ class DamagedSplitsError(FloraError, ValueError):
 
 
 def plan_jobs(
-    splits_path: Path, out_dir: Path, cfg: BuildConfig, exclude: Container[str] = (), prefix: str = ""
+    splits_path: Path, out_dir: Path, settings: JobSettings, exclude: Container[str] = (), prefix: str = ""
 ) -> tuple[list[ChunkJob], int, list[dict]]:
     """Chunks every stream of the splits file; returns (jobs in global order, records, unreadable rows).
+    Every job carries ``settings`` (its build config: seed, chunk size, ``allow_damaged_splits``).
 
     ``exclude``: sample keys (``safe_key``) already sharded (an incremental build's kept shards,
     incremental.py): counted as records but not planned; ``prefix`` names the chunks of such a plan.
@@ -134,6 +171,7 @@ def plan_jobs(
     """
     import numpy as np
 
+    cfg = settings.cfg
     # 8 bytes a record for the rank and 8 for the offset: the plan's memory stays flat
     ranks: dict[tuple[str, str], array] = defaultdict(lambda: array("Q"))
     offsets: dict[tuple[str, str], array] = defaultdict(lambda: array("q"))
@@ -175,7 +213,7 @@ def plan_jobs(
     for split, region in sorted(ranks, key=stream_order):
         order = np.argsort(np.frombuffer(ranks[(split, region)], dtype=np.uint64), kind="stable")
         offs = np.frombuffer(offsets[(split, region)], dtype=np.int64)[order]
-        jobs += chunk_stream(split, region, offs, splits_path, out_dir, cfg.shards.max_samples, prefix)
+        jobs += chunk_stream(split, region, offs, splits_path, out_dir, settings, prefix)
         del ranks[(split, region)], offsets[(split, region)]
     return jobs, n, unreadable
 
@@ -189,17 +227,24 @@ def _why(exc: Exception) -> str:
     return str(exc)[:120]
 
 
-def retry_rounds(out: Path) -> list[ChunkJob]:
+def retry_rounds(out: Path, settings: JobSettings) -> list[ChunkJob]:
     """Chunk jobs of earlier ``--retry-failed`` rounds, from their saved job files, in round order."""
     jobs = []
     for path in sorted((out / WORK_DIR).glob("retry-round-*.json")):
-        jobs.extend(ChunkJob(**row) for row in json.loads(path.read_text(encoding="utf-8")))
+        rows = json.loads(path.read_text(encoding="utf-8"))
+        # files of earlier versions also hold the run's settings (always empty there): not read
+        jobs.extend(
+            ChunkJob(**{k: row[k] for k in SAVED_FIELDS if k in row}, settings=settings) for row in rows
+        )
     return jobs
 
 
-def new_retry_round(out: Path, splits_path: Path, cfg: BuildConfig, splits_sha256: str) -> list[ChunkJob]:
+def new_retry_round(out: Path, splits_path: Path, settings: JobSettings) -> list[ChunkJob]:
+    """Plans and saves a ``--retry-failed`` round: the records of ``failures.jsonl`` (but unreadable
+    lines) as new chunks ``retryNN-NNNNNN``, negative cache bypassed; none while an earlier round is
+    unfinished (it is resumed). Refuses failures of another catalog than ``settings.splits_sha256``."""
     manifest = json.loads((out / MANIFEST).read_text(encoding="utf-8"))
-    if manifest.get("splits_sha256") != splits_sha256:
+    if manifest.get("splits_sha256") != settings.splits_sha256:
         raise ConfigError(
             f"--retry-failed: {out}/failures.jsonl belongs to another catalog than {splits_path}; "
             "run a full build first"
@@ -217,12 +262,9 @@ def new_retry_round(out: Path, splits_path: Path, cfg: BuildConfig, splits_sha25
     jobs = []
     for stream in sorted(by_stream, key=stream_order):
         offs = by_stream[stream]
-        jobs += chunk_stream(*stream, offs, splits_path, out, cfg.shards.max_samples, f"retry{round_no:02d}-")
-    for job in jobs:
-        job.use_negative_cache = False  # a retry round re-attempts the URLs that failed
-    saved = [
-        {**{k: v for k, v in asdict(j).items() if k != "cfg"}, "offsets": list(map(int, j.offsets))}
-        for j in jobs
-    ]
+        jobs += chunk_stream(
+            *stream, offs, splits_path, out, settings, f"retry{round_no:02d}-", use_negative_cache=False
+        )
+    saved = [{**{k: getattr(j, k) for k in SAVED_FIELDS}, "offsets": list(map(int, j.offsets))} for j in jobs]
     (out / WORK_DIR / f"retry-round-{round_no:03d}.json").write_text(json.dumps(saved), encoding="utf-8")
     return jobs

@@ -54,9 +54,9 @@ from flora.errors import FloraError
 from flora.io import sha256_file
 from flora.sharding.build.incremental import catalog_lineage, manifest_version
 from flora.sharding.build.lock import LOCK_FILE
-from flora.sharding.build.plan import MARKER, WORK_DIR, ChunkJob
+from flora.sharding.build.plan import MARKER, WORK_DIR, ChunkJob, JobSettings, load_marker
 from flora.sharding.cache.derived import cache_root
-from flora.sharding.config import SPLIT_NAMES
+from flora.sharding.config import SPLIT_NAMES, BuildConfig
 from flora.sharding.format.schema import MANIFEST, sample_rows, table_bytes, table_name
 from flora.store import S3Url
 
@@ -80,9 +80,47 @@ class RemoteOutputError(FloraError, ValueError):
 
 @dataclass
 class Remote:
+    """An ``s3://`` output as a build sees it: the URL, this node's staging folder (where the build runs)
+    and the driver's node token. It offers the steps that set such an output apart from a local folder
+    (run.py's ``LocalOutput`` has the same ones, doing nothing): ``check`` the prefix, the
+    ``job_settings`` that let a job on another node ship its chunk, ``share_splits`` with such nodes,
+    ``fetch_chunk`` / ``collect`` a chunk that one finished, ``publish`` the finished set."""
+
     url: S3Url
     staging: Path
     token: str
+
+    @property
+    def folder(self) -> Path:
+        """Where the build runs: the staging folder."""
+        return self.staging
+
+    def check(self, splits_dir: Path | None, version: str | None) -> None:
+        """Refuses another data set's prefix; brings down a published set the staging folder lacks."""
+        _check_prefix(self, splits_dir, version)
+
+    def job_settings(self, cfg: BuildConfig, splits_sha256: str) -> JobSettings:
+        """A job on another node finds its output, the driver's token and the splits in the store."""
+        return JobSettings(cfg, splits_sha256, remote=self.url.url, driver_token=self.token)
+
+    def share_splits(self, splits_path: Path, sha256: str) -> None:
+        """Uploads the splits file once, for jobs on other nodes (they read records from it)."""
+        key = self.url.join(splits_key(sha256))
+        if store.head(key) is None:
+            store.upload_file(splits_path, key)
+
+    def fetch_chunk(self, job: ChunkJob) -> bool:
+        """Downloads a chunk another node finished; False if the store lacks it."""
+        return _fetch_chunk(self, job)
+
+    def collect(self, job: ChunkJob) -> None:
+        """After a job ran: its chunk comes down from the store if it ran on another node."""
+        if load_marker(job) is None:
+            self.fetch_chunk(job)
+
+    def publish(self, manifest: dict) -> dict:
+        """Publishes the finished set (see the module docstring); the manifest with ``published``."""
+        return {**manifest, "published": {"url": self.url.url, **_publish(self, manifest)}}
 
 
 def staging_dir(url: str) -> Path:
@@ -102,7 +140,7 @@ def prepare(out: str) -> Remote:
     return Remote(url, staging, token_file.read_text(encoding="ascii").strip())
 
 
-def check_prefix(remote: Remote, splits_dir: Path | None, version: str | None) -> None:
+def _check_prefix(remote: Remote, splits_dir: Path | None, version: str | None) -> None:
     """Refuses a prefix holding another data set's manifest; syncs down a published set staging lacks.
     ``version`` None (``--compact``): no data-set check, only the sync."""
     published = store.read_bytes(remote.url.join(MANIFEST))
@@ -162,13 +200,6 @@ def splits_key(sha256: str) -> str:
     return f"{WORK_DIR}/splits-{sha256}.jsonl"
 
 
-def share_splits(remote: Remote, splits_path: Path, sha256: str) -> None:
-    """Uploads the splits file once, for jobs on other nodes (they read records from it)."""
-    key = remote.url.join(splits_key(sha256))
-    if store.head(key) is None:
-        store.upload_file(splits_path, key)
-
-
 def _chunk_prefix(job: ChunkJob) -> str:
     return f"{WORK_DIR}/{job.split}/{job.region}/{job.chunk_id}"
 
@@ -176,23 +207,24 @@ def _chunk_prefix(job: ChunkJob) -> str:
 def localize(job: ChunkJob) -> bool:
     """In a chunk job: re-roots ``job`` on this node's staging folder when the driver's is not here
     (another node), fetching the splits file; returns whether the chunk must be shipped."""
-    if not job.remote:
+    settings = job.settings
+    if not settings.remote:
         return False
-    staging = staging_dir(job.remote)
+    staging = staging_dir(settings.remote)
     token = staging / NODE_TOKEN
-    if token.is_file() and token.read_text(encoding="ascii").strip() == job.driver_token:
+    if token.is_file() and token.read_text(encoding="ascii").strip() == settings.driver_token:
         return False  # the driver's node: its staging folder is this one
-    url = S3Url.parse(job.remote)
-    local_splits = staging / WORK_DIR / Path(splits_key(job.splits_sha256)).name
+    url = S3Url.parse(settings.remote)
+    local_splits = staging / WORK_DIR / Path(splits_key(settings.splits_sha256)).name
     if not local_splits.is_file():
-        store.download_file(url.join(splits_key(job.splits_sha256)), local_splits)
+        store.download_file(url.join(splits_key(settings.splits_sha256)), local_splits)
     job.out_dir, job.splits_path = str(staging), str(local_splits)
     return True
 
 
 def ship_chunk(job: ChunkJob) -> None:
     """Uploads a finished chunk's parts, then its marker, under ``_work/`` in the store."""
-    url = S3Url.parse(job.remote)
+    url = S3Url.parse(job.settings.remote)
     prefix = _chunk_prefix(job)
     files = sorted(p for p in job.work_dir.iterdir() if p.name != MARKER and not p.name.endswith(".tmp"))
     with ThreadPoolExecutor(UPLOAD_THREADS) as pool:
@@ -200,7 +232,7 @@ def ship_chunk(job: ChunkJob) -> None:
     store.upload_file(job.work_dir / MARKER, url.join(prefix, MARKER))  # the chunk is complete only now
 
 
-def fetch_chunk(remote: Remote, job: ChunkJob) -> bool:
+def _fetch_chunk(remote: Remote, job: ChunkJob) -> bool:
     """Downloads a chunk another node finished (parts, then the marker); False if the store lacks it."""
     prefix = remote.url.join(_chunk_prefix(job))
     marker = store.read_bytes(prefix.join(MARKER))
@@ -220,7 +252,7 @@ def fetch_chunk(remote: Remote, job: ChunkJob) -> bool:
 
 
 # ---------------------------------------------------------------------------------------- publication
-def publish(remote: Remote, manifest: dict) -> dict:
+def _publish(remote: Remote, manifest: dict) -> dict:
     """Uploads the staging folder's published set (see the module docstring); returns counts."""
     staging, url = remote.staging, remote.url
     listing = dict(store.list_objects(url))

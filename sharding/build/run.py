@@ -36,8 +36,11 @@ Accounting: records in = sharded + failed + content duplicates, checked and writ
 
 Where each step lives: planning and retry rounds (plan.py), a chunk job (job.py), finalize
 (finalize.py); this module runs them in order (``build``), holding the output folder's lock
-(lock.py: a second build on the same output refuses or waits). Leaves out: HTTP (download.py), image
-rules (images.py), the cache (cache.py), tar bytes (writer.py), where jobs run (distribute.py).
+(lock.py: a second build on the same output refuses or waits). What sets an ``s3://`` output apart
+(a prefix check, chunks shipped between nodes, publication) is the output object's (``Remote``,
+remote.py; ``LocalOutput`` here, where those steps do nothing), chosen once by ``open_output``.
+Leaves out: HTTP (download.py), image rules (images.py), the cache (cache.py), tar bytes (writer.py),
+where jobs run (distribute.py).
 """
 
 from __future__ import annotations
@@ -48,22 +51,26 @@ import os
 import shutil
 import time
 from collections import Counter
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from flora.sharding.build.finalize import finalize
-from flora.sharding.build.incremental import build_settings, compact, plan_increment
-from flora.sharding.build.job import load_marker, run_chunk
+from flora.sharding.build.incremental import Increment, build_settings, compact, plan_increment
+from flora.sharding.build.job import run_chunk
 from flora.sharding.build.lock import output_lock
 from flora.sharding.build.plan import (
     MARKER,
     PLAN_FILE,
     WORK_DIR,
+    ChunkJob,
+    JobSettings,
+    load_marker,
     new_retry_round,
     plan_fingerprint,
     plan_jobs,
     retry_rounds,
 )
-from flora.sharding.build.remote import Remote, check_prefix, fetch_chunk, prepare, publish, share_splits
+from flora.sharding.build.remote import Remote, prepare
 from flora.sharding.cache.config import cap_warning
 from flora.sharding.config import BuildConfig, ShardConfig
 from flora.sharding.format.schema import MANIFEST
@@ -72,6 +79,43 @@ from flora.store import is_remote
 __all__ = ["BuildConfig", "ShardConfig", "build", "compact_shards"]
 
 log = logging.getLogger(__name__)
+
+SPLITS_FILE = "dataset_splits.jsonl"
+
+
+@dataclass
+class LocalOutput:
+    """A folder output: the build runs in it. The steps an ``s3://`` output adds (``Remote``, remote.py)
+    do nothing here: no prefix to check, no chunk shipped between nodes, nothing to publish."""
+
+    folder: Path
+
+    def check(self, splits_dir: Path | None, version: str | None) -> None:
+        return None
+
+    def job_settings(self, cfg: BuildConfig, splits_sha256: str) -> JobSettings:
+        return JobSettings(cfg, splits_sha256)
+
+    def share_splits(self, splits_path: Path, sha256: str) -> None:
+        return None
+
+    def fetch_chunk(self, job: ChunkJob) -> bool:
+        return False
+
+    def collect(self, job: ChunkJob) -> None:
+        return None
+
+    def publish(self, manifest: dict) -> dict:
+        return manifest
+
+
+Output = LocalOutput | Remote
+
+
+def open_output(out_dir: str | Path) -> Output:
+    """``out_dir`` as an output: a folder, or ``s3://bucket/prefix`` (remote.py: the bucket checked, the
+    build staged in a local folder, then published)."""
+    return prepare(out_dir) if is_remote(out_dir) else LocalOutput(Path(out_dir))
 
 
 def build(splits_dir: str | Path, out_dir: str | Path, cfg: BuildConfig, retry_failed: bool = False) -> dict:
@@ -84,119 +128,167 @@ def build(splits_dir: str | Path, out_dir: str | Path, cfg: BuildConfig, retry_f
     refuses at once or, with ``cfg.wait_lock_s``, waits that long for it.
     """
     splits_dir = Path(splits_dir)
-    splits_path = splits_dir / "dataset_splits.jsonl"
-    if not splits_path.is_file():
-        raise FileNotFoundError(f"no dataset_splits.jsonl in {splits_dir} (run `flora catalog` first)")
+    if not (splits_dir / SPLITS_FILE).is_file():
+        raise FileNotFoundError(f"no {SPLITS_FILE} in {splits_dir} (run `flora catalog` first)")
     if not (splits_dir / "class_mapping.json").is_file():
         raise FileNotFoundError(f"no class_mapping.json in {splits_dir}")
     warning = cap_warning(cfg.cache)
     if warning:
         log.warning(warning)
-    remote = prepare(out_dir) if is_remote(out_dir) else None  # remote.py: s3://
-    out = remote.staging if remote else Path(out_dir)
-    with output_lock(out, cfg.wait_lock_s):  # one build per output folder, held until the manifest is written
-        return _build_locked(splits_dir, out, cfg, retry_failed, remote)
+    output = open_output(out_dir)
+    # one build per output folder, held until the manifest is written
+    with output_lock(output.folder, cfg.wait_lock_s):
+        return _build_locked(splits_dir, output, cfg, retry_failed)
 
 
-def _build_locked(
-    splits_dir: Path, out: Path, cfg: BuildConfig, retry_failed: bool, remote: Remote | None = None
-) -> dict:
-    from tqdm import tqdm
+def _build_locked(splits_dir: Path, output: Output, cfg: BuildConfig, retry_failed: bool) -> dict:
+    """Plans, runs the chunks still to do, finalizes and publishes (see the module docstring)."""
+    out, splits_path = output.folder, splits_dir / SPLITS_FILE
+    fingerprint = _open_work_area(out, splits_path, cfg)
+    version = fingerprint["splits_sha256"]
+    # s3: a prefix with another data set's manifest is refused; a published set staging lacks comes down
+    output.check(splits_dir, version)
+    planning = time.perf_counter()
+    plan = _plan(splits_dir, output, cfg, fingerprint, retry_failed)
+    if cfg.distributor != "local":  # a job on another node reads its records from the store
+        output.share_splits(splits_path, version)
+    todo = [job for job in plan.jobs if load_marker(job) is None and not output.fetch_chunk(job)]
+    plan_seconds = time.perf_counter() - planning  # with an incremental build's shard comparison
+    ran = _run(todo, output, cfg)
+    missing = [job.chunk_id for job in plan.jobs if not (job.work_dir / MARKER).is_file()]
+    if missing:
+        raise RuntimeError(f"chunks {missing[:5]} did not complete; run again to resume")
+    run_stats = _run_stats(out, version, plan, plan_seconds, ran, cfg, retry_failed)
+    manifest = finalize(
+        out, plan.jobs, plan.n_records, plan.unreadable, splits_dir, run_stats, plan.release, plan.increment
+    )
+    return output.publish(manifest)
 
-    from flora.sharding.build.distribute import run_jobs
 
-    splits_path = splits_dir / "dataset_splits.jsonl"
+def _open_work_area(out: Path, splits_path: Path, cfg: BuildConfig) -> dict:
+    """The plan's fingerprint, saved in the work area; a work area of another catalog or config is
+    emptied first (nothing in it can be reused)."""
     work = out / WORK_DIR
     fingerprint = plan_fingerprint(splits_path, cfg)
     plan_file = work / PLAN_FILE
     if plan_file.is_file() and json.loads(plan_file.read_text(encoding="utf-8")) != fingerprint:
-        shutil.rmtree(work)  # another catalog or config: nothing in the work area can be reused
+        shutil.rmtree(work)
     work.mkdir(parents=True, exist_ok=True)
     plan_file.write_text(json.dumps(fingerprint, sort_keys=True), encoding="utf-8")
-    if remote:  # another data set's manifest there is refused; a published set staging lacks comes down
-        check_prefix(remote, splits_dir, fingerprint["splits_sha256"])
+    return fingerprint
 
-    planning = time.perf_counter()
-    increment = plan_increment(out, splits_dir, fingerprint)  # incremental.py: kept shards, or None
+
+@dataclass
+class _Plan:
+    """Every job of this build (new, reused and retry rounds alike), the records in, the splits
+    file's unreadable lines, an incremental build's kept shards (None for a full build) and the
+    manifest's release fields (``version``, ``parent``, ``build_settings``)."""
+
+    jobs: list[ChunkJob]
+    n_records: int
+    unreadable: list[dict]
+    increment: Increment | None
+    release: dict
+
+
+def _plan(splits_dir: Path, output: Output, cfg: BuildConfig, fingerprint: dict, retry_failed: bool) -> _Plan:
+    """Plans the build's jobs (plan.py) over kept shards if any (incremental.py), then its retry rounds:
+    ``--retry-failed`` saves a new one, and earlier or unfinished ones are loaded."""
+    out, splits_path = output.folder, splits_dir / SPLITS_FILE
+    settings = output.job_settings(cfg, fingerprint["splits_sha256"])
+    increment = plan_increment(out, splits_dir, fingerprint)  # kept shards, or None
     if increment is None:
-        jobs, n_records, unreadable = plan_jobs(splits_path, out, cfg)
+        jobs, n_records, unreadable = plan_jobs(splits_path, out, settings)
     else:  # only records not live in a kept shard are planned, after the old shard indices
-        kept = increment.live_keys()
-        jobs, n_records, unreadable = plan_jobs(splits_path, out, cfg, kept, increment.prefix)
+        jobs, n_records, unreadable = plan_jobs(
+            splits_path, out, settings, increment.live_keys(), increment.prefix
+        )
     if retry_failed:
         if not (out / MANIFEST).is_file():
             raise FileNotFoundError(f"--retry-failed: no manifest.json in {out} (build first)")
-        new_retry_round(out, splits_path, cfg, fingerprint["splits_sha256"])  # saved; loaded just below
-    jobs += retry_rounds(out)  # earlier rounds, and one that a crash left unfinished
-    for job in jobs:
-        job.cfg = cfg
-        if remote:  # a job on another node ships its chunk through the store (remote.py)
-            job.remote, job.driver_token = remote.url.url, remote.token
-            job.splits_sha256 = fingerprint["splits_sha256"]
-    if remote and cfg.distributor != "local":
-        share_splits(remote, splits_path, fingerprint["splits_sha256"])
-    todo = [job for job in jobs if load_marker(job) is None and not (remote and fetch_chunk(remote, job))]
-
-    processes = cfg.processes or os.cpu_count() or 1
-    counts, cache = Counter(), Counter()
-    worker_peak = worker_anon = worker_file = 0.0
-    started = time.perf_counter()
-    hide = not os.isatty(2) if cfg.progress is None else not cfg.progress
-    with tqdm(total=sum(j.size for j in todo), unit=" img", desc="shards", disable=hide) as bar:
-        ray_options = {"ray_address": cfg.ray_address, "ray_loopback": cfg.ray_loopback}
-        for job, marker in run_jobs(run_chunk, todo, cfg.distributor, processes, **ray_options):
-            if remote and load_marker(job) is None:
-                fetch_chunk(remote, job)  # it ran on another node
-            counts.update(marker["counts"])
-            worker_peak = max(worker_peak, marker["peak_rss_mib"])
-            worker_anon = max(worker_anon, marker["anon_rss_mib"])
-            worker_file = max(worker_file, marker["file_rss_mib"])
-            cache.update(marker["cache"])
-            bar.update(job.size)
-            served = counts["from_cache"] + counts["from_network"]
-            bar.set_postfix(hit=f"{counts['from_cache'] / max(served, 1):.0%}", failed=counts["failed"])
-    seconds = time.perf_counter() - started
-    missing = [job.chunk_id for job in jobs if not (job.work_dir / MARKER).is_file()]
-    if missing:
-        raise RuntimeError(f"chunks {missing[:5]} did not complete; run again to resume")
-    run_stats = {
-        "splits_sha256": fingerprint["splits_sha256"],
-        "retry_rounds": len(list(work.glob("retry-round-*.json"))),
-        "plan_seconds": round(started - planning, 3),  # with an incremental build's shard comparison
-        "chunks_run": len(todo),
-        "chunks_reused": len(jobs) - len(todo),
-        "seconds": round(seconds, 3),
-        "images_per_s": round(sum(j.size for j in todo) / seconds, 1) if todo and seconds > 0 else None,
-        "from_cache": counts["from_cache"],
-        "from_network": counts["from_network"],
-        "failed": counts["failed"],
-        "cache": dict(sorted(cache.items())),
-        "distributor": cfg.distributor,
-        "processes": processes,
-        "retry_failed": retry_failed,
-        "worker_peak_rss_mib": worker_peak,
-        "worker_anon_rss_mib": worker_anon,
-        "worker_file_rss_mib": worker_file,
-    }
+        new_retry_round(out, splits_path, settings)  # saved; loaded just below
+    jobs += retry_rounds(out, settings)  # earlier rounds, and one that a crash left unfinished
     release = {
         "version": fingerprint["splits_sha256"],
         "parent": increment.parent if increment else None,
         "build_settings": build_settings(fingerprint),
     }
-    manifest = finalize(out, jobs, n_records, unreadable, splits_dir, run_stats, release, increment)
-    if remote:
-        manifest = {**manifest, "published": {"url": remote.url.url, **publish(remote, manifest)}}
-    return manifest
+    return _Plan(jobs, n_records, unreadable, increment, release)
+
+
+@dataclass
+class _Ran:
+    """What the jobs run now reported: outcome and cache counts, the workers' peak memory, the time."""
+
+    chunks: int
+    images: int
+    processes: int
+    counts: Counter = field(default_factory=Counter)
+    cache: Counter = field(default_factory=Counter)
+    worker_peak: float = 0.0
+    worker_anon: float = 0.0
+    worker_file: float = 0.0
+    seconds: float = 0.0
+
+    def add(self, marker: dict) -> None:
+        self.counts.update(marker["counts"])
+        self.worker_peak = max(self.worker_peak, marker["peak_rss_mib"])
+        self.worker_anon = max(self.worker_anon, marker["anon_rss_mib"])
+        self.worker_file = max(self.worker_file, marker["file_rss_mib"])
+        self.cache.update(marker["cache"])
+
+
+def _run(todo: list[ChunkJob], output: Output, cfg: BuildConfig) -> _Ran:
+    """Runs the jobs where ``cfg.distributor`` says (distribute.py), with a progress bar."""
+    from tqdm import tqdm
+
+    from flora.sharding.build.distribute import run_jobs
+
+    ran = _Ran(len(todo), sum(j.size for j in todo), cfg.processes or os.cpu_count() or 1)
+    started = time.perf_counter()
+    hide = not os.isatty(2) if cfg.progress is None else not cfg.progress
+    with tqdm(total=ran.images, unit=" img", desc="shards", disable=hide) as bar:
+        ray_options = {"ray_address": cfg.ray_address, "ray_loopback": cfg.ray_loopback}
+        for job, marker in run_jobs(run_chunk, todo, cfg.distributor, ran.processes, **ray_options):
+            output.collect(job)  # s3: a chunk that ran on another node comes down
+            ran.add(marker)
+            bar.update(job.size)
+            served = ran.counts["from_cache"] + ran.counts["from_network"]
+            bar.set_postfix(
+                hit=f"{ran.counts['from_cache'] / max(served, 1):.0%}", failed=ran.counts["failed"]
+            )
+    ran.seconds = time.perf_counter() - started
+    return ran
+
+
+def _run_stats(
+    out: Path, version: str, plan: _Plan, plan_seconds: float, ran: _Ran, cfg: BuildConfig, retry_failed: bool
+) -> dict:
+    """The manifest's ``last_run``: this run's facts (finalize adds its own)."""
+    return {
+        "splits_sha256": version,
+        "retry_rounds": len(list((out / WORK_DIR).glob("retry-round-*.json"))),
+        "plan_seconds": round(plan_seconds, 3),
+        "chunks_run": ran.chunks,
+        "chunks_reused": len(plan.jobs) - ran.chunks,
+        "seconds": round(ran.seconds, 3),
+        "images_per_s": round(ran.images / ran.seconds, 1) if ran.chunks and ran.seconds > 0 else None,
+        "from_cache": ran.counts["from_cache"],
+        "from_network": ran.counts["from_network"],
+        "failed": ran.counts["failed"],
+        "cache": dict(sorted(ran.cache.items())),
+        "distributor": cfg.distributor,
+        "processes": ran.processes,
+        "retry_failed": retry_failed,
+        "worker_peak_rss_mib": ran.worker_peak,
+        "worker_anon_rss_mib": ran.worker_anon,
+        "worker_file_rss_mib": ran.worker_file,
+    }
 
 
 def compact_shards(out_dir: str | Path, wait_lock_s: float = 0.0) -> dict:
     """``--compact``: rewrites shards with tombstones without them (incremental.py), under the lock."""
-    remote = prepare(out_dir) if is_remote(out_dir) else None
-    out = remote.staging if remote else Path(out_dir)
-    with output_lock(out, wait_lock_s):
-        if remote:
-            check_prefix(remote, None, None)
-        manifest = compact(out)
-        if remote:
-            manifest = {**manifest, "published": {"url": remote.url.url, **publish(remote, manifest)}}
-        return manifest
+    output = open_output(out_dir)
+    with output_lock(output.folder, wait_lock_s):
+        output.check(None, None)  # s3: no data-set check, only the sync
+        return output.publish(compact(output.folder))

@@ -55,8 +55,15 @@ from flora.sharding.catalog.lineage import (
 )
 from flora.sharding.catalog.records import Record, RecordError, put_meta, url_key, validate
 from flora.sharding.catalog.regions import RegionTable
-from flora.sharding.catalog.sources import Unparseable, open_source, redact
-from flora.sharding.catalog.split import assign_splits, canonical_json, dedup, leakage_report
+from flora.sharding.catalog.sources import JsonlSource, MongoSource, Unparseable, open_source, redact
+from flora.sharding.catalog.split import (
+    DedupResult,
+    SplitResult,
+    assign_splits,
+    canonical_json,
+    dedup,
+    leakage_report,
+)
 from flora.sharding.config import SPLIT_NAMES, CatalogConfig
 from flora.sharding.outputs import TMP_SUFFIX, OutputSet
 
@@ -170,126 +177,182 @@ def run_catalog(
 ) -> CatalogResult:
     """Runs the whole catalog stage (see module docstring) and returns its statistics; ``previous``:
     the output folder of an earlier version whose splits are kept (lineage.LineageError if unusable)."""
-    from tqdm import tqdm
-
     prev = load_previous(previous, cfg.split) if previous is not None else None
     licenses = LicenseTable.load(resolve_table(cfg.licenses_file, config_dir))
     regions = RegionTable.load(resolve_table(cfg.regions_file, config_dir))
     subset_names = sorted(set(regions.check_names(cfg.regions)))
     reader = open_source(source, cfg.mongo)
-
-    total = reader.count() if hasattr(reader, "count") else None
-    valid: list[Record] = []
-    rejects: list[dict[str, Any]] = []
-    n_input = 0
-    hide = not os.isatty(2) if cfg.progress is None else not cfg.progress
-    for position, raw in tqdm(reader, total=total, unit=" rec", desc="catalog", disable=hide):
-        n_input += 1
-        try:
-            record = _build(raw, licenses, regions)
-        except RecordError as exc:
-            shown = raw.text if isinstance(raw, Unparseable) else raw
-            rejects.append({"position": position, "reason": exc.reason, "message": str(exc), "record": shown})
-            continue
-        record.position = position
-        valid.append(record)
-
-    def reject(record: Record, reason: str, message: str) -> None:
-        rejects.append(
-            {"position": record.position, "reason": reason, "message": message, "record": record.to_dict()}
-        )
-
-    result = dedup(valid, cfg.species_conflict)
-    for record, reason, message in result.rejected:
-        reject(record, reason, message)
-    kept = result.kept
-    if cfg.production_only:
-        for r in kept:
-            if r.license_class != PERMISSIVE:
-                reject(r, "restrictive_license", f"license {r.license} is {r.license_class}; production_only")
-        kept = [r for r in kept if r.license_class == PERMISSIVE]
-    per_species = Counter(r.latin_name for r in kept)
-    minimum = cfg.split.min_images_per_species
-    for r in kept:
-        if per_species[r.latin_name] < minimum:
-            reject(r, "rare_species", f"{r.latin_name} has {per_species[r.latin_name]} images (< {minimum})")
-    kept = [r for r in kept if per_species[r.latin_name] >= minimum]
-
+    intake = _read(reader, licenses, regions, cfg.progress)
+    result = dedup(intake.valid, cfg.species_conflict)  # one record per URL (split.py)
+    intake.reject_all(result.rejected)
+    kept = _drop_restrictive(result.kept, intake) if cfg.production_only else result.kept
+    kept = _drop_rare(kept, cfg.split.min_images_per_species, intake)
     split = assign_splits(kept, cfg.split, prev.frozen if prev else None)
-    mapping = stable_mapping(prev.mapping if prev else None, (r.latin_name for r in kept))
-    for r in kept:
-        r.label = mapping[r.latin_name]
-    kept.sort(key=lambda r: (r.label, r.image_url))
-    rejects.sort(key=lambda row: (row["reason"], canonical_json(row["record"]), row["position"]))
-    # Sorted by URL then a digest of the content (not the content itself: 150k JSON strings would
-    # double the stage's peak memory), and streamed out row by row.
-    result.duplicates.sort(key=lambda d: (d[0].image_url, _digest(d[0]), d[2]))
-
+    mapping = _label(kept, prev)
+    _sort_for_output(kept, intake.rejects, result.duplicates)
     with OutputSet(out_dir) as outputs:
         _stage_dataset(outputs, "dataset", kept)
         outputs.json("class_mapping.json", mapping)
-        analysis = analyse(kept, cfg.split.group_by)
-        analysis["split_policy"] = {
-            "group_by": cfg.split.group_by,
-            "group_by_missing": split.group_by_missing,
-            "groups_moved_to_train": split.groups_moved_to_train,
-            "too_few_to_stratify": split.train_only,
-        }
-        species_rows, analysis["fractions"] = fraction_report(split, cfg.split)
-        outputs.jsonl("split_species.jsonl", species_rows)
-        changes, analysis["growth"] = (
-            compare(prev, kept, rejects, split, cfg.split.group_by) if prev else ([], None)
-        )
-        analysis["retired_classes"] = sorted(set(mapping) - {r.latin_name for r in kept})
-        outputs.jsonl("split_changes.jsonl", changes)
-        outputs.json("split_analysis.json", analysis)
-        version = version_record(
-            fingerprint(outputs.out_dir / f"dataset_splits.jsonl{TMP_SUFFIX}"),
-            cfg.split,
-            len(kept),
-            len(mapping),
-            prev,
-        )
-        outputs.json("catalog_version.json", version)
+        analysis = _stage_analysis(outputs, kept, mapping, split, intake.rejects, cfg, prev)
+        version = _stage_version(outputs, kept, mapping, cfg, prev)
         subsets = {name: _stage_subset(outputs, name, kept, cfg, prev) for name in subset_names}
-        outputs.jsonl("rejects.jsonl", rejects)
-        n_duplicates = outputs.jsonl(
-            "duplicates.jsonl",
-            (
-                {"reason": reason, "record": dup.to_dict(), "duplicate_of": keep.to_dict()}
-                for dup, keep, reason in result.duplicates
-            ),
-        )
-        stats = _stats(
-            reader.describe(), n_input, valid, kept, rejects, n_duplicates, result, analysis, subsets
-        )
-        stats.update(
-            licenses_unknown_raw=dict(sorted(licenses.unknown_raw.items())),
-            regions_unknown_countries=dict(sorted(regions.unknown_countries.items())),
-            region_conflicts=regions.conflicts,
-            config=to_dict(cfg),
-            version=version["fingerprint"],
-            growth=None
-            if prev is None
-            else {k: analysis["growth"][k] for k in ("kept", "new", "removed", "moved")},
-        )
+        n_duplicates = _stage_logs(outputs, intake.rejects, result.duplicates)
+        stats = {
+            **_stats(reader.describe(), intake, kept, n_duplicates, result, analysis, subsets),
+            **_provenance(licenses, regions, cfg, version, analysis, prev),
+        }
         if not stats["accounting_ok"]:  # a bug, not bad input: never let it pass silently
             raise AssertionError(f"catalog accounting broken: {stats}")
         outputs.json("export_stats.json", stats)
     return CatalogResult(out_dir=Path(out_dir), stats=stats, class_mapping=mapping, subsets=subsets)
 
 
+@dataclass
+class _Intake:
+    """The input records read so far, the valid ones, and the rows of ``rejects.jsonl``."""
+
+    n_input: int = 0
+    valid: list[Record] = field(default_factory=list)
+    rejects: list[dict[str, Any]] = field(default_factory=list)
+
+    def reject(self, record: Record, reason: str, message: str) -> None:
+        self.rejects.append(
+            {"position": record.position, "reason": reason, "message": message, "record": record.to_dict()}
+        )
+
+    def reject_all(self, rejected: Iterable[tuple[Record, str, str]]) -> None:
+        for record, reason, message in rejected:
+            self.reject(record, reason, message)
+
+
+def _read(
+    reader: JsonlSource | MongoSource, licenses: LicenseTable, regions: RegionTable, progress: bool | None
+) -> _Intake:
+    """Reads and validates every record of the source (records.py), licence and region resolved; an
+    invalid one is rejected with its position."""
+    from tqdm import tqdm
+
+    intake = _Intake()
+    total = reader.count() if hasattr(reader, "count") else None
+    hide = not os.isatty(2) if progress is None else not progress
+    for position, raw in tqdm(reader, total=total, unit=" rec", desc="catalog", disable=hide):
+        intake.n_input += 1
+        try:
+            record = _build(raw, licenses, regions)
+        except RecordError as exc:
+            shown = raw.text if isinstance(raw, Unparseable) else raw
+            intake.rejects.append(
+                {"position": position, "reason": exc.reason, "message": str(exc), "record": shown}
+            )
+            continue
+        record.position = position
+        intake.valid.append(record)
+    return intake
+
+
+def _drop_restrictive(records: list[Record], intake: _Intake) -> list[Record]:
+    """``production_only``: records whose licence is not permissive are rejected."""
+    for r in records:
+        if r.license_class != PERMISSIVE:
+            intake.reject(
+                r, "restrictive_license", f"license {r.license} is {r.license_class}; production_only"
+            )
+    return [r for r in records if r.license_class == PERMISSIVE]
+
+
+def _drop_rare(records: list[Record], minimum: int, intake: _Intake) -> list[Record]:
+    """Records of species with fewer than ``minimum`` images are rejected."""
+    per_species = Counter(r.latin_name for r in records)
+    for r in records:
+        if per_species[r.latin_name] < minimum:
+            intake.reject(
+                r, "rare_species", f"{r.latin_name} has {per_species[r.latin_name]} images (< {minimum})"
+            )
+    return [r for r in records if per_species[r.latin_name] >= minimum]
+
+
+def _label(records: list[Record], prev: PreviousCatalog | None) -> dict[str, int]:
+    """Sets each record's label from the class mapping (a previous version's indices kept); returns it."""
+    mapping = stable_mapping(prev.mapping if prev else None, (r.latin_name for r in records))
+    for r in records:
+        r.label = mapping[r.latin_name]
+    return mapping
+
+
+def _sort_for_output(kept: list[Record], rejects: list[dict[str, Any]], duplicates: list) -> None:
+    """Sorts, in place, what the stage writes, so that its files do not depend on the input's order."""
+    kept.sort(key=lambda r: (r.label, r.image_url))
+    rejects.sort(key=lambda row: (row["reason"], canonical_json(row["record"]), row["position"]))
+    # Sorted by URL then a digest of the content (not the content itself: 150k JSON strings would
+    # double the stage's peak memory), and streamed out row by row.
+    duplicates.sort(key=lambda d: (d[0].image_url, _digest(d[0]), d[2]))
+
+
+def _stage_analysis(
+    outputs: OutputSet,
+    kept: list[Record],
+    mapping: dict[str, int],
+    split: SplitResult,
+    rejects: list[dict[str, Any]],
+    cfg: CatalogConfig,
+    prev: PreviousCatalog | None,
+) -> dict[str, Any]:
+    """``split_analysis.json``, with ``split_species.jsonl`` and ``split_changes.jsonl`` beside it."""
+    analysis = analyse(kept, cfg.split.group_by)
+    analysis["split_policy"] = {
+        "group_by": cfg.split.group_by,
+        "group_by_missing": split.group_by_missing,
+        "groups_moved_to_train": split.groups_moved_to_train,
+        "too_few_to_stratify": split.train_only,
+    }
+    species_rows, analysis["fractions"] = fraction_report(split, cfg.split)
+    outputs.jsonl("split_species.jsonl", species_rows)
+    changes, analysis["growth"] = (
+        compare(prev, kept, rejects, split, cfg.split.group_by) if prev else ([], None)
+    )
+    analysis["retired_classes"] = sorted(set(mapping) - {r.latin_name for r in kept})
+    outputs.jsonl("split_changes.jsonl", changes)
+    outputs.json("split_analysis.json", analysis)
+    return analysis
+
+
+def _stage_version(
+    outputs: OutputSet,
+    kept: list[Record],
+    mapping: dict[str, int],
+    cfg: CatalogConfig,
+    prev: PreviousCatalog | None,
+) -> dict[str, Any]:
+    """``catalog_version.json``: the fingerprint of the staged splits file, split settings, lineage."""
+    splits_file = outputs.out_dir / f"dataset_splits.jsonl{TMP_SUFFIX}"
+    version = version_record(fingerprint(splits_file), cfg.split, len(kept), len(mapping), prev)
+    outputs.json("catalog_version.json", version)
+    return version
+
+
+def _stage_logs(outputs: OutputSet, rejects: list[dict[str, Any]], duplicates: list) -> int:
+    """``rejects.jsonl`` and ``duplicates.jsonl``; returns the number of duplicates."""
+    outputs.jsonl("rejects.jsonl", rejects)
+    return outputs.jsonl(
+        "duplicates.jsonl",
+        (
+            {"reason": reason, "record": dup.to_dict(), "duplicate_of": keep.to_dict()}
+            for dup, keep, reason in duplicates
+        ),
+    )
+
+
 def _stats(
     source: str,
-    n_input: int,
-    valid: list[Record],
+    intake: _Intake,
     kept: list[Record],
-    rejects: list[dict[str, Any]],
     n_duplicates: int,
-    result: Any,
+    result: DedupResult,
     analysis: dict[str, Any],
     subsets: dict[str, dict[str, Any]],
 ) -> dict[str, Any]:
+    """``export_stats.json``'s counts: where the input records went, and what was written."""
+    n_input, valid, rejects = intake.n_input, intake.valid, intake.rejects
     valid_classes = Counter(r.license_class for r in valid)
     return {
         "source": redact(source),
@@ -314,6 +377,27 @@ def _stats(
             name: {"records": s["total"]["records"], "classes": s["total"]["classes"]}
             for name, s in subsets.items()
         },
+    }
+
+
+def _provenance(
+    licenses: LicenseTable,
+    regions: RegionTable,
+    cfg: CatalogConfig,
+    version: dict[str, Any],
+    analysis: dict[str, Any],
+    prev: PreviousCatalog | None,
+) -> dict[str, Any]:
+    """``export_stats.json``'s context: unknown licences and countries, the config, the version, growth."""
+    return {
+        "licenses_unknown_raw": dict(sorted(licenses.unknown_raw.items())),
+        "regions_unknown_countries": dict(sorted(regions.unknown_countries.items())),
+        "region_conflicts": regions.conflicts,
+        "config": to_dict(cfg),
+        "version": version["fingerprint"],
+        "growth": None
+        if prev is None
+        else {k: analysis["growth"][k] for k in ("kept", "new", "removed", "moved")},
     }
 
 
