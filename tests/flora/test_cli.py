@@ -20,14 +20,6 @@ def test_help_lists_every_stage(capsys):
         assert name in out and stage.help in out
 
 
-@pytest.mark.parametrize("name", list(STAGES))
-def test_each_stage_has_help_under_its_flora_name(name, capsys):
-    with pytest.raises(SystemExit) as exit_:
-        main([*name.split(), "--help"])
-    assert exit_.value.code == 0
-    assert f"usage: flora {name}" in capsys.readouterr().out
-
-
 def test_unknown_stage_is_one_line_and_status_2(capsys):
     assert main(["exprot", "tfjs"]) == 2
     err = capsys.readouterr().err

@@ -1,5 +1,6 @@
-"""The wheel: an installed Flora (``pip install`` into a clean venv, run from another folder) runs
-``flora catalog`` and ``flora build`` with its bundled configs; the sample world is not in it."""
+"""The wheel: everything installs under the one name ``flora``; an installed Flora (``pip install`` into
+a clean venv, run from another folder) runs ``flora catalog`` and ``flora build`` with its bundled
+configs; the sample world is not in it."""
 
 import json
 import subprocess
@@ -26,8 +27,10 @@ def test_installed_wheel_runs_catalog_and_build_with_bundled_configs(tmp_path):
     run([sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", "-w", str(wheels), str(REPO)])
     (wheel,) = wheels.glob("flora-*.whl")
     names = zipfile.ZipFile(wheel).namelist()
-    assert "flora/configs/sharding_smoke.yaml" in names and "export/web/index.html" in names
-    assert not [n for n in names if n.startswith(("world/", "tests/", "benchmarks/"))]
+    assert "flora/configs/sharding_smoke.yaml" in names and "flora/export/web/index.html" in names
+    assert "flora/sharding/build/run.py" in names and "flora/loaders/factory.py" in names
+    tops = {n.split("/")[0] for n in names if not n.startswith("flora-")}  # flora-0.1.0.dist-info/
+    assert tops == {"flora"}, tops  # one installed name: no top-level sharding/, training/, world/...
 
     venv = tmp_path / "venv"
     run([sys.executable, "-m", "venv", str(venv)])
