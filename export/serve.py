@@ -130,7 +130,7 @@ def serve_in_thread(model_dir: str | Path, host: str = "127.0.0.1") -> tuple[Dem
 
 def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     parser = ArgumentParser(prog=prog or "flora serve", description=__doc__.split("\n")[0])
-    parser.add_argument("--model", required=True, help="a TF.js export folder (the --out of export.tfjs)")
+    parser.add_argument("--model", required=True, help="a TF.js export (the --out of flora export tfjs)")
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8000)
     parser.add_argument("--bundle", help="write the site as static files into this folder instead of serving")

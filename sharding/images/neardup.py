@@ -61,7 +61,7 @@ HASH_SIDE = 32
 LOW_FREQ = 8
 #: The DCT basis scaled to integers (12 bits): coefficients stay exact in int64 (< 2^43).
 _DCT_SCALE = 1 << 12
-#: Default threshold, measured by ``benchmarks/neardup.py`` (README "Near-duplicates"): with crop
+#: Default threshold, measured by ``benchmarks/neardup.py`` (docs/near-duplicates.md): with crop
 #: hashes, the smallest distance at which resized, re-encoded and 5%-cropped copies are all found
 #: (world and photos), distinct images of the sample world matching at 0.001% of pairs.
 DEFAULT_THRESHOLD = 8
