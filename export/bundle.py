@@ -33,6 +33,7 @@ from flora.io import sha256_file
 from flora.sharding.format.reader import ShardReader
 from flora.sharding.format.schema import MANIFEST, ShardFormatError
 from flora.store import StoreError, is_remote
+from flora.training.checkpoint import CheckpointError, Preprocessing, load_checkpoint
 
 FORMAT = 1
 
@@ -53,14 +54,14 @@ class Bundle:
     model: torch.nn.Module
     model_name: str
     labels: list[str]  # index -> species, the checkpoint's order
-    preprocessing: dict  # image_size, mean, std, crop_pct, val_resize
+    preprocessing: Preprocessing  # the checkpoint's: image_size, mean, std, crop_pct, val_resize
     temperature: float  # 1.0 when never calibrated
     calibrated: bool
     data: dict  # the checkpoint's data config (where its shards are)
 
     @property
     def image_size(self) -> int:
-        return int(self.preprocessing["image_size"])
+        return self.preprocessing.image_size
 
     @cached_property
     def transform(self):
@@ -68,7 +69,7 @@ class Bundle:
         from flora.loaders.reference import eval_transform
 
         p = self.preprocessing
-        return eval_transform(self.image_size, int(p["val_resize"]), p["mean"], p["std"])
+        return eval_transform(p.image_size, p.val_resize, p.mean, p.std)
 
 
 def labels_in_order(class_mapping: dict[str, int]) -> list[str]:
@@ -82,7 +83,6 @@ def labels_in_order(class_mapping: dict[str, int]) -> list[str]:
 
 def load_bundle(checkpoint: str | Path) -> Bundle:
     """Reads a Flora checkpoint (``weights_only``) and rebuilds its network on the CPU, in eval mode."""
-    from flora.training.checkpoint import CheckpointError, load_checkpoint
     from flora.training.models import ModelError, model_from_checkpoint
 
     path = Path(checkpoint)
@@ -92,18 +92,16 @@ def load_bundle(checkpoint: str | Path) -> Bundle:
     except (CheckpointError, ModelError) as exc:
         raise ExportError(str(exc)) from exc
     except RuntimeError as exc:  # load_state_dict: the weights do not fit the named architecture
-        name = state.get("model_name")
-        raise ExportError(f"{path}: the weights do not match model {name!r}: {exc}") from exc
-    temperature = state.get("temperature")
+        raise ExportError(f"{path}: the weights do not match model {state.model_name!r}: {exc}") from exc
     return Bundle(
         checkpoint=path,
         model=model.eval(),
-        model_name=str(state.get("model_name") or state["config"]["model"]["name"]),
-        labels=labels_in_order(state["class_mapping"]),
-        preprocessing=dict(state["preprocessing"]),
-        temperature=float(temperature) if temperature else 1.0,
-        calibrated=bool(temperature),
-        data=dict(state["config"].get("data") or {}),
+        model_name=state.model_name,
+        labels=labels_in_order(state.class_mapping),
+        preprocessing=state.preprocessing,
+        temperature=float(state.temperature) if state.temperature else 1.0,
+        calibrated=bool(state.temperature),
+        data=dict(state.data),
     )
 
 
@@ -126,12 +124,12 @@ def preprocess_spec(bundle: Bundle, layout: str, input_name: str, output_name: s
         "num_classes": len(bundle.labels),
         "input": {"name": input_name, "layout": layout, "shape": shape, "dtype": "float32", "color": "RGB"},
         "image_size": size,
-        "resize_shorter": int(p["val_resize"]),
+        "resize_shorter": p.val_resize,
         "crop": "center",
         "interpolation": "bilinear, antialiased",
         "scale": 1 / 255,
-        "mean": [float(v) for v in p["mean"]],
-        "std": [float(v) for v in p["std"]],
+        "mean": [float(v) for v in p.mean],
+        "std": [float(v) for v in p.std],
         "normalize": "x = (pixel * scale - mean) / std, per RGB channel",
         "output": {"name": output_name, "kind": "logits"},
         "temperature": bundle.temperature,

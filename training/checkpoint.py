@@ -1,27 +1,34 @@
-"""Checkpoints: what a run writes to resume exactly and what evaluation and export read.
+"""Checkpoints: the ``Checkpoint`` type a run writes to resume exactly and evaluation and export read.
 
-Owns the checkpoint format (``FORMAT``), atomic writes (a temporary file in the same folder, fsync,
-``os.replace``: a crash mid-write leaves the previous checkpoint intact), safe loading
-(``torch.load(weights_only=True)``: tensors, numbers, strings, lists and dicts only, never an
-arbitrary pickled object), and the RNG states of every generator the loop touches (Python, NumPy,
-torch CPU and CUDA), stored as plain tensors and lists so they pass ``weights_only``.
+Owns the checkpoint format (``FORMAT``) and its type, as ``Manifest`` and ``SampleMeta`` are the
+shards': ``Checkpoint`` (the network's weights and architecture, the class mapping, the typed
+``Preprocessing``, the experiment config as plain data, the counters, the calibrated temperature),
+with ``TrainingState`` (what only ``last_checkpoint.pt`` holds: optimizer, scheduler, scaler, EMA,
+best so far, every rank's RNG states, loader position and partial epoch losses). One way in,
+``load_checkpoint`` (``torch.load(weights_only=True)``: tensors, numbers, strings, lists and dicts
+only, never an arbitrary pickled object; then every field checked), and one way out,
+``save_checkpoint`` (atomic: a temporary file in the same folder, fsync, ``os.replace``: a crash
+mid-write leaves the previous checkpoint intact). The RNG states of every generator the loop touches
+(Python, NumPy, torch CPU and CUDA) are stored as plain tensors and lists so they pass ``weights_only``.
 
-A checkpoint is a dict:
-``format``, ``kind`` (``last`` | ``best``), ``model`` (the unwrapped state dict), ``ema`` (or None),
-``optimizer``, ``scheduler``, ``scaler``, ``epoch`` (the epoch in progress), ``step`` (optimizer
-steps), ``best`` ({metric, value, epoch}), ``rng`` (per rank), ``loader`` (per rank: each rank's
-loader position), ``config`` (the experiment as plain data), ``class_mapping`` (species name ->
-index), ``preprocessing`` ({image_size, mean, std, crop_pct, val_resize}), ``temperature`` (set by
-evaluation's calibration), ``model_name``, ``metrics`` (the validation metrics it was chosen by).
+On disk a checkpoint stays a plain dict (``Checkpoint.as_state``): ``format``, ``kind`` (``last`` |
+``best``), ``model`` (the unwrapped state dict), ``model_name``, ``class_mapping`` (species name ->
+index), ``preprocessing`` ({image_size, mean, std, crop_pct, val_resize}), ``config``, ``epoch``
+(the epoch in progress), ``step`` (optimizer steps), ``world_size``, ``temperature`` (set by
+evaluation's calibration, with ``temperature_split``); a best one adds ``metrics`` (the validation
+metrics it was chosen by) and ``ema_weights``; a last one adds the ``TrainingState`` fields
+(``optimizer``, ``scheduler``, ``scaler``, ``ema``, ``best`` ({metric, value, epoch, step}), ``rng``,
+``loader``, ``epoch_losses``: the last three per rank). Keys a reader does not know are ignored.
 
-A file ``torch.load`` cannot read (truncated, garbage, a pickle of arbitrary objects) is refused with
-one line naming the path and torch's reason in short, ``not a Flora checkpoint (torch.load: ...)``,
-without torch's advice to retry with the safe loading turned off. A run killed mid-write leaves its
-temporary (``.last_checkpoint.pt.<random>.tmp``); ``remove_stale_temporaries`` deletes those of a run
-folder when the next run starts there.
+Anything else is refused with one line naming the path, what was found and what was expected: a
+file ``torch.load`` cannot read (truncated, garbage, a pickle of arbitrary objects: torch's reason in
+short, ``not a Flora checkpoint (torch.load: ...)``, without its advice to retry with the safe
+loading turned off), another program's dict, a field of the wrong type. A run killed mid-write
+leaves its temporary (``.last_checkpoint.pt.<random>.tmp``); ``remove_stale_temporaries`` deletes
+those of a run folder when the next run starts there.
 
-Leaves out: deciding when to write (loop.py) and what evaluation adds (evaluate.py writes the fitted
-temperature back through ``update_checkpoint``).
+Leaves out: deciding when to write and what (loop.py), rebuilding the network (models.py) and what
+evaluation adds (evaluate.py writes the fitted temperature back through ``update_checkpoint``).
 """
 
 from __future__ import annotations
@@ -31,7 +38,10 @@ import random
 import re
 import tempfile
 import warnings
+from collections.abc import Callable
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -60,21 +70,193 @@ class CheckpointError(FloraError, RuntimeError):
     """A checkpoint is missing, unreadable, of another format or not what the caller needs."""
 
 
-def save_checkpoint(path: str | Path, state: dict) -> Path:
-    """Writes ``state`` to ``path`` atomically (never a half-written file under the final name)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save({"format": FORMAT, **state}, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+#: What a checkpoint is for: ``last`` resumes a run, ``best`` is evaluated and exported.
+KINDS = ("last", "best")
+#: Keys of a dict that is not a checkpoint named in a refusal (a state dict has hundreds).
+LISTED_KEYS = 4
+#: Longest value quoted in a refusal.
+VALUE_CHARS = 40
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def _is_str(value: Any) -> bool:
+    return isinstance(value, str)
+
+
+def _is_bool(value: Any) -> bool:
+    return isinstance(value, bool)
+
+
+def _is_dict(value: Any) -> bool:
+    return isinstance(value, dict)
+
+
+def _is_list(value: Any) -> bool:
+    return isinstance(value, list)
+
+
+def _is_rgb(value: Any) -> bool:
+    return isinstance(value, list | tuple) and len(value) == 3 and all(_is_number(v) for v in value)
+
+
+def _is_class_mapping(value: Any) -> bool:
+    return isinstance(value, dict) and all(isinstance(k, str) and _is_int(v) for k, v in value.items())
+
+
+def _is_optional(check: Callable[[Any], bool]) -> Callable[[Any], bool]:
+    return lambda value: value is None or check(value)
+
+
+def _found(value: Any) -> str:
+    """``value`` in a few words, for a refusal: its type and a short repr (a dict: its first keys)."""
+    if isinstance(value, dict):
+        keys = ", ".join(repr(k) for k in list(value)[:LISTED_KEYS])
+        return f"a dict with keys {keys}{', ...' if len(value) > LISTED_KEYS else ''}" if value else "{}"
+    text = repr(value)
+    text = text if len(text) <= VALUE_CHARS else text[: VALUE_CHARS - 3] + "..."
+    return f"{type(value).__name__} {text}"
+
+
+def _field(raw: dict, key: str, check: Callable[[Any], bool], expected: str, where: str = "") -> Any:
+    """``raw[key]`` when ``check`` accepts it; else a CheckpointError saying what was found and expected."""
+    if key not in raw:
+        if check(None):
+            return None
+        raise CheckpointError(f"the checkpoint has no {where}{key!r} ({expected} expected)")
+    value = raw[key]
+    if not check(value):
+        raise CheckpointError(f"the checkpoint's {where}{key} is {_found(value)}, expected {expected}")
+    return value
+
+
+@dataclass
+class Preprocessing:
+    """The input the network was trained for: evaluation's transform (the shorter side resized to
+    ``val_resize``, a centre crop of ``image_size``) and the per-channel normalisation."""
+
+    image_size: int
+    mean: list[float]
+    std: list[float]
+    crop_pct: float
+    val_resize: int
+
+    @classmethod
+    def from_state(cls, raw: dict) -> Preprocessing:
+        where = "preprocessing."
+        return cls(
+            image_size=_field(raw, "image_size", _is_int, "an integer", where),
+            mean=list(_field(raw, "mean", _is_rgb, "3 numbers", where)),
+            std=list(_field(raw, "std", _is_rgb, "3 numbers", where)),
+            crop_pct=_field(raw, "crop_pct", _is_number, "a number", where),
+            val_resize=_field(raw, "val_resize", _is_int, "an integer", where),
+        )
+
+    def as_state(self) -> dict:
+        return {"image_size": self.image_size, "mean": list(self.mean), "std": list(self.std),
+                "crop_pct": self.crop_pct, "val_resize": self.val_resize}  # fmt: skip
+
+
+@dataclass
+class TrainingState:
+    """What a ``last`` checkpoint adds for an exact resume; ``rng``, ``loader`` and ``epoch_losses``
+    hold one entry per rank (``epoch_losses``: ``{"sums", "seen"}`` of the epoch in progress)."""
+
+    optimizer: dict
+    scheduler: dict
+    scaler: dict
+    ema: dict | None  # the EMA's weights, or None without EMA
+    best: dict  # {metric, value, epoch, step} of the best validation so far
+    rng: list[dict]
+    loader: list[dict]
+    epoch_losses: list[dict]
+
+    @classmethod
+    def from_state(cls, raw: dict) -> TrainingState:
+        return cls(
+            **{k: _field(raw, k, _is_dict, "a dict") for k in ("optimizer", "scheduler", "scaler", "best")},
+            ema=_field(raw, "ema", _is_optional(_is_dict), "a state dict or None"),
+            **{
+                k: _field(raw, k, _is_list, "a list, one per rank") for k in ("rng", "loader", "epoch_losses")
+            },
+        )
+
+    def as_state(self) -> dict:
+        return {f.name: getattr(self, f.name) for f in fields(self)}  # shallow: the tensors as they are
+
+
+@dataclass
+class Checkpoint:
+    """A Flora checkpoint: a network, what it predicts, how its input is made, and how it was trained."""
+
+    kind: str  # "last" | "best" (KINDS)
+    model: dict[str, torch.Tensor]  # the unwrapped network's state dict (the EMA's when ema_weights)
+    model_name: str  # the timm architecture
+    class_mapping: dict[str, int]  # species name -> class index
+    preprocessing: Preprocessing
+    config: dict  # the experiment config as plain data (ExperimentConfig.as_dict())
+    epoch: int | None = None
+    step: int | None = None
+    world_size: int | None = None  # the ranks of the run that wrote it
+    temperature: float | None = None  # fitted by evaluation on ``temperature_split``; None: never calibrated
+    temperature_split: str | None = None
+    metrics: dict | None = None  # best: the validation metrics it was chosen by
+    ema_weights: bool | None = None  # best: whether ``model`` holds the EMA's weights
+    training: TrainingState | None = None  # last: what an exact resume restores
+
+    @property
+    def data(self) -> dict:
+        """The run's data config section (shards, selection, label space), as plain data."""
+        return self.config.get("data") or {}
+
+    @classmethod
+    def from_state(cls, state: Any) -> Checkpoint:
+        """What ``torch.load`` returned, checked field by field; CheckpointError (without the path)."""
+        if not isinstance(state, dict) or "format" not in state:
+            raise CheckpointError(
+                f"not a Flora checkpoint: found {_found(state)}, expected a dict with 'format': {FORMAT}, "
+                "'model', 'class_mapping', 'preprocessing' and 'config'"
+            )
+        if state["format"] != FORMAT:
+            raise CheckpointError(
+                f"not a Flora checkpoint of format {FORMAT}: found format {state['format']!r}"
+            )
+        kind = _field(state, "kind", lambda v: v in KINDS, " or ".join(map(repr, KINDS)))
+        config = _field(state, "config", _is_dict, "the experiment config as a dict")
+        optional_int = _is_optional(_is_int)
+        return cls(
+            kind=kind,
+            model=_field(state, "model", _is_dict, "a state dict"),
+            model_name=_model_name(state, config),
+            class_mapping=_field(state, "class_mapping", _is_class_mapping, "species name -> index"),
+            preprocessing=Preprocessing.from_state(_field(state, "preprocessing", _is_dict, "a dict")),
+            config=config,
+            epoch=_field(state, "epoch", optional_int, "an integer"),
+            step=_field(state, "step", optional_int, "an integer"),
+            world_size=_field(state, "world_size", optional_int, "an integer"),
+            temperature=_field(state, "temperature", _is_optional(_is_number), "a number or None"),
+            temperature_split=_field(state, "temperature_split", _is_optional(_is_str), "a split name"),
+            metrics=_field(state, "metrics", _is_optional(_is_dict), "a dict"),
+            ema_weights=_field(state, "ema_weights", _is_optional(_is_bool), "true or false"),
+            training=TrainingState.from_state(state) if kind == "last" else None,
+        )
+
+    def as_state(self) -> dict:
+        """The dict ``save_checkpoint`` writes (without ``format``); fields that are None and only one
+        kind has are left out, as the loop always wrote them."""
+        state = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "training"}
+        state["preprocessing"] = self.preprocessing.as_state()
+        for name in ("temperature_split", "metrics", "ema_weights"):
+            if state[name] is None:
+                del state[name]
+        state.update(self.training.as_state() if self.training is not None else {})
+        return state
 
 
 def remove_stale_temporaries(run_dir: str | Path) -> list[Path]:
@@ -116,8 +298,20 @@ def _short_reason(exc: BaseException, path: Path) -> str:
     return reason if len(reason) <= REASON_CHARS else reason[: REASON_CHARS - 3] + "..."
 
 
-def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict:
-    """Reads a Flora checkpoint with ``weights_only=True``; one clear line for anything else."""
+def _model_name(state: dict, config: dict) -> str:
+    """``model_name``, else the config's ``model.name`` (the same timm name in every file Flora wrote)."""
+    model = config.get("model")
+    name = state.get("model_name") or (model.get("name") if isinstance(model, dict) else None)
+    if not isinstance(name, str):
+        raise CheckpointError(
+            f"the checkpoint's model_name is {_found(name)}, expected a timm model name "
+            "(or one in config.model.name)"
+        )
+    return name
+
+
+def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> Checkpoint:
+    """The Flora checkpoint at ``path`` (read ``weights_only``); one clear line for anything else."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"no checkpoint at {path}")
@@ -129,21 +323,32 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
         raise CheckpointError(
             f"{path}: not a Flora checkpoint (torch.load: {_short_reason(exc, path)})"
         ) from exc
-    if not isinstance(state, dict) or state.get("format") != FORMAT:
-        found = state.get("format") if isinstance(state, dict) else type(state).__name__
-        raise CheckpointError(f"{path}: not a Flora checkpoint of format {FORMAT} (found {found!r})")
-    for key in ("model", "class_mapping", "config", "preprocessing"):
-        if key not in state:
-            raise CheckpointError(f"{path}: the checkpoint has no {key!r}")
-    return state
+    try:
+        return Checkpoint.from_state(state)
+    except CheckpointError as exc:
+        raise CheckpointError(f"{path}: {exc}") from None
 
 
-def update_checkpoint(path: str | Path, **changes) -> None:
-    """Rewrites a checkpoint with some keys replaced (atomically)."""
-    state = load_checkpoint(path)
-    state.update(changes)
-    state.pop("format", None)
-    save_checkpoint(path, state)
+def save_checkpoint(path: str | Path, checkpoint: Checkpoint) -> Path:
+    """Writes ``checkpoint`` to ``path`` atomically (never a half-written file under the final name)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save({"format": FORMAT, **checkpoint.as_state()}, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def update_checkpoint(path: str | Path, **changes: Any) -> None:
+    """Rewrites a checkpoint with some fields replaced (atomically), e.g. ``temperature=1.3``."""
+    save_checkpoint(path, replace(load_checkpoint(path), **changes))
 
 
 # ------------------------------------------------------------------------------------------------ RNG

@@ -34,7 +34,7 @@ from flora.loaders.config import load_data_config
 from flora.loaders.factory import make_loader, resolve_device
 from flora.loaders.index import LoaderError
 from flora.training import plots
-from flora.training.checkpoint import CheckpointError, load_checkpoint, update_checkpoint
+from flora.training.checkpoint import Checkpoint, CheckpointError, load_checkpoint, update_checkpoint
 from flora.training.distributed import destroy_distributed, init_distributed
 from flora.training.errors import TrainingError
 from flora.training.metrics import (
@@ -55,9 +55,9 @@ log = logging.getLogger(__name__)
 LISTED_SPECIES = 5
 
 
-def data_config(checkpoint: dict, shards: str | None, region: str | None, overrides: list[str]):
+def data_config(checkpoint: Checkpoint, shards: str | None, region: str | None, overrides: list[str]):
     """The checkpoint's data section for evaluation: its shards (or ``shards``), one region on request."""
-    data = dict(checkpoint["config"]["data"])
+    data = dict(checkpoint.data)
     if shards:
         data["shards"] = shards
     if region:
@@ -134,15 +134,15 @@ def evaluate(
     device = resolve_device(cfg, ddp.local_rank)
     amp = autocast_dtype("auto", device)
     model = model_from_checkpoint(checkpoint).to(device).eval()
-    names = [None] * len(checkpoint["class_mapping"])
-    for name, idx in checkpoint["class_mapping"].items():
+    names = [None] * len(checkpoint.class_mapping)
+    for name, idx in checkpoint.class_mapping.items():
         names[idx] = name
 
     def loader_for(split_name: str):
         loader = make_loader(cfg, split_name, False, rank, world_size, device)
-        if loader.index.class_mapping != checkpoint["class_mapping"]:
+        if loader.index.class_mapping != checkpoint.class_mapping:
             loader.close()
-            differences = mapping_difference(checkpoint["class_mapping"], loader.index.class_mapping)
+            differences = mapping_difference(checkpoint.class_mapping, loader.index.class_mapping)
             raise TrainingError(
                 f"the {split_name!r} shards' class mapping ({loader.index.num_classes} classes) is not the "
                 f"checkpoint's ({len(names)}): {differences}; evaluate on the shards (and label space) it "

@@ -27,6 +27,8 @@ import json
 import logging
 import math
 import time
+from collections.abc import Iterable, Iterator
+from typing import Any
 
 import torch
 from torch import nn
@@ -36,7 +38,10 @@ from flora.training import distill  # noqa: F401 - registers the "distill" objec
 from flora.training.checkpoint import (
     BEST,
     LAST,
+    Checkpoint,
     CheckpointError,
+    Preprocessing,
+    TrainingState,
     load_checkpoint,
     remove_stale_temporaries,
     rng_state,
@@ -51,7 +56,7 @@ from flora.training.models import ModelError, build_model, init_from_checkpoint
 from flora.training.objectives import Objective, build_objective
 from flora.training.precision import autocast, autocast_dtype
 from flora.training.predict import gather_predictions, predict
-from flora.training.runlog import RunLog
+from flora.training.runlog import RunLog, Window
 
 __all__ = [  # the loop's public names, including those now owned by their own modules
     "RESUME_FIXED", "Dist", "Trainer", "TrainingError", "autocast", "autocast_dtype", "destroy_distributed",
@@ -100,15 +105,14 @@ class Trainer:
             {"metric": "top1", "value": None, "epoch": None, "step": None},
         )
         self.log = RunLog(self.run_dir, self.ddp.main)
-        self.epoch_sums: dict[str, float] = {}  # loss terms summed over this epoch's micro-batches
-        self.epoch_seen = 0
+        self.epoch_window = Window()  # the epoch's loss sums (checkpointed) and this session's throughput
         self._loader_position: list[dict] | None = None  # every rank's, when an epoch was left early
         if resume:
             self._restore()
         torch.manual_seed(cfg.train.seed * 1000 + self.ddp.rank + 1 + self.step)  # dropout streams per rank
         if resume:
-            set_rng_state(self._resume_state["rng"][self.ddp.rank])
-            self._resume_state = None
+            set_rng_state(self._resume_rng[self.ddp.rank])
+            self._resume_rng = None
         forward_model = torch.compile(self.model) if cfg.train.compile else self.model
         if self.ddp.active:
             forward_model = wrap_ddp(forward_model, self.device)
@@ -132,10 +136,9 @@ class Trainer:
             source = load_checkpoint(path)
         except CheckpointError as exc:
             raise ModelError(f"model.init_from: {exc}") from exc
-        source_model = source["config"]["model"]["name"]
-        if source_model != self.cfg.model.name:
+        if source.model_name != self.cfg.model.name:
             raise ModelError(
-                f"model.init_from: {path} is a {source_model!r}, this run builds {self.cfg.model.name!r}"
+                f"model.init_from: {path} is a {source.model_name!r}, this run builds {self.cfg.model.name!r}"
             )
         return init_from_checkpoint(self.model, source, self.info.class_mapping)
 
@@ -176,45 +179,37 @@ class Trainer:
         self.scheduler.step_update(0)
 
     # ------------------------------------------------------------------------------ checkpointing
-    def _state(self, kind: str) -> dict:
-        """The checkpoint dict (collective: every rank must call it)."""
+    def _checkpoint(self, kind: str, model: dict, **parts) -> Checkpoint:
+        """This run's checkpoint of ``kind`` holding ``model``'s weights; ``parts``: what that kind adds."""
+        cfg, info = self.cfg, self.info
+        preprocessing = Preprocessing(
+            info.image_size, list(info.mean), list(info.std), cfg.data.augment.crop_pct, cfg.data.val_resize
+        )
+        return Checkpoint(
+            kind=kind, model=model, model_name=cfg.model.name, class_mapping=dict(info.class_mapping),
+            preprocessing=preprocessing, config=cfg.as_dict(), epoch=self.epoch, step=self.step,
+            world_size=self.ddp.world_size, **parts,
+        )  # fmt: skip
+
+    def _last(self) -> Checkpoint:
+        """The resume checkpoint (collective: every rank must call it)."""
         rngs = self.ddp.gather(rng_state())
         loaders = self._loader_position or self.ddp.gather(self.train_loader.state_dict())
-        return {
-            "kind": kind,
-            "model": self.model.state_dict(),
-            "ema": self.ema.module.state_dict() if self.ema is not None else None,
-            "optimizer": self.optimizer.state_dict(),
-            "scheduler": self.scheduler.state_dict(),
-            "scaler": self.scaler.state_dict(),
-            "epoch": self.epoch,
-            "step": self.step,
-            "best": dict(self.best),
-            "rng": rngs,
-            "loader": loaders,
-            "epoch_losses": self.ddp.gather({"sums": dict(self.epoch_sums), "seen": self.epoch_seen}),
-            **self._identity(),
-        }
-
-    def _identity(self) -> dict:
-        cfg, info = self.cfg, self.info
-        return {
-            "config": cfg.as_dict(),
-            "class_mapping": dict(info.class_mapping),
-            "model_name": cfg.model.name,
-            "preprocessing": {
-                "image_size": info.image_size,
-                "mean": list(info.mean),
-                "std": list(info.std),
-                "crop_pct": cfg.data.augment.crop_pct,
-                "val_resize": cfg.data.val_resize,
-            },
-            "temperature": None,
-            "world_size": self.ddp.world_size,
-        }
+        partial = {"sums": dict(self.epoch_window.sums), "seen": self.epoch_window.seen}
+        training = TrainingState(
+            optimizer=self.optimizer.state_dict(),
+            scheduler=self.scheduler.state_dict(),
+            scaler=self.scaler.state_dict(),
+            ema=self.ema.module.state_dict() if self.ema is not None else None,
+            best=dict(self.best),
+            rng=rngs,
+            loader=loaders,
+            epoch_losses=self.ddp.gather(partial),
+        )
+        return self._checkpoint("last", self.model.state_dict(), training=training)
 
     def save_last(self) -> None:
-        state = self._state("last")
+        state = self._last()
         if self.ddp.main:
             save_checkpoint(self.run_dir / LAST, state)
         self.ddp.barrier()
@@ -222,46 +217,43 @@ class Trainer:
     def _save_best(self, metrics: dict) -> None:
         if not self.ddp.main:
             return
-        weights = self.eval_model.state_dict()
-        save_checkpoint(
-            self.run_dir / BEST,
-            {
-                "kind": "best",
-                "model": weights,
-                "ema_weights": self.ema is not None and self.cfg.train.ema.evaluate,
-                "epoch": self.epoch,
-                "step": self.step,
-                "metrics": metrics,
-                **self._identity(),
-            },
+        ema_weights = self.ema is not None and self.cfg.train.ema.evaluate
+        best = self._checkpoint(
+            "best", self.eval_model.state_dict(), metrics=metrics, ema_weights=ema_weights
         )
+        save_checkpoint(self.run_dir / BEST, best)
 
     def _restore(self) -> None:
-        state = load_checkpoint(self.run_dir / LAST, map_location=self.device)
-        if state.get("world_size") != self.ddp.world_size:
+        checkpoint = load_checkpoint(self.run_dir / LAST, map_location=self.device)
+        state = checkpoint.training
+        if state is None:
             raise TrainingError(
-                f"--resume: the checkpoint was written by {state.get('world_size')} rank(s), this run has "
+                f"--resume: {self.run_dir / LAST} is a {checkpoint.kind!r} checkpoint, not a run's last"
+            )
+        if checkpoint.world_size != self.ddp.world_size:
+            raise TrainingError(
+                f"--resume: the checkpoint was written by {checkpoint.world_size} rank(s), this run has "
                 f"{self.ddp.world_size}; an exact resume needs the same number"
             )
         now = self.cfg.as_dict()
         for section in RESUME_FIXED:
-            if state["config"].get(section) != now.get(section):
+            if checkpoint.config.get(section) != now.get(section):
                 raise TrainingError(
                     f"--resume: config section {section!r} differs from the checkpoint's; resume with the "
                     "same config (or start a new run.name)"
                 )
-        self.model.load_state_dict(state["model"])
+        self.model.load_state_dict(checkpoint.model)
         if self.ema is not None:
-            self.ema.module.load_state_dict(state["ema"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
-        self.scaler.load_state_dict(state["scaler"])
-        self.step, self.epoch, self.best = int(state["step"]), int(state["epoch"]), dict(state["best"])
-        self.train_loader.load_state_dict(state["loader"][self.ddp.rank])
-        partial = state["epoch_losses"][self.ddp.rank]
-        self.epoch_sums, self.epoch_seen = dict(partial["sums"]), int(partial["seen"])
+            self.ema.module.load_state_dict(state.ema)
+        self.optimizer.load_state_dict(state.optimizer)
+        self.scheduler.load_state_dict(state.scheduler)
+        self.scaler.load_state_dict(state.scaler)
+        self.step, self.epoch, self.best = int(checkpoint.step), int(checkpoint.epoch), dict(state.best)
+        self.train_loader.load_state_dict(state.loader[self.ddp.rank])
+        partial = state.epoch_losses[self.ddp.rank]
+        self.epoch_window = Window(dict(partial["sums"]), int(partial["seen"]))
         self.log.restore(self.epoch)
-        self._resume_state = {"rng": state["rng"]}
+        self._resume_rng = state.rng
         if self.ddp.main:
             log.info("resumed %s at epoch %d, step %d", self.run_dir, self.epoch, self.step)
 
@@ -348,110 +340,107 @@ class Trainer:
         return float(self.optimizer.param_groups[0]["lr"])
 
     def _train_epoch(self, start_step: int) -> dict:
-        """Runs (the rest of) ``self.epoch``; returns counts and whether it ended or was stopped."""
+        """Runs (the rest of) ``self.epoch``: micro-batches, an optimizer step per accumulation group, a
+        log window every ``log_every`` steps, a checkpoint every ``checkpoint_every``; returns the epoch's
+        figures and whether it ended or was stopped."""
         cfg, loader = self.cfg.train, self.train_loader
-        loader.set_epoch(self.epoch)
-        micro_total = len(loader)
-        micro = loader.batches_done  # > 0 when resuming mid-epoch
-        self._loader_position = None
-        if micro == 0:  # else: resumed mid-epoch, the sums so far came with the checkpoint
-            self.epoch_sums, self.epoch_seen = {}, 0
-        sums, window, window_seen = self.epoch_sums, {}, 0
-        images, wait, stopped = 0, 0.0, False
+        micro, micro_total = self._start_epoch()
+        bar = self._progress_bar(micro, micro_total)
+        window = Window(first_in_epoch=True)  # the epoch's first window also holds the loader's start-up
+        epoch = self.epoch_window = self.epoch_window.restarted() if micro else Window()
         group: list[
             torch.Tensor
         ] = []  # per micro-batch: loss terms + valid rows, on the device until the step
-        bar = None
-        if self.ddp.main and cfg.progress:
-            from tqdm import tqdm
-
-            bar = tqdm(
-                total=micro_total, initial=micro, desc=f"epoch {self.epoch}", leave=False, dynamic_ncols=True
-            )
-        window_start, window_images, window_wait = time.perf_counter(), 0, 0.0
-        window_first = True  # the epoch's first window also holds the loader's start-up
-        epoch_start = time.perf_counter()
-        iterator = iter(loader)
-        while True:
-            t0 = time.perf_counter()
-            try:
-                batch = next(iterator)
-            except StopIteration:
-                break
-            waited = time.perf_counter() - t0
-            wait += waited
-            window_wait += waited
-            group_start = (micro // cfg.grad_accum) * cfg.grad_accum
-            group_size = min(cfg.grad_accum, micro_total - group_start)
-            last_in_group = micro - group_start == group_size - 1
-            sync = (
-                contextlib.nullcontext()
-                if last_in_group or not self.ddp.active
-                else self.forward_model.no_sync()
-            )
-            with sync:
-                with autocast(self.device, self.amp_dtype):
-                    out = self.objective(self.forward_model, batch)
-                self.scaler.scale(out["loss"] / group_size).backward()
-            keys = [k for k in ("loss", *self.objective.terms) if k in out]
-            group.append(
-                torch.stack([*(out[k].detach().float() for k in keys), batch["valid"].sum().float()])
-            )
+        stopped, batches = False, _timed(loader)  # batches lives to the return: so does the loader's iterator
+        for batch, waited in batches:
+            epoch.wait, window.wait = epoch.wait + waited, window.wait + waited
+            group_size, last_in_group = self._group_of(micro, micro_total)
+            keys, terms = self._micro_step(batch, group_size, last_in_group)
+            group.append(terms)
             micro += 1
-            if bar is not None:
-                bar.update(1)
+            bar.update(1)
             if not last_in_group:
                 continue
-            for row in torch.stack(group).tolist():  # one device sync per optimizer step, not per value
-                if not math.isfinite(row[0]):
-                    raise TrainingError(f"loss is {row[0]} at epoch {self.epoch}, step {self.step}")
-                for key, value in zip(keys, row, strict=False):
-                    sums[key] = sums.get(key, 0.0) + value
-                    window[key] = window.get(key, 0.0) + value
-                images += int(row[-1])
-                window_images += int(row[-1])
-            self.epoch_seen += len(group)
-            window_seen += len(group)
+            self._add_losses(keys, group, epoch, window)
             group = []
             self._optimizer_step()
             if self.step % cfg.log_every == 0:
-                now = time.perf_counter()
-                span = max(now - window_start, 1e-9)
-                scalars = {f"train/{k}": self.ddp.mean(v / window_seen) for k, v in window.items()}
-                scalars.update(
-                    {
-                        "train/lr": self._lr(),
-                        "train/images_per_s": window_images * self.ddp.world_size / span,
-                        "train/data_wait_fraction": window_wait / span,
-                    }
-                )
-                self._scalars(scalars)
-                self.log.window(
-                    self.epoch, self.step, window_first, scalars["train/images_per_s"], window_wait / span
-                )
-                window_first = False
-                if bar is not None:
-                    bar.set_postfix(loss=f"{window['loss'] / window_seen:.4f}", lr=f"{self._lr():.2e}")
-                window_start, window_images, window_wait, window, window_seen = now, 0, 0.0, {}, 0
-            done_now = self.step - start_step
-            stopped = self.stop_after is not None and done_now >= self.stop_after
+                window = self._log_window(window, bar)
+            stopped = self.stop_after is not None and self.step - start_step >= self.stop_after
             if self.step >= self.total_steps or stopped:
                 if micro < micro_total:  # taken while the loader's iterator is alive: the exact position
                     self._loader_position = self.ddp.gather(loader.state_dict())
                 break
             if self.step % cfg.checkpoint_every == 0 and micro < micro_total:
                 self.save_last()
-        if bar is not None:
-            bar.close()
-        epoch_done = micro >= micro_total
+        bar.close()
         return {
-            "images": images,
-            "data_wait_s": wait,
-            "seconds": time.perf_counter() - epoch_start,
-            "losses": {k: self.ddp.mean(v / max(self.epoch_seen, 1)) for k, v in sums.items()},
+            "images": epoch.images,
+            "data_wait_s": epoch.wait,
+            "seconds": time.perf_counter() - epoch.start,
+            "losses": {k: self.ddp.mean(v) for k, v in epoch.means().items()},
             "stopped": stopped,
-            "epoch_done": epoch_done,
+            "epoch_done": micro >= micro_total,
         }
+
+    def _start_epoch(self) -> tuple[int, int]:
+        """Sets the loader to ``self.epoch``; its micro-batches done (> 0: resumed mid-epoch) and in all."""
+        self.train_loader.set_epoch(self.epoch)
+        self._loader_position = None
+        return self.train_loader.batches_done, len(self.train_loader)
+
+    def _progress_bar(self, done: int, total: int):
+        """tqdm over the epoch's micro-batches, on rank 0 with ``train.progress`` (else a disabled one)."""
+        from tqdm import tqdm
+
+        return tqdm(total=total, initial=done, desc=f"epoch {self.epoch}", leave=False, dynamic_ncols=True,
+                    disable=not (self.ddp.main and self.cfg.train.progress))  # fmt: skip
+
+    def _group_of(self, micro: int, micro_total: int) -> tuple[int, bool]:
+        """The size of micro-batch ``micro``'s accumulation group, and whether it is the group's last."""
+        accum = self.cfg.train.grad_accum
+        group_start = (micro // accum) * accum
+        group_size = min(accum, micro_total - group_start)
+        return group_size, micro - group_start == group_size - 1
+
+    def _micro_step(
+        self, batch: dict, group_size: int, last_in_group: bool
+    ) -> tuple[list[str], torch.Tensor]:
+        """Forward and backward of one micro-batch, its loss scaled for its group (DDP syncs gradients on
+        the group's last only); the loss terms' names, and their values with the valid rows, on the device."""
+        if last_in_group or not self.ddp.active:
+            sync = contextlib.nullcontext()
+        else:
+            sync = self.forward_model.no_sync()
+        with sync:
+            with autocast(self.device, self.amp_dtype):
+                out = self.objective(self.forward_model, batch)
+            self.scaler.scale(out["loss"] / group_size).backward()
+        keys = [k for k in ("loss", *self.objective.terms) if k in out]
+        return keys, torch.stack([*(out[k].detach().float() for k in keys), batch["valid"].sum().float()])
+
+    def _add_losses(self, keys: list[str], group: list[torch.Tensor], *windows: Window) -> None:
+        """The group's loss terms, checked finite, added to each of ``windows``."""
+        rows = torch.stack(group).tolist()  # one device sync per optimizer step, not per value
+        for row in rows:
+            if not math.isfinite(row[0]):
+                raise TrainingError(f"loss is {row[0]} at epoch {self.epoch}, step {self.step}")
+        for window in windows:
+            window.add(keys, rows)
+
+    def _log_window(self, window: Window, bar) -> Window:
+        """The window's mean losses, learning rate, images/s and data wait to TensorBoard, the run log and
+        the progress bar; the next window, starting now."""
+        now = time.perf_counter()
+        images_per_s, wait = window.rates(now, self.ddp.world_size)
+        losses = window.means()
+        scalars = {f"train/{k}": self.ddp.mean(v) for k, v in losses.items()}
+        scalars.update({"train/lr": self._lr(), "train/images_per_s": images_per_s,
+                        "train/data_wait_fraction": wait})  # fmt: skip
+        self._scalars(scalars)
+        self.log.window(self.epoch, self.step, window.first_in_epoch, images_per_s, wait)
+        bar.set_postfix(loss=f"{losses['loss']:.4f}", lr=f"{self._lr():.2e}")
+        return Window(start=now)
 
     def _optimizer_step(self) -> None:
         clip = self.cfg.optim.clip_grad
@@ -476,6 +465,18 @@ class Trainer:
     @property
     def windows(self) -> list[dict]:
         return self.log.windows
+
+
+def _timed(batches: Iterable) -> Iterator[tuple[Any, float]]:
+    """``batches``' items, each with the seconds spent waiting for it (the data wait)."""
+    iterator = iter(batches)
+    while True:
+        t0 = time.perf_counter()
+        try:
+            batch = next(iterator)
+        except StopIteration:
+            return
+        yield batch, time.perf_counter() - t0
 
 
 def _prefixed(prefix: str, values: dict) -> dict:

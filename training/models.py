@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from flora.errors import FloraError
+from flora.training.checkpoint import Checkpoint
 from flora.training.config import ModelConfig
 
 log = logging.getLogger(__name__)
@@ -116,15 +117,15 @@ def remap_head(
 
 
 def init_from_checkpoint(
-    model: nn.Module, checkpoint: dict, class_mapping: dict[str, int]
+    model: nn.Module, checkpoint: Checkpoint, class_mapping: dict[str, int]
 ) -> dict[str, int | str]:
     """Loads a Flora checkpoint's weights into ``model``: the backbone as is, the head by species name.
 
-    The checkpoint must be the same architecture (its ``config.model.name``); image size may differ for
+    The checkpoint must be the same architecture (its ``model_name``); image size may differ for
     ViTs only if timm can resample (not done here: the position embeddings must match).
     """
-    source = checkpoint["model"]
-    source_mapping = checkpoint["class_mapping"]
+    source = checkpoint.model
+    source_mapping = checkpoint.class_mapping
     prefix = head_prefix(model)
     target = model.state_dict()
     head, copied = remap_head(source, target, prefix, source_mapping, class_mapping)
@@ -152,13 +153,12 @@ def init_from_checkpoint(
     return report
 
 
-def model_from_checkpoint(checkpoint: dict) -> nn.Module:
-    """A Flora checkpoint's network (architecture from its config, weights from ``model``), on the CPU."""
-    cfg = checkpoint["config"]["model"]
+def model_from_checkpoint(checkpoint: Checkpoint) -> nn.Module:
+    """A Flora checkpoint's network (its ``model_name`` for its classes and image size, its weights)."""
     model = build_model(
-        ModelConfig(name=cfg["name"]),
-        num_classes=len(checkpoint["class_mapping"]),
-        image_size=checkpoint["preprocessing"]["image_size"],
+        ModelConfig(name=checkpoint.model_name),
+        num_classes=len(checkpoint.class_mapping),
+        image_size=checkpoint.preprocessing.image_size,
     )
-    model.load_state_dict(checkpoint["model"])
+    model.load_state_dict(checkpoint.model)
     return model

@@ -22,15 +22,15 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from flora.errors import ArgumentParser, fail
-from flora.training.checkpoint import CheckpointError, load_checkpoint
+from flora.training.checkpoint import Checkpoint, CheckpointError, load_checkpoint
 from flora.training.evaluate import evaluate
 from flora.training.models import model_from_checkpoint
 
 
-def model_size(checkpoint: dict) -> dict:
+def model_size(checkpoint: Checkpoint) -> dict:
     """Parameters and multiply-accumulates of one image at the checkpoint's input size."""
     model = model_from_checkpoint(checkpoint).eval()
-    size = checkpoint["preprocessing"]["image_size"]
+    size = checkpoint.preprocessing.image_size
     with FlopCounterMode(display=False) as counter, torch.no_grad():
         model(torch.zeros(1, 3, size, size))
     return {
@@ -40,8 +40,8 @@ def model_size(checkpoint: dict) -> dict:
     }
 
 
-def _region(checkpoint: dict) -> str | None:
-    data = checkpoint["config"]["data"]
+def _region(checkpoint: Checkpoint) -> str | None:
+    data = checkpoint.data
     if data.get("label_space") == "region":
         region = data.get("region_filter")
         return region[0] if isinstance(region, list) else region
@@ -60,13 +60,13 @@ def _row(name: str, role: str, path: Path, split: str, region: str | None, out: 
     checkpoint = load_checkpoint(path)
     tag = f"{role}_{name}_{region or 'all'}".replace("/", "_")
     results = evaluate(path, split=split, region=region, out_dir=out / tag)
-    distill = checkpoint["config"].get("distill") or {}
+    distill = checkpoint.config.get("distill") or {}
     return {
         "name": name,
         "role": role,
         "checkpoint": str(path),
-        "model": checkpoint["model_name"],
-        "classes": len(checkpoint["class_mapping"]),
+        "model": checkpoint.model_name,
+        "classes": len(checkpoint.class_mapping),
         "test_set": region or "all",
         "soft_labels": distill.get("soft_labels") if distill else None,
         **{k: results["metrics"][k] for k in ("samples", "top1", "top5", "macro_top1", "ece")},

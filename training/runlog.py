@@ -4,20 +4,58 @@ Owns ``RunLog``: the per-epoch ``history`` (rows of ``metrics.json``'s ``epochs`
 resume), the per-window throughput rows (``windows``: images/s and data wait of each ``log_every``
 window, the first window of an epoch flagged as it also holds the loader's start), TensorBoard
 scalars (non-finite values skipped), and the final summary with ``curves.png``.
-Other ranks hold a RunLog that writes nothing.
+Other ranks hold a RunLog that writes nothing. Also ``Window``: the running figures of a stretch of
+training (a log window, or the epoch so far): loss terms summed per micro-batch, images, data wait.
 
-Leaves out: what the numbers are (loop.py computes them) and plotting details (plots.py).
+Leaves out: what the numbers are (loop.py computes the losses and times the data) and plotting
+details (plots.py).
 """
 
 from __future__ import annotations
 
 import json
 import math
+import time
 from pathlib import Path
 
 from flora.io import atomic_write_text
 
 METRICS = "metrics.json"
+
+
+class Window:
+    """A stretch of training as it goes: loss terms summed over its micro-batches (``seen`` of them),
+    the images those held and the seconds spent waiting for data, since ``start`` (``perf_counter``)."""
+
+    def __init__(
+        self, sums: dict[str, float] | None = None, seen: int = 0, start: float | None = None,
+        first_in_epoch: bool = False,
+    ):  # fmt: skip
+        self.start = time.perf_counter() if start is None else start
+        self.sums, self.seen = dict(sums or {}), seen
+        self.images, self.wait = 0, 0.0
+        self.first_in_epoch = first_in_epoch  # the epoch's first log window also holds the loader's start
+
+    def restarted(self) -> Window:
+        """The same loss sums with the images, the data wait and the clock starting now (a resumed epoch)."""
+        return Window(self.sums, self.seen)
+
+    def add(self, keys: list[str], rows: list[list[float]]) -> None:
+        """Micro-batches' rows: the loss terms named by ``keys``, then the images (valid rows) last."""
+        for row in rows:
+            for key, value in zip(keys, row, strict=False):
+                self.sums[key] = self.sums.get(key, 0.0) + value
+            self.images += int(row[-1])
+        self.seen += len(rows)
+
+    def means(self) -> dict[str, float]:
+        """Each loss term's mean over the micro-batches seen."""
+        return {k: v / max(self.seen, 1) for k, v in self.sums.items()}
+
+    def rates(self, now: float, world_size: int) -> tuple[float, float]:
+        """Images per second over ``world_size`` ranks (each seeing as many) and the data wait fraction."""
+        span = max(now - self.start, 1e-9)
+        return self.images * world_size / span, self.wait / span
 
 
 class RunLog:

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from flora.training.checkpoint import load_checkpoint
+from flora.training.checkpoint import Preprocessing, load_checkpoint
 from flora.training.config import DistillConfig, TeacherConfig
 from flora.training.models import ModelError, model_from_checkpoint
 
@@ -29,15 +29,17 @@ log = logging.getLogger(__name__)
 class Teacher(nn.Module):
     """A frozen teacher network with its class mapping and preprocessing."""
 
-    def __init__(self, network: nn.Module, class_mapping: dict[str, int], preprocessing: dict, name: str):
+    def __init__(
+        self, network: nn.Module, class_mapping: dict[str, int], preprocessing: Preprocessing, name: str
+    ):
         super().__init__()
         self.network = network.eval()
         for p in self.network.parameters():
             p.requires_grad_(False)
         self.class_mapping, self.name = class_mapping, name
-        self.image_size = int(preprocessing["image_size"])
-        self.register_buffer("mean", torch.tensor(preprocessing["mean"]).view(1, 3, 1, 1), persistent=False)
-        self.register_buffer("std", torch.tensor(preprocessing["std"]).view(1, 3, 1, 1), persistent=False)
+        self.image_size = preprocessing.image_size
+        self.register_buffer("mean", torch.tensor(preprocessing.mean).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(preprocessing.std).view(1, 3, 1, 1), persistent=False)
 
     @classmethod
     def from_config(cls, cfg: TeacherConfig) -> Teacher:
@@ -47,7 +49,7 @@ class Teacher(nn.Module):
             raise ModelError(f"distill.teachers: {exc}") from exc
         name = cfg.name or Path(cfg.checkpoint).resolve().parent.name
         return cls(
-            model_from_checkpoint(checkpoint), checkpoint["class_mapping"], checkpoint["preprocessing"], name
+            model_from_checkpoint(checkpoint), checkpoint.class_mapping, checkpoint.preprocessing, name
         )
 
     def train(self, mode: bool = True) -> Teacher:  # noqa: ARG002 - a teacher stays in eval mode

@@ -93,9 +93,9 @@ def test_the_pages_preprocessing_equals_pytorch_evaluation(student, tmp_path):
         images.append(buf.getvalue())
     spec = {
         "image_size": bundle.image_size,
-        "resize_shorter": int(bundle.preprocessing["val_resize"]),
-        "mean": bundle.preprocessing["mean"],
-        "std": bundle.preprocessing["std"],
+        "resize_shorter": bundle.preprocessing.val_resize,
+        "mean": bundle.preprocessing.mean,
+        "std": bundle.preprocessing.std,
         "scale": 1 / 255,
     }
     for i, data in enumerate(images):

@@ -7,7 +7,9 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
+from flora.training.checkpoint import Checkpoint, Preprocessing, TrainingState, rng_state
 from flora.training.config import load_experiment
 from flora.training.loop import Trainer
 
@@ -45,14 +47,41 @@ def experiment(shards: Path, run_root: Path, name: str = "run", **sections) -> d
     return cfg
 
 
+def make_checkpoint(kind: str = "best", **fields) -> Checkpoint:
+    """A small valid checkpoint of ``kind`` (a ``last`` one with a training state); ``fields`` replace
+    any of its fields."""
+    values = {
+        "kind": kind,
+        "model": {"w": torch.ones(2)},
+        "model_name": "test_vit",
+        "class_mapping": {"a": 0, "b": 1},
+        "preprocessing": Preprocessing(
+            image_size=32, mean=[0.5] * 3, std=[0.25] * 3, crop_pct=0.9, val_resize=36
+        ),
+        "config": {"model": {"name": "test_vit"}, "data": {"shards": "shards"}},
+        "epoch": 0,
+        "step": 3,
+        "world_size": 1,
+    }
+    if kind == "last":
+        values["training"] = TrainingState(
+            optimizer={"state": {}, "param_groups": []}, scheduler={}, scaler={}, ema=None,
+            best={"metric": "top1", "value": None, "epoch": None, "step": None}, rng=[rng_state()],
+            loader=[{"epoch": 0, "rank": 0}], epoch_losses=[{"sums": {"loss": 1.5}, "seen": 2}],
+        )  # fmt: skip
+    return Checkpoint(**{**values, **fields})
+
+
 def killed_save(path: Path) -> Path:
     """Runs ``save_checkpoint(path)`` in a process that dies after writing the bytes and before the
     rename, as a run killed mid-write does; returns the temporary it leaves behind."""
     script = (
         "import os, sys, torch\n"
-        "from training.checkpoint import save_checkpoint\n"
+        "from flora.training.checkpoint import Checkpoint, Preprocessing, save_checkpoint\n"
         "os.fsync = lambda fd: os._exit(9)\n"
-        "save_checkpoint(sys.argv[1], {'model': {'w': torch.ones(4)}})\n"
+        "pre = Preprocessing(32, [0.5] * 3, [0.5] * 3, 0.9, 36)\n"
+        "best = Checkpoint('best', {'w': torch.ones(4)}, 'test_vit', {'a': 0}, pre, {})\n"
+        "save_checkpoint(sys.argv[1], best)\n"
     )
     killed = subprocess.run([sys.executable, "-c", script, str(path)], cwd=Path(__file__).parents[2])
     assert killed.returncode == 9 and not path.exists()

@@ -14,6 +14,7 @@ from torch import nn
 
 from flora.loaders import create_dataloaders
 from flora.loaders.factory import make_loader
+from flora.training.checkpoint import Preprocessing
 from flora.training.config import DistillConfig, load_experiment
 from flora.training.distill import Distillation, Teacher, TeacherMix, build_mixer, kd_terms
 from flora.training.loop import Trainer
@@ -22,7 +23,7 @@ from flora.training.soft_labels import ensure_cache
 
 from .conftest import experiment
 
-PRE = {"image_size": 8, "mean": [0.0, 0.0, 0.0], "std": [1.0, 1.0, 1.0]}
+PRE = Preprocessing(image_size=8, mean=[0.0, 0.0, 0.0], std=[1.0, 1.0, 1.0], crop_pct=1.0, val_resize=8)
 
 
 class Fixed(nn.Module):
@@ -66,7 +67,8 @@ def test_kd_loss_by_hand():
 
 def test_teacher_is_frozen_and_sees_the_same_view_in_its_own_preprocessing():
     net = Fixed([[0.0, 1.0]])
-    teacher = Teacher(net, {"a": 0, "b": 1}, {"image_size": 4, "mean": [0.5] * 3, "std": [0.25] * 3}, "t")
+    preprocessing = Preprocessing(image_size=4, mean=[0.5] * 3, std=[0.25] * 3, crop_pct=1.0, val_resize=4)
+    teacher = Teacher(net, {"a": 0, "b": 1}, preprocessing, "t")
     mixer = TeacherMix([teacher], [1.0], {"a": 0, "b": 1}, 1.0, "per_class", [0.2] * 3, [0.1] * 3)
     student = nn.Sequential(nn.Flatten(), nn.Linear(3 * 8 * 8, 2))
     objective = Distillation(DistillConfig(teachers=[{"checkpoint": "x"}]), mixer, 0.0).train()

@@ -29,7 +29,11 @@ def test_evaluate_writes_metrics_calibration_and_figures(global_teacher, tmp_pat
     assert sum(b["count"] for b in results["reliability_bins"]["before"]) == m["samples"]
     for name in ("reliability.png", "confusion.png"):
         assert (tmp_path / "eval" / name).stat().st_size > 1000
-    assert load_checkpoint(global_teacher)["temperature"] == pytest.approx(results["temperature"])
+    calibrated = load_checkpoint(global_teacher)
+    assert (
+        calibrated.temperature == pytest.approx(results["temperature"])
+        and calibrated.temperature_split == "val"
+    )
     for pair in results["confused_pairs"]:
         assert pair["true"] != pair["predicted"] and pair["count"] >= 1
 
@@ -61,9 +65,9 @@ def test_region_filter_and_cli(global_teacher, tmp_path, capsys):
 def test_regional_teacher_from_the_global_one(teachers, tmp_path):
     regional = load_checkpoint(teachers["regional"])
     global_ = load_checkpoint(teachers["global"])
-    assert set(regional["class_mapping"]) < set(global_["class_mapping"])
+    assert set(regional.class_mapping) < set(global_.class_mapping)
     summary = json.loads((teachers["regional"].parent / "metrics.json").read_text())["summary"]
-    assert summary["init_from"]["species_copied"] == len(regional["class_mapping"])
+    assert summary["init_from"]["species_copied"] == len(regional.class_mapping)
     results = evaluate(teachers["regional"], split="test", calibration_split=None, out_dir=tmp_path / "eval")
     assert list(results["per_region"]) == ["EU_SW"]
     with pytest.raises(TrainingError, match="predicts the classes of region"):
@@ -85,8 +89,8 @@ def test_mapping_difference_names_the_species_bounded():
 
 
 def test_shards_of_another_label_space_are_refused_naming_the_species(teachers, capsys):
-    regional = load_checkpoint(teachers["regional"])["class_mapping"]
-    global_ = load_checkpoint(teachers["global"])["class_mapping"]  # the shards' global mapping
+    regional = load_checkpoint(teachers["regional"]).class_mapping
+    global_ = load_checkpoint(teachers["global"]).class_mapping  # the shards' global mapping
     argv = ["--checkpoint", str(teachers["regional"]), "--no-calibration", "data.label_space=global"]
     assert evaluate_main(argv) == 2
     err = capsys.readouterr().err

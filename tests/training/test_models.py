@@ -5,6 +5,8 @@ from safetensors.torch import save_file
 from flora.training.config import ModelConfig
 from flora.training.models import ModelError, build_model, head_prefix, init_from_checkpoint, remap_head
 
+from .conftest import make_checkpoint
+
 
 def test_remap_head_copies_rows_by_species_name():
     source_mapping = {"Quercus ilex": 0, "Olea europaea": 1, "Pinus pinea": 2}
@@ -28,7 +30,7 @@ def test_init_from_copies_the_backbone_and_maps_the_head():
     global_map = {f"species {i}": i for i in range(6)}
     regional_map = {"species 4": 0, "species 1": 1, "new species": 2}
     source = build_model(ModelConfig(name="test_vit"), 6, 32)
-    checkpoint = {"model": source.state_dict(), "class_mapping": global_map}
+    checkpoint = make_checkpoint(model=source.state_dict(), class_mapping=global_map)
     target = build_model(ModelConfig(name="test_vit"), 3, 32)
     fresh_new_row = target.state_dict()["head.weight"][2].clone()
     report = init_from_checkpoint(target, checkpoint, regional_map)
@@ -50,7 +52,7 @@ def test_init_from_refuses_another_architecture():
     with pytest.raises(ModelError, match="init_from"):
         init_from_checkpoint(
             target,
-            {"model": source.state_dict(), "class_mapping": {str(i): i for i in range(4)}},
+            make_checkpoint(model=source.state_dict(), class_mapping={str(i): i for i in range(4)}),
             {str(i): i for i in range(4)},
         )
 

@@ -36,11 +36,13 @@ def test_smoke_training_learns_and_writes_its_run(shard_root, tmp_path):
         assert (run / name).is_file(), name
     assert list((run / "tensorboard").glob("events.out.tfevents.*"))
     best = load_checkpoint(run / "best_model.pt")
-    assert best["class_mapping"] == trainer.info.class_mapping
-    assert best["preprocessing"]["image_size"] == 48 and best["preprocessing"]["mean"] == trainer.info.mean
-    assert best["metrics"]["top1"] == summary["best"]["value"]
+    assert best.kind == "best" and best.training is None and best.model_name == "test_vit"
+    assert best.class_mapping == trainer.info.class_mapping
+    assert best.preprocessing.image_size == 48 and best.preprocessing.mean == list(trainer.info.mean)
+    assert best.metrics["top1"] == summary["best"]["value"]
     last = load_checkpoint(run / "last_checkpoint.pt")
-    assert last["step"] == summary["steps"] and last["loader"][0]["epoch"] == 4
+    assert last.kind == "last" and last.step == summary["steps"] and last.training.loader[0]["epoch"] == 4
+    assert last.world_size == 1 and last.training.best == summary["best"]
 
 
 @pytest.mark.parametrize("backend", ["dali", "torch"])
@@ -79,7 +81,7 @@ def test_a_run_starts_by_removing_a_killed_runs_checkpoint_temporaries(shard_roo
     assert not leftover.exists() and other.exists()
     assert not list(run.glob(".*.pt.*.tmp"))  # nor any of this run's own
     assert f"removed 1 stale checkpoint temporaries from {run}" in caplog.text
-    assert load_checkpoint(run / "last_checkpoint.pt")["step"] == summary["steps"] == 2
+    assert load_checkpoint(run / "last_checkpoint.pt").step == summary["steps"] == 2
 
 
 def test_a_run_folder_is_not_overwritten_and_resume_needs_the_same_config(shard_root, tmp_path):
@@ -114,13 +116,13 @@ def test_ema_and_channels_last(shard_root, tmp_path):
     cfg["data"]["channels_last"] = True
     trainer, summary = _fit(cfg)
     best = load_checkpoint(tmp_path / "run" / "best_model.pt")
-    assert best["ema_weights"] is True
+    assert best.ema_weights is True
     for key, value in trainer.ema.module.state_dict().items():  # best = the validated (EMA) weights
-        assert torch.equal(best["model"][key], value.cpu()), key
+        assert torch.equal(best.model[key], value.cpu()), key
     assert not torch.equal(
         trainer.ema.module.state_dict()["head.weight"], trainer.model.state_dict()["head.weight"]
     )
-    assert load_checkpoint(tmp_path / "run" / "last_checkpoint.pt")["ema"] is not None
+    assert load_checkpoint(tmp_path / "run" / "last_checkpoint.pt").training.ema is not None
 
 
 @pytest.mark.slow
@@ -156,7 +158,7 @@ def test_torchrun_two_ranks_train_and_evaluate_exactly(shard_root, tmp_path):
     history = json.loads((tmp_path / "ddp" / "metrics.json").read_text())["epochs"]
     assert history[-1]["train_loss"] < history[0]["train_loss"]
     last = load_checkpoint(tmp_path / "ddp" / "last_checkpoint.pt")
-    assert [s["rank"] for s in last["loader"]] == [0, 1] and len(last["rng"]) == 2
+    assert [s["rank"] for s in last.training.loader] == [0, 1] and len(last.training.rng) == 2
     best = tmp_path / "ddp" / "best_model.pt"
     out2, out1 = tmp_path / "eval2", tmp_path / "eval1"
     evaluate = ["-m", "flora.training.evaluate", "--checkpoint", str(best), "--no-calibration", "--out"]
