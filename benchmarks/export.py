@@ -32,7 +32,7 @@ from benchmarks.results import RESULTS_DIR, group_panels, print_table, save_figu
 from flora.export import onnx as onnx_export
 from flora.export import tfjs
 from flora.export.bundle import load_bundle
-from flora.training.checkpoint import save_checkpoint
+from flora.training.checkpoint import Checkpoint, Preprocessing, save_checkpoint
 from flora.training.config import ModelConfig
 from flora.training.models import build_model
 
@@ -49,20 +49,16 @@ def production_checkpoint(path: Path, classes: int, size: int, seed: int = 0) ->
     crop_pct = 0.875
     save_checkpoint(
         path,
-        {
-            "kind": "best",
-            "model": model.state_dict(),
-            "model_name": "mobilenetv2_100",
-            "class_mapping": {f"species_{i:04d}": i for i in range(classes)},
-            "config": {"model": {"name": "mobilenetv2_100"}, "data": {}},
-            "preprocessing": {
-                "image_size": size,
-                **IMAGENET,
-                "crop_pct": crop_pct,
-                "val_resize": int(round(size / crop_pct)),
-            },
-            "temperature": None,
-        },
+        Checkpoint(
+            kind="best",
+            model=model.state_dict(),
+            model_name="mobilenetv2_100",
+            class_mapping={f"species_{i:04d}": i for i in range(classes)},
+            preprocessing=Preprocessing(
+                image_size=size, **IMAGENET, crop_pct=crop_pct, val_resize=int(round(size / crop_pct))
+            ),
+            config={"model": {"name": "mobilenetv2_100"}, "data": {}},
+        ),
     )
     return path
 

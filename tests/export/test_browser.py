@@ -78,7 +78,7 @@ def test_the_page_classifies_a_photo_like_pytorch(student, tfjs_export, tmp_path
             torch.tensor(result["input"], dtype=torch.float32).reshape(size, size, 3).permute(2, 0, 1)
         )
         # What the page fed the network is what evaluation feeds it (within one 8-bit level) ...
-        levels = (page_input - x).abs().permute(1, 2, 0).numpy() * np.array(bundle.preprocessing["std"]) * 255
+        levels = (page_input - x).abs().permute(1, 2, 0).numpy() * np.array(bundle.preprocessing.std) * 255
         assert levels.max() <= 1.01
         # ... TF.js in the page computes PyTorch's logits on that input (as close as float32 allows) ...
         on_page_input = torch_logits(bundle, page_input[None])[0]

@@ -20,7 +20,7 @@ from flora.export.bundle import (
     sample_inputs,
     write_metadata,
 )
-from flora.training.checkpoint import load_checkpoint
+from flora.training.checkpoint import load_checkpoint, save_checkpoint
 
 
 def test_labels_follow_the_class_index_not_the_mapping_order():
@@ -33,18 +33,18 @@ def test_bundle_carries_the_checkpoints_labels_preprocessing_and_temperature(stu
     state = load_checkpoint(student)
     bundle = load_bundle(student)
     assert not bundle.model.training
-    assert [bundle.labels[i] for i in state["class_mapping"].values()] == list(state["class_mapping"])
-    assert bundle.image_size == 64 == state["preprocessing"]["image_size"]
-    assert bundle.calibrated and bundle.temperature == pytest.approx(state["temperature"])
+    assert [bundle.labels[i] for i in state.class_mapping.values()] == list(state.class_mapping)
+    assert bundle.image_size == 64 == state.preprocessing.image_size
+    assert bundle.calibrated and bundle.temperature == pytest.approx(state.temperature)
 
     write_metadata(bundle, tmp_path, "NHWC", "input", "output_0")
     assert json.loads((tmp_path / "labels.json").read_text()) == bundle.labels
     spec = json.loads((tmp_path / "preprocess.json").read_text())
     assert spec == json.loads(json.dumps(preprocess_spec(bundle, "NHWC", "input", "output_0")))
     assert spec["input"]["shape"] == [None, 64, 64, 3] and spec["input"]["layout"] == "NHWC"
-    assert spec["resize_shorter"] == state["preprocessing"]["val_resize"]
-    assert spec["mean"] == pytest.approx(state["preprocessing"]["mean"])
-    assert spec["temperature"] == pytest.approx(state["temperature"])
+    assert spec["resize_shorter"] == state.preprocessing.val_resize
+    assert spec["mean"] == pytest.approx(state.preprocessing.mean)
+    assert spec["temperature"] == pytest.approx(state.temperature)
     assert spec["probabilities"] == "softmax(logits / temperature)"
 
 
@@ -67,8 +67,8 @@ def test_bad_checkpoints_fail_with_one_clear_error(tmp_path, student):
         load_bundle(tmp_path / "junk.pt")
     assert "weights_only" not in str(junk.value) and "\n" not in str(junk.value)
     state = load_checkpoint(student)
-    state["config"]["model"]["name"] = "mobilenetv2_100"  # weights of the 050 under another name
-    torch.save(state, tmp_path / "mismatch.pt")
+    state.model_name = "mobilenetv2_100"  # weights of the 050 under another name
+    save_checkpoint(tmp_path / "mismatch.pt", state)
     with pytest.raises(ExportError, match="do not match model"):
         load_bundle(tmp_path / "mismatch.pt")
 
