@@ -23,11 +23,10 @@ import socket
 from urllib.parse import urlsplit
 
 from flora import store
-from flora.sharding.format.reader import tar_stamp
 from flora.store import S3Url, StoreError, is_remote
 
-# is_remote, StoreError: the loaders' backends import them from here; tar_stamp: training/soft_labels.py.
-__all__ = ["StoreError", "aws_env", "dali_s3_check", "is_remote", "tar_stamp"]
+# is_remote, StoreError: the loaders' backends import them from here.
+__all__ = ["StoreError", "aws_env", "dali_s3_check", "is_remote"]
 
 
 def aws_env() -> dict[str, str]:

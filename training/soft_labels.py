@@ -37,8 +37,8 @@ import torch
 from flora.errors import ArgumentParser, fail
 from flora.loaders.backends import loader_class
 from flora.loaders.index import SampleIndex
-from flora.loaders.remote import tar_stamp
 from flora.sharding.cache.derived import derived_dir
+from flora.sharding.format.reader import tar_stamp
 from flora.training.distributed import Dist
 
 log = logging.getLogger(__name__)
