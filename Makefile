@@ -6,6 +6,10 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-stamp
 DEMO   ?= demo_out
 PYTEST_ARGS ?=
+# pytest-xdist workers (CI has 2 cores); each test file runs on one worker, files sharing a sample world on
+# the same one (tests/conftest.py). PYTEST_ARGS come last: PYTEST_ARGS="-n 0" runs in this process.
+PYTEST_WORKERS ?= 2
+PYTEST_XDIST   := -n $(PYTEST_WORKERS) --dist loadfile
 
 .PHONY: install tfjs-env js-deps browser-deps demo test test-fast lint docs s3-server bench-catalog \
 	bench-catalog-growth \
@@ -51,12 +55,12 @@ browser-deps:
 demo: $(STAMP) $(TFJS_STAMP) $(JS_STAMP)
 	$(PY) -m world.demo --out $(DEMO)
 
-# CI runs everything but GPU tests (slow, mongo and browser included).
+# CI runs everything but GPU tests (slow, mongo and browser included), and prints the 25 slowest.
 test: $(STAMP) $(TFJS_STAMP) $(JS_STAMP) browser-deps
-	$(PY) -m pytest -m "not gpu" $(PYTEST_ARGS)
+	$(PY) -m pytest -m "not gpu" $(PYTEST_XDIST) --durations=25 $(PYTEST_ARGS)
 
 test-fast: $(STAMP) $(TFJS_STAMP) $(JS_STAMP)
-	$(PY) -m pytest -m "not gpu and not slow" $(PYTEST_ARGS)
+	$(PY) -m pytest -m "not gpu and not slow" $(PYTEST_XDIST) $(PYTEST_ARGS)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check flora sharding loaders training export world tests benchmarks

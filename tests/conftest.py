@@ -1,12 +1,18 @@
 """Shared fixtures: a real MongoDB wire-protocol server (SecantusDB) on 127.0.0.1 for `mongo` tests,
-a real S3 server (SeaweedFS) on 127.0.0.1 for `s3` tests, and shards built by the real sharder from a
-small sample world over loopback (loaders, training)."""
+a real S3 server (SeaweedFS) on 127.0.0.1 for `s3` tests, sample worlds served over loopback, made once
+per session (``sample_world``), and shards built by the real sharder from one of them (loaders,
+training).
+
+Under pytest-xdist (``make test``: ``-n 2 --dist loadfile``) each worker makes its own session
+fixtures; each test file runs on one worker, and the files that share a world (``SHARED_WORLDS``) on
+the same one, so that world is made once."""
 
 import os
 import secrets
 import shutil
 import socket
 import threading
+import warnings
 from pathlib import Path
 
 import pytest
@@ -14,13 +20,58 @@ import pytest
 from flora.config import load_config
 from flora.sharding.build.run import BuildConfig, build
 from flora.sharding.cache.derived import ENV_VAR
-from flora.sharding.catalog.run import run_catalog
-from flora.sharding.config import CatalogConfig
-from world import ImageServer, WorldSpec, build_world
+from tests.worlds import LOADERS, ServedWorld, WorldCache
 from world.mongo import HAVE_PYMONGO, HAVE_SECANTUS, MongoTestServer
 from world.s3 import FOREIGN_AWS_VARS, HAVE_S3_SERVER, S3Server
 
 REPO = Path(__file__).resolve().parents[1]
+#: The test files that use each shared session world (tests/sharding/conftest.py). Under ``-n N --dist
+#: loadfile`` each worker makes the session fixtures it needs; ``pytest_xdist_make_scheduler`` keeps the
+#: files of one world on one worker so that the world (and its shards) is made once. A file missing here
+#: still passes (it makes the world again on its worker); ``pytest_collection_modifyitems`` warns.
+#: (``shard_root``, used by most loader and training files, is made on each worker: keeping all of
+#: them together would leave the other worker idle.)
+SHARED_WORLDS = {
+    "faulty_world": ("tests/sharding/test_build.py", "tests/sharding/test_s3_build.py"),
+    "clean_world": ("tests/sharding/test_ray_cluster.py",),
+    "small_world": ("tests/sharding/test_disk_faults.py", "tests/sharding/test_download_deadlines.py"),
+}
+
+
+@pytest.hookimpl(optionalhook=True, tryfirst=True)  # an xdist hook: before xdist's own choice
+def pytest_xdist_make_scheduler(config, log):
+    """``--dist loadfile`` (a test file is one unit of work, given to one worker) with the files of each
+    ``SHARED_WORLDS`` entry as one unit; other ``--dist`` modes are xdist's."""
+    if config.getvalue("dist") != "loadfile":
+        return None
+    from xdist.scheduler import LoadFileScheduling
+
+    unit = {path: files[0] for files in SHARED_WORLDS.values() for path in files}
+
+    class SharedWorldScheduling(LoadFileScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            path = super()._split_scope(nodeid)
+            return unit.get(path, path)
+
+    return SharedWorldScheduling(config, log)
+
+
+def pytest_collection_modifyitems(config, items) -> None:
+    """Warns about a test file that uses a shared world but is not listed with it in ``SHARED_WORLDS``."""
+    unlisted = set()
+    for item in items:
+        path = item.nodeid.split("::", 1)[0]
+        for world, files in SHARED_WORLDS.items():
+            if world in getattr(item, "fixturenames", ()) and path not in files:
+                unlisted.add((path, world))
+    for path, world in sorted(unlisted):
+        warnings.warn(
+            pytest.PytestWarning(
+                f"{path} uses the session fixture {world} but is not listed with it in SHARED_WORLDS "
+                "(tests/conftest.py): under xdist it may make that world again on another worker"
+            ),
+            stacklevel=1,
+        )
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -91,16 +142,20 @@ def dead_endpoint():
 
 
 @pytest.fixture(scope="session")
-def shard_root(tmp_path_factory) -> Path:
+def sample_world(tmp_path_factory):
+    """The world factory: ``sample_world(spec, catalog_config=None)`` returns a ``ServedWorld`` (the
+    world under a temporary folder, its faults served on 127.0.0.1, its splits), made on first use and
+    served until the session ends; the same arguments return the same world. Tests leave it as they
+    found it (faults they set cleared; copy what you damage)."""
+    worlds = WorldCache(tmp_path_factory)
+    yield worlds
+    worlds.close()
+
+
+@pytest.fixture(scope="session")
+def shard_root(sample_world, tmp_path_factory) -> Path:
     """~400 samples over several regions and shards (max 40 samples each), resized to 128 px."""
-    root = tmp_path_factory.mktemp("loader-world")
-    (root / "images").mkdir()
-    server = ImageServer(root / "images")
-    world = build_world(
-        root, WorldSpec(n_records=520, n_species=12, seed=5, fault_rate=0.0), base_url=server.base_url
-    )
-    cfg = load_config(CatalogConfig, REPO / "config" / "catalog_smoke.yaml", ["progress=false"])
-    run_catalog(str(world.catalog_path), root / "splits", cfg)
+    world: ServedWorld = sample_world(LOADERS, REPO / "config" / "catalog_smoke.yaml")
     overrides = [
         "progress=false",
         "processes=1",
@@ -108,9 +163,9 @@ def shard_root(tmp_path_factory) -> Path:
         "images.resize_shorter_side=128",
         "download.allow_networks=[127.0.0.1/32]",
     ]
-    with server:
-        build(root / "splits", root / "shards", load_config(BuildConfig, None, overrides))
-    return root / "shards"
+    out = tmp_path_factory.mktemp("loader-shards") / "shards"
+    build(world.splits, out, load_config(BuildConfig, None, overrides))
+    return out
 
 
 @pytest.fixture

@@ -49,7 +49,7 @@ INVALID_KINDS: tuple[str, ...] = (
     "missing_plant_id",
 )
 HUGE_FAULT_BYTES = 32 * 1024 * 1024  # above any sane per-image download cap
-SLOW_FAULT_DELAY_S = 2.0
+SLOW_FAULT_DELAY_S = 2.0  # the demo's: above the demo build's read timeout; tests set less (WorldSpec)
 # How each source spells a record's location: (style, weight). "region" = region without country.
 LOCATION_STYLES: dict[str, tuple[tuple[str, float], ...]] = {
     "iNaturalist": (("iso", 72), ("iso+region", 20), ("lower", 3), ("region", 3), ("none", 2)),
@@ -74,6 +74,8 @@ class WorldSpec:
         invalid_rate: Fraction of records made invalid (see ``INVALID_KINDS``).
         zipf_exponent: Exponent of the long-tailed count per species (rank r gets weight r**-s).
         fault_rate: Fraction of unique URLs the image server answers with a fault.
+        slow_fault_delay_s: How long a ``slow`` fault waits before it answers; a build meant to report
+            it as ``timeout`` reads with a shorter ``download.read_timeout_s``.
     """
 
     n_species: int = 40
@@ -83,6 +85,7 @@ class WorldSpec:
     invalid_rate: float = 0.01
     zipf_exponent: float = 1.0
     fault_rate: float = 0.03
+    slow_fault_delay_s: float = SLOW_FAULT_DELAY_S
 
     def __post_init__(self) -> None:
         if not 1 <= self.n_species <= MAX_SPECIES:
@@ -98,6 +101,8 @@ class WorldSpec:
                 raise ValueError(f"{name} must be in [0, 1), got {value}")
         if self.zipf_exponent < 0:
             raise ValueError(f"zipf_exponent must be >= 0, got {self.zipf_exponent}")
+        if not self.slow_fault_delay_s > 0:  # `not >` also refuses NaN
+            raise ValueError(f"slow_fault_delay_s must be > 0, got {self.slow_fault_delay_s}")
 
 
 @dataclass
@@ -350,13 +355,16 @@ def generate_catalog(spec: WorldSpec, base_url: str = DEFAULT_BASE_URL) -> list[
     return records
 
 
-def assign_faults(records: Iterable[Mapping], fault_rate: float, seed: int) -> dict[str, dict]:
+def assign_faults(
+    records: Iterable[Mapping], fault_rate: float, seed: int, slow_delay_s: float = SLOW_FAULT_DELAY_S
+) -> dict[str, dict]:
     """Choose the URL paths the image server answers with a fault, covering every kind once first.
 
     Args:
         records: Catalog records; only paths the world has an image for are candidates.
         fault_rate: Fraction of unique URL paths to fault (at least one of each kind if above 0).
         seed: World seed.
+        slow_delay_s: The wait of each ``slow`` fault.
 
     Returns:
         ``{"/img/source/n.ext": fault spec}`` as ``ImageServer`` understands it.
@@ -392,7 +400,7 @@ def assign_faults(records: Iterable[Mapping], fault_rate: float, seed: int) -> d
         elif kind == "flaky":
             spec.update(status=(503, 500, 429)[lap % 3], times=2 - lap % 2)
         elif kind == "slow":
-            spec["delay_s"] = SLOW_FAULT_DELAY_S
+            spec["delay_s"] = slow_delay_s
         elif kind == "redirect":
             spec["location"] = redirects[lap % len(redirects)]
         elif kind == "huge":
@@ -435,7 +443,7 @@ def build_world(
     records = generate_catalog(spec, base_url)
     world = World(root, root / "catalog.jsonl", root / "images", root / "faults.json", records)
     write_jsonl(records, world.catalog_path)
-    world.faults = assign_faults(records, spec.fault_rate, spec.seed)
+    world.faults = assign_faults(records, spec.fault_rate, spec.seed, spec.slow_fault_delay_s)
     world.faults_path.write_text(json.dumps(world.faults, indent=1, sort_keys=True) + "\n", encoding="utf-8")
     world.image_dir.mkdir(exist_ok=True)
     if images:

@@ -6,12 +6,10 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import tarfile
 import time
 from collections import Counter
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 
@@ -22,82 +20,18 @@ from flora.sharding.build.run import BuildConfig, build
 from flora.sharding.catalog.run import run_catalog
 from flora.sharding.config import CatalogConfig
 from flora.sharding.format.schema import INDEX_VERSION
-from world import ImageServer, WorldSpec, build_world
+from world import ImageServer
 
-REPO = Path(__file__).resolve().parents[2]
-LOOPBACK = "127.0.0.1/32"
-# Small, fast settings: short timeouts and backoff so that faults cost little time.
-TEST_OVERRIDES = [
-    "progress=false",
-    "shards.max_samples=40",
-    "download.threads=8",
-    "download.retries=2",
-    "download.backoff_base_s=0.01",
-    "download.backoff_max_s=0.05",
-    "download.read_timeout_s=1.0",
-    "download.retry_after_max_s=0.05",
-    "download.max_bytes=2097152",
-    "images.resize_shorter_side=128",
-    f"download.allow_networks=[{LOOPBACK}]",
-]
+from .build_settings import REPO, TEST_OVERRIDES, cli, config, shard_bytes
 
 
-def cli(splits: Path, out: Path, *extra: str) -> list[str]:
-    """``flora build ...`` with the test settings."""
-    return [
-        sys.executable,
-        "-m",
-        "flora.sharding",
-        "build",
-        "--splits",
-        str(splits),
-        "--out",
-        str(out),
-        *TEST_OVERRIDES,
-        *extra,
-    ]
-
-
-def config(tmp_path: Path, *extra: str, cache: bool = True) -> BuildConfig:
-    overrides = [*TEST_OVERRIDES, "processes=1", *extra]
-    if cache:
-        overrides.append(f"cache.path={tmp_path / 'cache'}")
-    return load_config(BuildConfig, None, overrides)
-
-
-@pytest.fixture(scope="module")
-def world(tmp_path_factory):
-    root = tmp_path_factory.mktemp("world")
-    (root / "images").mkdir()
-    server = ImageServer(root / "images")
-    spec = WorldSpec(n_records=500, n_species=12, seed=2, fault_rate=0.05)
-    w = build_world(root, spec, base_url=server.base_url)
-    for path, fault in w.faults.items():
-        server.set_fault(path, fault)
-    cfg = load_config(CatalogConfig, None, ["progress=false"])
-    run_catalog(str(w.catalog_path), root / "splits", cfg)
-    with server:
-        yield SimpleNamespace(server=server, splits=root / "splits", world=w, root=root)
-
-
-@pytest.fixture(scope="module")
-def built(world, tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("built")
-    manifest = build(world.splits, tmp / "shards", config(tmp))
-    return SimpleNamespace(out=tmp / "shards", manifest=manifest, tmp=tmp)
-
-
-def shard_bytes(out: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(out)): p.read_bytes() for p in sorted(out.glob("*/*/*.tar"))}
-
-
-def test_accounting_every_record_is_in_exactly_one_place(world, built):
-    records = read_jsonl(world.splits / "dataset_splits.jsonl")
-    acc = built.manifest["accounting"]
-    failures = read_jsonl(built.out / "failures.jsonl")
-    dups = read_jsonl(built.out / "duplicates.jsonl")
+def test_accounting_every_record_is_in_exactly_one_place(faulty_world, faulty_shards):
+    records = read_jsonl(faulty_world.splits / "dataset_splits.jsonl")
+    acc = faulty_shards.manifest["accounting"]
+    failures = read_jsonl(faulty_shards.out / "failures.jsonl")
+    dups = read_jsonl(faulty_shards.out / "duplicates.jsonl")
     keys = []
-    for tar_path in built.out.glob("*/*/*.tar"):
+    for tar_path in faulty_shards.out.glob("*/*/*.tar"):
         with tarfile.open(tar_path) as tar:
             keys += [m.name.split(".")[0] for m in tar if m.name.endswith(".jpg")]
     assert acc["ok"] and acc["records_in"] == len(records)
@@ -107,7 +41,7 @@ def test_accounting_every_record_is_in_exactly_one_place(world, built):
     assert {f["image_url"] for f in failures} <= urls
 
 
-def test_each_fault_has_its_reason(world, built):
+def test_each_fault_has_its_reason(faulty_world, faulty_shards):
     expected = {  # fault kind -> the reason its records must get
         "html": "not_an_image",
         "corrupt": "corrupt",
@@ -118,12 +52,12 @@ def test_each_fault_has_its_reason(world, built):
         "truncated": "truncated",
         "slow": "timeout",
     }
-    by_url = {f["image_url"]: f["reason"] for f in read_jsonl(built.out / "failures.jsonl")}
-    records = read_jsonl(world.splits / "dataset_splits.jsonl")
+    by_url = {f["image_url"]: f["reason"] for f in read_jsonl(faulty_shards.out / "failures.jsonl")}
+    records = read_jsonl(faulty_world.splits / "dataset_splits.jsonl")
     seen = Counter()
     for r in records:
         path = "/" + r["image_url"].split("/", 3)[3].split("?")[0]
-        fault = world.world.faults.get(path)
+        fault = faulty_world.world.faults.get(path)
         if fault is None:
             continue
         kind = fault["kind"]
@@ -152,19 +86,19 @@ def test_each_fault_has_its_reason(world, built):
     assert len(seen) >= 8, f"the world should exercise most fault kinds, saw {dict(seen)}"
 
 
-def test_layout_samples_and_index_files(world, built):
+def test_layout_samples_and_index_files(faulty_world, faulty_shards, tmp_path):
     from wds2idx import IndexCreator  # DALI's own index writer, the reference for our format
 
-    mapping = json.loads((built.out / "class_mapping.json").read_text())
-    shards = built.manifest["shards"]
+    mapping = json.loads((faulty_shards.out / "class_mapping.json").read_text())
+    shards = faulty_shards.manifest["shards"]
     assert shards
     for shard in shards:
-        path = built.out / shard["path"]
+        path = faulty_shards.out / shard["path"]
         split, region = path.parent.parent.name, path.parent.name
         assert path.name.startswith(f"{split}-{region}-") and len(path.stem.rsplit("-", 1)[1]) == 6
         assert shard["samples"] <= 40
         ours = path.with_suffix(".idx").read_text()
-        ref = built.tmp / "ref.idx"
+        ref = tmp_path / "ref.idx"
         with IndexCreator(str(path), str(ref), verbose=False) as creator:
             creator.create_index()
         assert ours == ref.read_text()
@@ -188,36 +122,44 @@ def test_layout_samples_and_index_files(world, built):
                     assert key in meta
 
 
-def test_manifest_describes_each_shard(built):
+def test_manifest_describes_each_shard(faulty_shards):
     import hashlib
 
     totals = Counter()
-    for shard in built.manifest["shards"]:
-        path = built.out / shard["path"]
+    for shard in faulty_shards.manifest["shards"]:
+        path = faulty_shards.out / shard["path"]
         assert hashlib.sha256(path.read_bytes()).hexdigest() == shard["sha256"]
         assert path.stat().st_size == shard["bytes"]
         totals[(shard["split"], shard["region"])] += shard["samples"]
         assert shard["classes"] == sorted(set(shard["classes"]))
         assert sum(shard["licenses"].values()) == shard["samples"]
-    for split, regions in built.manifest["totals"].items():
+    for split, regions in faulty_shards.manifest["totals"].items():
         for region, t in regions.items():
             assert t["samples"] == totals[(split, region)]
 
 
-def test_warm_cache_rebuild_needs_no_network_and_gives_identical_shards(world, built):
-    before = world.server.request_count()
-    manifest = build(world.splits, built.tmp / "again", config(built.tmp))
-    assert world.server.request_count() == before, "a warm cache makes no request at all"
+def test_warm_cache_rebuild_needs_no_network_and_gives_identical_shards(
+    faulty_world, faulty_shards, tmp_path
+):
+    before = faulty_world.server.request_count()
+    manifest = build(faulty_world.splits, tmp_path / "again", config(faulty_shards.cache))
+    assert faulty_world.server.request_count() == before, "a warm cache makes no request at all"
     assert manifest["last_run"]["from_network"] == 0
     lookups = manifest["last_run"]["cache"]
     assert lookups["misses"] == 0 and lookups["hits"] == manifest["accounting"]["records_in"]
-    assert shard_bytes(built.tmp / "again") == shard_bytes(built.out)
-    assert read_jsonl(built.tmp / "again" / "failures.jsonl") == read_jsonl(built.out / "failures.jsonl")
+    assert shard_bytes(tmp_path / "again") == shard_bytes(faulty_shards.out)
+    assert read_jsonl(tmp_path / "again" / "failures.jsonl") == read_jsonl(
+        faulty_shards.out / "failures.jsonl"
+    )
 
 
-def test_same_shards_whatever_the_process_and_thread_count(world, built, tmp_path):
-    build(world.splits, tmp_path / "par", config(built.tmp, "processes=2", "download.threads=3"))
-    assert shard_bytes(tmp_path / "par") == shard_bytes(built.out)
+def test_same_shards_whatever_the_process_and_thread_count(faulty_world, faulty_shards, tmp_path):
+    build(
+        faulty_world.splits,
+        tmp_path / "par",
+        config(faulty_shards.cache, "processes=2", "download.threads=3"),
+    )
+    assert shard_bytes(tmp_path / "par") == shard_bytes(faulty_shards.out)
 
 
 def test_content_duplicates_are_written_once_and_logged(tmp_path):
@@ -236,7 +178,7 @@ def test_content_duplicates_are_written_once_and_logged(tmp_path):
         ]
         (tmp_path / "c.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
         run_catalog(str(tmp_path / "c.jsonl"), tmp_path / "splits", CatalogConfig(progress=False))
-        manifest = build(tmp_path / "splits", tmp_path / "shards", config(tmp_path))
+        manifest = build(tmp_path / "splits", tmp_path / "shards", config(tmp_path / "cache"))
     dups = read_jsonl(tmp_path / "shards" / "duplicates.jsonl")
     assert manifest["accounting"] == {
         "records_in": 4,
@@ -253,16 +195,16 @@ def test_content_duplicates_are_written_once_and_logged(tmp_path):
     assert all(order[kept["split"]] <= order[d["split"]] for d in dups)
 
 
-def test_without_allow_network_loopback_is_refused(world, tmp_path):
-    before = world.server.request_count()
+def test_without_allow_network_loopback_is_refused(faulty_world, tmp_path):
+    before = faulty_world.server.request_count()
     cfg = load_config(BuildConfig, None, [*TEST_OVERRIDES[:-1], "processes=1"])
-    manifest = build(world.splits, tmp_path / "ssrf", cfg)
-    assert world.server.request_count() == before, "no request may reach a refused address"
+    manifest = build(faulty_world.splits, tmp_path / "ssrf", cfg)
+    assert faulty_world.server.request_count() == before, "no request may reach a refused address"
     assert manifest["accounting"]["sharded"] == 0
     assert set(manifest["failures_by_reason"]) <= {"blocked_address"}
 
 
-def small_world(tmp_path: Path, n: int) -> ImageServer:
+def one_species_world(tmp_path: Path, n: int) -> ImageServer:
     """``n`` distinct images of one species behind a (not yet started) server, and their splits."""
     from world import render_image
 
@@ -281,10 +223,10 @@ def small_world(tmp_path: Path, n: int) -> ImageServer:
 
 
 def test_retry_failed_adds_recovered_records_to_new_shards(tmp_path):
-    with small_world(tmp_path, 6) as srv:
+    with one_species_world(tmp_path, 6) as srv:
         srv.set_fault("/2.jpg", {"kind": "status", "status": 404})
         srv.set_fault("/4.jpg", {"kind": "status", "status": 503})
-        first = build(tmp_path / "splits", tmp_path / "shards", config(tmp_path))
+        first = build(tmp_path / "splits", tmp_path / "shards", config(tmp_path / "cache"))
         assert first["failures_by_reason"] == {"http_404": 1, "http_5xx": 1}
         shards_before = shard_bytes(tmp_path / "shards")
         srv.clear_faults()
@@ -327,10 +269,12 @@ def test_retry_failed_adds_recovered_records_to_new_shards(tmp_path):
 
 
 @pytest.mark.slow
-def test_sigkill_mid_run_then_resume_gives_the_uninterrupted_shards(world, built, tmp_path):
+def test_sigkill_mid_run_then_resume_gives_the_uninterrupted_shards(faulty_world, faulty_shards, tmp_path):
     """Kill a build in the middle (after some chunks finished), run it again, compare bytes."""
     out = tmp_path / "killed"
-    argv = cli(world.splits, out, "processes=1", f"cache.path={tmp_path / 'cache'}", "download.threads=2")
+    argv = cli(
+        faulty_world.splits, out, "processes=1", f"cache.path={tmp_path / 'cache'}", "download.threads=2"
+    )
     proc = subprocess.Popen(argv, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline and len(list(out.glob("_work/*/*/*/chunk.json"))) < 2:
@@ -341,13 +285,13 @@ def test_sigkill_mid_run_then_resume_gives_the_uninterrupted_shards(world, built
     proc.wait()
     assert not (out / "manifest.json").exists(), "killed before finalize: nothing may look complete"
     assert main(argv[3:]) == 0
-    assert shard_bytes(out) == shard_bytes(built.out)
+    assert shard_bytes(out) == shard_bytes(faulty_shards.out)
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["last_run"]["chunks_reused"] >= 2 and manifest["accounting"]["ok"]
 
 
 @pytest.mark.slow
-def test_ray_distributor(world, built, tmp_path, monkeypatch):
+def test_ray_distributor(faulty_world, faulty_shards, tmp_path, monkeypatch):
     pytest.importorskip("ray")
     from flora.sharding.build import distribute
 
@@ -362,27 +306,29 @@ def test_ray_distributor(world, built, tmp_path, monkeypatch):
             yield item
 
     monkeypatch.setitem(distribute.DISTRIBUTORS, "ray", observed)
-    cfg = config(built.tmp, "distributor=ray", "processes=2")
-    manifest = build(world.splits, tmp_path / "ray", cfg)
+    cfg = config(faulty_shards.cache, "distributor=ray", "processes=2")
+    manifest = build(faulty_world.splits, tmp_path / "ray", cfg)
     assert manifest["last_run"]["distributor"] == "ray"
-    assert shard_bytes(tmp_path / "ray") == shard_bytes(built.out)
+    assert shard_bytes(tmp_path / "ray") == shard_bytes(faulty_shards.out)
     names = " ".join(s.name for s in seen)
     assert "gcs_server" in names and "raylet" in names, f"Ray's servers were not found: {seen}"
     assert not [s for s in seen if not s.loopback], f"listening beyond loopback: {seen}"
 
 
-def test_a_small_cache_evicts_and_the_shards_stay_the_same(world, built, tmp_path):
-    manifest = build(world.splits, tmp_path / "small", config(tmp_path, "cache.max_bytes=300000"))
+def test_a_small_cache_evicts_and_the_shards_stay_the_same(faulty_world, faulty_shards, tmp_path):
+    manifest = build(
+        faulty_world.splits, tmp_path / "small", config(tmp_path / "cache", "cache.max_bytes=300000")
+    )
     assert manifest["last_run"]["cache"]["evictions"] > 0
-    assert shard_bytes(tmp_path / "small") == shard_bytes(built.out)
+    assert shard_bytes(tmp_path / "small") == shard_bytes(faulty_shards.out)
 
 
 @pytest.mark.slow
-def test_two_sharders_on_one_cache_at_once(world, built, tmp_path):
+def test_two_sharders_on_one_cache_at_once(faulty_world, faulty_shards, tmp_path):
     procs = [
         subprocess.Popen(
             cli(
-                world.splits,
+                faulty_world.splits,
                 tmp_path / name,
                 "processes=2",
                 f"cache.path={tmp_path / 'shared-cache'}",
@@ -398,7 +344,7 @@ def test_two_sharders_on_one_cache_at_once(world, built, tmp_path):
     for proc in procs:
         _, err = proc.communicate(timeout=300)
         assert proc.returncode == 0, err[-2000:]
-    assert shard_bytes(tmp_path / "one") == shard_bytes(tmp_path / "two") == shard_bytes(built.out)
+    assert shard_bytes(tmp_path / "one") == shard_bytes(tmp_path / "two") == shard_bytes(faulty_shards.out)
 
 
 def test_missing_splits_is_one_error_line(tmp_path, capsys):
@@ -410,9 +356,9 @@ def test_missing_splits_is_one_error_line(tmp_path, capsys):
 def test_a_crashed_retry_round_is_resumed_not_repeated(tmp_path, monkeypatch):
     from flora.sharding.build import run as build_module
 
-    with small_world(tmp_path, 4) as srv:
+    with one_species_world(tmp_path, 4) as srv:
         srv.set_fault("/1.jpg", {"kind": "status", "status": 404})
-        build(tmp_path / "splits", tmp_path / "shards", config(tmp_path))
+        build(tmp_path / "splits", tmp_path / "shards", config(tmp_path / "cache"))
         srv.clear_faults()
 
         def crash(*args, **kwargs):
@@ -420,9 +366,11 @@ def test_a_crashed_retry_round_is_resumed_not_repeated(tmp_path, monkeypatch):
 
         monkeypatch.setattr(build_module, "finalize", crash)
         with pytest.raises(KeyboardInterrupt):
-            build(tmp_path / "splits", tmp_path / "shards", config(tmp_path), retry_failed=True)
+            build(tmp_path / "splits", tmp_path / "shards", config(tmp_path / "cache"), retry_failed=True)
         monkeypatch.undo()
-        manifest = build(tmp_path / "splits", tmp_path / "shards", config(tmp_path), retry_failed=True)
+        manifest = build(
+            tmp_path / "splits", tmp_path / "shards", config(tmp_path / "cache"), retry_failed=True
+        )
     assert manifest["accounting"] == {
         "records_in": 4,
         "sharded": 4,
@@ -433,12 +381,12 @@ def test_a_crashed_retry_round_is_resumed_not_repeated(tmp_path, monkeypatch):
     assert manifest["retry_rounds"] == 1 and manifest["last_run"]["repeated_records_dropped"] == 0
 
 
-def test_retry_failed_refuses_failures_of_another_catalog(world, built, tmp_path, capsys):
+def test_retry_failed_refuses_failures_of_another_catalog(faulty_world, faulty_shards, tmp_path, capsys):
     import shutil
 
-    shutil.copytree(built.out, tmp_path / "shards", ignore=shutil.ignore_patterns("_work"))
+    shutil.copytree(faulty_shards.out, tmp_path / "shards", ignore=shutil.ignore_patterns("_work"))
     other = tmp_path / "splits"
-    shutil.copytree(world.splits, other)
+    shutil.copytree(faulty_world.splits, other)
     lines = (other / "dataset_splits.jsonl").read_text().splitlines(keepends=True)
     (other / "dataset_splits.jsonl").write_text("".join(lines[1:]))  # the catalog changed
     assert main(["build", "--splits", str(other), "--out", str(tmp_path / "shards"), "--retry-failed",
@@ -446,13 +394,15 @@ def test_retry_failed_refuses_failures_of_another_catalog(world, built, tmp_path
     assert "belongs to another catalog" in capsys.readouterr().err
 
 
-def test_a_new_allow_list_re_attempts_what_the_old_one_refused(world, tmp_path):
+def test_a_new_allow_list_re_attempts_what_the_old_one_refused(faulty_world, tmp_path):
     cfg = load_config(
         BuildConfig, None, [*TEST_OVERRIDES[:-1], "processes=1", f"cache.path={tmp_path / 'c'}"]
     )
-    first = build(world.splits, tmp_path / "s", cfg)
+    first = build(faulty_world.splits, tmp_path / "s", cfg)
     assert first["accounting"]["sharded"] == 0
-    second = build(world.splits, tmp_path / "s", config(tmp_path))  # same splits, loopback now allowed
+    second = build(
+        faulty_world.splits, tmp_path / "s", config(tmp_path / "cache")
+    )  # same splits, loopback now allowed
     assert second["accounting"]["sharded"] > 0 and "blocked_address" not in second["failures_by_reason"]
 
 
@@ -469,7 +419,7 @@ CACHE_IS_A_FILE = "is a file; expected a directory (the LMDB cache folder)"
 
 
 def test_cache_flag_pointing_at_a_file_is_one_error_line(tmp_path):
-    small_world(tmp_path, 2)  # a real catalog's splits
+    one_species_world(tmp_path, 2)  # a real catalog's splits
     cache_file = tmp_path / "cache.mdb"
     cache_file.write_bytes(b"an LMDB data file, not its folder")
     argv = cli(tmp_path / "splits", tmp_path / "out", "processes=1")

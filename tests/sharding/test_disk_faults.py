@@ -10,17 +10,12 @@ import subprocess
 import sys
 from contextlib import contextmanager
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 
-from flora.config import load_config
 from flora.sharding.__main__ import main
 from flora.sharding.build import finalize
-from flora.sharding.catalog.run import run_catalog
-from flora.sharding.config import CatalogConfig
 from flora.sharding.format.schema import ShardFormatError, read_manifest
-from world import ImageServer, WorldSpec, build_world
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="mounting a tmpfs needs root")
 
@@ -75,44 +70,33 @@ def shard_files(out: Path) -> dict[str, bytes]:
     return {str(p.relative_to(out)): p.read_bytes() for p in sorted(out.glob("*/*/*.[ti][ad][rx]"))}
 
 
-@pytest.fixture(scope="module")
-def world(tmp_path_factory):
-    root = tmp_path_factory.mktemp("disk-world")
-    (root / "images").mkdir()
-    server = ImageServer(root / "images")
-    spec = WorldSpec(n_records=80, n_species=4, seed=4, fault_rate=0.0)
-    w = build_world(root, spec, base_url=server.base_url)
-    run_catalog(str(w.catalog_path), root / "splits", load_config(CatalogConfig, None, ["progress=false"]))
-    with server:
-        yield SimpleNamespace(splits=root / "splits")
-
-
 def build(world, out: Path, *extra: str) -> int:
+    """``flora build`` of ``world``'s splits (the session's small world, tests/sharding/conftest.py)."""
     return main(["build", "--splits", str(world.splits), "--out", str(out), *ARGS, *extra])
 
 
-def test_full_disk_while_writing_parts_is_one_line_and_leaves_no_tmp(world, tmp_path, capsys):
+def test_full_disk_while_writing_parts_is_one_line_and_leaves_no_tmp(small_world, tmp_path, capsys):
     with tmpfs(tmp_path / "disk", "64k") as disk:
         out = disk / "shards"
-        assert build(world, out, "shards.max_samples=10") == 2
+        assert build(small_world, out, "shards.max_samples=10") == 2
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and "Traceback" not in err
         assert err.startswith("flora build: error: build: writing ") and FULL in err
         assert str(out) in err and "free space on that filesystem" in err
         assert leftovers(disk) == []
         subprocess.run(["mount", "-o", "remount,size=16m", str(disk)], check=True)
-        assert build(world, out, "shards.max_samples=10") == 0  # finishes once there is space
+        assert build(small_world, out, "shards.max_samples=10") == 0  # finishes once there is space
         reference = tmp_path / "reference"
-        assert build(world, reference, "shards.max_samples=10") == 0
+        assert build(small_world, reference, "shards.max_samples=10") == 0
         assert shard_files(out) == shard_files(reference)
 
 
 def test_full_disk_in_the_finalize_of_a_rebuild_never_shows_readers_a_torn_set(
-    world, tmp_path, capsys, monkeypatch
+    small_world, tmp_path, capsys, monkeypatch
 ):
     with tmpfs(tmp_path / "disk", "16m") as disk:
         out = disk / "shards"
-        assert build(world, out, "shards.max_samples=40") == 0
+        assert build(small_world, out, "shards.max_samples=40") == 0
         old = read_manifest(out)
         capsys.readouterr()
 
@@ -126,7 +110,7 @@ def test_full_disk_in_the_finalize_of_a_rebuild_never_shows_readers_a_torn_set(
             return real(tar, lines)
 
         monkeypatch.setattr(finalize, "write_index", write_index_on_a_filling_disk)
-        assert build(world, out, "shards.max_samples=7") == 2  # a changed plan over the existing build
+        assert build(small_world, out, "shards.max_samples=7") == 2  # a changed plan over the existing build
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and "Traceback" not in err
         assert err.startswith(
@@ -142,22 +126,22 @@ def test_full_disk_in_the_finalize_of_a_rebuild_never_shows_readers_a_torn_set(
 
         monkeypatch.setattr(finalize, "write_index", real)
         (disk / "filler").unlink()
-        assert build(world, out, "shards.max_samples=7") == 0
+        assert build(small_world, out, "shards.max_samples=7") == 0
         new = read_manifest(out)
         for entry in new.shards:
             path = new.path(entry)
             assert path.stat().st_size == entry.bytes
         reference = tmp_path / "reference"
-        assert build(world, reference, "shards.max_samples=7") == 0
+        assert build(small_world, reference, "shards.max_samples=7") == 0
         assert shard_files(out) == shard_files(reference)
         ref = json.loads((reference / "manifest.json").read_text())
         assert json.loads((out / "manifest.json").read_text())["shards"] == ref["shards"]
 
 
-def test_a_full_cache_disk_is_a_warning_and_a_count_and_the_build_finishes(world, tmp_path):
+def test_a_full_cache_disk_is_a_warning_and_a_count_and_the_build_finishes(small_world, tmp_path):
     with tmpfs(tmp_path / "cachedisk", "256k") as disk:
         out = tmp_path / "shards"
-        argv = ["build", "--splits", str(world.splits), "--out", str(out), *ARGS]
+        argv = ["build", "--splits", str(small_world.splits), "--out", str(out), *ARGS]
         argv += [f"cache.path={disk / 'cache'}", "cache.max_bytes=1073741824"]
         proc = subprocess.run([sys.executable, "-m", "flora.sharding", *argv], capture_output=True, text=True)
         err = proc.stderr
@@ -172,5 +156,5 @@ def test_a_full_cache_disk_is_a_warning_and_a_count_and_the_build_finishes(world
         assert manifest["accounting"]["ok"] and manifest["accounting"]["failed"] == 0
         assert manifest["last_run"]["cache"]["write_failures"] > 0
     reference = tmp_path / "reference"
-    assert build(world, reference) == 0
+    assert build(small_world, reference) == 0
     assert shard_files(out) == shard_files(reference)

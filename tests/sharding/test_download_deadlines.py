@@ -10,7 +10,6 @@ import threading
 import time
 from collections import Counter
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 
@@ -18,10 +17,8 @@ from flora.config import ConfigError, load_config
 from flora.io import read_jsonl
 from flora.sharding.__main__ import main
 from flora.sharding.build.run import BuildConfig, build
-from flora.sharding.catalog.run import run_catalog
-from flora.sharding.config import CatalogConfig
 from flora.sharding.download.fetch import REASONS, RETRYABLE, DownloadConfig, Downloader
-from world import ImageServer, WorldSpec, build_world, render_image
+from world import ImageServer, render_image
 
 from .test_download import Recorder
 
@@ -238,23 +235,11 @@ BUILD_OVERRIDES = [
     "download.backoff_base_s=0.01",
     "download.backoff_max_s=0.05",
     "download.read_timeout_s=2.0",
-    "download.deadline_s=1.0",
+    "download.deadline_s=0.5",  # a trickle costs 3 attempts x 0.5 s; a loopback image takes milliseconds
     "download.min_bytes_per_s=0",  # the deadline alone, as the bound to measure
     "images.resize_shorter_side=64",
     f"download.allow_networks=[{LOOPBACK[0]}]",
 ]
-
-
-@pytest.fixture(scope="module")
-def small_world(tmp_path_factory):
-    root = tmp_path_factory.mktemp("world")
-    (root / "images").mkdir()
-    server = ImageServer(root / "images")
-    spec = WorldSpec(n_records=80, n_species=4, seed=5, fault_rate=0.0, duplicate_rate=0.0, invalid_rate=0.0)
-    w = build_world(root, spec, base_url=server.base_url)
-    run_catalog(str(w.catalog_path), root / "splits", load_config(CatalogConfig, None, ["progress=false"]))
-    with server:
-        yield SimpleNamespace(server=server, splits=root / "splits", root=root)
 
 
 def test_a_build_with_trickling_hosts_ends_within_the_deadlines(small_world, tmp_path):

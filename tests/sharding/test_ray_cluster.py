@@ -36,10 +36,9 @@ from types import SimpleNamespace
 import pytest
 
 from flora.sharding.cache.config import NODE_CACHE_ENV
-from world import ImageServer, WorldSpec, build_world
 
+from .build_settings import cli, shard_bytes
 from .listening import descendants, listening
-from .test_build import cli, shard_bytes
 
 ray = pytest.importorskip("ray")
 
@@ -49,7 +48,7 @@ REPO = Path(__file__).resolve().parents[2]
 LOOPBACK = "127.0.0.1"
 # `ray start` returns once its node is up: 10-20 s each on the project's 2-core machines.
 NODE_START_TIMEOUT_S = 120
-NODE_STOP_TIMEOUT_S = 5  # then SIGKILL: some agents ignore SIGTERM for long
+NODE_STOP_TIMEOUT_S = 2  # then SIGKILL: some agents ignore SIGTERM for long (a test cluster keeps nothing)
 BUILD_TIMEOUT_S = 300
 # The GCS marks a node dead after this many failed health checks this far apart (Ray's defaults,
 # 3 s and 5, take 15 s or more): 1 s x 3 lets the killed node's tasks move on within seconds.
@@ -129,12 +128,20 @@ class RayNode:
                 os.kill(pid, sig)
 
     def stop(self) -> None:
-        self.kill(signal.SIGTERM)
-        deadline = time.monotonic() + NODE_STOP_TIMEOUT_S
-        while self.pids() and time.monotonic() < deadline:
-            time.sleep(0.1)
-        self.kill(signal.SIGKILL)
-        shutil.rmtree(self.temp_dir, ignore_errors=True)
+        stop_nodes([self])
+
+
+def stop_nodes(nodes: list[RayNode]) -> None:
+    """SIGTERM to every process of ``nodes`` at once, ``NODE_STOP_TIMEOUT_S`` for all of them to end,
+    then SIGKILL to what is left; their temp folders go."""
+    for node in nodes:
+        node.kill(signal.SIGTERM)
+    deadline = time.monotonic() + NODE_STOP_TIMEOUT_S
+    while any(node.pids() for node in nodes) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    for node in nodes:
+        node.kill(signal.SIGKILL)
+        shutil.rmtree(node.temp_dir, ignore_errors=True)
 
 
 def _launcher_pid_of(temp_dir: Path) -> int:
@@ -223,8 +230,7 @@ def cluster(tmp_path_factory, s3_server) -> Iterator[Cluster]:
     try:
         yield cluster
     finally:
-        for node in reversed(cluster.nodes()):
-            node.stop()
+        stop_nodes(cluster.nodes())
 
 
 # A driver in a process of its own: Ray reads RAY_AUTH_MODE once per process, and this one may have
@@ -271,23 +277,6 @@ def test_tasks_run_on_both_nodes_and_every_listener_is_on_loopback(cluster):
 # -- builds ------------------------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def world(tmp_path_factory):
-    """The sample world (no faults: the comparison is about where jobs ran) behind a loopback server."""
-    root = tmp_path_factory.mktemp("ray-world")
-    (root / "images").mkdir()
-    server = ImageServer(root / "images")
-    spec = WorldSpec(n_records=300, n_species=8, seed=11, fault_rate=0.0)
-    w = build_world(root, spec, base_url=server.base_url)
-    from flora.config import load_config
-    from flora.sharding.catalog.run import run_catalog
-    from flora.sharding.config import CatalogConfig
-
-    run_catalog(str(w.catalog_path), root / "splits", load_config(CatalogConfig, None, ["progress=false"]))
-    with server:
-        yield SimpleNamespace(server=server, splits=root / "splits", root=root)
-
-
 def _build(world, out, *extra: str, env: dict[str, str] | None = None, wait: bool = True):
     argv = cli(world.splits, out, "shards.max_samples=20", "download.threads=2", *extra)
     proc = subprocess.Popen(
@@ -300,9 +289,9 @@ def _build(world, out, *extra: str, env: dict[str, str] | None = None, wait: boo
 
 
 @pytest.fixture(scope="module")
-def local_build(world, tmp_path_factory):
+def local_build(clean_world, tmp_path_factory):
     out = tmp_path_factory.mktemp("local-build") / "shards"
-    done = _build(world, out, "processes=1", "--distributor", "local")
+    done = _build(clean_world, out, "processes=1", "--distributor", "local")
     assert done.returncode == 0, done.stderr[-3000:]
     return out
 
@@ -327,11 +316,13 @@ def _samples(out: Path) -> dict[str, dict[str, bytes]]:
     return found
 
 
-def test_a_build_over_both_nodes_equals_a_local_build(cluster, world, local_build, output_location, tmp_path):
+def test_a_build_over_both_nodes_equals_a_local_build(
+    cluster, clean_world, local_build, output_location, tmp_path
+):
     driver_cache = tmp_path / "driver-cache"
     env = {k: v for k, v in cluster.env.items() if k != NODE_CACHE_ENV}
     done = _build(
-        world,
+        clean_world,
         output_location,
         f"cache.path={driver_cache}",  # config overrides first, then flags
         "--distributor",
@@ -355,7 +346,7 @@ def test_a_build_over_both_nodes_equals_a_local_build(cluster, world, local_buil
 
 @pytest.mark.s3
 def test_a_build_over_both_nodes_into_s3_equals_a_local_build(
-    cluster, world, local_build, s3_bucket, tmp_path
+    cluster, clean_world, local_build, s3_bucket, tmp_path
 ):
     """``--out s3://...`` over the cluster: the worker node (another cache root, so not the driver's
     staging folder) ships its chunks through the store; the published set equals the local build."""
@@ -364,7 +355,7 @@ def test_a_build_over_both_nodes_into_s3_equals_a_local_build(
 
     url = f"s3://{s3_bucket}/cluster"
     env = {k: v for k, v in cluster.env.items() if k != NODE_CACHE_ENV}
-    done = _build(world, url, f"cache.path={tmp_path / 'c'}", "--distributor", "ray", "--ray-address",
+    done = _build(clean_world, url, f"cache.path={tmp_path / 'c'}", "--distributor", "ray", "--ray-address",
                   cluster.address, env=env)  # fmt: skip
     assert done.returncode == 0, done.stderr[-3000:]
     assert "published to" in done.stdout
@@ -380,12 +371,12 @@ def test_a_build_over_both_nodes_into_s3_equals_a_local_build(
 
 
 def test_a_node_killed_mid_build_then_a_rerun_completes_without_duplicates(
-    cluster, world, local_build, output_location, tmp_path
+    cluster, clean_world, local_build, output_location, tmp_path
 ):
     doomed = cluster.add_node("doomed", tmp_path / "doomed-cache", {"flora_doomed": 1})
     env = {k: v for k, v in cluster.env.items() if k != NODE_CACHE_ENV}
     argv_extra = [f"cache.path={tmp_path / 'c'}", "--distributor", "ray", "--ray-address", cluster.address]
-    proc = _build(world, output_location, *argv_extra, env=env, wait=False)
+    proc = _build(clean_world, output_location, *argv_extra, env=env, wait=False)
     try:
         deadline = time.monotonic() + BUILD_TIMEOUT_S
         # Killed once some chunk has finished (the build is under way) and the doomed node holds work.
@@ -408,7 +399,7 @@ def test_a_node_killed_mid_build_then_a_rerun_completes_without_duplicates(
         errors = [line for line in stderr.splitlines() if "error" in line]
         assert len(errors) == 1 and errors[0].startswith("flora build: error:"), stderr[-3000:]
         assert "Traceback" not in stderr, stderr[-3000:]
-    rerun = _build(world, output_location, *argv_extra, env=env)
+    rerun = _build(clean_world, output_location, *argv_extra, env=env)
     assert rerun.returncode == 0, rerun.stderr[-3000:]
     manifest = json.loads((output_location / "manifest.json").read_text())
     assert manifest["accounting"]["ok"]

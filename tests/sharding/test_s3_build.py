@@ -16,42 +16,29 @@ import pytest
 
 from benchmarks.loader_s3 import CountingProxy
 from flora import store
-from flora.config import load_config
 from flora.sharding.__main__ import main
 from flora.sharding.build import distribute
-from flora.sharding.build.run import BuildConfig, build
-from flora.sharding.catalog.run import run_catalog
-from flora.sharding.config import CatalogConfig
+from flora.sharding.build.run import build
 from flora.sharding.format.schema import read_table, sample_rows, table_name
 from flora.store import S3Url
-from world import ImageServer, WorldSpec, build_world
 
-from .test_build import TEST_OVERRIDES
+from .build_settings import TEST_OVERRIDES, config
 from .test_incremental import config as incremental_config
 from .test_incremental import grown  # noqa: F401 - the fixture: catalogs v1 and v2, built locally
 
 pytestmark = pytest.mark.s3
 
 
-def config(cache: Path, *extra: str) -> BuildConfig:
-    return load_config(BuildConfig, None, [*TEST_OVERRIDES, "processes=1", f"cache.path={cache}", *extra])
-
-
-@pytest.fixture(scope="module")
-def world(tmp_path_factory):
-    root = tmp_path_factory.mktemp("s3world")
-    (root / "images").mkdir()
-    server = ImageServer(root / "images")
-    spec = WorldSpec(n_records=240, n_species=8, seed=4, fault_rate=0.05)
-    w = build_world(root, spec, base_url=server.base_url)
-    for path, fault in w.faults.items():
-        server.set_fault(path, fault)
-    run_catalog(str(w.catalog_path), root / "splits", load_config(CatalogConfig, None, ["progress=false"]))
-    with server:
-        manifest = build(root / "splits", root / "local", config(root / "cache"))
-        yield SimpleNamespace(
-            root=root, splits=root / "splits", local=root / "local", manifest=manifest, cache=root / "cache"
-        )
+@pytest.fixture
+def world(faulty_world, faulty_shards):
+    """The sharder tests' world (every fault kind) and its local build, with the cache that build
+    filled: builds to S3 download nothing and compare with it (tests/sharding/conftest.py)."""
+    return SimpleNamespace(
+        splits=faulty_world.splits,
+        local=faulty_shards.out,
+        manifest=faulty_shards.manifest,
+        cache=faulty_shards.cache,
+    )
 
 
 def published(url: str) -> dict[str, bytes]:
@@ -183,6 +170,13 @@ def test_a_chunk_run_on_another_node_comes_through_the_store(world, s3_bucket, t
 def test_throttling_is_retried_not_fatal(world, s3_bucket, monkeypatch):
     import os
 
+    from botocore.retries.standard import ExponentialBackoff
+
+    # botocore waits up to 1 s x 2**retry after a throttling answer (its "standard" retry mode, which
+    # flora's store sets; the wait is botocore's, no setting of flora's): a hundredth of that here.
+    # What is retried and how many times is untouched.
+    scales = ExponentialBackoff._DEFAULT_BACKOFF_CONFIG
+    monkeypatch.setitem(scales, "throttling_base_scale", scales["throttling_base_scale"] / 100)
     server = os.environ["AWS_ENDPOINT_URL"]
     with CountingProxy(server, throttle_every=3, throttle_any=True) as proxy:  # 503 SlowDown to every 3rd
         monkeypatch.setenv("AWS_ENDPOINT_URL", proxy.url)

@@ -90,6 +90,8 @@ def test_spec_and_base_url_are_validated():
         WorldSpec(duplicate_rate=1.5)
     with pytest.raises(ValueError, match="n_species"):
         WorldSpec(n_species=0)
+    with pytest.raises(ValueError, match="slow_fault_delay_s must be > 0, got 0"):
+        WorldSpec(slow_fault_delay_s=0)
     with pytest.raises(ValueError, match="base_url"):
         generate_catalog(WorldSpec(n_species=2, n_records=10), "ftp://127.0.0.1:1")
     with pytest.raises(ValueError, match="no path"):
@@ -289,6 +291,13 @@ def test_build_world_writes_catalog_images_and_faults(tmp_path):
     assert all((world.image_dir / rel).is_file() for rel in world.images)
     redirect = [s["location"] for s in world.faults.values() if s["kind"] == "redirect"]
     assert redirect[0].lstrip("/") in world.images and redirect[0] not in world.faults
+
+
+def test_the_wait_of_slow_faults_comes_from_the_spec(tmp_path):
+    spec = WorldSpec(n_species=5, n_records=80, seed=2, slow_fault_delay_s=0.3)
+    world = build_world(tmp_path / "w", spec, BASE, images=False)
+    slow = [fault for fault in world.faults.values() if fault["kind"] == "slow"]
+    assert slow and all(fault["delay_s"] == 0.3 for fault in slow)
 
 
 def test_cli_generate(tmp_path, capsys):
