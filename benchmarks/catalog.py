@@ -24,7 +24,7 @@ import sys
 import time
 from pathlib import Path
 
-from benchmarks.results import print_table, write_result
+from benchmarks.results import print_table, publish
 
 REPO = Path(__file__).resolve().parents[1]
 #: The seed's catalog: 340,749 records, 169,368 of them duplicates (49.7%), 7,120 species.
@@ -135,8 +135,7 @@ def main(argv: list[str] | None = None) -> int:
         "targets": {"jsonl_seconds_max": 60, "jsonl_peak_mib_max": 1024},
         "rows": rows,
     }
-    path = write_result("catalog", result)
-    print(f"wrote {path}")
+    publish("catalog", result)
     print(out.rstrip())
     return 0
 

@@ -33,7 +33,7 @@ import time
 from pathlib import Path
 
 from benchmarks.catalog import PARSE_ONLY, REPO, SEED_DUPLICATE_RATE, SEED_RECORDS, SEED_SPECIES, run_child
-from benchmarks.results import RESULTS_DIR, print_table, save_figure, write_result
+from benchmarks.results import print_table, publish, pyplot, save_figure
 
 #: The issue's target size: the catalog importing toward 900k records.
 GROWN_RECORDS = 900_000
@@ -80,11 +80,7 @@ def moved(v1: dict[str, str], folder: Path) -> dict[str, int]:
 
 
 def plot(rows: list[dict], bands: dict[str, dict], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5))
     names = [r["variant"] for r in rows]
     left.barh(names, [r["seconds"] for r in rows], color="#4a7f3b")
@@ -201,9 +197,7 @@ def main(argv: list[str] | None = None) -> int:
         },
         "rows": rows,
     }
-    path = write_result("catalog_growth", result)
-    plot(rows, bands, RESULTS_DIR / "catalog_growth.png")
-    print(f"wrote {path} and {RESULTS_DIR / 'catalog_growth.png'}")
+    publish("catalog_growth", result, lambda png: plot(rows, bands, png))
     return 0
 
 

@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 from benchmarks.photos import fetch_sources, make_photos
-from benchmarks.results import RESULTS_DIR, group_panels, print_table, save_figure, write_result
+from benchmarks.results import command_line, group_panels, print_table, publish, save_figure
 from flora.export import onnx as onnx_export
 from flora.export import tfjs
 from flora.export.bundle import load_bundle
@@ -162,14 +162,12 @@ def main(argv: list[str] | None = None) -> int:
     columns = [c for c in rows[0] if not c.startswith("_")]
     print_table(rows, columns)
     result = {
-        "command": "python -m benchmarks.export " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "command": command_line("benchmarks.export", argv),
         "machine": {"cpu_cores": os.cpu_count(), "platform": platform.platform(), "device": "CPU only"},
         "rows": [{k: v for k, v in r.items() if not k.startswith("_")} for r in rows],
         "reports": [{"model": r["model"], "tfjs": r["_report"], "onnx": r["_onnx"]} for r in rows],
     }
-    path = write_result("export", result)
-    chart(rows, RESULTS_DIR / "flora.export.png")
-    print(f"wrote {path} and {RESULTS_DIR / 'flora.export.png'}")
+    publish("export", result, lambda png: chart(rows, png), png="flora.export.png")
     return 0
 
 

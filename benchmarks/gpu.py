@@ -42,7 +42,7 @@ from pathlib import Path
 import torch
 
 from benchmarks.photos import build_photo_shards, fetch_sources, usable_photos
-from benchmarks.results import RESULTS_DIR, print_table, rate_bars, write_result
+from benchmarks.results import RESULTS_DIR, print_table, publish, rate_bars
 
 REPO = Path(__file__).resolve().parents[1]
 OUT = REPO / "benchmarks" / "out" / "gpu"
@@ -436,13 +436,15 @@ def main(argv: list[str] | None = None) -> int:
     result["targets"] = targets(rows, cuda)
     result["seconds"] = time.perf_counter() - started
     print({k: (round(v, 3) if isinstance(v, float) else v) for k, v in result["targets"].items()})
-    png = args.results / "gpu.png"
-    args.results.mkdir(parents=True, exist_ok=True)
     title = f"{env['gpu'] or 'CPU dry run'}, torch {env['torch']}, DALI {env['dali']}"
-    rate_bars(rows, "part", "run", "img_per_s", png, (6.5, 4.0), title)
-    result["chart"] = png.name
-    path = write_result("gpu", result, args.results)
-    print(f"wrote {path} and {png} in {result['seconds']:.0f} s")
+    result["chart"] = "gpu.png"
+    publish(
+        "gpu",
+        result,
+        lambda png: rate_bars(rows, "part", "run", "img_per_s", png, (6.5, 4.0), title),
+        results_dir=args.results,
+        note=f" in {result['seconds']:.0f} s",
+    )
     return 1 if failed else 0
 
 

@@ -33,7 +33,7 @@ import sys
 import time
 from pathlib import Path
 
-from benchmarks.results import RESULTS_DIR, print_table, write_result
+from benchmarks.results import print_table, publish, pyplot, save_figure
 from benchmarks.sharder import make_images, start_server
 
 REPO = Path(__file__).resolve().parents[1]
@@ -81,19 +81,14 @@ def tars(out: Path) -> dict[str, tuple[int, int]]:
 
 
 def plot(rows: list[dict], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(6, 3.2))
     ax.barh([r["build"] for r in rows], [r["seconds"] for r in rows], color=["#888", "#2a7", "#c52"])
     for y, r in enumerate(rows):
         ax.text(r["seconds"], y, f" {r['seconds']:.1f} s", va="center")
     ax.set_xlabel("seconds (wall)")
     ax.set_title("Growing a shard set by 10%: incremental vs full rebuild")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    save_figure(fig, path)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -166,8 +161,7 @@ def main(argv: list[str] | None = None) -> int:
         f"incremental {inc_s:.1f} s vs full rebuild {full_s:.1f} s: {full_s / inc_s:.1f}x; "
         f"v1 shards rewritten {len(rewritten)}, new shards {len(new_shards)}; same samples as full: {same}"
     )
-    write_result("incremental", result)
-    plot(rows, RESULTS_DIR / "incremental.png")
+    publish("incremental", result, lambda png: plot(rows, png))
     return 0
 
 

@@ -36,7 +36,7 @@ import torch
 from PIL import Image
 
 from benchmarks.photos import build_photo_shards, build_world_shards
-from benchmarks.results import RESULTS_DIR, print_table, rate_bars, write_result
+from benchmarks.results import command_line, print_table, publish, rate_bars
 from flora.loaders import create_dataloaders
 from flora.loaders.reference import build_transform
 
@@ -228,12 +228,10 @@ def main(argv: list[str] | None = None) -> int:
     print()
     for name, res in results.items():
         print(name, {k: round(v, 2) for k, v in res["ratios"].items()})
-    chart = RESULTS_DIR / f"{args.name}.png"
-    rate_bars(rows, "set", "loader", "img/s", chart)
-    path = write_result(
+    publish(
         args.name,
         {
-            "command": "python -m benchmarks.loader " + " ".join(argv if argv is not None else sys.argv[1:]),
+            "command": command_line("benchmarks.loader", argv),
             "machine": {
                 "cores": cores(),
                 "python": platform.python_version(),
@@ -243,10 +241,10 @@ def main(argv: list[str] | None = None) -> int:
             "settings": {k: v for k, v in vars(args).items() if k != "shards"},
             "sets": results,
             "rows": rows,
-            "chart": chart.name,
+            "chart": f"{args.name}.png",
         },
+        lambda png: rate_bars(rows, "set", "loader", "img/s", png),
     )
-    print(f"\nwrote {path} and {chart}")
     return 0
 
 

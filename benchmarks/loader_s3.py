@@ -44,7 +44,7 @@ import torch
 
 from benchmarks.loader import AUGMENTS, OUT, cores, time_loader
 from benchmarks.photos import build_photo_shards
-from benchmarks.results import RESULTS_DIR, print_table, rate_bars, write_result
+from benchmarks.results import command_line, print_table, publish, rate_bars
 from flora import store
 from flora.loaders import create_dataloaders
 from flora.sharding.build.remote import publish_tables
@@ -425,12 +425,10 @@ def main(argv: list[str] | None = None) -> int:
             r = read[backend][split]
             print(f"  {split}: scan {r['scan_x_tar']:.2f}x the tars, epoch {r['epoch_x_jpg']:.3f}x its "
                   f"planned jpg bytes ({r['epoch_x_tar']:.2f}x the tars), {r['epoch_gets']} GET")  # fmt: skip
-    chart = RESULTS_DIR / f"{args.name}.png"
-    rate_bars([{**r, "set": "photos"} for r in rows], "set", "loader", "img/s", chart)
-    path = write_result(
+    publish(
         args.name,
         {
-            "command": f"{PROG} " + " ".join(argv if argv is not None else sys.argv[1:]),
+            "command": command_line("benchmarks.loader_s3", argv),
             "machine": {
                 "cores": cores(),
                 "python": platform.python_version(),
@@ -444,8 +442,8 @@ def main(argv: list[str] | None = None) -> int:
             "target_s3_vs_local": TARGET_RATIO,
             "bytes_read": read,
         },
+        lambda png: rate_bars([{**r, "set": "photos"} for r in rows], "set", "loader", "img/s", png),
     )
-    print(f"wrote {path}")
     return 0
 
 

@@ -38,7 +38,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from benchmarks.results import RESULTS_DIR, print_table, write_result
+from benchmarks.results import command_line, print_table, publish, pyplot, save_figure
 from flora.sharding.build.job import memory_mib
 from flora.sharding.images.convert import ImageConfig, process_image
 from flora.sharding.images.neardup import (
@@ -216,11 +216,7 @@ def search(n: int, thresholds: list[int]) -> list[dict]:
 
 
 def plot(rows: list[dict], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     for ax, name in zip(axes, sorted({r["set"] for r in rows}), strict=False):
         mine = [r for r in rows if r["set"] == name]
@@ -234,8 +230,7 @@ def plot(rows: list[dict], path: Path) -> None:
         ax.set(title=name, xlabel="threshold (bits)", ylabel="recall %")
         ax2.set_ylabel("false matches, % of distinct pairs")
         ax.legend(loc="center right", fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    save_figure(fig, path)
 
 
 def main() -> None:
@@ -285,13 +280,10 @@ def main() -> None:
             "brute_force_s_estimate",
         ],
     )
-    command = "python -m benchmarks.neardup " + " ".join(sys.argv[1:])
-    result = {"command": command.strip(), "default_threshold": DEFAULT_THRESHOLD, "hashing": cost,
-              "sets": sets, "by_threshold": rows, "search": found,
+    result = {"command": command_line("benchmarks.neardup"), "default_threshold": DEFAULT_THRESHOLD,
+              "hashing": cost, "sets": sets, "by_threshold": rows, "search": found,
               "targets": {"recall": TARGET_RECALL, "false_rate": TARGET_FALSE}}  # fmt: skip
-    path = write_result("neardup", result)
-    plot(rows, RESULTS_DIR / "neardup.png")
-    print(f"wrote {path}")
+    publish("neardup", result, lambda png: plot(rows, png))
 
 
 if __name__ == "__main__":

@@ -1,19 +1,25 @@
-"""The shared results writer of the benchmarks: a printed table and ``benchmarks/results/<name>.json``.
+"""The shared results writer of the benchmarks: a printed table, ``benchmarks/results/<name>.json`` and
+its chart ``<name>.png``.
 
 Owns the format of results (one JSON object per benchmark, with the command that produced it and the
-machine it ran on) and the table printed to the terminal. Leaves out: measuring (each benchmark
-script does its own, always against a baseline in the same run).
+machine it ran on, no machine paths), the table printed to the terminal, the charts' figure settings,
+and ``publish``: the end of every benchmark (JSON, chart, the line saying what was written). Leaves
+out: measuring (each benchmark script does its own, always against a baseline in the same run) and
+what each chart shows.
 """
 
 from __future__ import annotations
 
 import json
+import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 REPO = RESULTS_DIR.parents[1]
+FIGURE_DPI = 110  # the committed charts' resolution
 
 
 def portable(value: Any) -> Any:
@@ -48,6 +54,12 @@ def print_table(rows: list[dict[str, Any]], columns: list[str]) -> None:
             print("  ".join("-" * w for w in widths))
 
 
+def command_line(module: str, argv: list[str] | None = None) -> str:
+    """How a result was produced: ``python -m <module>`` and the arguments given (``argv``, else the
+    process's own), for the result's ``command``."""
+    return " ".join(["python", "-m", module, *(sys.argv[1:] if argv is None else argv)])
+
+
 def write_result(name: str, result: dict[str, Any], results_dir: Path = RESULTS_DIR) -> Path:
     """Writes ``result`` (plus a UTC timestamp) to ``results_dir/<name>.json`` and returns the path."""
     results_dir.mkdir(parents=True, exist_ok=True)
@@ -57,16 +69,41 @@ def write_result(name: str, result: dict[str, Any], results_dir: Path = RESULTS_
     return path
 
 
-def group_panels(rows: list[dict[str, Any]], key: str, width: float, height: float):
-    """A figure with one panel per distinct ``row[key]``, side by side (matplotlib, Agg backend);
-    returns the figure and (axes, group name, the group's rows) per panel."""
+def publish(
+    name: str,
+    result: dict[str, Any],
+    chart: Callable[[Path], None] | None = None,
+    png: str | None = None,
+    results_dir: Path = RESULTS_DIR,
+    note: str = "",
+) -> Path:
+    """The end of a benchmark: ``result`` to ``results_dir/<name>.json`` (``write_result``), the chart
+    that ``chart(path)`` draws to ``results_dir/<png>`` (default ``<name>.png``), and one line naming
+    what was written (``note`` appended). Returns the JSON's path."""
+    path = write_result(name, result, results_dir)
+    written = [path]
+    if chart is not None:
+        written.append(results_dir / (png or f"{name}.png"))
+        chart(written[-1])
+    print(f"wrote {' and '.join(map(str, written))}{note}")
+    return path
+
+
+def pyplot():
+    """matplotlib's pyplot on the Agg backend (files only, no display)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    return plt
+
+
+def group_panels(rows: list[dict[str, Any]], key: str, width: float, height: float):
+    """A figure with one panel per distinct ``row[key]``, side by side (matplotlib, Agg backend);
+    returns the figure and (axes, group name, the group's rows) per panel."""
     groups = list(dict.fromkeys(r[key] for r in rows))
-    fig, axes = plt.subplots(1, len(groups), figsize=(width * len(groups), height), squeeze=False)
+    fig, axes = pyplot().subplots(1, len(groups), figsize=(width * len(groups), height), squeeze=False)
     return fig, [(ax, g, [r for r in rows if r[key] == g]) for ax, g in zip(axes[0], groups, strict=True)]
 
 
@@ -87,8 +124,8 @@ def rate_bars(
 
 
 def save_figure(fig, path: Path) -> None:
-    import matplotlib.pyplot as plt
-
+    """Writes ``fig`` to ``path`` (tight layout, 110 dpi, the size of every chart in results/) and
+    closes it."""
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    fig.savefig(path, dpi=FIGURE_DPI)
+    pyplot().close(fig)

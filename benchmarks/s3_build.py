@@ -24,7 +24,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from benchmarks.results import RESULTS_DIR, print_table, write_result
+from benchmarks.results import print_table, publish, pyplot, save_figure
 from benchmarks.sharder import SHARD_SAMPLES, make_images, start_server, write_splits
 
 REPO = Path(__file__).resolve().parents[1]
@@ -63,11 +63,7 @@ def _manifest(out: str, env: dict) -> dict:
 
 
 def plot(rows: list[dict], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(6.5, 3.2))
     colours = ["#888" if r["destination"] == "local disk" else "#27a" for r in rows]
     labels = [f"{r['destination']} ({r['build']})" for r in rows]
@@ -77,8 +73,7 @@ def plot(rows: list[dict], path: Path) -> None:
     ax.set_xlabel("images/s (wall, whole build)")
     ax.set_title("flora build: to S3 (SeaweedFS on loopback) vs to local disk")
     ax.invert_yaxis()
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    save_figure(fig, path)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -133,8 +128,7 @@ def main(argv: list[str] | None = None) -> int:
         "builds": rows,
         "s3_vs_local_img_per_s": ratio,
     }
-    write_result("s3_build", result)
-    plot(rows, RESULTS_DIR / "s3_build.png")
+    publish("s3_build", result, lambda png: plot(rows, png))
     return 0
 
 

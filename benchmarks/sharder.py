@@ -42,7 +42,7 @@ from pathlib import Path
 
 from benchmarks import sharder_stages
 from benchmarks.catalog import run_child
-from benchmarks.results import RESULTS_DIR, print_table, write_result
+from benchmarks.results import command_line, print_table, publish
 from flora.io import read_jsonl
 
 REPO = Path(__file__).resolve().parents[1]
@@ -368,7 +368,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         result = {
             "benchmark": "sharder",
-            "command": " ".join(["python -m benchmarks.sharder", *(sys.argv[1:] if argv is None else argv)]),
+            "command": command_line("benchmarks.sharder", argv),
         }
         runs, summaries, stages = [], [], []
         for image_set in args.sets:  # 1 and 2: interleaved runs, warm rebuild
@@ -433,8 +433,7 @@ def main(argv: list[str] | None = None) -> int:
             "warm_vs_cold_min": 10,
             "memory_ratio_max": 1.2,
         }
-        sharder_stages.plot(stages, runs, RESULTS_DIR / "sharder.png")
-        print(f"wrote {write_result('sharder', result)} and {RESULTS_DIR / 'sharder.png'}")
+        publish("sharder", result, lambda png: sharder_stages.plot(stages, runs, png))
     finally:
         server.terminate()
         server.wait(timeout=10)

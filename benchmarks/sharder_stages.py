@@ -42,6 +42,8 @@ import time
 from collections import Counter
 from pathlib import Path
 
+from benchmarks.results import pyplot, save_figure
+
 REPO = Path(__file__).resolve().parents[1]
 I2D_SCRIPT = Path(__file__).resolve().parent / "img2dataset_stages.py"
 #: Stage columns of the breakdown, in stacking order (ms of one core per image).
@@ -305,11 +307,7 @@ def breakdown(
 
 def plot(rows: list[dict], runs: list[dict], path: Path) -> None:
     """Stacked bars of the breakdown (ms of one core per image) and the images/s of every run."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     fig, (left, right) = plt.subplots(1, 2, figsize=(14, 5.4), gridspec_kw={"width_ratios": [3, 2]})
     labels = [f"{r['tool']}\n{r['set']}" for r in rows]
     colours = plt.get_cmap("tab10").colors
@@ -333,9 +331,7 @@ def plot(rows: list[dict], runs: list[dict], path: Path) -> None:
     right.set_xlabel("images / s, 2 processes x 32 threads (each dot one run)")
     right.set_title("Throughput, interleaved runs")
     right.grid(axis="x", alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def scale_table(datas: dict[str, list[bytes]], shorter: int) -> list[dict]:

@@ -24,7 +24,7 @@ import torch
 from benchmarks.loader import OUT as LOADER_OUT
 from benchmarks.loader import cores
 from benchmarks.photos import build_world_shards
-from benchmarks.results import print_table, write_result
+from benchmarks.results import command_line, print_table, publish
 from flora.training.config import load_experiment
 from flora.training.loop import Trainer
 
@@ -107,11 +107,10 @@ def main(argv: list[str] | None = None) -> int:
         "dali_loop_vs_compute_only": result["dali"]["train_steps_per_s"] / rate,
     }
     print({k: round(v, 2) for k, v in ratios.items()})
-    path = write_result(
+    publish(
         "training",
         {
-            "command": "python -m benchmarks.training "
-            + " ".join(argv if argv is not None else sys.argv[1:]),
+            "command": command_line("benchmarks.training", argv),
             "machine": {
                 "cpus": cores(),
                 "processor": platform.processor() or platform.machine(),
@@ -125,7 +124,6 @@ def main(argv: list[str] | None = None) -> int:
             "ratios": ratios,
         },
     )
-    print(f"wrote {path}")
     return 0
 
 

@@ -33,7 +33,7 @@ import torch
 
 from benchmarks.loader import OUT, cores
 from benchmarks.photos import build_photo_shards
-from benchmarks.results import RESULTS_DIR, group_panels, print_table, save_figure, write_result
+from benchmarks.results import command_line, group_panels, print_table, publish, save_figure
 from flora.loaders import create_dataloaders
 from flora.loaders.recheck import recheck
 
@@ -187,24 +187,21 @@ def main(argv: list[str] | None = None) -> int:
     print_table(rows, ["loader", "img/s", "epoch s", "epoch+check s", "check s", "check/epoch", "slowdown"])
     print(f"\nre-check alone: warm {alone['warm']['MB/s']:,.0f} MB/s, cold {alone['cold']['MB/s']:,.0f} MB/s "
           f"({alone['jpg_bytes'] / MB:,.0f} MB of jpgs, {args.threads} threads)")  # fmt: skip
-    png = RESULTS_DIR / f"{args.name}.png"
-    chart(rows, png, f"verify: full re-check per epoch, train split of {set_name}, {args.threads} threads")
-    path = write_result(
+    title = f"verify: full re-check per epoch, train split of {set_name}, {args.threads} threads"
+    publish(
         args.name,
         {
-            "command": (
-                "python -m benchmarks.verify " + " ".join(argv if argv is not None else sys.argv[1:])
-            ).strip(),
+            "command": command_line("benchmarks.verify", argv),
             "machine": {"cores": cores(), "python": platform.python_version(), "torch": torch.__version__},
             "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
             "set": set_name,
             "shards": str(shards),
             "loaders": rows,
             "recheck_alone": alone,
-            "chart": png.name,
+            "chart": f"{args.name}.png",
         },
+        lambda png: chart(rows, png, title),
     )
-    print(f"\nwrote {path} and {png}")
     return 0
 
 
