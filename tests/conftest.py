@@ -37,11 +37,23 @@ SHARED_WORLDS = {
     "small_world": ("tests/sharding/test_disk_faults.py", "tests/sharding/test_download_deadlines.py"),
 }
 
+#: The files with the longest tests (minutes in all; ``make test`` prints the 25 slowest tests), longest
+#: first: handed out before the rest, so that no worker starts one of them while the other has run out
+#: of work (xdist's own order is by the number of tests in a file).
+LONG_FILES = (
+    "tests/world/test_demo.py",
+    "tests/export/test_tfjs.py",
+    "tests/loaders/test_s3.py",
+    "tests/training/test_train.py",
+    "tests/benchmarks/test_gpu_check.py",
+)
+
 
 @pytest.hookimpl(optionalhook=True, tryfirst=True)  # an xdist hook: before xdist's own choice
 def pytest_xdist_make_scheduler(config, log):
     """``--dist loadfile`` (a test file is one unit of work, given to one worker) with the files of each
-    ``SHARED_WORLDS`` entry as one unit; other ``--dist`` modes are xdist's."""
+    ``SHARED_WORLDS`` entry as one unit, and ``LONG_FILES`` given out first; other ``--dist`` modes are
+    xdist's."""
     if config.getvalue("dist") != "loadfile":
         return None
     from xdist.scheduler import LoadFileScheduling
@@ -52,6 +64,12 @@ def pytest_xdist_make_scheduler(config, log):
         def _split_scope(self, nodeid: str) -> str:
             path = super()._split_scope(nodeid)
             return unit.get(path, path)
+
+        def _assign_work_unit(self, node) -> None:
+            for path in reversed(LONG_FILES):  # to the front of the queue, the longest at the head
+                if unit.get(path, path) in self.workqueue:
+                    self.workqueue.move_to_end(unit.get(path, path), last=False)
+            super()._assign_work_unit(node)
 
     return SharedWorldScheduling(config, log)
 

@@ -3,17 +3,38 @@ second run on the same machine prints the same shard count and metrics, with eve
 cache (issue 16, item 8)."""
 
 import json
+import random
 import socket
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
+#: Where the kernel draws the ports it hands out for port 0 (Linux; the default range if unreadable).
+EPHEMERAL_RANGE = Path("/proc/sys/net/ipv4/ip_local_port_range")
+#: The lowest port the demo's port is drawn from: above the registered services people run locally.
+LOWEST_PORT = 20000
+
 
 def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
+    """A free port below the kernel's ephemeral range: the demo binds it twice, minutes apart, and no
+    server of another test (each binds port 0, maybe in a parallel pytest-xdist worker) is handed it
+    in between."""
+    try:
+        ephemeral_low = int(EPHEMERAL_RANGE.read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        ephemeral_low = 32768
+    high = ephemeral_low if ephemeral_low > LOWEST_PORT else 65536  # no room below it: any port
+    rng = random.Random()
+    while True:
+        port = rng.randrange(LOWEST_PORT, high)
+        with socket.socket() as probe:
+            try:
+                probe.bind(("127.0.0.1", port))
+            except OSError:
+                continue  # taken: another
+            return port
 
 
 def run_demo(out, port: int) -> subprocess.CompletedProcess:
