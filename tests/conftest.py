@@ -58,6 +58,8 @@ def pytest_xdist_make_scheduler(config, log):
         return None
     from xdist.scheduler import LoadFileScheduling
 
+    if not all(hasattr(LoadFileScheduling, name) for name in ("_split_scope", "_assign_work_unit")):
+        return None  # another xdist's internals: its own loadfile (correct, only less even)
     unit = {path: files[0] for files in SHARED_WORLDS.values() for path in files}
 
     class SharedWorldScheduling(LoadFileScheduling):
