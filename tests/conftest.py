@@ -35,7 +35,34 @@ SHARED_WORLDS = {
     "faulty_world": ("tests/sharding/test_build.py", "tests/sharding/test_s3_build.py"),
     "clean_world": ("tests/sharding/test_ray_cluster.py",),
     "small_world": ("tests/sharding/test_disk_faults.py", "tests/sharding/test_download_deadlines.py"),
-}
+    # tests/export/conftest.py: the trained student and its TF.js export (a conversion takes ~30 s)
+    "student": ("tests/export/test_browser.py", "tests/export/test_bundle.py", "tests/export/test_onnx.py",
+                "tests/export/test_tfjs.py"),
+}  # fmt: skip
+
+#: The files that start Ray (a local instance, or the two-node test cluster): run on one worker, one after
+#: another, so that two Ray instances never run at once on the machine (the cluster tests assert which
+#: node ran which chunk; under a second instance's load their worker nodes were seen to get none).
+RAY_FILES = (
+    "tests/sharding/test_build.py",
+    "tests/sharding/test_s3_build.py",
+    "tests/sharding/test_distribute.py",
+    "tests/sharding/test_ray_cluster.py",
+)
+
+
+def work_units() -> dict[str, str]:
+    """Test file -> the file that names its unit of work: the ``SHARED_WORLDS`` groups and ``RAY_FILES``,
+    groups that share a file merged into one."""
+    groups: list[set[str]] = []
+    for files in [*SHARED_WORLDS.values(), RAY_FILES]:
+        merged = set(files)
+        for group in [g for g in groups if g & merged]:
+            merged |= group
+            groups.remove(group)
+        groups.append(merged)
+    return {path: min(group) for group in groups for path in group}
+
 
 #: The files with the longest tests (minutes in all; ``make test`` prints the 25 slowest tests), longest
 #: first: handed out before the rest, so that no worker starts one of them while the other has run out
@@ -52,15 +79,15 @@ LONG_FILES = (
 @pytest.hookimpl(optionalhook=True, tryfirst=True)  # an xdist hook: before xdist's own choice
 def pytest_xdist_make_scheduler(config, log):
     """``--dist loadfile`` (a test file is one unit of work, given to one worker) with the files of each
-    ``SHARED_WORLDS`` entry as one unit, and ``LONG_FILES`` given out first; other ``--dist`` modes are
-    xdist's."""
+    ``SHARED_WORLDS`` entry and ``RAY_FILES`` as one unit (``work_units``), and ``LONG_FILES`` given out
+    first; other ``--dist`` modes are xdist's."""
     if config.getvalue("dist") != "loadfile":
         return None
     from xdist.scheduler import LoadFileScheduling
 
     if not all(hasattr(LoadFileScheduling, name) for name in ("_split_scope", "_assign_work_unit")):
         return None  # another xdist's internals: its own loadfile (correct, only less even)
-    unit = {path: files[0] for files in SHARED_WORLDS.values() for path in files}
+    unit = work_units()
 
     class SharedWorldScheduling(LoadFileScheduling):
         def _split_scope(self, nodeid: str) -> str:
