@@ -15,7 +15,7 @@ Policies (within each stream, when streams are configured):
 * ``repeat_factor``: a sample whose species has frequency ``f < t`` in its stream is repeated
   ``r = t / f`` times, rounded stochastically per epoch (``floor(r)`` plus one with probability
   ``frac(r)``); a species with ``f >= t`` keeps each sample exactly once. (LVIS / detectron2 repeat
-  ``sqrt(t / f)`` times; Flora's issue 26 asks for ``t / f``, which lifts every rare species to
+  ``sqrt(t / f)`` times; Flora repeats ``t / f`` times, which lifts every rare species to
   ``t * n`` draws.) Without streams and without ``epoch_samples`` the epoch is the repeated list, its
   length varying with the rounding; otherwise the list is resized to the stream's quota.
 
