@@ -47,12 +47,18 @@ STAGES: dict[str, Stage] = {
     "world": Stage("world.__main__", "generate or serve the sample world (tests, demo)"),
 }  # fmt: skip
 
-#: Stages with verbs (``flora export tfjs``) -> their verbs, from STAGES.
-GROUPS: dict[str, list[str]] = {}
-for _name in STAGES:
-    if " " in _name:
-        _group, _verb = _name.split(" ", 1)
-        GROUPS.setdefault(_group, []).append(_verb)
+
+def _groups() -> dict[str, list[str]]:
+    """Stages with verbs (``flora export tfjs``) -> their verbs, from STAGES."""
+    groups: dict[str, list[str]] = {}
+    for name in STAGES:
+        if " " in name:
+            group, verb = name.split(" ", 1)
+            groups.setdefault(group, []).append(verb)
+    return groups
+
+
+GROUPS = _groups()
 
 
 #: Optional parts and the extra that installs each (``pip install 'flora[<extra>]'``).
@@ -109,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0 if argv else EXIT_USAGE
     found = resolve(argv)
     if found is None and argv[0] in GROUPS:
-        return _group(argv[0], argv[1:])
+        return _without_verb(argv[0], argv[1:])
     if found is None:
         return fail(None, f"unknown stage {argv[0]!r}; expected one of: {', '.join(STAGES)}")
     name, stage, rest = found
@@ -122,7 +128,7 @@ def main(argv: list[str] | None = None) -> int:
     return entry(rest, prog=f"flora {name}")
 
 
-def _group(group: str, rest: list[str]) -> int:
+def _without_verb(group: str, rest: list[str]) -> int:
     """``flora <group>`` without a known verb: help for ``--help``, else one error line."""
     verbs = GROUPS[group]
     if rest and rest[0] in ("-h", "--help", "help"):

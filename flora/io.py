@@ -1,4 +1,4 @@
-"""Small file helpers every stage uses: JSONL, atomic text writes, a file's sha256.
+"""Small file helpers every stage uses: JSONL, atomic writes, a file's sha256.
 
 Leaves out: the sharder's staged multi-file commits (sharding/outputs.py) and strict JSON encoding of
 odd values (``sharding.outputs.dumps``).
@@ -31,11 +31,16 @@ def read_jsonl(path: str | Path) -> list[Any]:
         return [json.loads(line) for line in fh if line.strip()]
 
 
-def atomic_write_text(path: str | Path, text: str) -> Path:
-    """Writes ``text`` to ``path`` through a temporary file and a rename: readers see the old file or
-    the new one, never half of it."""
+def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
+    """Writes ``data`` to ``path`` through a temporary file and a rename: readers see the old file or
+    the new one, never half of it (and processes writing the same file at once never mix theirs)."""
     path = Path(path)
     tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text, encoding="utf-8")
+    tmp.write_bytes(data)
     os.replace(tmp, path)
     return path
+
+
+def atomic_write_text(path: str | Path, text: str) -> Path:
+    """``atomic_write_bytes`` of ``text`` in UTF-8."""
+    return atomic_write_bytes(path, text.encode("utf-8"))

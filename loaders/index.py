@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import random
 import tempfile
 from collections import Counter
@@ -46,6 +45,7 @@ from typing import NamedTuple
 import numpy as np
 
 from flora.errors import FloraError
+from flora.io import atomic_write_text
 from flora.loaders.config import DataConfig
 from flora.loaders.jpeg import (  # jpeg_size: part of this module's interface
     BAD_JSON,
@@ -354,9 +354,8 @@ def scan_shard(
     if verify == "full":
         check_manifest_sha256(shard, rows, found)
     if cache is not None:
-        tmp = cache.with_name(cache.name + f".{os.getpid()}.tmp")
-        tmp.write_text(json.dumps({"format": CACHE_FORMAT, "stamp": stamp, "verify": verify, "rows": rows}))
-        os.replace(tmp, cache)
+        entry = {"format": CACHE_FORMAT, "stamp": stamp, "verify": verify, "rows": rows}
+        atomic_write_text(cache, json.dumps(entry))
     return rows, True
 
 

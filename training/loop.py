@@ -348,9 +348,8 @@ class Trainer:
         bar = self._progress_bar(micro, micro_total)
         window = Window(first_in_epoch=True)  # the epoch's first window also holds the loader's start-up
         epoch = self.epoch_window = self.epoch_window.restarted() if micro else Window()
-        group: list[
-            torch.Tensor
-        ] = []  # per micro-batch: loss terms + valid rows, on the device until the step
+        # per micro-batch: loss terms + valid rows, on the device until the step
+        group: list[torch.Tensor] = []
         stopped, batches = False, _timed(loader)  # batches lives to the return: so does the loader's iterator
         for batch, waited in batches:
             epoch.wait, window.wait = epoch.wait + waited, window.wait + waited

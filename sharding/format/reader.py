@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import tempfile
 from collections.abc import Callable, Collection, Iterable, Iterator
 from contextlib import contextmanager
@@ -46,7 +45,7 @@ from pathlib import Path
 from typing import BinaryIO, NamedTuple
 
 from flora import store
-from flora.io import sha256_file
+from flora.io import atomic_write_bytes, sha256_file
 from flora.sharding.cache.derived import derived_dir
 from flora.sharding.format.schema import (
     MANIFEST,
@@ -233,9 +232,7 @@ def _mirror(url: str, cache_root: str | None) -> Path:
 def _put(path: Path, data: bytes) -> None:
     """Writes ``data`` atomically (ranks of one node may mirror the same store at once)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
+    atomic_write_bytes(path, data)
 
 
 def _check_manifest(data: bytes, root: S3Url) -> None:
