@@ -31,10 +31,10 @@ Leaves out: reading and augmenting (the subclasses: dali.py, reference.py yield 
 from __future__ import annotations
 
 import logging
-import math
 import time
 from collections import Counter
 from collections.abc import Iterator
+from dataclasses import asdict
 
 import numpy as np
 import torch
@@ -42,9 +42,12 @@ import torch
 from flora.loaders.config import DataConfig
 from flora.loaders.index import LoaderError, SampleIndex, rank_bounds
 from flora.loaders.jpeg import SKIP_REASONS
+from flora.loaders.plan import Planner, RankPlan, pack, unpack
 from flora.loaders.recheck import recheck
 
-STATE_FORMAT = 1
+STATE_FORMAT = 2  # 2: sampling, epoch_length, segment_base; a list of every rank's states
+#: States this version resumes (1: before sampling, the same ranks only).
+ACCEPTED_FORMATS = (1, 2)
 log = logging.getLogger(__name__)
 
 
@@ -74,19 +77,15 @@ class EpochLoader:
         n = len(index)
         if n < world_size:
             raise LoaderError(f"split {index.split!r} has {n} samples, fewer than world_size={world_size}")
-        lo, hi = rank_bounds(n, rank, world_size)
-        self.rank_size = hi - lo
-        if self.policy == "drop":
-            self.batches = (n // world_size) // self.batch_size
-            if self.batches == 0:
-                raise LoaderError(
-                    f"train_remainder=drop: {n} samples over {world_size} ranks fill no batch of "
-                    f"{self.batch_size}; lower batch_size or use train_remainder: pad"
-                )
-        elif self.policy == "pad":
-            self.batches = math.ceil(math.ceil(n / world_size) / self.batch_size)
-        else:
-            self.batches = math.ceil(self.rank_size / self.batch_size)
+        self.planner = Planner(index, cfg, train)
+        #: A segment of the current epoch: the positions its reads had consumed when this run took it
+        #: over from a run on another number of ranks (``load_state_dict`` with every rank's state).
+        self._segment: dict | None = None
+        if self.policy == "drop" and self.batches_for(0) == 0:
+            raise LoaderError(
+                f"train_remainder=drop: {self.planner.length(0)} samples over {world_size} ranks fill no "
+                f"batch of {self.batch_size}; lower batch_size or use train_remainder: pad"
+            )
         self.epoch = 0
         self._done = 0  # batches handed out in self.epoch
         self._resume: dict | None = None
@@ -98,12 +97,39 @@ class EpochLoader:
         self.rechecks: list[dict] = []
         self._fresh_pending = bool(index.fresh)  # the next re-check may skip shards scanned just now
 
+    def _base(self, epoch: int) -> np.ndarray | None:
+        """The positions of ``epoch`` consumed before this run took it over (None: a whole epoch)."""
+        seg = self._segment
+        return seg["base"] if seg is not None and seg["epoch"] == epoch else None
+
+    def batches_for(self, epoch: int) -> int:
+        """Batches this rank yields in ``epoch`` (the same on every rank for training)."""
+        base = self._base(epoch)
+        return self.planner.batches(
+            epoch, self.world_size, self.batch_size, self.policy, self.rank_size_for(epoch), base
+        )
+
+    def rank_size_for(self, epoch: int) -> int:
+        """This rank's cut of ``epoch`` (of its segment), before samples found bad are left out."""
+        lo, hi = rank_bounds(self.planner.segment_size(epoch, self._base(epoch)), self.rank, self.world_size)
+        return hi - lo
+
+    @property
+    def batches(self) -> int:
+        """Batches of the current epoch (``set_epoch``); constant unless ``repeat_factor`` draws the
+        epoch's length or the epoch is a segment resumed on another number of ranks."""
+        return self.batches_for(self.epoch)
+
+    @property
+    def rank_size(self) -> int:
+        return self.rank_size_for(self.epoch)
+
     def __len__(self) -> int:
         return self.batches
 
     @property
     def samples_per_epoch(self) -> int:
-        """Samples this rank hands out per epoch (``valid`` rows only)."""
+        """Samples this rank hands out in the current epoch (``valid`` rows only)."""
         if self.policy == "drop":
             return self.batches * self.batch_size
         return self.rank_size
@@ -142,12 +168,20 @@ class EpochLoader:
             self._done = 0
         self.epoch = epoch
 
+    def rank_plan(self, epoch: int) -> RankPlan:
+        """This rank's reads of ``epoch`` (positions in the epoch list and sample ids), in reading order
+        (before the shuffle buffer), less the samples found bad before the epoch."""
+        gone = [sid for sid, (_reason, first) in self.runtime_skips.items() if first <= epoch]
+        return self.planner.rank_plan(epoch, self.rank, self.world_size, self._base(epoch), gone)
+
     def plan(self, epoch: int) -> np.ndarray:
         """This rank's sample ids for ``epoch`` in reading order (before the shuffle buffer)."""
-        order = self.index.shard_order(epoch, self.cfg.seed, shuffle=self.train)
-        samples = self.index.rank_samples(order, self.rank, self.world_size)
-        gone = [sid for sid, (_reason, first) in self.runtime_skips.items() if first <= epoch]
-        return samples[~np.isin(samples, gone)] if gone else samples
+        return self.rank_plan(epoch).ids
+
+    def sampling_summary(self, epoch: int | None = None) -> dict:
+        """The policy and what the epoch's list realises: draws per species (min, median, max, the most
+        and least drawn), distinct samples, and each stream's share (``info.sampling`` is epoch 0's)."""
+        return self.planner.summary(self.epoch if epoch is None else epoch)
 
     def _recheck(self, epoch: int) -> None:
         """``verify_every``: re-checks this rank's samples of ``epoch`` before it starts."""
@@ -199,6 +233,8 @@ class EpochLoader:
             self._done += 1
             yield last
         self.epoch, self._done = epoch + 1, 0
+        if self._segment is not None and self._segment["epoch"] <= epoch:
+            self._segment = None  # the segment is read: later epochs are whole
 
     def _filler(self, epoch: int) -> dict:
         """A batch of repeated samples for a rank that has no real rows left (pad policy only)."""
@@ -219,12 +255,16 @@ class EpochLoader:
 
     # -------------------------------------------------------------------------------- checkpointing
     def state_dict(self) -> dict:
-        """The position after the batches handed out so far; store it with the training checkpoint."""
+        """The position after the batches handed out so far; store it with the training checkpoint
+        (every rank's, so that a run on another number of ranks can take the epoch over)."""
         if self._done >= self.batches:
             epoch, done, extra = self.epoch + 1, 0, {}
         else:
             epoch, done = self.epoch, self._done
             extra = self._subclass_state() if done else {}
+        base = self._base(epoch)
+        if base is not None and done:
+            extra["segment_base"] = pack(base)
         return {
             "format": STATE_FORMAT,
             "backend": self.backend,
@@ -236,38 +276,140 @@ class EpochLoader:
             "samples": len(self.index),
             "batch_size": self.batch_size,
             "seed": self.cfg.seed,
+            "sampling": self._sampling_key(),
+            "epoch_length": self.planner.length(epoch),
             "runtime_skips": {
                 str(sid): [reason, first] for sid, (reason, first) in self.runtime_skips.items()
             },
             **extra,
         }
 
-    def load_state_dict(self, state: dict) -> None:
-        """Resumes at ``state``: the next iteration of ``state['epoch']`` yields only unseen samples."""
-        if state.get("format") != STATE_FORMAT:
-            raise LoaderError(f"loader state format {state.get('format')!r} is not {STATE_FORMAT}")
-        mine = {
-            "split": self.index.split,
-            "world_size": self.world_size,
-            "samples": len(self.index),
-            "batch_size": self.batch_size,
-            "seed": self.cfg.seed,
-        }
+    def _sampling_key(self) -> dict:
+        """What fixes the epoch lists besides the data and seed: the sampling section, as a mapping."""
+        return asdict(self.cfg.sampling) if self.train else {}
+
+    def load_state_dict(self, state: dict | list[dict]) -> None:
+        """Resumes at ``state``: the next iteration of ``state['epoch']`` yields only unseen samples.
+
+        ``state`` is this rank's state, or the list of every rank's states of the run that saved it
+        (what the training checkpoint keeps). A list from another number of ranks, or another batch
+        size, is taken over: the rest of the epoch is exactly the reads that no old rank had consumed,
+        each once, cut across this run's ranks (a *segment*; plan.py); later epochs are a fresh run's.
+        """
+        states = state if isinstance(state, list) else [state]
+        if not states:
+            raise LoaderError("cannot resume: the loader state list is empty")
+        for s in states:
+            self._check_state(s)
+        first = states[0]
+        same_world = int(first["world_size"]) == self.world_size and len(states) in (1, self.world_size)
+        if same_world and int(first["batch_size"]) == self.batch_size:
+            mine = states[self.rank] if len(states) > 1 else first
+            if int(mine["rank"]) != self.rank and len(states) > 1:
+                raise LoaderError(f"cannot resume: state {self.rank} of the list is rank {mine['rank']}'s")
+            self._restore(mine)
+            return
+        if len(states) != int(first["world_size"]):
+            raise LoaderError(
+                f"cannot resume on {self.world_size} rank(s) with batch size {self.batch_size}: the "
+                f"checkpoint holds {len(states)} loader state(s) of a {first['world_size']}-rank run, batch "
+                f"size "
+                f"{first['batch_size']}; taking an epoch over needs every rank's state"
+            )
+        self._take_over(states)
+
+    def _check_state(self, state: dict) -> None:
+        if not isinstance(state, dict) or state.get("format") not in ACCEPTED_FORMATS:
+            found = state.get("format") if isinstance(state, dict) else type(state).__name__
+            raise LoaderError(f"loader state format {found!r} is not one of {list(ACCEPTED_FORMATS)}")
+        mine = {"split": self.index.split, "samples": len(self.index), "seed": self.cfg.seed,
+                "backend": self.backend}  # fmt: skip
+        if state.get("format", 1) >= 2:
+            mine["sampling"] = self._sampling_key()
         for key, value in mine.items():
             if state.get(key) != value:
                 raise LoaderError(
                     f"cannot resume: the checkpoint's loader had {key}={state.get(key)!r}, this one has "
-                    f"{value!r} (an exact resume needs the same data, batch size, seed and world size)"
+                    f"{value!r} (a resume needs the same data, seed, backend and sampling)"
                 )
+
+    def _restore(self, state: dict) -> None:
+        """The same ranks and batch size: this rank's own state, exactly (DALI's checkpoint too)."""
         self.epoch = int(state["epoch"])
         self._done = int(state["batches_done"])
         self._resume = dict(state) if self._done else None
-        self.runtime_skips = {
-            int(sid): (str(r), int(e)) for sid, (r, e) in state.get("runtime_skips", {}).items()
-        }
+        self._segment = None
+        if self._done and state.get("segment_base"):
+            self._segment = {
+                "epoch": self.epoch,
+                "base": unpack(state["segment_base"], state["epoch_length"]),
+            }
+        self._set_skips(state.get("runtime_skips", {}))
+
+    def _set_skips(self, *skip_maps: dict) -> None:
+        self.runtime_skips = {}
+        for skips in skip_maps:
+            for sid, (reason, first) in skips.items():
+                old = self.runtime_skips.get(int(sid))
+                if old is None or int(first) < old[1]:
+                    self.runtime_skips[int(sid)] = (str(reason), int(first))
         self.skipped.clear()  # in place: LoaderInfo.skipped holds this very Counter
         self.skipped.update(self.index.skipped)
         self.skipped.update(reason for reason, _first in self.runtime_skips.values())
+
+    def _take_over(self, states: list[dict]) -> None:
+        """Another number of ranks (or batch size): a segment of the reads no old rank consumed."""
+        ranks = sorted(int(s["rank"]) for s in states)
+        if ranks != list(range(len(states))):
+            raise LoaderError(
+                f"cannot resume: the loader states are of ranks {ranks}, expected 0..{len(states) - 1}"
+            )
+        at = {(int(s["epoch"]), int(s["batches_done"])) for s in states}
+        if len(at) != 1:
+            raise LoaderError(f"cannot resume: the ranks' loader states are at different places {sorted(at)}")
+        ((epoch, done),) = at
+        self._set_skips(*(s.get("runtime_skips", {}) for s in states))
+        self.epoch, self._done, self._resume, self._segment = epoch, 0, None, None
+        if not done:
+            return  # at an epoch's start: a fresh run's epoch
+        length = self.planner.length(epoch)
+        if any(int(s.get("epoch_length", length)) != length for s in states):
+            raise LoaderError(
+                f"cannot resume: the checkpoint's epoch {epoch} had {states[0].get('epoch_length')} reads, "
+                f"this data and config give {length}"
+            )
+        consumed = np.zeros(length, dtype=bool)
+        for s in states:
+            consumed[self._consumed(s, length)] = True
+        self._segment = {"epoch": epoch, "base": consumed}
+        left = int((~consumed).sum())
+        log.info("%s loader: took over epoch %d from %d rank(s): %d of %d reads left for %d rank(s)",
+                 self.backend, epoch, len(states), left, length, self.world_size)  # fmt: skip
+
+    def _old_plan(self, state: dict, length: int) -> RankPlan:
+        """The plan an old rank's ``state`` was reading (its own skips, its own segment)."""
+        epoch = int(state["epoch"])
+        base = unpack(state["segment_base"], length) if state.get("segment_base") else None
+        skips = state.get("runtime_skips", {})
+        gone = [int(sid) for sid, (_reason, first) in skips.items() if int(first) <= epoch]
+        return self.planner.rank_plan(epoch, int(state["rank"]), int(state["world_size"]), base, gone)
+
+    def _consumed(self, state: dict, length: int) -> np.ndarray:
+        """Positions of the epoch list that an old rank's ``state`` had consumed (its segment's base
+        included): the first ``batches_done * batch_size`` reads of its order (the reference loader's
+        way; dali.py overrides it with the reads its iterator returned)."""
+        plan = self._old_plan(state, length)
+        taken = min(int(state["batches_done"]) * int(state["batch_size"]), len(plan.ids))
+        order = self.planner.reference_order(plan, int(state["rank"]))
+        return np.concatenate([self._old_base(state, length), plan.positions[order[:taken]]])
+
+    @staticmethod
+    def _old_base(state: dict, length: int) -> np.ndarray:
+        return (
+            np.flatnonzero(unpack(state.get("segment_base"), length))
+            if state.get("segment_base")
+            else np.zeros(0, np.int64)
+        )
 
 
 def _pad(batch: dict[str, torch.Tensor], size: int) -> dict[str, torch.Tensor]:

@@ -17,6 +17,7 @@ from typing import Literal
 
 from flora.config import ConfigError, apply_overrides, from_dict, read_yaml
 from flora.loaders.backends import backend_names
+from flora.loaders.sampling import SamplingConfig
 from flora.store import S3Url, StoreError, is_remote
 
 #: ImageNet statistics (torchvision's and timm's defaults), in [0, 1] units.
@@ -172,6 +173,10 @@ class DataConfig:
     cache_root: str | None = None
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     decoder: DecoderConfig = field(default_factory=DecoderConfig)
+    #: Which samples, how often, make a training epoch (sampling.py): ``policy: uniform`` (each sample
+    #: once, the default), ``class_balanced``, ``power``, ``repeat_factor``; ``streams`` to mix regions
+    #: or licence classes by proportion. Validation and test are never sampled.
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
 
     def __post_init__(self) -> None:
         if self.backend not in backend_names():

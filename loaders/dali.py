@@ -53,6 +53,7 @@ from flora.errors import one_line
 from flora.loaders.base import EpochLoader, epoch_seed
 from flora.loaders.config import DataConfig
 from flora.loaders.index import LoaderError
+from flora.loaders.plan import RankPlan, pack, unpack
 from flora.loaders.recheck import recheck
 from flora.loaders.remote import StoreError, dali_s3_check, is_remote
 
@@ -266,10 +267,10 @@ class DaliLoader(EpochLoader):
         state = resume or {}
         # seen: the plan's samples returned so far this epoch; base: those returned before the running
         # pipeline started (it reads the rest of the plan, less the samples found bad this epoch).
-        sorter = np.argsort(plan, kind="stable")
+        mark = _Marker(plan)
         progress = {
-            "seen": _unpack(state.get("dali_seen"), len(plan)),
-            "base": _unpack(state.get("dali_base"), len(plan)),
+            "seen": unpack(state.get("dali_seen"), len(plan)),
+            "base": unpack(state.get("dali_base"), len(plan)),
             "recoveries": int(state.get("dali_recoveries", 0)),
         }
         self._progress = progress
@@ -280,7 +281,7 @@ class DaliLoader(EpochLoader):
                 ids = plan[~progress["base"] & ~np.isin(plan, self._found_during(epoch))]
             try:
                 for images, batch_ids in self._run(epoch, ids, progress["recoveries"], checkpoint):
-                    progress["seen"][sorter[np.searchsorted(plan, batch_ids, sorter=sorter)]] = True
+                    mark(progress["seen"], batch_ids)
                     yield images, batch_ids
                 return
             except _DecodeFailure as failure:
@@ -381,6 +382,18 @@ class DaliLoader(EpochLoader):
             ids[i] = self._lookup[(path, int(offset))]
         return ids
 
+    def _consumed(self, state: dict, length: int) -> np.ndarray:
+        """Positions an old rank's state had consumed: the reads its iterator returned (``dali_seen``),
+        all of its plan once it was exhausted, and its segment's base."""
+        plan: RankPlan = self._old_plan(state, length)
+        if state.get("exhausted"):
+            mine = plan.positions
+        elif state.get("dali_seen"):
+            mine = plan.positions[unpack(state["dali_seen"], len(plan.ids))]
+        else:
+            raise LoaderError(f"cannot take over rank {state['rank']}'s DALI state: it has no 'dali_seen'")
+        return np.concatenate([self._old_base(state, length), mine])
+
     def _subclass_state(self) -> dict:
         if self._iterator is None:
             if not self._reader_done:
@@ -395,9 +408,9 @@ class DaliLoader(EpochLoader):
         state = {"dali_checkpoint": base64.b64encode(checkpoint).decode("ascii")}
         progress = self._progress
         if progress is not None:
-            state["dali_seen"] = _pack(progress["seen"])
+            state["dali_seen"] = pack(progress["seen"])
             if progress["recoveries"]:
-                state.update(dali_base=_pack(progress["base"]), dali_recoveries=progress["recoveries"])
+                state.update(dali_base=pack(progress["base"]), dali_recoveries=progress["recoveries"])
         return state
 
 
@@ -409,12 +422,21 @@ class _DecodeFailure(Exception):
         self.error = error
 
 
-def _pack(flags: np.ndarray) -> str:
-    return base64.b64encode(np.packbits(flags).tobytes()).decode("ascii")
+class _Marker:
+    """Marks returned samples in a plan's bitmap: a sample the plan holds k times (drawn with
+    replacement) has k positions, and each return marks its first unmarked one, so the marked
+    positions of a sample are always its first ones (a state's bitmap says which reads are left)."""
 
+    def __init__(self, plan: np.ndarray):
+        self.plan, self.sorter = plan, np.argsort(plan, kind="stable")
+        self.repeats = len(np.unique(plan)) < len(plan)
 
-def _unpack(text: str | None, n: int) -> np.ndarray:
-    if not text:
-        return np.zeros(n, dtype=bool)
-    bits = np.unpackbits(np.frombuffer(base64.b64decode(text), dtype=np.uint8), count=n)
-    return bits.astype(bool)
+    def __call__(self, seen: np.ndarray, ids: np.ndarray) -> None:
+        first = np.searchsorted(self.plan, ids, sorter=self.sorter)
+        if not self.repeats:
+            seen[self.sorter[first]] = True
+            return
+        for j in first.tolist():
+            while seen[self.sorter[j]]:
+                j += 1
+            seen[self.sorter[j]] = True

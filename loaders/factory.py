@@ -44,6 +44,10 @@ class LoaderInfo:
     #: split -> reason -> samples left out: the scan's, then those found bad at runtime (a decode
     #: failure, a ``verify_every`` re-check). Live: each split's mapping is its loader's ``skipped``.
     skipped: dict[str, dict[str, int]] = field(default_factory=dict)
+    #: The training split's sampling: ``config`` (the ``data.sampling`` section) and ``epoch_0``, what
+    #: epoch 0's list realises (draws per species, their spread and extremes, the streams' shares).
+    #: ``train_loader.sampling_summary(e)`` gives any epoch's. Validation is never sampled.
+    sampling: dict = field(default_factory=dict)
 
     def __getitem__(self, key: str):
         return getattr(self, key)
@@ -120,5 +124,6 @@ def create_dataloaders(
         label_space=cfg.label_space,
         regions=cfg.regions,
         skipped={cfg.train_split: train.skipped, cfg.val_split: val.skipped},
+        sampling={"config": asdict(cfg.sampling), "epoch_0": train.sampling_summary(0)},
     )
     return train, val, info

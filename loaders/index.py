@@ -96,6 +96,8 @@ class SampleIndex:
     fresh: frozenset[int] = frozenset()
     #: Samples left out because the manifest tombstones them (removed records): not skips, not damage.
     tombstoned: int = 0
+    #: Each sample's licence class (the json's ``license_class``; "" where it records none): streams.
+    license_class: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype="<U1"))
 
     def __len__(self) -> int:
         return len(self.keys)
@@ -128,6 +130,7 @@ class SampleIndex:
             jpg_size=self.jpg_size[chosen],
             class_mapping=self.class_mapping,
             sha256=self.sha256[chosen] if len(self.sha256) else self.sha256,
+            license_class=self.license_class[chosen] if len(self.license_class) else self.license_class,
         )
 
     def digest(self, sample: int) -> bytes | None:
@@ -228,7 +231,7 @@ def build_index(cfg: DataConfig, split: str) -> SampleIndex:
             scans = list(pool.map(lambda s: scan_shard(s, cfg.verify, cache_dir, reader), shards))
     except (ShardFormatError, StoreError) as exc:  # StoreError: a missing bucket, refused credentials...
         raise LoaderError(str(exc)) from None
-    keys, labels, offsets, sizes, digests, bounds = [], [], [], [], [], [0]
+    keys, labels, offsets, sizes, digests, licences, bounds = [], [], [], [], [], [], [0]
     skipped: Counter = Counter()
     bad: list[dict] = []
     tombstoned = 0
@@ -257,6 +260,7 @@ def build_index(cfg: DataConfig, split: str) -> SampleIndex:
             offsets.append(off)
             sizes.append(size)
             digests.append(_digest_bytes(sha))
+            licences.append(license_class)
         bounds.append(len(keys))
     if not keys:
         raise LoaderError(
@@ -277,6 +281,7 @@ def build_index(cfg: DataConfig, split: str) -> SampleIndex:
         sha256=np.frombuffer(b"".join(digests), dtype=np.uint8).reshape(-1, SHA256_BYTES),
         fresh=frozenset(i for i, (_rows, fresh) in enumerate(scans) if fresh),
         tombstoned=tombstoned,
+        license_class=np.asarray(licences, dtype=str),
     )
 
 

@@ -46,7 +46,7 @@ from torchvision.transforms import InterpolationMode, v2
 
 from flora.loaders.base import EpochLoader, epoch_seed
 from flora.loaders.config import DataConfig
-from flora.loaders.index import SampleIndex, buffer_shuffle
+from flora.loaders.index import SampleIndex
 from flora.loaders.recheck import DECODE_ERROR
 from flora.loaders.remote import aws_env, is_remote
 from flora.store import S3Url, read_range
@@ -318,12 +318,8 @@ class ReferenceLoader(EpochLoader):
 
     def order(self, epoch: int) -> np.ndarray:
         """The plan after a seeded shuffle buffer (train): the order this loader reads, known upfront."""
-        samples = self.plan(epoch)
-        if not self.train:
-            return samples
-        return buffer_shuffle(
-            samples, self.cfg.shuffle_buffer, epoch_seed(self.cfg.seed, epoch, self.rank, 1)
-        )
+        plan = self.rank_plan(epoch)
+        return plan.ids[self.planner.reference_order(plan, self.rank)]
 
     def _raw_batches(self, epoch: int, resume: dict | None) -> Iterator[tuple[torch.Tensor, np.ndarray]]:
         order = self.order(epoch)

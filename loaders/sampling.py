@@ -109,6 +109,11 @@ class SamplingConfig:
     #: Draws per epoch when sampling; null = the split's size.
     epoch_samples: int | None = None
     streams: list[StreamConfig] = field(default_factory=list)
+    #: ``uniform`` only: read the epoch as a random permutation of its samples, in windows of
+    #: ``shuffle_buffer`` (plan.py), instead of shard by shard: for shards whose samples are ordered
+    #: (by species, say), where a shuffle buffer alone leaves batches of few species. The other
+    #: policies always read so.
+    interleave: bool = False
 
     def __post_init__(self) -> None:
         if self.policy not in POLICIES:
@@ -182,7 +187,12 @@ class SamplingConfig:
 
     def unsampled(self, n: int) -> bool:
         """True when the plan is the split itself, in order (uniform, no streams, an epoch of ``n``)."""
-        return self.policy == "uniform" and not self.streams and self.epoch_samples in (None, n)
+        return (
+            self.policy == "uniform"
+            and not self.streams
+            and not self.interleave
+            and self.epoch_samples in (None, n)
+        )
 
 
 # ------------------------------------------------------------------------------------------ the plan

@@ -180,9 +180,12 @@ def test_resume_refuses_a_different_run(shard_root):
     batches = iter(train)
     next(batches)
     state = train.state_dict()
-    other, _, _ = create_dataloaders(data_cfg(shard_root, batch_size=8))
-    with pytest.raises(Exception, match="batch_size=16"):
+    other, _, _ = create_dataloaders(data_cfg(shard_root, seed=3))
+    with pytest.raises(LoaderError, match="seed=0"):
         other.load_state_dict(state)
+    balanced, _, _ = create_dataloaders(data_cfg(shard_root, sampling={"policy": "class_balanced"}))
+    with pytest.raises(LoaderError, match="sampling="):
+        balanced.load_state_dict(state)
 
 
 def test_dali_position_is_taken_while_the_epoch_runs(shard_root):
