@@ -34,6 +34,7 @@ import torch
 from torch import nn
 
 from flora.loaders import create_dataloaders
+from flora.loaders.index import LoaderError
 from flora.training import distill  # noqa: F401 - registers the "distill" objective
 from flora.training.checkpoint import (
     BEST,
@@ -107,10 +108,11 @@ class Trainer:
         self.log = RunLog(self.run_dir, self.ddp.main)
         self.epoch_window = Window()  # the epoch's loss sums (checkpointed) and this session's throughput
         self._loader_position: list[dict] | None = None  # every rank's, when an epoch was left early
+        self._resume_rng: list | None = None  # every rank's RNG states, restored after the seeding below
         if resume:
             self._restore()
         torch.manual_seed(cfg.train.seed * 1000 + self.ddp.rank + 1 + self.step)  # dropout streams per rank
-        if resume:
+        if self._resume_rng is not None:  # the same ranks: each its own streams again
             set_rng_state(self._resume_rng[self.ddp.rank])
             self._resume_rng = None
         forward_model = torch.compile(self.model) if cfg.train.compile else self.model
@@ -230,10 +232,11 @@ class Trainer:
             raise TrainingError(
                 f"--resume: {self.run_dir / LAST} is a {checkpoint.kind!r} checkpoint, not a run's last"
             )
-        if checkpoint.world_size != self.ddp.world_size:
+        ranks, world = int(checkpoint.world_size), self.ddp.world_size
+        if len(state.loader) != ranks or len(state.epoch_losses) != ranks or len(state.rng) != ranks:
             raise TrainingError(
-                f"--resume: the checkpoint was written by {checkpoint.world_size} rank(s), this run has "
-                f"{self.ddp.world_size}; an exact resume needs the same number"
+                f"--resume: the checkpoint was written by {ranks} rank(s) but holds {len(state.loader)} "
+                "loader states; it is damaged or not a Flora checkpoint"
             )
         now = self.cfg.as_dict()
         for section in RESUME_FIXED:
@@ -249,13 +252,34 @@ class Trainer:
         self.scheduler.load_state_dict(state.scheduler)
         self.scaler.load_state_dict(state.scaler)
         self.step, self.epoch, self.best = int(checkpoint.step), int(checkpoint.epoch), dict(state.best)
-        self.train_loader.load_state_dict(state.loader[self.ddp.rank])
-        partial = state.epoch_losses[self.ddp.rank]
-        self.epoch_window = Window(dict(partial["sums"]), int(partial["seen"]))
+        try:  # every rank's state: on another number of ranks the loader takes the epoch over
+            self.train_loader.load_state_dict(list(state.loader))
+        except LoaderError as exc:
+            raise TrainingError(f"--resume: {exc}") from None
+        if ranks == world:
+            partial = state.epoch_losses[self.ddp.rank]
+            self.epoch_window = Window(dict(partial["sums"]), int(partial["seen"]))
+            self._resume_rng = state.rng
+        else:  # the epoch's loss so far: the old ranks' mean window on every new rank; fresh RNG streams
+            keys = {k for p in state.epoch_losses for k in p["sums"]}
+            sums = {k: sum(p["sums"].get(k, 0.0) for p in state.epoch_losses) / ranks for k in keys}
+            seen = sum(int(p["seen"]) for p in state.epoch_losses) / ranks
+            self.epoch_window = Window(sums, round(seen))
         self.log.restore(self.epoch)
-        self._resume_rng = state.rng
         if self.ddp.main:
             log.info("resumed %s at epoch %d, step %d", self.run_dir, self.epoch, self.step)
+            if ranks != world:
+                log.warning(
+                    "resumed on %d rank(s) a run of %d: the rest of epoch %d is the samples no old rank "
+                    "had read; the global batch is now %d images (batch_size x grad_accum x ranks; it was "
+                    "%d)", world, ranks, self.epoch, self._global_batch(world),
+                    self._global_batch(ranks, checkpoint.config),
+                )  # fmt: skip
+
+    def _global_batch(self, world: int, config: dict | None = None) -> int:
+        """Images per optimizer step on ``world`` ranks (with ``config``'s train section, else this run's)."""
+        accum = (config or {}).get("train", {}).get("grad_accum", self.cfg.train.grad_accum)
+        return self.cfg.data.batch_size * int(accum) * world
 
     # ------------------------------------------------------------------------------------ training
     @property

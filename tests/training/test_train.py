@@ -171,3 +171,34 @@ def test_torchrun_two_ranks_train_and_evaluate_exactly(shard_root, tmp_path):
     for key in ("top1", "top5", "macro_top1"):
         assert two["metrics"][key] == one["metrics"][key]
     assert two["metrics"]["nll"] == pytest.approx(one["metrics"]["nll"], rel=1e-4)
+
+
+@pytest.mark.slow
+def test_a_two_rank_run_resumes_on_one_rank(shard_root, tmp_path, caplog):
+    """Preempted on two ranks mid-epoch (class_balanced sampling), resumed on one with grad_accum 2 (the
+    same global batch): the loader takes the epoch over and the run finishes its schedule."""
+    cfg = experiment(shard_root, tmp_path, "moved", train={"epochs": 2})
+    cfg["data"].update(train_remainder="pad", sampling={"policy": "class_balanced"})
+    path = tmp_path / "moved.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
+    proc = subprocess.run(
+        [*torchrun, "-m", "flora.training.train", "--config", str(path), "--stop-after", "2"],
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    saved = load_checkpoint(tmp_path / "moved" / "last_checkpoint.pt")
+    assert saved.world_size == 2 and saved.step == 2 and saved.epoch == 0
+    assert [s["batches_done"] for s in saved.training.loader] == [2, 2]
+    cfg["train"]["grad_accum"] = 2
+    caplog.set_level(logging.INFO)
+    trainer, summary = _fit(cfg, resume=True)
+    assert summary["status"] == "finished" and summary["world_size"] == 1
+    assert "resumed on 1 rank(s) a run of 2" in caplog.text and "took over epoch 0" in caplog.text
+    assert "global batch is now 32 images" in caplog.text and "it was 32" in caplog.text
+    last = load_checkpoint(tmp_path / "moved" / "last_checkpoint.pt")
+    assert last.world_size == 1 and [s["epoch"] for s in last.training.loader] == [2]
+    history = json.loads((tmp_path / "moved" / "metrics.json").read_text())["epochs"]
+    assert [h["epoch"] for h in history] == [0, 1]
