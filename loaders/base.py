@@ -189,7 +189,7 @@ class EpochLoader:
         if not every or epoch % every:
             return
         started = time.perf_counter()
-        samples = self.plan(epoch)
+        samples = np.unique(self.plan(epoch))  # a sample drawn twice is checked once
         if self._fresh_pending:  # the scan of this process checked these shards moments ago
             samples = samples[~np.isin(self.index.shards_of(samples), list(self.index.fresh))]
         bad = recheck(self.index, samples, self.cfg.verify, self.cfg.threads)
