@@ -11,8 +11,10 @@ from collections import Counter
 import numpy as np
 import pytest
 import torch
+import yaml
 
 from flora.loaders import create_dataloaders
+from flora.loaders.__main__ import main as loaders_main
 from flora.loaders.dali import HAVE_DALI
 from flora.loaders.index import LoaderError
 from flora.loaders.sampling import target_frequencies
@@ -205,3 +207,21 @@ def test_a_take_over_needs_every_rank_in_step(shard_root):
         single.load_state_dict(states)
     with pytest.raises(LoaderError, match="every rank's state"):
         single.load_state_dict(states[:1])
+
+
+@pytest.mark.parametrize(
+    ("sampling", "words"),
+    [
+        ({"policy": "balanced"}, "sampling.policy: expected one of"),
+        ({"policy": "uniform", "power": 0.5}, "only policy: power uses it"),
+        ({"streams": [{"name": "mars", "regions": "MARS", "proportion": 1.0}]}, "selects no sample"),
+        ({"policy": "repeat_factor"}, "needs a threshold"),
+        ({"policy": "class_balanced", "epoch_samples": 0}, "sampling.epoch_samples: expected >= 1"),
+    ],
+)
+def test_a_bad_sampling_section_is_one_line(shard_root, tmp_path, capsys, sampling, words):
+    config = tmp_path / "data.yaml"
+    config.write_text(yaml.safe_dump(data_cfg(shard_root, backend="torch", sampling=sampling)))
+    assert loaders_main(["--config", str(config)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("flora loaders: error: ") and words in err and "\n" not in err
