@@ -263,7 +263,7 @@ class EpochLoader:
             epoch, done = self.epoch, self._done
             extra = self._subclass_state() if done else {}
         base = self._base(epoch)
-        if base is not None and done:
+        if base is not None:  # a taken-over epoch, even before its first batch: the reads done before
             extra["segment_base"] = pack(base)
         return {
             "format": STATE_FORMAT,
@@ -339,7 +339,7 @@ class EpochLoader:
         self._done = int(state["batches_done"])
         self._resume = dict(state) if self._done else None
         self._segment = None
-        if self._done and state.get("segment_base"):
+        if state.get("segment_base"):
             self._segment = {
                 "epoch": self.epoch,
                 "base": unpack(state["segment_base"], state["epoch_length"]),
@@ -370,7 +370,7 @@ class EpochLoader:
         ((epoch, done),) = at
         self._set_skips(*(s.get("runtime_skips", {}) for s in states))
         self.epoch, self._done, self._resume, self._segment = epoch, 0, None, None
-        if not done:
+        if not done and not any(s.get("segment_base") for s in states):
             return  # at an epoch's start: a fresh run's epoch
         length = self.planner.length(epoch)
         if any(int(s.get("epoch_length", length)) != length for s in states):

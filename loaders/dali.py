@@ -388,6 +388,8 @@ class DaliLoader(EpochLoader):
         plan: RankPlan = self._old_plan(state, length)
         if state.get("exhausted"):
             mine = plan.positions
+        elif not int(state["batches_done"]):
+            mine = plan.positions[:0]
         elif state.get("dali_seen"):
             mine = plan.positions[unpack(state["dali_seen"], len(plan.ids))]
         else:

@@ -225,3 +225,30 @@ def test_a_bad_sampling_section_is_one_line(shard_root, tmp_path, capsys, sampli
     assert loaders_main(["--config", str(config)]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("flora loaders: error: ") and words in err and "\n" not in err
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("second", [1, 0], ids=["after-a-batch", "before-any-batch"])
+def test_a_taken_over_epoch_can_be_taken_over_again(shard_root, backend, second):
+    """2 ranks read 2 batches; 3 ranks take over and save after ``second`` batches; 1 rank takes over
+    from those: the epoch's reads are still each read exactly once."""
+    olds, _ = loaders(shard_root, 2, backend)
+    reads, states, running = [], [], []
+    for loader in olds:
+        it = iter(loader)
+        reads += [i for _ in range(2) for i in valid_ids(next(it))]
+        states.append(loader.state_dict())
+        running.append(it)
+    middle, _ = loaders(shard_root, 3, backend)
+    again = []
+    for loader in middle:
+        loader.load_state_dict(states)
+        it = iter(loader)
+        reads += [i for _ in range(second) for i in valid_ids(next(it))]
+        again.append(loader.state_dict())
+        running.append(it)
+    assert all(s["segment_base"] for s in again)  # the reads before the first take-over travel on
+    (last,), _ = loaders(shard_root, 1, backend)
+    last.load_state_dict(again)
+    reads += read(last, 0)
+    assert Counter(reads) == Counter(olds[0].planner.epoch_list(0).tolist())
