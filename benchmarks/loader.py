@@ -15,15 +15,28 @@ photos.py; any ``--shards``), with the same threads for everyone and training au
    as a torch ``Dataset`` in a ``DataLoader``; sets whose originals are served) vs the shard
    loaders, warm: its second epoch.
 4. With a GPU: DALI with the ``mixed`` decoder and GPU operators, and the GPU's name.
+5. The cost of sampling: ``data.sampling: {policy: class_balanced}`` against ``policy: uniform``
+   (the shard-ordered plan), for DALI-CPU and the reference loader, with crop + flip (the list where
+   reading weighs most): one loader per policy, both warmed up, then the same ``--sampling-epochs``
+   epochs read by both in turn, which goes first alternating (ABBA), so a drift of a shared machine
+   weighs on both alike. The ratio class_balanced / uniform per loader is the figure (target: at
+   least 0.95). ``shard_runs_per_epoch``: the index files DALI is given per epoch under each policy
+   (a sampled list is read in windows of ``--buffer``, one file per shard a window touches).
 
 Every rate is images per second over whole epochs after one warm-up epoch. Prints a table,
 writes ``benchmarks/results/loader.json`` and a bar chart ``loader.png``.
+
+    python -m benchmarks.loader --only sampling    # part 5 alone, a few minutes
+
+``--only sampling`` measures part 5 and merges it into the existing results (the other figures and
+their rows are kept as they were measured, with their command).
 """
 
 from __future__ import annotations
 
 import argparse
 import io
+import json
 import os
 import platform
 import sys
@@ -32,11 +45,12 @@ import time
 from collections import OrderedDict
 from pathlib import Path
 
+import numpy as np
 import torch
 from PIL import Image
 
 from benchmarks.photos import build_photo_shards, build_world_shards
-from benchmarks.results import command_line, print_table, publish, rate_bars
+from benchmarks.results import RESULTS_DIR, command_line, print_table, publish, rate_bars
 from flora.loaders import create_dataloaders
 from flora.loaders.reference import build_transform
 
@@ -47,6 +61,13 @@ AUGMENTS = {
     "crop+flip": {"rotate_degrees": 0.0, "brightness": 0.0, "contrast": 0.0, "saturation": 0.0, "hue": 0.0},
 }
 DECODE_SAMPLE = 600  # JPEGs decoded (twice) for the one-core ceiling
+#: Part 5: the policies compared (the first is the baseline) and the augmentation list they run with.
+SAMPLING_POLICIES = ("uniform", "class_balanced")
+SAMPLING_AUGMENT = "crop+flip"
+#: How close class_balanced must come to uniform (issue 26's cost item: within 5%).
+SAMPLING_TARGET = 0.95
+BACKEND_LABELS = {"dali": "DALI-CPU", "torch": "reference torch"}
+RATIO_KEYS = {"dali": "class_balanced_vs_uniform_dali", "torch": "class_balanced_vs_uniform_reference"}
 
 
 def cores() -> int:
@@ -198,6 +219,96 @@ def measure_set(name: str, shards: Path, images_dir: Path | None, args) -> tuple
     return rows, out
 
 
+def time_epoch(loader, epoch: int) -> tuple[int, float]:
+    """(images, seconds) of one whole epoch."""
+    loader.set_epoch(epoch)
+    images, started = 0, time.perf_counter()
+    for batch in loader:
+        images += int(batch["valid"].sum())
+    return images, time.perf_counter() - started
+
+
+def shard_runs(loader, epoch: int) -> int:
+    """Runs of one shard in the rank's reading order of ``epoch``: the index files DALI is given (one
+    per shard for the shard-ordered plan, one per shard and window of ``shuffle_buffer`` when sampled)."""
+    ids = loader.planner.rank_plan(epoch, loader.rank, loader.world_size).ids
+    return int(np.count_nonzero(np.diff(loader.index.shards_of(ids), prepend=-1)))
+
+
+def measure_sampling(name: str, shards: Path, args) -> tuple[list[dict], dict]:
+    """Part 5: per loader, one loader per policy in SAMPLING_POLICIES, each warmed up with epoch 0,
+    then epochs 1..``args.sampling_epochs`` read by both, alternating which goes first (ABBA: a drift
+    of the machine weighs on both alike); images/s over those epochs and class_balanced / uniform."""
+    out: dict = {"augment": SAMPLING_AUGMENT, "epochs": args.sampling_epochs}
+    rows, ratios = [], {}
+    for backend in ("torch", "dali"):
+        loaders = {}
+        for policy in SAMPLING_POLICIES:
+            cfg = data_cfg(shards, args, backend=backend, augment=dict(AUGMENTS[SAMPLING_AUGMENT]),
+                           sampling={"policy": policy})  # fmt: skip
+            loaders[policy] = create_dataloaders(cfg)[0]
+            time_epoch(loaders[policy], 0)  # warm-up
+        out["shard_runs_per_epoch"] = {policy: shard_runs(loader, 1) for policy, loader in loaders.items()}
+        images, seconds = dict.fromkeys(SAMPLING_POLICIES, 0), dict.fromkeys(SAMPLING_POLICIES, 0.0)
+        per_epoch: dict[str, list[float]] = {policy: [] for policy in SAMPLING_POLICIES}
+        for epoch in range(1, args.sampling_epochs + 1):
+            for policy in SAMPLING_POLICIES if epoch % 2 else SAMPLING_POLICIES[::-1]:
+                n, t = time_epoch(loaders[policy], epoch)
+                images[policy] += n
+                seconds[policy] += t
+                per_epoch[policy].append(n / t)
+        rate = {policy: images[policy] / seconds[policy] for policy in SAMPLING_POLICIES}
+        ratio = rate["class_balanced"] / rate["uniform"]
+        key = "reference" if backend == "torch" else backend
+        paired = [c / u for u, c in zip(per_epoch["uniform"], per_epoch["class_balanced"], strict=True)]
+        out[key] = {**rate, "per_epoch": per_epoch, "class_balanced_vs_uniform": ratio,
+                    "per_epoch_ratio_median": float(np.median(paired))}  # fmt: skip
+        ratios[RATIO_KEYS[backend]] = ratio
+        print(f"  {name}: {BACKEND_LABELS[backend]} ({SAMPLING_AUGMENT}) uniform {rate['uniform']:,.0f}, "
+              f"class_balanced {rate['class_balanced']:,.0f} img/s ({ratio:.3f}x)", flush=True)  # fmt: skip
+        for policy in SAMPLING_POLICIES:
+            label = f"{BACKEND_LABELS[backend]} ({SAMPLING_AUGMENT}), sampling: {policy}"
+            row = {"set": name, "loader": label, "images": images[policy], "img/s": rate[policy]}
+            if policy != SAMPLING_POLICIES[0]:
+                row["vs uniform"] = ratio
+            rows.append(row)
+    out["met"] = all(r >= SAMPLING_TARGET for r in ratios.values())
+    return rows, {"sampling": out, "ratios": ratios}
+
+
+def is_sampling_row(row: dict) -> bool:
+    return ", sampling: " in row["loader"]
+
+
+def merge_sampling(previous: dict, results: dict, rows: list[dict]) -> dict:
+    """``previous`` (the last run's result) with part 5 replaced by this run's: each set's ``sampling``
+    and its ratios, and the sampling rows (after their set's other rows); the rest as it was measured."""
+    merged = {k: v for k, v in previous.items() if k != "measured_at"}
+    merged["other_parts_measured_at"] = previous.get("other_parts_measured_at", previous.get("measured_at"))
+    sets = merged.setdefault("sets", {})
+    for name, res in results.items():
+        entry = sets.setdefault(name, {"shards": res["shards"]})
+        entry["sampling"] = res["sampling"]
+        entry.setdefault("ratios", {}).update(res["ratios"])
+    old = [r for r in previous.get("rows", []) if not (r["set"] in results and is_sampling_row(r))]
+    order = list(sets)
+    merged["rows"] = sorted(
+        old + rows, key=lambda r: order.index(r["set"]) if r["set"] in order else len(order)
+    )
+    return merged
+
+
+def sampling_title(results: dict) -> str:
+    """The chart's title: class_balanced / uniform per set and loader."""
+    parts = []
+    for name, res in results.items():
+        ratios = res.get("ratios", {})
+        if RATIO_KEYS["dali"] in ratios:
+            parts.append(f"{name}: DALI-CPU {ratios[RATIO_KEYS['dali']]:.2f}, "
+                         f"reference {ratios[RATIO_KEYS['torch']]:.2f}")  # fmt: skip
+    return f"class_balanced / uniform images/s ({SAMPLING_AUGMENT}): " + "; ".join(parts) if parts else ""
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.loader", description=__doc__.splitlines()[0])
     parser.add_argument("--shards", type=Path, nargs="*", default=[], help="extra shard roots to measure")
@@ -209,6 +320,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--buffer", type=int, default=512)
     parser.add_argument("--min-images", type=int, default=2000, help="images timed per loader")
     parser.add_argument("--name", default="loader", help="result name under benchmarks/results/")
+    parser.add_argument("--sampling-epochs", type=int, default=6, help="part 5: epochs timed per policy")
+    parser.add_argument(
+        "--only", choices=["sampling"], help="measure part 5 alone and merge it into the existing results"
+    )
     args = parser.parse_args(argv)
     sets: list[tuple[str, Path, Path | None]] = []
     if args.world_records:
@@ -221,30 +336,42 @@ def main(argv: list[str] | None = None) -> int:
     rows, results = [], {}
     for name, shards, images in sets:
         print(f"== {name}: {shards}", flush=True)
-        set_rows, results[name] = measure_set(name, shards, images, args)
-        rows += set_rows
-    print()
-    print_table(rows, ["set", "loader", "images", "img/s"])
-    print()
-    for name, res in results.items():
-        print(name, {k: round(v, 2) for k, v in res["ratios"].items()})
-    publish(
-        args.name,
-        {
-            "command": command_line("benchmarks.loader", argv),
-            "machine": {
-                "cores": cores(),
-                "python": platform.python_version(),
-                "torch": torch.__version__,
-                "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
-            },
-            "settings": {k: v for k, v in vars(args).items() if k != "shards"},
-            "sets": results,
-            "rows": rows,
-            "chart": f"{args.name}.png",
+        set_rows, results[name] = ([], {"shards": str(shards), "ratios": {}}) if args.only else (
+            measure_set(name, shards, images, args))  # fmt: skip
+        sampling_rows, sampling = measure_sampling(name, shards, args)
+        results[name]["sampling"] = sampling["sampling"]
+        results[name]["ratios"].update(sampling["ratios"])
+        rows += set_rows + sampling_rows
+    command = command_line("benchmarks.loader", argv)
+    result = {
+        "command": command,
+        "machine": {
+            "cores": cores(),
+            "python": platform.python_version(),
+            "torch": torch.__version__,
+            "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
         },
-        lambda png: rate_bars(rows, "set", "loader", "img/s", png),
+        "settings": {k: v for k, v in vars(args).items() if k not in ("shards", "only")},
+        "sets": results,
+        "rows": rows,
+        "chart": f"{args.name}.png",
+    }
+    previous = RESULTS_DIR / f"{args.name}.json"
+    if args.only and previous.is_file():
+        result = merge_sampling(json.loads(previous.read_text(encoding="utf-8")), results, rows)
+    result["sampling"] = {"command": command, "target": SAMPLING_TARGET,
+                          "epochs": args.sampling_epochs, "augment": SAMPLING_AUGMENT}  # fmt: skip
+    print()
+    print_table(result["rows"], ["set", "loader", "images", "img/s", "vs uniform"])
+    print()
+    for name, res in result["sets"].items():
+        print(name, {k: round(v, 2) for k, v in res["ratios"].items()})
+    title = sampling_title(result["sets"])
+    publish(
+        args.name, result, lambda png: rate_bars(result["rows"], "set", "loader", "img/s", png, title=title)
     )
+    met = all(res.get("sampling", {}).get("met", True) for res in result["sets"].values())
+    print(f"class_balanced within {1 - SAMPLING_TARGET:.0%} of uniform: {'met' if met else 'NOT met'}")
     return 0
 
 
