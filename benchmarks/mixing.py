@@ -35,6 +35,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import io
+import math
 import os
 import platform
 import shutil
@@ -46,6 +47,11 @@ from PIL import Image
 
 from benchmarks.results import REPO, command_line, print_table, publish, pyplot, save_figure
 from benchmarks.sampling import zipf_labels
+from flora.config import from_dict
+from flora.loaders.base import epoch_seed
+from flora.loaders.index import buffer_shuffle, rank_bounds
+from flora.loaders.plan import BUFFER_SALT, reading_window, window_order
+from flora.loaders.sampling import SamplingConfig, epoch_samples
 from flora.sharding.catalog.records import url_key
 from flora.sharding.catalog.split import seeded_rank
 from flora.sharding.format.schema import (
@@ -82,6 +88,8 @@ TITLES = {"flora": "shards in the sharder's order", "by_species": "shards sorted
 #: How far from i.i.d. a reading order may be and still count as mixing like i.i.d. (the issue's "a
 #: few percent").
 TOLERANCE = 0.05
+#: The computed part (``seed_scale``): the seed's scale on 8 ranks, shards of 1,000, buffer 4,096.
+SEED_SCALE = {"samples": 900_000, "species": 18_000, "shards": 900, "world": 8, "buffer": 4096, "batch": 128}
 
 
 # ------------------------------------------------------------------------------------------ shards
@@ -260,6 +268,58 @@ def measure(root: Path, backend: str, sampling: dict, epochs: int, batch: int, b
 
 
 # ------------------------------------------------------------------------------------------ report
+# ------------------------------------------------------------------------------ the seed's scale
+class _Layout:
+    """What ``reading_window`` reads of an index: shards of ``per_shard`` consecutive sample ids."""
+
+    def __init__(self, n: int, per_shard: int):
+        self.per_shard, self.shards = per_shard, [None] * math.ceil(n / per_shard)
+
+    def shards_of(self, ids: np.ndarray) -> np.ndarray:
+        return np.asarray(ids) // self.per_shard
+
+
+def seed_scale(samples: int, species: int, shards: int, world: int, buffer: int, batch: int) -> list[dict]:
+    """The reference loader's reading order, computed rather than read (tars are not needed: its order
+    is ``train.order(e)``, which it reads exactly, ``reads_as_planned`` above), for rank 0 of ``world``
+    at the seed's scale: the epoch list, the rank cut, the plan's reading order (``Planner.rank_plan``'s
+    steps: shard by shard for uniform; ``reading_window`` windows for the others), the shuffle buffer.
+    Distinct species per batch against i.i.d. batches of the rank's reads, and the plan's runs."""
+    labels = zipf_labels(samples, species, seed=SEED)
+    per_shard = math.ceil(samples / shards)
+    layout = _Layout(samples, per_shard)
+    rows = []
+    for order in ORDERS:
+        lab = np.sort(labels) if order == "by_species" else np.random.default_rng(SEED).permutation(labels)
+        for policy, raw in POLICIES.items():
+            cfg = from_dict(SamplingConfig, raw, "sampling")
+            if cfg.unsampled(samples):  # shards in a shuffled order, each in tar order (index.py)
+                shard_order = np.random.default_rng([SEED, 0]).permutation(len(layout.shards))
+                listed = np.concatenate([np.arange(i * per_shard, min((i + 1) * per_shard, samples))
+                                         for i in shard_order])  # fmt: skip
+            else:
+                listed = epoch_samples(lab, None, cfg, SEED, 0)
+            lo, hi = rank_bounds(len(listed), 0, world)
+            reads = listed[lo:hi]
+            window = None
+            if not cfg.unsampled(samples):
+                window = reading_window(layout, reads, buffer)
+                reads = reads[window_order(np.arange(len(reads)), reads, window)]
+            runs = 1 + int(np.count_nonzero(np.diff(layout.shards_of(reads))))
+            read = reads[buffer_shuffle(np.arange(len(reads)), buffer, epoch_seed(SEED, 0, 0, BUFFER_SALT))]
+            cut = len(read) // batch * batch
+            batches = list(lab[read[:cut]].reshape(-1, batch))
+            measured, iid = against_iid(batches, lab[reads])
+            ratio = float(measured.mean() / iid.mean())
+            rows.append({"shards": order, "policy": policy, "window": window, "reads": len(reads),
+                         "reads_per_run": round(len(reads) / runs, 1),
+                         "distinct": round(float(measured.mean()), 2), "iid": round(float(iid.mean()), 2),
+                         "ratio": round(ratio, 4)})  # fmt: skip
+            print(f"  seed scale {order:10s} {policy:18s}: {ratio:.3f} of i.i.d., "
+                  f"{rows[-1]['reads_per_run']} reads per run", flush=True)  # fmt: skip
+    return rows
+
+
 def plot(rows: list[dict], path: Path) -> None:
     """Bars of measured / i.i.d. per policy and backend, one panel per shard order."""
     plt = pyplot()
@@ -296,6 +356,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--epochs", type=int, default=EPOCHS)
     parser.add_argument("--backends", nargs="+", choices=BACKENDS, default=list(BACKENDS))
     parser.add_argument("--work", type=Path, default=OUT, help="the two shard sets are written here")
+    parser.add_argument("--no-seed-scale", dest="seed_scale", action="store_false",
+                        help="skip the computed reading orders at the seed's scale (~1 min)")  # fmt: skip
     args = parser.parse_args(argv)
     labels = zipf_labels(args.samples, args.species, seed=SEED)
     counts = np.bincount(labels, minlength=args.species)
@@ -317,6 +379,11 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"  {order:10s} {policy:18s} {backend:5s}: {row['distinct']:.2f} / {row['iid']:.2f} "
                       f"= {row['ratio']:.3f} ({row['seconds']:.1f} s)", flush=True)  # fmt: skip
     print_table(rows, ["shards", "policy", "backend", "batches", "distinct", "iid", "ratio", "gap_pct"])
+    seed_rows = []
+    if args.seed_scale:
+        print(f"seed scale (computed, the reference loader's order): {SEED_SCALE}", flush=True)
+        seed_rows = seed_scale(**SEED_SCALE)
+        print_table(seed_rows, ["shards", "policy", "window", "reads_per_run", "distinct", "iid", "ratio"])
     mixed = [r for r in rows if r["policy"] != "uniform" or r["shards"] == "flora"]
     within = all(abs(r["ratio"] - 1.0) <= TOLERANCE for r in mixed)
     result = {
@@ -347,6 +414,7 @@ def main(argv: list[str] | None = None) -> int:
         },
         "seconds": round(time.perf_counter() - run_started, 1),
         "rows": rows,
+        "seed_scale": {"input": SEED_SCALE, "rows": seed_rows} if seed_rows else None,
     }
     publish("mixing", result, lambda png: plot(rows, png))
     return 0 if within else 1

@@ -16,8 +16,10 @@ import yaml
 from flora.loaders import create_dataloaders
 from flora.loaders.__main__ import main as loaders_main
 from flora.loaders.dali import HAVE_DALI
-from flora.loaders.index import LoaderError
+from flora.loaders.index import LoaderError, SampleIndex
+from flora.loaders.plan import MAX_WINDOW, MIN_RUN, reading_window, window_order
 from flora.loaders.sampling import target_frequencies
+from flora.sharding.format.reader import Shard
 
 from .conftest import data_cfg
 from .test_sampling import tv, tv_bound
@@ -252,3 +254,22 @@ def test_a_taken_over_epoch_can_be_taken_over_again(shard_root, backend, second)
     last.load_state_dict(again)
     reads += read(last, 0)
     assert Counter(reads) == Counter(olds[0].planner.epoch_list(0).tolist())
+
+
+def test_the_reading_window_widens_when_a_plan_touches_many_shards():
+    """A window holds ``MIN_RUN`` reads per shard touched (DALI: one index file per run), within one
+    to ``MAX_WINDOW`` shuffle buffers."""
+    shards = [Shard(path=f"{i}.tar", rel=f"train/R/{i}.tar", split="train", region="R") for i in range(100)]
+    n = 100 * 10
+    index = SampleIndex(
+        root="shards", split="train", shards=shards, bounds=np.arange(0, n + 1, 10), keys=[""] * n,
+        labels=np.zeros(n, np.int64), jpg_offset=np.zeros(n, np.int64), jpg_size=np.zeros(n, np.int64),
+        class_mapping={"a": 0},
+    )  # fmt: skip
+    every = np.arange(n)
+    assert reading_window(index, every, 1024) == 1024  # 100 shards x MIN_RUN fit in one buffer
+    assert reading_window(index, every, 64) == MAX_WINDOW * 64  # capped
+    assert reading_window(index, every, 512) == MIN_RUN * 100
+    assert reading_window(index, every[:40], 16) == 32  # 4 shards touched: 4 x 8 reads
+    ordered = window_order(every[::-1].copy(), every[::-1].copy(), 100)
+    assert np.array_equal(ordered[:100], np.arange(900, 1000))  # a window sorted by id: by shard, offset
