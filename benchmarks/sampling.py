@@ -15,7 +15,8 @@ peak during one more build (numpy's allocations are traced), over what existed b
 
 Rank plans: what one rank builds for an epoch, through loaders/plan.py's own ``Planner`` (its
 ``rank_plan``: the epoch list, the rank cut, and for a sampled or interleaved list the reading order
-in windows of ``--window``, 4,096 by default) over a synthetic ``SampleIndex`` of the same labels: no
+in windows of ``--window`` = ``shuffle_buffer``, 4,096 by default, widened by ``reading_window`` to
+up to twice that when the plan touches many shards) over a synthetic ``SampleIndex`` of the same labels: no
 tars, the samples grouped by region into shards of ``SHARD_SAMPLES`` (as a build writes
 ``{split}/{region}/*.tar``), so a stream's samples come from its shards' region as in a real run.
 Each build starts from a new ``Planner`` (the stream of each sample included) and is timed for rank
@@ -84,7 +85,7 @@ PLANS = [
     ("repeat_factor, 2 streams", {"policy": "repeat_factor", "streams": TWO_STREAMS}),
 ]
 WORLD_SIZES = (1, 8)
-#: The reading window of the rank plans (data.shuffle_buffer), as the issue's cost item sets it.
+#: The rank plans' shuffle buffer (data.shuffle_buffer), their reading window before plan.py widens it.
 WINDOW = 4096
 #: Samples per synthetic shard: the sharder's default ``shards.max_samples``.
 SHARD_SAMPLES = 1000
@@ -271,7 +272,7 @@ def plot_rank_plans(ax, plans: list[dict], window: int) -> None:
     ax.set_yticks(np.arange(len(names)), names, fontsize=7)
     ax.invert_yaxis()
     ax.set_xlabel("seconds to build rank 0's plan (lower is better); peak MB at each bar")
-    ax.set_title(f"a rank's whole plan: draw, cut, reading order (window {window:,})",
+    ax.set_title(f"a rank's whole plan: draw, cut, reading order (buffer {window:,})",
                  fontsize=9)  # fmt: skip
     ax.legend(fontsize=7, loc="lower right")
 
@@ -324,7 +325,7 @@ def main(argv: list[str] | None = None) -> int:
         ["plan", "seconds", "peak_mb", "samples", "species_seen", "draws_min", "draws_median", "draws_max",
          "tv_to_target"],
     )  # fmt: skip
-    print(f"\nrank plans (plan.Planner: list, rank cut, reading order in windows of {args.window:,})")
+    print(f"\nrank plans (plan.Planner: list, rank cut, reading order; shuffle_buffer {args.window:,})")
     print_table(plans, ["plan", "world_size", "seconds", "peak_mb", "epoch_list", "rank_reads", "shard_runs"])
     at_scale = args.samples == SAMPLES and args.species == SPECIES
     met = within_floor(rows) and within_floor(plans)
