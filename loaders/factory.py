@@ -14,6 +14,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from flora.distributed import torchrun_env
@@ -48,6 +49,8 @@ class LoaderInfo:
     #: epoch 0's list realises (draws per species, their spread and extremes, the streams' shares).
     #: ``train_loader.sampling_summary(e)`` gives any epoch's. Validation is never sampled.
     sampling: dict = field(default_factory=dict)
+    #: Samples per class index in the training split (after the selection; what sampling weighs by).
+    class_counts: list[int] = field(default_factory=list)
 
     def __getitem__(self, key: str):
         return getattr(self, key)
@@ -125,5 +128,6 @@ def create_dataloaders(
         regions=cfg.regions,
         skipped={cfg.train_split: train.skipped, cfg.val_split: val.skipped},
         sampling={"config": asdict(cfg.sampling), "epoch_0": train.sampling_summary(0)},
+        class_counts=np.bincount(train.index.labels, minlength=train.index.num_classes).tolist(),
     )
     return train, val, info

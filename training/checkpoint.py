@@ -13,7 +13,8 @@ mid-write leaves the previous checkpoint intact). The RNG states of every genera
 
 On disk a checkpoint stays a plain dict (``Checkpoint.as_state``): ``format``, ``kind`` (``last`` |
 ``best``), ``model`` (the unwrapped state dict), ``model_name``, ``class_mapping`` (species name ->
-index), ``preprocessing`` ({image_size, mean, std, crop_pct, val_resize}), ``config``, ``epoch``
+index), ``preprocessing`` ({image_size, mean, std, crop_pct, val_resize}), ``class_counts`` (training samples
+per class), ``config``, ``epoch``
 (the epoch in progress), ``step`` (optimizer steps), ``world_size``, ``temperature`` (set by
 evaluation's calibration, with ``temperature_split``); a best one adds ``metrics`` (the validation
 metrics it was chosen by) and ``ema_weights``; a last one adds the ``TrainingState`` fields
@@ -100,6 +101,10 @@ def _is_dict(value: Any) -> bool:
 
 def _is_list(value: Any) -> bool:
     return isinstance(value, list)
+
+
+def _is_counts(value: Any) -> bool:
+    return isinstance(value, list) and all(_is_int(v) and v >= 0 for v in value)
 
 
 def _is_rgb(value: Any) -> bool:
@@ -208,6 +213,9 @@ class Checkpoint:
     temperature_split: str | None = None
     metrics: dict | None = None  # best: the validation metrics it was chosen by
     ema_weights: bool | None = None  # best: whether ``model`` holds the EMA's weights
+    #: Training-split samples per class index (the run's label space; None: written before Flora kept
+    #: them): the class prior of long-tail objectives, the many/medium/few-shot buckets, labels.json.
+    class_counts: list[int] | None = None
     training: TrainingState | None = None  # last: what an exact resume restores
 
     @property
@@ -244,6 +252,9 @@ class Checkpoint:
             temperature_split=_field(state, "temperature_split", _is_optional(_is_str), "a split name"),
             metrics=_field(state, "metrics", _is_optional(_is_dict), "a dict"),
             ema_weights=_field(state, "ema_weights", _is_optional(_is_bool), "true or false"),
+            class_counts=_field(
+                state, "class_counts", _is_optional(_is_counts), "a list of counts per class"
+            ),
             training=TrainingState.from_state(state) if kind == "last" else None,
         )
 
@@ -252,7 +263,7 @@ class Checkpoint:
         kind has are left out, as the loop always wrote them."""
         state = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "training"}
         state["preprocessing"] = self.preprocessing.as_state()
-        for name in ("temperature_split", "metrics", "ema_weights"):
+        for name in ("temperature_split", "metrics", "ema_weights", "class_counts"):
             if state[name] is None:
                 del state[name]
         state.update(self.training.as_state() if self.training is not None else {})

@@ -190,7 +190,7 @@ class Trainer:
         return Checkpoint(
             kind=kind, model=model, model_name=cfg.model.name, class_mapping=dict(info.class_mapping),
             preprocessing=preprocessing, config=cfg.as_dict(), epoch=self.epoch, step=self.step,
-            world_size=self.ddp.world_size, **parts,
+            world_size=self.ddp.world_size, class_counts=list(info.class_counts), **parts,
         )  # fmt: skip
 
     def _last(self) -> Checkpoint:

@@ -40,6 +40,11 @@ def test_smoke_training_learns_and_writes_its_run(shard_root, tmp_path):
     assert best.class_mapping == trainer.info.class_mapping
     assert best.preprocessing.image_size == 48 and best.preprocessing.mean == list(trainer.info.mean)
     assert best.metrics["top1"] == summary["best"]["value"]
+    assert len(best.class_counts) == trainer.info.num_classes  # the training split's samples per class
+    assert (
+        sum(best.class_counts) == trainer.info.samples["train"]
+        and best.class_counts == trainer.info.class_counts
+    )
     last = load_checkpoint(run / "last_checkpoint.pt")
     assert last.kind == "last" and last.step == summary["steps"] and last.training.loader[0]["epoch"] == 4
     assert last.world_size == 1 and last.training.best == summary["best"]
