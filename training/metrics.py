@@ -1,4 +1,5 @@
-"""Classification metrics for a long tail: top-k, macro accuracy, NLL, ECE, temperature scaling.
+"""Classification metrics for a long tail: top-k, macro accuracy, NLL, ECE, temperature scaling,
+many / medium / few-shot buckets.
 
 Owns the metric functions (each unit-tested against hand-computed cases) and ``Predictions``, the
 per-sample record a validation or test pass keeps (sample id, label, top-k classes, confidence,
@@ -7,12 +8,18 @@ metric is computed, and the merge refuses duplicates, so distributed metrics are
 counts once, whatever the ranks' shares.
 
 * Top-1 / top-5: the label is among the k highest logits (ties broken by ``torch.topk``).
-* Macro top-1: the mean over species *present in the evaluated labels* of each species' top-1 (for
-  the long tail, where plain top-1 is dominated by the common species).
+* Macro top-1 / top-5: the mean over species *present in the evaluated labels* of each species' top-1
+  (top-5) (for the long tail, where plain top-1 is dominated by the common species).
 * ECE: Guo et al. 2017, 15 equal-width confidence bins over (0, 1]; sum over bins of
   ``|bin| / n * |accuracy(bin) - mean confidence(bin)|``, confidence = max softmax probability.
 * Temperature scaling: one scalar ``T`` minimising the NLL of ``softmax(z / T)`` on held-out logits,
   fitted with LBFGS on ``log T`` (so ``T`` stays positive).
+* Buckets: a species is many-shot with more than 100 training images, medium-shot with 20-100,
+  few-shot with fewer than 20 (Liu et al. 2019, ImageNet-LT; the thresholds are configurable). When
+  the largest training class holds fewer than 1,000 images (``SCALE_BELOW``), the thresholds are
+  scaled so that each keeps its place on a log scale between the smallest and the largest class
+  (``bucket_rule``; never raised). Each bucket reports top-1, top-5, macro top-1 and ECE (before and
+  after temperature scaling) over its species' test samples, or None when it has none.
 
 Leaves out: running the model (loop.py), plots (plots.py), files (evaluate.py).
 """
@@ -29,6 +36,17 @@ import torch.nn.functional as F
 
 ECE_BINS = 15  # Guo et al. 2017
 TOP_K = 5
+#: The buckets' names, most training images first (``BucketRule.assign`` numbers them 0, 1, 2).
+BUCKETS = ("many", "medium", "few")
+#: Few-shot below the first, many-shot above the second (training images per species): the long-tail
+#: literature's (Liu et al. 2019 on ImageNet-LT and Places-LT; Kang et al. 2020 on iNaturalist 2018).
+BUCKET_THRESHOLDS = (20, 100)
+#: The thresholds were defined on training splits whose largest class holds 1,000 (iNaturalist 2018) to
+#: 4,980 (Places-LT) images; below that they are scaled, or the many-shot bucket would be nearly empty.
+SCALE_BELOW = 1000
+#: ImageNet-LT's smallest and largest training classes: 20 and 100 sit 25% and 54% of the way from one to
+#: the other on a log scale, and scaled thresholds keep those places between a split's own extremes.
+REFERENCE_RANGE = (5, 1280)
 
 
 def topk_correct(logits: torch.Tensor, labels: torch.Tensor, k: int) -> torch.Tensor:
@@ -175,7 +193,7 @@ class Predictions:
 
 
 def summarize(records: dict[str, np.ndarray], n_bins: int = ECE_BINS) -> dict:
-    """Top-1, top-5, macro top-1, NLL and ECE of merged records."""
+    """Top-1, top-5, macro top-1 and top-5, NLL and ECE of merged records."""
     labels = records["label"]
     n = len(labels)
     if n == 0:
@@ -187,6 +205,7 @@ def summarize(records: dict[str, np.ndarray], n_bins: int = ECE_BINS) -> dict:
         "top1": float(top1.mean()),
         "top5": float(top5.mean()),
         "macro_top1": macro_accuracy(top1, labels),
+        "macro_top5": macro_accuracy(top5, labels),
         "nll": float(records["nll"].mean()),
         "ece": expected_calibration_error(records["confidence"], top1, n_bins),
         "classes_evaluated": int(len(np.unique(labels))),
@@ -203,3 +222,130 @@ def confused_pairs(records: dict[str, np.ndarray], names: list[str], top: int = 
         {"true": names[t], "predicted": names[p], "count": c, "true_support": support[t]}
         for (t, p), c in counts.most_common(top)
     ]
+
+
+@dataclass(frozen=True)
+class BucketRule:
+    """Many / medium / few-shot by training images: few ``< thresholds[0] <=`` medium ``<=
+    thresholds[1] <`` many. ``requested``: the thresholds asked for; ``scaled``: whether they were
+    scaled to the split; ``rule``: one sentence saying which thresholds are used and why."""
+
+    thresholds: tuple[int, int]
+    requested: tuple[int, int]
+    scaled: bool
+    rule: str
+
+    def assign(self, class_counts) -> np.ndarray:
+        """Per class index: 0 (many), 1 (medium) or 2 (few), the positions in ``BUCKETS``."""
+        counts = np.asarray(class_counts)
+        few, many = self.thresholds
+        return np.where(counts > many, 0, np.where(counts >= few, 1, 2)).astype(np.int64)
+
+
+def bucket_rule(
+    class_counts, requested: tuple[int, int] = BUCKET_THRESHOLDS, scale: bool = True
+) -> BucketRule:
+    """The thresholds for a training split's ``class_counts`` (images per class index).
+
+    ``requested`` is used as it is unless ``scale`` and the largest class holds fewer than
+    ``SCALE_BELOW`` images; then each threshold ``t`` becomes ``lo * (hi / lo) ** p``, rounded, with
+    ``p = log(t / 5) / log(1280 / 5)`` its place between ImageNet-LT's smallest and largest classes and
+    ``lo``, ``hi`` the split's smallest (non-empty) and largest classes; scaling only ever lowers a
+    threshold (a split whose classes all hold hundreds of images keeps 20 and 100).
+    """
+    few, many = requested
+    if not (isinstance(few, int) and isinstance(many, int) and 0 < few < many):
+        raise ValueError(f"bucket thresholds must be two increasing positive counts, got {requested}")
+    counts = np.asarray(class_counts, dtype=np.int64)
+    present = counts[counts > 0]
+    stated = f"many > {many}, medium {few}-{many}, few < {few} training images"
+    if not scale:
+        return BucketRule((few, many), (few, many), False, f"{stated}, as requested (scaling off)")
+    if not len(present):
+        return BucketRule((few, many), (few, many), False, f"{stated}: no training counts to scale to")
+    lo, hi = int(present.min()), int(present.max())
+    if hi >= SCALE_BELOW:
+        return BucketRule(
+            (few, many), (few, many), False, f"{stated}: the largest class has {hi:,} >= {SCALE_BELOW:,}"
+        )
+    ref_lo, ref_hi = REFERENCE_RANGE
+    places = [math.log(t / ref_lo) / math.log(ref_hi / ref_lo) for t in (few, many)]
+    scaled_few, scaled_many = (
+        min(t, max(1, round(lo * (hi / lo) ** p))) for t, p in zip((few, many), places, strict=True)
+    )
+    scaled_many = max(scaled_many, scaled_few)
+    if (scaled_few, scaled_many) == (few, many):
+        return BucketRule(
+            (few, many),
+            (few, many),
+            False,
+            f"{stated}: the largest class has {hi:,} < {SCALE_BELOW:,}, but scaling to the split's classes "
+            f"({lo}..{hi}) would not lower them",
+        )
+    rule = (
+        f"many > {scaled_many}, medium {scaled_few}-{scaled_many}, few < {scaled_few} training images: "
+        f"{few}/{many} scaled, the largest class has {hi:,} < {SCALE_BELOW:,}; each threshold keeps its "
+        f"place on a log scale between the smallest and largest class ({lo}..{hi}) that it has between "
+        f"ImageNet-LT's ({ref_lo}..{ref_hi:,})"
+    )
+    return BucketRule((scaled_few, scaled_many), (few, many), True, rule)
+
+
+def bucket_metrics(
+    records: dict[str, np.ndarray],
+    class_bucket: np.ndarray,
+    calibrated_confidence: np.ndarray | None = None,
+    n_bins: int = ECE_BINS,
+) -> dict[str, dict | None]:
+    """Per bucket (``BUCKETS``): ``samples``, ``species`` (those with test samples), ``top1``, ``top5``,
+    ``macro_top1``, ``ece`` and ``ece_calibrated`` (of ``calibrated_confidence``, the temperature-scaled
+    confidences; None without) over the test samples of the bucket's species; None for a bucket
+    without test samples. ``class_bucket``: ``BucketRule.assign`` of the training counts."""
+    labels = records["label"]
+    top1 = records["topk"][:, 0] == labels
+    top5 = (records["topk"] == labels[:, None]).any(axis=1)
+    sample_bucket = np.asarray(class_bucket)[labels]
+    out: dict[str, dict | None] = {}
+    for i, name in enumerate(BUCKETS):
+        sel = sample_bucket == i
+        if not sel.any():
+            out[name] = None
+            continue
+        calibrated = None
+        if calibrated_confidence is not None:
+            calibrated = expected_calibration_error(calibrated_confidence[sel], top1[sel], n_bins)
+        out[name] = {
+            "samples": int(sel.sum()),
+            "species": int(len(np.unique(labels[sel]))),
+            "top1": float(top1[sel].mean()),
+            "top5": float(top5[sel].mean()),
+            "macro_top1": macro_accuracy(top1[sel], labels[sel]),
+            "ece": expected_calibration_error(records["confidence"][sel], top1[sel], n_bins),
+            "ece_calibrated": calibrated,
+        }
+    return out
+
+
+def per_species(records: dict[str, np.ndarray], calibrated_confidence: np.ndarray | None = None) -> dict:
+    """Per species with test samples (ascending class index): ``classes``, ``samples``, ``top1``,
+    ``confidence`` (mean) and ``gap`` (mean confidence - top-1), and ``gap_calibrated`` with
+    ``calibrated_confidence`` (else None)."""
+    labels = records["label"]
+    classes, inverse, samples = np.unique(labels, return_inverse=True, return_counts=True)
+
+    def mean(values) -> np.ndarray:
+        return (
+            np.bincount(inverse, weights=np.asarray(values, dtype=np.float64), minlength=len(classes))
+            / samples
+        )
+
+    top1 = mean(records["topk"][:, 0] == labels)
+    confidence = mean(records["confidence"])
+    return {
+        "classes": classes,
+        "samples": samples,
+        "top1": top1,
+        "confidence": confidence,
+        "gap": confidence - top1,
+        "gap_calibrated": None if calibrated_confidence is None else mean(calibrated_confidence) - top1,
+    }
