@@ -3,11 +3,18 @@
 Also under ``torchrun``: each rank predicts its share, the per-sample records are merged on every
 rank and checked (each sample of the split exactly once) before any metric is computed.
 
-Owns the evaluation report: top-1, top-5, macro top-1, NLL and ECE (15 bins) of the split, per region;
-a temperature fitted on the calibration split (``val`` by default; LBFGS on NLL), stored back into
-the checkpoint (``temperature``), with ECE and NLL before and after; the most-confused species
-pairs; ``results.json``, ``reliability.png`` and ``confusion.png`` in the output folder
+Owns the evaluation report: top-1, top-5, macro top-1 and top-5, NLL and ECE (15 bins) of the split,
+per region; a temperature fitted on the calibration split (``val`` by default; LBFGS on NLL), stored
+back into the checkpoint (``temperature``), with ECE and NLL before and after; the many / medium /
+few-shot buckets by the checkpoint's training counts (``--buckets``; thresholds scaled for a small
+training split, stated in ``buckets.rule``), each with top-1, top-5, macro top-1 and ECE before and
+after, also per region when the split spans several; the most-confused species pairs;
+``results.json``, ``reliability.png``, ``per_species.png`` (top-1 and calibration gap per species
+against its training images) and ``confusion.png`` in the output folder
 (``<checkpoint folder>/eval_<split>[_<region>]`` by default).
+
+The training counts are the checkpoint's ``class_counts``; a checkpoint written before they were kept
+has them counted in its data config's training split (``buckets.class_counts`` says which).
 
 The data come from the checkpoint's own ``data`` config (shards, image size, mean/std, label space),
 with ``--shards`` and ``data.key=value`` overrides; the class mapping of the evaluated shards must be
@@ -18,6 +25,7 @@ Leaves out: the metric definitions (metrics.py) and the figures (plots.py).
 
 from __future__ import annotations
 
+import argparse
 import json
 import logging
 import os
@@ -32,17 +40,23 @@ from flora.config import ConfigError
 from flora.errors import ArgumentParser, fail
 from flora.loaders.config import load_data_config
 from flora.loaders.factory import make_loader, resolve_device
-from flora.loaders.index import LoaderError
+from flora.loaders.index import LoaderError, build_index
 from flora.training import plots
 from flora.training.checkpoint import Checkpoint, CheckpointError, load_checkpoint, update_checkpoint
 from flora.training.distributed import destroy_distributed, init_distributed
 from flora.training.errors import TrainingError
 from flora.training.metrics import (
+    BUCKET_THRESHOLDS,
+    BUCKETS,
     ECE_BINS,
+    BucketRule,
+    bucket_metrics,
+    bucket_rule,
     calibration_bins,
     confused_pairs,
     expected_calibration_error,
     fit_temperature,
+    per_species,
     summarize,
 )
 from flora.training.models import ModelError, model_from_checkpoint
@@ -95,6 +109,92 @@ def mapping_difference(
     return "; ".join(p for p in parts if p) or "the same species at the same indices"
 
 
+def training_counts(
+    checkpoint: Checkpoint, shards: str | None, overrides: list[str]
+) -> tuple[np.ndarray, str]:
+    """Training images per class index and where they come from: the checkpoint's ``class_counts``, or
+    for a checkpoint written before it kept them, the training split of its data config (``shards``
+    and ``overrides`` applied, not a region filter: the counts the run trained on)."""
+    classes = len(checkpoint.class_mapping)
+    if checkpoint.class_counts is not None:
+        counts, source = np.asarray(checkpoint.class_counts, dtype=np.int64), "the checkpoint's class_counts"
+    else:
+        cfg = data_config(checkpoint, shards, None, overrides)
+        index = build_index(cfg, cfg.train_split)
+        if index.class_mapping != checkpoint.class_mapping:
+            raise TrainingError(
+                f"the checkpoint has no class_counts and its {cfg.train_split!r} shards' class mapping "
+                f"is not its own: {mapping_difference(checkpoint.class_mapping, index.class_mapping)}"
+            )
+        counts = np.bincount(index.labels, minlength=classes).astype(np.int64)
+        source = (
+            f"counted in the {cfg.train_split!r} split of {cfg.shards} (the checkpoint predates class_counts)"
+        )
+    if len(counts) != classes:
+        raise TrainingError(f"the checkpoint's class_counts has {len(counts)} entries, expected {classes}")
+    return counts, source
+
+
+def tail_section(
+    records: dict,
+    regions: np.ndarray,
+    counts: np.ndarray,
+    source: str,
+    rule: BucketRule,
+    calibrated_confidence: np.ndarray | None,
+) -> dict:
+    """results.json's ``buckets``: the rule, species and samples per bucket, the bucket metrics (all
+    test samples, and per region when they span several; a bucket without test samples is None)."""
+    class_bucket = rule.assign(counts)
+    sample_bucket = class_bucket[records["label"]]
+    present = counts[counts > 0]
+
+    def per_bucket(values) -> dict[str, int]:
+        return {name: int(values[i]) for i, name in enumerate(BUCKETS)}
+
+    section = {
+        "thresholds": list(rule.thresholds),
+        "requested": list(rule.requested),
+        "scaled": rule.scaled,
+        "rule": rule.rule,
+        "class_counts": source,
+        "class_count_range": [int(present.min()), int(present.max())] if len(present) else None,
+        "species": per_bucket(np.bincount(class_bucket, minlength=len(BUCKETS))),
+        "training_samples": per_bucket(np.bincount(class_bucket, weights=counts, minlength=len(BUCKETS))),
+        "test_samples": per_bucket(np.bincount(sample_bucket, minlength=len(BUCKETS))),
+        "metrics": bucket_metrics(records, class_bucket, calibrated_confidence),
+        "per_region": {},
+    }
+    names = sorted(set(regions.tolist()))
+    if len(names) > 1:
+        for name in names:
+            sel = regions == name
+            part = {k: v[sel] for k, v in records.items() if k != "logits"}
+            calibrated = None if calibrated_confidence is None else calibrated_confidence[sel]
+            section["per_region"][str(name)] = bucket_metrics(part, class_bucket, calibrated)
+    return section
+
+
+def tail_line(results: dict) -> str:
+    """``many/medium/few top-1: 0.912 / 0.741 / 0.420, macro top-5 0.950 (thresholds 20/100 scaled to 13/27:
+    the largest class has 86 training images; 3 / 4 / 5 species)``."""
+    b = results["buckets"]
+    figures = " / ".join(f"{m['top1']:.3f}" if m else "-" for m in b["metrics"].values())
+    asked, used = "/".join(map(str, b["requested"])), "/".join(map(str, b["thresholds"]))
+    if b["scaled"]:
+        why = f"{asked} scaled to {used}: the largest class has {b['class_count_range'][1]} training images"
+    else:
+        why = f"{used} training images"
+    species = " / ".join(str(n) for n in b["species"].values())
+    line = (
+        f"many/medium/few top-1: {figures}, macro top-5 {results['metrics']['macro_top5']:.3f} "
+        f"(thresholds {why}; {species} species)"
+    )
+    if b["class_counts"] != "the checkpoint's class_counts":
+        line += f"; training counts {b['class_counts']}"
+    return line
+
+
 def _scaled(records: dict, logits: torch.Tensor, temperature: float) -> dict:
     """Confidence and NLL of ``softmax(logits / T)`` (the top-k ranking does not change with T)."""
     scaled = logits.float() / temperature
@@ -125,10 +225,17 @@ def evaluate(
     overrides: list[str] | None = None,
     confusion_classes: int = 20,
     top_confusions: int = 20,
+    buckets: tuple[int, int] = BUCKET_THRESHOLDS,
+    scale_buckets: bool = True,
 ) -> dict:
-    """Evaluates a checkpoint on ``split``; every rank returns the results, rank 0 writes the files."""
+    """Evaluates a checkpoint on ``split``; every rank returns the results, rank 0 writes the files.
+
+    ``buckets``: the few- and many-shot thresholds in training images, scaled to a small training split
+    unless ``scale_buckets`` is False (``metrics.bucket_rule``)."""
     checkpoint = load_checkpoint(checkpoint_path)
     cfg = data_config(checkpoint, shards, region, overrides or [])
+    counts, counts_source = training_counts(checkpoint, shards, overrides or [])
+    rule = bucket_rule(counts, tuple(buckets), scale_buckets)
     ddp = init_distributed(cfg.device)
     rank, world_size = ddp.rank, ddp.world_size
     device = resolve_device(cfg, ddp.local_rank)
@@ -172,9 +279,10 @@ def evaluate(
         "ece_bins": ECE_BINS,
     }
     bins_before = calibration_bins(records["confidence"], top1)
-    bins_after = None
+    bins_after = calibrated_confidence = None
     if temperature is not None:
         scaled = _scaled(records, records["logits"], temperature)
+        calibrated_confidence = scaled["confidence"]
         bins_after = calibration_bins(scaled["confidence"], top1)
         results["calibrated"] = {
             "ece_before": results["metrics"]["ece"],
@@ -189,6 +297,7 @@ def evaluate(
         str(r): summarize({k: v[regions == r] for k, v in records.items() if k != "logits"})
         for r in sorted(set(regions.tolist()))
     }
+    results["buckets"] = tail_section(records, regions, counts, counts_source, rule, calibrated_confidence)
     results["confused_pairs"] = confused_pairs(records, names, top_confusions)
     results["reliability_bins"] = {"before": bins_before, "after": bins_after}
     if ddp.main:
@@ -200,6 +309,11 @@ def evaluate(
         out.mkdir(parents=True, exist_ok=True)
         title = f"{Path(checkpoint_path).parent.name}: {split}{' / ' + region if region else ''}"
         plots.reliability_diagram(bins_before, bins_after, out / "reliability.png", title)
+        species = per_species(records, calibrated_confidence)
+        plots.per_species_accuracy(
+            counts[species["classes"]], species, rule.thresholds, out / "per_species.png", title,
+            {name: (m or {}).get("top1") for name, m in results["buckets"]["metrics"].items()},
+        )  # fmt: skip
         plots.confusion_matrix(records["label"], records["topk"][:, 0], names, out / "confusion.png",
                                confusion_classes)  # fmt: skip
         (out / "results.json").write_text(json.dumps(results, indent=2))
@@ -209,6 +323,35 @@ def evaluate(
     test_loader.close()
     ddp.barrier()
     return results
+
+
+def bucket_thresholds(text: str) -> tuple[int, int]:
+    """``--buckets 20,100`` -> ``(20, 100)`` (argparse type: a bad value is one error line)."""
+    try:
+        few, many = (int(part) for part in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected FEW,MANY (two counts, e.g. 20,100), got {text!r}"
+        ) from None
+    if not 0 < few < many:
+        raise argparse.ArgumentTypeError(f"expected 0 < FEW < MANY, got {text!r}")
+    return few, many
+
+
+def add_bucket_options(parser: argparse.ArgumentParser) -> None:
+    """``--buckets FEW,MANY`` and ``--no-bucket-scaling`` (``flora evaluate`` and ``flora report``)."""
+    parser.add_argument(
+        "--buckets",
+        type=bucket_thresholds,
+        default=BUCKET_THRESHOLDS,
+        metavar="FEW,MANY",
+        help="few-shot below FEW, many-shot above MANY training images (default: 20,100)",
+    )
+    parser.add_argument(
+        "--no-bucket-scaling",
+        action="store_true",
+        help="use --buckets as given, also when the largest training class has fewer than 1,000 images",
+    )
 
 
 def main(argv: list[str] | None = None, prog: str | None = None) -> int:
@@ -221,6 +364,7 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     parser.add_argument("--no-calibration", action="store_true", help="skip temperature scaling")
     parser.add_argument("--out", help="output folder (default: <checkpoint folder>/eval_<split>[_<region>])")
     parser.add_argument("--confusion-classes", type=int, default=20, help="classes in confusion.png")
+    add_bucket_options(parser)
     parser.add_argument("overrides", nargs="*", help="data.key=value (e.g. data.backend=torch)")
     args = parser.parse_args(argv)
     rank = int(os.environ.get("RANK", 0))
@@ -235,6 +379,8 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
             out_dir=args.out,
             overrides=args.overrides,
             confusion_classes=args.confusion_classes,
+            buckets=args.buckets,
+            scale_buckets=not args.no_bucket_scaling,
         )
     except (CheckpointError, ConfigError, LoaderError, ModelError, TrainingError, ValueError) as exc:
         return fail("evaluate", exc)
@@ -252,6 +398,7 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
             c = results["calibrated"]
             line += f"; T={results['temperature']:.3f}: ECE {c['ece_before']:.4f} -> {c['ece_after']:.4f}"
         print(line)
+        print(tail_line(results))
         print(f"results: {results['out_dir']}/results.json")
     return 0
 

@@ -1,8 +1,11 @@
-"""Figures of a run and of an evaluation: training curves, reliability diagram, confusion matrix.
+"""Figures of a run and of an evaluation: training curves, reliability diagram, per-species accuracy,
+confusion matrix.
 
 Owns the PNGs (matplotlib, Agg backend: no display needed): ``training_curves`` (loss and validation
 top-1 per epoch from metrics.json), ``reliability_diagram`` (accuracy vs confidence per ECE bin, before
-and after temperature scaling, with the bin counts), ``confusion_matrix`` (the N most frequent true
+and after temperature scaling, with the bin counts), ``per_species_accuracy`` (each species' top-1 and
+calibration gap against its training images, log scale, with the many / medium / few-shot thresholds),
+``confusion_matrix`` (the N most frequent true
 species of the evaluated split, row-normalised, with an "other" column for predictions outside them:
 a 7,120-class matrix is unreadable, the most-confused pairs go to results.json instead).
 
@@ -81,6 +84,62 @@ def reliability_diagram(
         ax.set_ylabel("accuracy")
         ax.set_title(name)
         ax.legend(loc="upper left", fontsize=8)
+    return _save(plt, fig, path, title)
+
+
+#: Where a species without training images is drawn on the log axis (log 0 has no place).
+ZERO_COUNT_AT = 0.5
+
+
+def per_species_accuracy(
+    train_counts: np.ndarray,
+    species: dict,
+    thresholds: tuple[int, int],
+    path: str | Path,
+    title: str = "",
+    bucket_top1: dict[str, float | None] | None = None,
+) -> Path:
+    """Top-1 per species (marker area ~ its test samples) and calibration gap (mean confidence - top-1;
+    temperature-scaled too when ``species["gap_calibrated"]``) against training images (log x), with
+    the bucket thresholds as vertical lines and each bucket's top-1 (``bucket_top1``: many, medium, few)
+    as a horizontal segment across it. ``species``: ``metrics.per_species``."""
+    plt = _plt()
+    from matplotlib import ticker
+
+    x = np.maximum(np.asarray(train_counts, dtype=np.float64), ZERO_COUNT_AT)
+    size = 12 + 60 * species["samples"] / max(1, int(np.max(species["samples"], initial=1)))
+    fig, (ax_acc, ax_gap) = plt.subplots(2, 1, figsize=(7, 7), sharex=True)
+    ax_acc.scatter(x, species["top1"], s=size, alpha=0.6, color="#4c72b0", edgecolor="black", linewidth=0.3)
+    ax_acc.set_ylim(-0.03, 1.03)
+    ax_acc.set_ylabel("top-1 per species")
+    ax_gap.axhline(0, color="black", linewidth=0.8)
+    ax_gap.scatter(x, species["gap"], s=size, alpha=0.6, color="#c44e52", label="uncalibrated")
+    if species.get("gap_calibrated") is not None:
+        ax_gap.scatter(x, species["gap_calibrated"], s=size, alpha=0.6, color="#55a868", marker="s",
+                       label="temperature-scaled")  # fmt: skip
+    ax_gap.set_ylabel("confidence - top-1")
+    ax_gap.set_xlabel("training images per species (log)")
+    ax_gap.set_xscale("log")
+    few, many = thresholds
+    for ax in (ax_acc, ax_gap):
+        for t in (few, many):
+            ax.axvline(t, color="grey", linestyle="--", linewidth=1)
+    low, high = ax_acc.get_xlim()
+    bucket_top1 = bucket_top1 or {}
+    for text, lo, hi in (("many", many, high), ("medium", few, many), ("few", low, few)):
+        if hi <= lo:
+            continue
+        top1 = bucket_top1.get(text)
+        label = text if top1 is None else f"{text}: {top1:.2f}"
+        ax_acc.text((lo * hi) ** 0.5, 1.0, label, ha="center", va="top", fontsize=8, color="grey")
+        if top1 is not None:
+            ax_acc.hlines(top1, lo, hi, color="#4c72b0", linewidth=1.5)
+    ax_acc.set_xlim(low, high)
+    ax_gap.xaxis.set_major_locator(ticker.LogLocator(subs=(1.0, 2.0, 5.0)))
+    ax_gap.xaxis.set_major_formatter(ticker.FuncFormatter(lambda v, _: f"{v:g}"))
+    ax_gap.xaxis.set_minor_formatter(ticker.NullFormatter())
+    ax_gap.legend(loc="best", fontsize=8)
+    ax_acc.set_title(f"few < {few} <= medium <= {many} < many training images", fontsize=9)
     return _save(plt, fig, path, title)
 
 
