@@ -5,7 +5,9 @@ Markdown table. Owns the pairing rule (a regional model is compared on its regio
 regional teacher and a global student are both evaluated on the region's test split, so each row pair
 sees the same images), model size (parameters, and MACs of one image at the checkpoint's input size,
 counted with ``torch.utils.flop_counter``), training speed from each run's metrics.json, and the
-student/teacher top-1 ratio.
+student/teacher top-1 ratio. Beside top-1, top-5 and macro top-1 and top-5, each row has the many /
+medium / few-shot top-1 by the model's own training counts (``--buckets``, scaled as evaluate scales
+them; the thresholds each row used are in its ``bucket_thresholds``, and under the table).
 
 Each evaluation is ``training.evaluate.evaluate`` (temperature fitted on ``val``), unchanged.
 
@@ -23,7 +25,8 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from flora.errors import ArgumentParser, fail
 from flora.training.checkpoint import Checkpoint, CheckpointError, load_checkpoint
-from flora.training.evaluate import evaluate
+from flora.training.evaluate import add_bucket_options, evaluate
+from flora.training.metrics import BUCKET_THRESHOLDS, BUCKETS
 from flora.training.models import model_from_checkpoint
 
 
@@ -56,10 +59,11 @@ def _run_speed(path: Path) -> dict:
     return {k: summary.get(k) for k in ("train_steps_per_s", "images_per_s", "data_wait_fraction")}
 
 
-def _row(name: str, role: str, path: Path, split: str, region: str | None, out: Path) -> dict:
+def _row(name: str, role: str, path: Path, split: str, region: str | None, out: Path, buckets: dict) -> dict:
     checkpoint = load_checkpoint(path)
     tag = f"{role}_{name}_{region or 'all'}".replace("/", "_")
-    results = evaluate(path, split=split, region=region, out_dir=out / tag)
+    results = evaluate(path, split=split, region=region, out_dir=out / tag, **buckets)
+    tail = results["buckets"]
     distill = checkpoint.config.get("distill") or {}
     return {
         "name": name,
@@ -69,7 +73,10 @@ def _row(name: str, role: str, path: Path, split: str, region: str | None, out: 
         "classes": len(checkpoint.class_mapping),
         "test_set": region or "all",
         "soft_labels": distill.get("soft_labels") if distill else None,
-        **{k: results["metrics"][k] for k in ("samples", "top1", "top5", "macro_top1", "ece")},
+        **{k: results["metrics"][k] for k in ("samples", "top1", "top5", "macro_top1", "macro_top5", "ece")},
+        **{f"{b}_top1": (tail["metrics"][b] or {}).get("top1") for b in BUCKETS},
+        "bucket_thresholds": tail["thresholds"],
+        "bucket_rule": tail["rule"],
         "ece_calibrated": results["calibrated"]["ece_after"],
         "temperature": results["temperature"],
         **model_size(checkpoint),
@@ -77,20 +84,29 @@ def _row(name: str, role: str, path: Path, split: str, region: str | None, out: 
     }
 
 
-def compare(students: list[Path], teachers: list[Path], split: str, out: Path) -> dict:
-    """Rows for every (teacher, student) pair on the teacher's test set, plus the ratios."""
+def compare(
+    students: list[Path],
+    teachers: list[Path],
+    split: str,
+    out: Path,
+    buckets: tuple[int, int] = BUCKET_THRESHOLDS,
+    scale_buckets: bool = True,
+) -> dict:
+    """Rows for every (teacher, student) pair on the teacher's test set, plus the ratios; ``buckets``
+    and ``scale_buckets`` as in ``evaluate``."""
+    tail = {"buckets": tuple(buckets), "scale_buckets": scale_buckets}
     rows, pairs = [], []
     student_regions = {s: _region(load_checkpoint(s)) for s in students}  # read once, not per teacher
     for teacher in teachers:
         t_ckpt = load_checkpoint(teacher)
         region = _region(t_ckpt)
-        t_row = _row(teacher.parent.name, "teacher", teacher, split, region, out)
+        t_row = _row(teacher.parent.name, "teacher", teacher, split, region, out, tail)
         rows.append(t_row)
         for student in students:
             s_region = student_regions[student]
             if s_region and region and s_region != region:
                 continue  # two different regions: no common test set
-            s_row = _row(student.parent.name, "student", student, split, region or s_region, out)
+            s_row = _row(student.parent.name, "student", student, split, region or s_region, out, tail)
             rows.append(s_row)
             pairs.append(
                 {
@@ -102,23 +118,46 @@ def compare(students: list[Path], teachers: list[Path], split: str, out: Path) -
                     "macs_ratio": s_row["macs"] / t_row["macs"],
                 }
             )
-    return {"split": split, "rows": rows, "pairs": pairs}
+    return {
+        "split": split,
+        "buckets": list(buckets),
+        "bucket_scaling": scale_buckets,
+        "rows": rows,
+        "pairs": pairs,
+    }
+
+
+def _bucket_note(rows: list[dict]) -> str:
+    """Which thresholds the many / medium / few columns used: once when every row used the same."""
+    used = {tuple(r["bucket_thresholds"]) for r in rows if r.get("bucket_thresholds")}
+    if not used:
+        return ""
+    if len(used) == 1:
+        few, many = used.pop()
+        return f" Many / medium / few: > {many} / {few}-{many} / < {few} training images per species."
+    per_row = ", ".join(f"{r['name']} {'/'.join(map(str, r['bucket_thresholds']))}" for r in rows)
+    return f" Many / medium / few thresholds (few/many training images) per model: {per_row}."
 
 
 def markdown(report: dict) -> str:
+    def figure(value: float | None) -> str:
+        return "-" if value is None else f"{value:.3f}"
+
     lines = [
-        f"Split: `{report['split']}`. ECE: 15 bins; 'calibrated' after temperature scaling fitted on val.",
+        f"Split: `{report['split']}`. ECE: 15 bins; 'calibrated' after temperature scaling fitted on val."
+        + _bucket_note(report["rows"]),
         "",
-        "| model | role | test set | samples | top-1 | top-5 | macro top-1 | ECE | ECE calibrated "
-        "| params | MACs | train steps/s |",
-        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| model | role | test set | samples | top-1 | top-5 | macro top-1 | macro top-5 | many top-1 "
+        "| medium top-1 | few top-1 | ECE | ECE calibrated | params | MACs | train steps/s |",
+        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in report["rows"]:
         mode = f" ({r['soft_labels']})" if r.get("soft_labels") else ""
         speed = f"{r['train_steps_per_s']:.1f}" if r.get("train_steps_per_s") else "-"
+        tail = " | ".join(figure(r.get(k)) for k in ("macro_top5", "many_top1", "medium_top1", "few_top1"))
         lines.append(
             f"| {r['name']} `{r['model']}` | {r['role']}{mode} | {r['test_set']} | {r['samples']} "
-            f"| {r['top1']:.3f} | {r['top5']:.3f} | {r['macro_top1']:.3f} | {r['ece']:.3f} "
+            f"| {r['top1']:.3f} | {r['top5']:.3f} | {r['macro_top1']:.3f} | {tail} | {r['ece']:.3f} "
             f"| {r['ece_calibrated']:.3f} | {r['params'] / 1e6:.2f} M | {r['macs'] / 1e6:.1f} M | {speed} |"
         )
     lines += [
@@ -141,10 +180,18 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     parser.add_argument("--teacher", type=Path, action="append", required=True, help="a teacher checkpoint")
     parser.add_argument("--split", default="test")
     parser.add_argument("--out", type=Path, help="folder (default: the first student's run folder / report)")
+    add_bucket_options(parser)
     args = parser.parse_args(argv)
     out = args.out or args.student[0].parent / "report"
     try:
-        report = compare(args.student, args.teacher, args.split, out)
+        report = compare(
+            args.student,
+            args.teacher,
+            args.split,
+            out,
+            args.buckets,
+            scale_buckets=not args.no_bucket_scaling,
+        )
     except (CheckpointError, FileNotFoundError, RuntimeError, ValueError) as exc:
         return fail("report", exc)
     out.mkdir(parents=True, exist_ok=True)
