@@ -3,9 +3,11 @@
 Owns ``ExperimentConfig`` and its sections: ``run`` (name and folder), ``data`` (``loaders``'
 ``DataConfig``, unchanged), ``model`` (timm name, weights, ``init_from``), ``optim`` (timm optimizer,
 learning rate, weight decay, clipping), ``schedule`` (timm scheduler, warmup), ``train`` (epochs,
-steps, accumulation, AMP, EMA, compile, checkpoints) and ``objective`` (what the loop minimises).
-Values derived from several sections (the learning rate scaled by the global batch) are computed
-here once (``effective_lr``), not in the loop.
+steps, accumulation, AMP, EMA, Mixup/CutMix, compile, checkpoints) and ``objective`` (what the loop
+minimises, with logit adjustment's ``tau``). Values derived from several sections (the learning rate
+scaled by the global batch) are computed here once (``effective_lr``), not in the loop; checks that
+span sections (a ``tau`` no loss uses, mixing with cached soft labels) are made in
+``load_experiment``.
 
 Leaves out: what the objectives need beyond their name (objectives.py reads its own section) and
 anything the data config already says (the loaders own it).
@@ -13,6 +15,7 @@ anything the data config already says (the loaders own it).
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -119,6 +122,28 @@ class EmaConfig:
 
 
 @dataclass
+class MixConfig:
+    """Mixup / CutMix on training batches (objectives.py: ``BatchMix``); off while both alphas are 0."""
+
+    mixup_alpha: float = 0.0  # > 0: mixup, the batch blended with its reverse by lam ~ Beta(alpha, alpha)
+    cutmix_alpha: float = 0.0  # > 0: cutmix, a box of ~(1 - lam) of the area pasted from the reverse
+    prob: float = 1.0  # share of training batches mixed
+    switch_prob: float = 0.5  # both on: share of the mixed batches that use cutmix
+
+    def __post_init__(self) -> None:
+        for name in ("mixup_alpha", "cutmix_alpha"):
+            if not (math.isfinite(getattr(self, name)) and getattr(self, name) >= 0):
+                raise ConfigError(f"train.mix.{name}: expected >= 0 (0: off), got {getattr(self, name)}")
+        for name in ("prob", "switch_prob"):
+            if not 0 <= getattr(self, name) <= 1:
+                raise ConfigError(f"train.mix.{name}: expected [0, 1], got {getattr(self, name)}")
+
+    @property
+    def enabled(self) -> bool:
+        return (self.mixup_alpha > 0 or self.cutmix_alpha > 0) and self.prob > 0
+
+
+@dataclass
 class TrainConfig:
     epochs: int = 15
     #: Stop after this many optimizer steps (smoke runs); the schedule is laid out over the shorter
@@ -130,6 +155,7 @@ class TrainConfig:
     compile: bool = False  # torch.compile the model
     channels_last: bool = False  # model memory format (set data.channels_last too for the inputs)
     ema: EmaConfig = field(default_factory=EmaConfig)
+    mix: MixConfig = field(default_factory=MixConfig)
     checkpoint_every: int = 500  # optimizer steps between last_checkpoint.pt writes (and each epoch)
     eval_every: int = 1  # epochs between validations
     log_every: int = 20  # optimizer steps between scalar logs
@@ -148,14 +174,20 @@ class TrainConfig:
 
 @dataclass
 class ObjectiveConfig:
-    #: A registered objective (training/objectives.py: ``objective_names()``).
+    #: A registered objective (training/objectives.py: ``objective_names()``): ``classification``,
+    #: ``logit_adjusted``, ``balanced_softmax``, ``distill`` or one registered by the user.
     kind: str = "classification"
+    #: Logit adjustment's scale: training adds ``tau * log prior`` to the logits. Only for
+    #: ``logit_adjusted`` (and ``distill`` with ``distill.task: logit_adjusted``); null = 1.0.
+    tau: float | None = None
 
     def __post_init__(self) -> None:
         from flora.training.objectives import objective_names
 
         if self.kind not in objective_names():
             raise ConfigError(f"objective.kind: expected one of {objective_names()}, got {self.kind!r}")
+        if self.tau is not None and not (math.isfinite(self.tau) and self.tau >= 0):
+            raise ConfigError(f"objective.tau: expected >= 0 (null: 1.0), got {self.tau}")
 
 
 @dataclass
@@ -194,6 +226,9 @@ class DistillConfig:
     #: over the teachers that know it, weights renormalised per species, then the mixture renormalised)
     #: or ``per_sample`` (a teacher takes part in a sample's mixture only if it knows the sample's label).
     mixing: Literal["per_class", "per_sample"] = "per_class"
+    #: The label term: cross-entropy (``classification``), or the long-tail losses ``logit_adjusted``
+    #: (with ``objective.tau``) and ``balanced_softmax`` (objectives.py).
+    task: Literal["classification", "logit_adjusted", "balanced_softmax"] = "classification"
     #: ``online``: teachers run on every batch, on the student's augmented view; ``cached``: their top-k
     #: mixture is precomputed once per sample on the fixed validation view and read from disk.
     soft_labels: Literal["online", "cached"] = "online"
@@ -289,7 +324,37 @@ def load_experiment(source: str | Path | dict, overrides: list[str] | None = Non
     if cfg.objective.kind != "distill" and cfg.distill:
         raise ConfigError(f"distill: a distill section with objective.kind={cfg.objective.kind!r}; "
                           "set objective.kind: distill or remove the section")  # fmt: skip
+    _check_across_sections(cfg)
     return cfg
+
+
+def _check_across_sections(cfg: ExperimentConfig) -> None:
+    """What one section's ``__post_init__`` cannot see: a ``tau`` no loss uses, mixing the teachers
+    would not see."""
+    task = cfg.distill.task if cfg.objective.kind == "distill" else cfg.objective.kind
+    if cfg.objective.tau is not None and task != "logit_adjusted":
+        where = f"distill.task: {task}" if cfg.objective.kind == "distill" else f"objective.kind: {task}"
+        raise ConfigError(
+            f"objective.tau: only logit_adjusted uses it (objective.kind, or distill.task), got "
+            f"{cfg.objective.tau} with {where}"
+        )
+    if cfg.train.mix.enabled and cfg.distill and cfg.distill.soft_labels == "cached":
+        raise ConfigError(
+            "train.mix: mixup/cutmix need distill.soft_labels: online (the teachers see each mixed "
+            "batch); cached soft labels are the teachers' outputs on unmixed fixed views"
+        )
+
+
+#: Keys a resume-fixed section gained after runs were checkpointed, each with the value that keeps
+#: such a run's behaviour: a checkpoint's config without them compares as if it held them (loop.py).
+ADDED_KEYS = {"objective": {"tau": None}, "distill": {"task": "classification"}}
+
+
+def with_added_keys(section: str, values: dict | None) -> dict | None:
+    """A checkpoint's config ``section`` with the keys added since filled in (``ADDED_KEYS``)."""
+    if not isinstance(values, dict):
+        return values
+    return {**ADDED_KEYS.get(section, {}), **values}
 
 
 def _section(raw: dict, name: str) -> dict:

@@ -4,7 +4,8 @@ Owns a run from start to summary: process group (torchrun's environment; NCCL on
 CPU), loaders (``loaders.create_dataloaders``), model (models.py) and objective (objectives.py),
 timm's optimizer (weight-decay groups, optional layer decay) and scheduler (stepped per optimizer
 update: warmup, then cosine), AMP (bf16 on a GPU; fp16 with a GradScaler on request), gradient
-accumulation (``no_sync`` on all but the last micro-batch), clipping, EMA (timm ``ModelEmaV3``),
+accumulation (``no_sync`` on all but the last micro-batch), Mixup/CutMix of each training micro-batch
+(``train.mix``, objectives.py's ``BatchMix``; off by default), clipping, EMA (timm ``ModelEmaV3``),
 ``torch.compile``, channels_last, DDP; validation each ``eval_every`` epochs with exact metrics across
 ranks; ``last_checkpoint.pt`` every ``checkpoint_every`` steps and each epoch, ``best_model.pt`` by
 validation top-1; TensorBoard scalars, ``metrics.json`` and a progress bar on rank 0. A run starts by
@@ -49,12 +50,12 @@ from flora.training.checkpoint import (
     save_checkpoint,
     set_rng_state,
 )
-from flora.training.config import ExperimentConfig
+from flora.training.config import ExperimentConfig, with_added_keys
 from flora.training.distributed import Dist, destroy_distributed, init_distributed, wrap_ddp
 from flora.training.errors import TrainingError
 from flora.training.metrics import summarize
 from flora.training.models import ModelError, build_model, init_from_checkpoint
-from flora.training.objectives import Objective, build_objective
+from flora.training.objectives import BatchMix, Objective, build_objective
 from flora.training.precision import autocast, autocast_dtype
 from flora.training.predict import gather_predictions, predict
 from flora.training.runlog import RunLog, Window
@@ -92,6 +93,7 @@ class Trainer:
         self.objective: Objective = build_objective(
             cfg, self.info, self.device, train_loader=self.train_loader, ddp=self.ddp
         ).to(self.device)
+        self.mix = BatchMix(cfg.train.mix, self.info.num_classes) if cfg.train.mix.enabled else None
         self._build_optimization()
         self.amp_dtype = autocast_dtype(cfg.train.amp, self.device)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype == torch.float16)
@@ -240,7 +242,7 @@ class Trainer:
             )
         now = self.cfg.as_dict()
         for section in RESUME_FIXED:
-            if checkpoint.config.get(section) != now.get(section):
+            if with_added_keys(section, checkpoint.config.get(section)) != now.get(section):
                 raise TrainingError(
                     f"--resume: config section {section!r} differs from the checkpoint's; resume with the "
                     "same config (or start a new run.name)"
@@ -431,6 +433,8 @@ class Trainer:
     ) -> tuple[list[str], torch.Tensor]:
         """Forward and backward of one micro-batch, its loss scaled for its group (DDP syncs gradients on
         the group's last only); the loss terms' names, and their values with the valid rows, on the device."""
+        if self.mix is not None:  # drawn from this rank's torch RNG, which a checkpoint carries
+            batch = self.mix(batch)
         if last_in_group or not self.ddp.active:
             sync = contextlib.nullcontext()
         else:

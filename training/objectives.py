@@ -1,31 +1,64 @@
 """Objectives: what the one training loop minimises, as modules that return a dict of losses.
 
-Owns the objective registry (``register_objective`` / ``build_objective``) and the interface every
+Owns the objective registry (``register_objective`` / ``build_objective``), the interface every
 objective follows (timm's ``timm/task`` convention): ``objective(model, batch)`` returns
 ``{'loss': scalar to backpropagate, 'output': the model's logits, 'task_loss': ..., ...}``; more terms
 (``kd_loss``) are logged when present. The loop knows nothing else about an objective, so a teacher
 (``classification``) and a student (``distill``) train in the same loop.
 
+Also owns the label term every objective shares (``TaskLoss``) and what it reads:
+
+* ``classification``: cross-entropy with label smoothing.
+* ``logit_adjusted`` (Menon et al. 2021, "Long-tail learning via logit adjustment", the loss form):
+  ``CE(logits + tau * log prior, label)`` in training; predictions use the raw logits, which thus
+  estimate the class-balanced posterior. ``prior`` is the training split's class frequencies
+  (``LoaderInfo.class_counts``; a class without a training sample counts ``PRIOR_MIN_COUNT``, so its
+  log prior is finite).
+* ``balanced_softmax`` (Ren et al. 2020, "Balanced meta-softmax"): ``CE(logits + log prior, label)``,
+  logit adjustment at ``tau = 1`` under its own name.
+
+Label smoothing applies on top of each (the adjusted logits against the smoothed target), and the
+``distill`` objective takes any of them as its label term (``distill.task``).
+
+Mixed batches (``BatchMix``, ``train.mix``): the loop may replace a training batch by its Mixup or
+CutMix (one draw per batch, from torch's RNG, so a resumed run draws the same); the batch then
+carries ``mixed_label``, the per-row label distribution (``lam`` of the row's own one-hot, ``1 - lam``
+of its partner's), which ``TaskLoss`` uses in place of ``label``. Partners are the valid rows in
+reverse order (timm's ``flip``); filler rows (``valid == False``) are neither mixed nor mixed in.
+
 Rows flagged ``valid == False`` (the loaders' ``train_remainder: pad`` filler) carry no loss: every
 objective averages over valid rows only.
 
-Leaves out: the optimizer, schedule, AMP and accumulation (loop.py).
+Leaves out: the optimizer, schedule, AMP and accumulation (loop.py); the class-balanced *sampling*
+of a long tail (loaders' ``data.sampling``).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import logging
+import math
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+log = logging.getLogger(__name__)
+
 #: Registered objectives: name -> builder(cfg, info, device, **context). A module registers its own
 #: with ``@register_objective``; importing the module registers it.
 OBJECTIVES: dict[str, Callable[..., Objective]] = {}
+#: The label terms (``TaskLoss``): each is also an objective of its own name, and ``distill.task``.
+TASKS = ("classification", "logit_adjusted", "balanced_softmax")
 #: The objectives that ship with Flora and the module that registers each: ``objective.kind`` is
 #: validated against these names when a config loads, before any of them is imported.
-BUILTIN = {"classification": __name__, "distill": "flora.training.distill"}
+BUILTIN = {**dict.fromkeys(TASKS, __name__), "distill": "flora.training.distill"}
+#: Logit adjustment's scale when ``objective.tau`` is null: Menon et al.'s choice (tau = 1 is the
+#: Bayes-optimal adjustment for the balanced error).
+DEFAULT_TAU = 1.0
+#: The count a class without training samples takes in the prior: its log prior is then that of a
+#: species seen once, finite, instead of -inf (which would make its adjusted logit -inf).
+PRIOR_MIN_COUNT = 1
 
 
 def register_objective(name: str):
@@ -47,6 +80,59 @@ def masked_mean(values: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
     return (values * weights).sum() / weights.sum().clamp(min=1.0)
 
 
+# ------------------------------------------------------------------------------------- the label term
+def class_prior(class_counts: Sequence[int]) -> torch.Tensor:
+    """The training split's class frequencies (float32, summing to 1), each count at least
+    ``PRIOR_MIN_COUNT``."""
+    if not len(class_counts):
+        raise ValueError("a class prior needs the training split's class counts (LoaderInfo.class_counts)")
+    counts = torch.tensor(list(class_counts), dtype=torch.float64).clamp(min=PRIOR_MIN_COUNT)
+    return (counts / counts.sum()).float()
+
+
+class TaskLoss(nn.Module):
+    """Per-row cross-entropy against the label (or a mixed batch's ``mixed_label``) with label
+    smoothing, on the logits plus a fixed per-class ``adjustment`` (``tau * log prior``; None: plain)."""
+
+    def __init__(self, label_smoothing: float = 0.0, adjustment: torch.Tensor | None = None):
+        super().__init__()
+        self.label_smoothing = label_smoothing
+        self.register_buffer("adjustment", adjustment, persistent=False)
+
+    def forward(self, logits: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        logits = logits.float()
+        if self.adjustment is not None:
+            logits = logits + self.adjustment
+        target = batch["mixed_label"] if "mixed_label" in batch else batch["label"]
+        return F.cross_entropy(logits, target, label_smoothing=self.label_smoothing, reduction="none")
+
+
+def build_task_loss(kind: str, cfg, info) -> TaskLoss:
+    """The label term ``kind`` (one of ``TASKS``) of an experiment: label smoothing from
+    ``train.label_smoothing``, ``tau`` from ``objective.tau``, the prior from ``info.class_counts``."""
+    smoothing = cfg.train.label_smoothing
+    if kind == "classification":
+        return TaskLoss(smoothing)
+    if kind not in TASKS:
+        raise ValueError(f"task loss: expected one of {list(TASKS)}, got {kind!r}")
+    if len(info.class_counts) != info.num_classes:
+        raise ValueError(
+            f"{kind}: info.class_counts has {len(info.class_counts)} classes, the run {info.num_classes}"
+        )
+    sampling = cfg.data.sampling
+    if sampling.policy != "uniform" or sampling.streams:
+        log.warning(
+            "%s adjusts for the training split's class prior, but data.sampling (policy %s%s) changes the "
+            "classes' frequencies in the batches: the two corrections add up",
+            kind, sampling.policy, ", streams" if sampling.streams else "",
+        )  # fmt: skip
+    tau = 1.0  # balanced softmax
+    if kind == "logit_adjusted":
+        tau = DEFAULT_TAU if cfg.objective.tau is None else cfg.objective.tau
+    return TaskLoss(smoothing, tau * class_prior(info.class_counts).log())
+
+
+# -------------------------------------------------------------------------------------- objectives
 class Objective(nn.Module):
     """Base: subclasses implement ``forward(model, batch) -> dict`` with at least ``loss`` and ``output``."""
 
@@ -58,24 +144,24 @@ class Objective(nn.Module):
 
 
 class Classification(Objective):
-    """Cross-entropy with label smoothing (teachers)."""
+    """The label term alone (teachers): cross-entropy, logit-adjusted or balanced softmax."""
 
-    def __init__(self, label_smoothing: float = 0.0):
+    def __init__(self, task: TaskLoss | None = None):
         super().__init__()
-        self.label_smoothing = label_smoothing
+        self.task = task if task is not None else TaskLoss()
 
     def forward(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         logits = model(batch["image"])
-        per_sample = F.cross_entropy(
-            logits.float(), batch["label"], label_smoothing=self.label_smoothing, reduction="none"
-        )
-        loss = masked_mean(per_sample, batch["valid"])
+        loss = masked_mean(self.task(logits, batch), batch["valid"])
         return {"loss": loss, "output": logits, "task_loss": loss.detach()}
 
 
-@register_objective("classification")
 def _classification(cfg, info, device, **context) -> Classification:  # noqa: ARG001 - uniform signature
-    return Classification(label_smoothing=cfg.train.label_smoothing)
+    return Classification(build_task_loss(cfg.objective.kind, cfg, info))
+
+
+for _kind in TASKS:
+    register_objective(_kind)(_classification)
 
 
 def build_objective(cfg, info, device: torch.device, **context) -> Objective:
@@ -90,3 +176,64 @@ def build_objective(cfg, info, device: torch.device, **context) -> Objective:
             f"objective.kind: {kind!r} is not registered{where}; registered: {sorted(OBJECTIVES)}"
         )
     return OBJECTIVES[kind](cfg, info, device, **context)
+
+
+# ---------------------------------------------------------------------------------- mixed batches
+class BatchMix:
+    """Mixup / CutMix of training batches (``train.mix``; timm's ``Mixup`` in its ``batch`` mode, with
+    torch's RNG and valid rows).
+
+    Per batch: with probability ``prob`` the batch is mixed; with both alphas > 0, CutMix is chosen
+    with probability ``switch_prob``. ``lam ~ Beta(alpha, alpha)``; Mixup blends each valid row with
+    its partner (``lam`` of its own); CutMix pastes the partner's pixels in a box of side
+    ``sqrt(1 - lam)`` times the image's centred at a uniform point, clipped at the borders, and ``lam``
+    becomes the share of the row's own pixels. Every draw comes from torch's global (CPU) generator,
+    which the loop seeds per rank and checkpoints.
+    """
+
+    def __init__(self, cfg, num_classes: int):
+        self.cfg, self.num_classes = cfg, num_classes
+
+    def draw(self, height: int, width: int) -> tuple[float, tuple[int, int, int, int] | None] | None:
+        """This batch's ``(lam, box)`` (``box``: ``(top, bottom, left, right)`` for CutMix, None for
+        Mixup), or None when the batch is left as it is."""
+        cfg = self.cfg
+        if not cfg.enabled or float(torch.rand(())) >= cfg.prob:
+            return None
+        cutmix = cfg.mixup_alpha == 0 or (cfg.cutmix_alpha > 0 and float(torch.rand(())) < cfg.switch_prob)
+        alpha = torch.tensor(cfg.cutmix_alpha if cutmix else cfg.mixup_alpha, dtype=torch.float64)
+        lam = float(torch.distributions.Beta(alpha, alpha).sample())
+        if not cutmix:
+            return lam, None
+        side = math.sqrt(1.0 - lam)
+        cut_h, cut_w = int(height * side), int(width * side)
+        cy, cx = int(torch.randint(height, ())), int(torch.randint(width, ()))
+        top, bottom = max(cy - cut_h // 2, 0), min(cy + (cut_h + 1) // 2, height)
+        left, right = max(cx - cut_w // 2, 0), min(cx + (cut_w + 1) // 2, width)
+        return 1.0 - (bottom - top) * (right - left) / (height * width), (top, bottom, left, right)
+
+    def __call__(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The batch mixed (new ``image``, added ``mixed_label``; the rest as it was), or ``batch``."""
+        images = batch["image"]
+        drawn = self.draw(images.shape[-2], images.shape[-1])
+        if drawn is None:
+            return batch
+        lam, box = drawn
+        partner = mix_partners(batch["valid"])
+        if box is None:
+            mixed = images.lerp(images[partner], 1.0 - lam)  # exact on rows that are their own partner
+        else:
+            top, bottom, left, right = box
+            mixed = images.clone()
+            mixed[..., top:bottom, left:right] = images[partner][..., top:bottom, left:right]
+        one_hot = F.one_hot(batch["label"], self.num_classes).float()
+        return {**batch, "image": mixed, "mixed_label": one_hot * lam + one_hot[partner] * (1.0 - lam)}
+
+
+def mix_partners(valid: torch.Tensor) -> torch.Tensor:
+    """Each row's mixing partner: the valid rows in reverse order; an invalid row is its own."""
+    rows = torch.arange(len(valid), device=valid.device)
+    real = rows[valid.bool()]
+    partner = rows.clone()
+    partner[real] = real.flip(0)
+    return partner

@@ -12,12 +12,14 @@ import torch
 import yaml
 from torch import nn
 
+from flora.config import ConfigError
 from flora.loaders import create_dataloaders
 from flora.loaders.factory import make_loader
 from flora.training.checkpoint import Preprocessing
 from flora.training.config import DistillConfig, load_experiment
 from flora.training.distill import Distillation, Teacher, TeacherMix, build_mixer, kd_terms
 from flora.training.loop import Trainer
+from flora.training.objectives import TaskLoss
 from flora.training.report import compare, markdown
 from flora.training.soft_labels import ensure_cache
 
@@ -47,17 +49,18 @@ def test_kd_loss_by_hand():
     p = [math.exp(0.5) / (math.exp(0.5) + 1), 1 / (math.exp(0.5) + 1)]  # softmax(s / T)
     kl = 0.75 * math.log(0.75 / p[0]) + 0.25 * math.log(0.25 / p[1])
     ce = -math.log(math.exp(1) / (math.exp(1) + 1))
-    out = kd_terms(s, target, label, valid, t, a)
+    task = TaskLoss()(s, {"label": label})
+    out = kd_terms(s, target, task, valid, t, a)
     assert out["kd_loss"].item() == pytest.approx(t * t * kl)
     assert out["task_loss"].item() == pytest.approx(ce)
     assert out["loss"].item() == pytest.approx(a * t * t * kl + (1 - a) * ce)
-    assert kd_terms(s, target, label, valid, t, 1.0)["loss"].item() == pytest.approx(t * t * kl)
-    assert kd_terms(s, target, label, valid, t, 0.0)["loss"].item() == pytest.approx(ce)
+    assert kd_terms(s, target, task, valid, t, 1.0)["loss"].item() == pytest.approx(t * t * kl)
+    assert kd_terms(s, target, task, valid, t, 0.0)["loss"].item() == pytest.approx(ce)
     # averaged over the batch (not batch x classes); invalid (padding) rows carry nothing
     many = kd_terms(
         torch.cat([s, s, torch.zeros(1, 2)]),
         torch.cat([target, target, torch.tensor([[0.0, 1.0]])]),
-        torch.tensor([0, 0, 1]),
+        torch.cat([task, task, torch.tensor([5.0])]),
         torch.tensor([True, True, False]),
         t,
         a,
@@ -71,7 +74,7 @@ def test_teacher_is_frozen_and_sees_the_same_view_in_its_own_preprocessing():
     teacher = Teacher(net, {"a": 0, "b": 1}, preprocessing, "t")
     mixer = TeacherMix([teacher], [1.0], {"a": 0, "b": 1}, 1.0, "per_class", [0.2] * 3, [0.1] * 3)
     student = nn.Sequential(nn.Flatten(), nn.Linear(3 * 8 * 8, 2))
-    objective = Distillation(DistillConfig(teachers=[{"checkpoint": "x"}]), mixer, 0.0).train()
+    objective = Distillation(DistillConfig(teachers=[{"checkpoint": "x"}]), mixer).train()
     images = torch.rand(2, 3, 8, 8)
     out = objective(
         student,
@@ -208,6 +211,32 @@ def test_smoke_student_learns_online_and_cached_and_the_report(shard_root, teach
     assert student["soft_labels"] == "online" and student["params"] > 0 and student["macs"] > 0
     assert all(p["top1_ratio"] is not None for p in report["pairs"]) and len(report["pairs"]) == 4
     assert "| student | teacher |" in markdown(report)
+
+
+def test_a_mixed_student_with_a_logit_adjusted_task_term(shard_root, teachers, tmp_path, monkeypatch):
+    """Mixup/CutMix with online teachers (who see the mixed batch) and a logit-adjusted label term."""
+    seen = []
+    forward = TeacherMix.forward
+
+    def recorded(self, images, labels):
+        seen.append(images)
+        return forward(self, images, labels)
+
+    monkeypatch.setattr(TeacherMix, "forward", recorded)
+    cfg = _student_cfg(shard_root, teachers, tmp_path, "mixed", task="logit_adjusted")
+    cfg["objective"]["tau"] = 0.5
+    cfg["train"].update(epochs=1, max_steps=3, mix={"mixup_alpha": 0.4, "cutmix_alpha": 1.0})
+    trainer = Trainer(load_experiment(cfg))
+    summary = trainer.fit()
+    assert summary["status"] == "finished" and summary["steps"] == 3
+    counts = [max(c, 1) for c in trainer.info.class_counts]  # the prior's floor: one sample
+    expected = torch.tensor([0.5 * math.log(c / sum(counts)) for c in counts])
+    assert torch.allclose(trainer.objective.task.adjustment, expected)
+    epoch = summary["last_epoch"]
+    assert all(math.isfinite(epoch[k]) for k in ("train_loss", "train_task_loss", "train_kd_loss"))
+    assert len(seen) == 3  # one teacher forward per training batch, none at validation
+    with pytest.raises(ConfigError, match="train.mix: mixup/cutmix need distill.soft_labels: online"):
+        load_experiment({**cfg, "distill": {**cfg["distill"], "soft_labels": "cached"}})
 
 
 @pytest.mark.slow
