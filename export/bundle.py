@@ -2,7 +2,8 @@
 
 Owns reading a Flora checkpoint for export (``load_bundle``: the network in eval mode, the labels in
 the checkpoint's index order, its preprocessing and calibrated temperature - never from a side
-channel), the two files every export writes next to the model (``labels.json``: index -> species;
+channel), the two files every export writes next to the model (``labels.json``: by class index, the species'
+name and its training images;
 ``preprocess.json``: input size, resize, mean, std, layout, output kind and the temperature to
 apply), and the reference inputs parity is measured on (``sample_inputs``: real images from the
 checkpoint's own test shards, preprocessed exactly as evaluation does).
@@ -36,6 +37,9 @@ from flora.store import StoreError, is_remote
 from flora.training.checkpoint import CheckpointError, Preprocessing, load_checkpoint
 
 FORMAT = 1
+#: A species with fewer training images is few-shot (the long-tail literature's bucket, as evaluation's
+#: default): ``preprocess.json`` carries it so an application can say a prediction is a rare species.
+FEW_SHOT_BELOW = 20
 
 
 class ExportError(FloraError, RuntimeError):
@@ -58,6 +62,8 @@ class Bundle:
     temperature: float  # 1.0 when never calibrated
     calibrated: bool
     data: dict  # the checkpoint's data config (where its shards are)
+    #: index -> the species' training images (the checkpoint's ``class_counts``); None: not recorded
+    training_images: list[int] | None = None
 
     @property
     def image_size(self) -> int:
@@ -98,11 +104,26 @@ def load_bundle(checkpoint: str | Path) -> Bundle:
         model=model.eval(),
         model_name=state.model_name,
         labels=labels_in_order(state.class_mapping),
+        training_images=list(state.class_counts) if state.class_counts is not None else None,
         preprocessing=state.preprocessing,
         temperature=float(state.temperature) if state.temperature else 1.0,
         calibrated=bool(state.temperature),
         data=dict(state.data),
     )
+
+
+def label_entries(bundle: Bundle) -> list[dict]:
+    """``labels.json``: by class index, each species' name and training images (null: not recorded)."""
+    counts = bundle.training_images
+    if counts is not None and len(counts) != len(bundle.labels):
+        raise ExportError(
+            f"{bundle.checkpoint}: class_counts has {len(counts)} entries, the class mapping "
+            f"{len(bundle.labels)}"
+        )
+    return [
+        {"name": name, "training_images": None if counts is None else int(counts[i])}
+        for i, name in enumerate(bundle.labels)
+    ]
 
 
 def probabilities(logits: np.ndarray, temperature: float) -> np.ndarray:
@@ -135,13 +156,15 @@ def preprocess_spec(bundle: Bundle, layout: str, input_name: str, output_name: s
         "temperature": bundle.temperature,
         "calibrated": bundle.calibrated,
         "probabilities": "softmax(logits / temperature)",
+        "labels": "labels.json: by class index, {name, training_images}",
+        "few_shot_below": FEW_SHOT_BELOW,
         "checkpoint": {"path": str(bundle.checkpoint), "sha256": sha256_file(bundle.checkpoint)},
     }
 
 
 def write_metadata(bundle: Bundle, out: Path, layout: str, input_name: str, output_name: str) -> None:
     out.mkdir(parents=True, exist_ok=True)
-    (out / "labels.json").write_text(json.dumps(bundle.labels, indent=1, ensure_ascii=False) + "\n")
+    (out / "labels.json").write_text(json.dumps(label_entries(bundle), indent=1, ensure_ascii=False) + "\n")
     spec = preprocess_spec(bundle, layout, input_name, output_name)
     (out / "preprocess.json").write_text(json.dumps(spec, indent=2) + "\n")
 

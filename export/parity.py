@@ -48,6 +48,7 @@ from flora.export.bundle import (
     Bundle,
     ExportError,
     exact_logits,
+    label_entries,
     load_bundle,
     preprocess_spec,
     probabilities,
@@ -202,8 +203,12 @@ def check_metadata(model_dir: Path, bundle: Bundle) -> list[str]:
             problems.append(f"{name} is missing")
     if problems:
         return problems
-    if json.loads((model_dir / "labels.json").read_text()) != bundle.labels:
+    labels = json.loads((model_dir / "labels.json").read_text())
+    names = [entry.get("name") if isinstance(entry, dict) else entry for entry in labels]
+    if names != bundle.labels:
         problems.append("labels.json is not the checkpoint's class order")
+    elif labels != label_entries(bundle):
+        problems.append("labels.json's training_images are not the checkpoint's class_counts")
     spec = json.loads((model_dir / "preprocess.json").read_text())
     wanted = preprocess_spec(bundle, spec.get("input", {}).get("layout", "NHWC"), "", "")
     for key in ("image_size", "resize_shorter", "mean", "std", "temperature"):

@@ -219,6 +219,7 @@ def main(argv: list[str] | None = None) -> int:
             f"test top-1 {m['top1']:.3f}, top-5 {m['top5']:.3f}, macro {m['macro_top1']:.3f}, "
             f"ECE {cal['ece_before']:.3f} -> {cal['ece_after']:.3f} (T={test['temperature']:.2f})"
         )
+        print(f"     {_buckets_line(test['buckets'])}")
     comparison = json.loads((report / "comparison.json").read_text())
     for row in comparison["rows"]:
         if row["role"] == "student" and row["test_set"] == "all":
@@ -226,6 +227,9 @@ def main(argv: list[str] | None = None) -> int:
                 f"   student ({row['soft_labels']}): {row['model']}, {row['params'] / 1e6:.2f} M params, "
                 f"{row['train_steps_per_s']:.1f} train steps/s; test top-1 {row['top1']:.3f}"
             )
+            tops = " / ".join(_share(row[f"{b}_top1"]) for b in ("many", "medium", "few"))
+            few, many = row["bucket_thresholds"]
+            print(f"     many/medium/few-shot top-1: {tops} (thresholds {few}/{many} training images)")
     for pair in comparison["pairs"]:
         print(
             f"   {pair['student']} / {pair['teacher']} top-1 on {pair['test_set']}: {pair['top1_ratio']:.2f}"
@@ -254,6 +258,18 @@ def main(argv: list[str] | None = None) -> int:
         f"{exports}"
     )
     return 0
+
+
+def _share(value: float | None) -> str:
+    return "-" if value is None else f"{value:.3f}"
+
+
+def _buckets_line(buckets: dict) -> str:
+    """Evaluation's many/medium/few-shot top-1 in one line (a bucket without test samples is '-')."""
+    got = buckets["metrics"]
+    few, many = buckets["thresholds"]
+    tops = " / ".join(_share(got[b]["top1"] if got.get(b) else None) for b in ("many", "medium", "few"))
+    return f"many/medium/few-shot top-1: {tops} (thresholds {few}/{many} training images)"
 
 
 if __name__ == "__main__":

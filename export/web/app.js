@@ -29,11 +29,19 @@ async function decode(file) {
 function show(result) {
   const list = $('top5');
   list.replaceChildren(
-    ...result.top.map(({ species, probability }) => {
+    ...result.top.map(({ species, trainingImages, probability }) => {
       const li = document.createElement('li');
       const name = document.createElement('span');
       name.className = 'species';
       name.textContent = species;
+      if (trainingImages !== null && trainingImages !== undefined) {
+        // How much the model saw of this species: a rare one is flagged (preprocess.json's few_shot_below).
+        const seen = document.createElement('small');
+        const rare = trainingImages < (window.flora.bundle.spec.few_shot_below ?? 20);
+        seen.className = rare ? 'seen rare' : 'seen';
+        seen.textContent = ` ${trainingImages} training photo${trainingImages === 1 ? '' : 's'}${rare ? ' · rare species' : ''}`;
+        name.append(seen);
+      }
       const bar = document.createElement('span');
       bar.className = 'bar';
       bar.style.setProperty('--p', probability.toFixed(4));

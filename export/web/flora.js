@@ -95,9 +95,10 @@ export function softmaxWithTemperature(logits, temperature) {
   return e.map((v) => v / s);
 }
 
+// labels: by class index, {name, training_images} (labels.json; a plain name from an older export).
 export function topK(probabilities, labels, k = 5) {
   return probabilities
-    .map((p, index) => ({ index, species: labels[index], probability: p }))
+    .map((p, index) => ({ index, species: labels[index].name, trainingImages: labels[index].training_images, probability: p }))
     .sort((a, b) => b.probability - a.probability)
     .slice(0, k);
 }
@@ -119,13 +120,14 @@ export async function loadExport(tf, base) {
     if (!r.ok) throw new Error(`${name}: HTTP ${r.status}`);
     return r.json();
   };
-  const [spec, labels, model] = await Promise.all([
+  const [spec, entries, model] = await Promise.all([
     get('preprocess.json'),
     get('labels.json'),
     tf.loadGraphModel(new URL('model.json', base).href, { fetchFunc: bufferedFetch }),
   ]);
   if (spec.input.layout !== 'NHWC') throw new Error(`expected an NHWC model, preprocess.json says ${spec.input.layout}`);
-  if (labels.length !== spec.num_classes) throw new Error(`labels.json has ${labels.length} names, the model ${spec.num_classes} classes`);
+  if (entries.length !== spec.num_classes) throw new Error(`labels.json has ${entries.length} names, the model ${spec.num_classes} classes`);
+  const labels = entries.map((l) => (typeof l === 'string' ? { name: l, training_images: null } : l));
   return { spec, labels, model };
 }
 

@@ -92,6 +92,9 @@ def test_the_page_classifies_a_photo_like_pytorch(student, tfjs_export, tmp_path
         # The list a person sees: five species, best first, with percentages.
         assert len(shown["shown"]) == 5
         assert shown["shown"][0].startswith(bundle.labels[int(logits.argmax())])
+        seen = bundle.training_images[int(logits.argmax())]  # how much the model saw of the species
+        assert f"{seen} training photo" in shown["shown"][0]
+        assert result["top"][0]["trainingImages"] == seen
         assert shown["shown"][0].endswith(f"{result['top'][0]['probability'] * 100:.1f}%")
 
     shot = tmp_path / "page.png"

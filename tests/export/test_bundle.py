@@ -38,7 +38,11 @@ def test_bundle_carries_the_checkpoints_labels_preprocessing_and_temperature(stu
     assert bundle.calibrated and bundle.temperature == pytest.approx(state.temperature)
 
     write_metadata(bundle, tmp_path, "NHWC", "input", "output_0")
-    assert json.loads((tmp_path / "labels.json").read_text()) == bundle.labels
+    labels = json.loads((tmp_path / "labels.json").read_text())
+    assert [entry["name"] for entry in labels] == bundle.labels
+    counts = [entry["training_images"] for entry in labels]  # each species' training images, for apps
+    assert counts == load_checkpoint(student).class_counts and min(counts) >= 1
+    assert json.loads((tmp_path / "preprocess.json").read_text())["few_shot_below"] == 20
     spec = json.loads((tmp_path / "preprocess.json").read_text())
     assert spec == json.loads(json.dumps(preprocess_spec(bundle, "NHWC", "input", "output_0")))
     assert spec["input"]["shape"] == [None, 64, 64, 3] and spec["input"]["layout"] == "NHWC"

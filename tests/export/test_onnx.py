@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from flora.export.bundle import ExportError, load_bundle, sample_inputs, torch_logits
+from flora.export.bundle import ExportError, label_entries, load_bundle, sample_inputs, torch_logits
 from flora.export.onnx import BlockedLinear, export, export_module, for_export, main, run_onnxruntime
 from flora.export.parity import FLOOR_FACTOR
 
@@ -43,7 +43,7 @@ def test_onnx_export_matches_pytorch_in_onnxruntime(student, tmp_path):
     assert p["max_abs_logit_diff"] <= max(1e-5, FLOOR_FACTOR * p["fp32_floor"])
     assert json.loads((tmp_path / "onnx" / "report.json").read_text()) == json.loads(json.dumps(report))
     bundle = load_bundle(student)
-    assert json.loads((tmp_path / "onnx" / "labels.json").read_text()) == bundle.labels
+    assert json.loads((tmp_path / "onnx" / "labels.json").read_text()) == label_entries(bundle)
     spec = json.loads((tmp_path / "onnx" / "preprocess.json").read_text())
     assert spec["input"]["layout"] == "NCHW" and spec["output"]["kind"] == "logits"
     # Dynamic batch: batches of 1 and 5 of the same test images give the answers parity measured

@@ -14,7 +14,14 @@ import pytest
 import torch
 from PIL import Image
 
-from flora.export.bundle import ExportError, load_bundle, preprocess, sample_images, sample_inputs
+from flora.export.bundle import (
+    ExportError,
+    label_entries,
+    load_bundle,
+    preprocess,
+    sample_images,
+    sample_inputs,
+)
 from flora.export.parity import ERROR_ABS, FLOOR_FACTOR, TARGET_ABS, compare, run_tfjs, verify
 from flora.export.parity import main as parity_main
 from flora.export.tfjs import _run, export, main
@@ -127,7 +134,7 @@ def test_float32_export_runs_in_tfjs_and_matches_pytorch(student, tfjs_export):
     model = json.loads((out / "model.json").read_text())
     assert model["format"] == "graph-model"
     assert all((out / p).is_file() for group in model["weightsManifest"] for p in group["paths"])
-    assert json.loads((out / "labels.json").read_text()) == bundle.labels
+    assert json.loads((out / "labels.json").read_text()) == label_entries(bundle)
     spec = json.loads((out / "preprocess.json").read_text())
     assert spec["input"]["layout"] == "NHWC" and spec["input"]["name"] in model["signature"]["inputs"]
     assert spec["temperature"] == pytest.approx(bundle.temperature) and spec["calibrated"]

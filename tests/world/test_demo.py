@@ -66,6 +66,8 @@ def test_demo_runs_every_stage_and_a_second_run_is_identical_from_cache(tmp_path
     # the catalog grows once: frozen splits, then an incremental build over version 1's shards
     assert "frozen splits (--previous): kept " in first.stdout and ", moved 0" in first.stdout
     assert "incremental over " in first.stdout and " 0 rebuilt" in first.stdout
+    # the summary's many/medium/few-shot line for each of the two teachers and the two students
+    assert first.stdout.count("many/medium/few-shot top-1:") == 4
     second = run_demo(tmp_path, port)  # the same machine, the same folder: the cache is warm
     assert results(first.stdout) and results(second.stdout) == results(first.stdout)
     assert sum("test: " in line for line in results(first.stdout)) >= 2
