@@ -48,9 +48,8 @@ from PIL import Image
 from benchmarks.results import REPO, command_line, print_table, publish, pyplot, save_figure
 from benchmarks.sampling import zipf_labels
 from flora.config import from_dict
-from flora.loaders.base import epoch_seed
 from flora.loaders.index import buffer_shuffle, rank_bounds
-from flora.loaders.plan import BUFFER_SALT, reading_window, window_order
+from flora.loaders.plan import BUFFER_SALT, epoch_seed, reading_window, window_order
 from flora.loaders.sampling import SamplingConfig, epoch_samples
 from flora.sharding.catalog.records import url_key
 from flora.sharding.catalog.split import seeded_rank

@@ -51,11 +51,6 @@ ACCEPTED_FORMATS = (1, 2)
 log = logging.getLogger(__name__)
 
 
-def epoch_seed(seed: int, epoch: int, rank: int, salt: int = 0) -> int:
-    """A 31-bit seed per (seed, epoch, rank): distinct streams, reproducible runs."""
-    return int(np.random.SeedSequence([seed, epoch, rank, salt]).generate_state(1)[0] & 0x7FFFFFFF)
-
-
 class EpochLoader:
     """Base of the DALI and reference loaders. Subclasses implement ``_raw_batches``."""
 

@@ -50,10 +50,10 @@ import torch
 
 from flora import store
 from flora.errors import one_line
-from flora.loaders.base import EpochLoader, epoch_seed
+from flora.loaders.base import EpochLoader
 from flora.loaders.config import DataConfig
 from flora.loaders.index import LoaderError
-from flora.loaders.plan import RankPlan, pack, unpack
+from flora.loaders.plan import RankPlan, epoch_seed, pack, unpack
 from flora.loaders.recheck import recheck
 from flora.loaders.remote import StoreError, dali_s3_check, is_remote
 

@@ -50,6 +50,11 @@ MAX_WINDOW = 2
 BUFFER_SALT = 1
 
 
+def epoch_seed(seed: int, epoch: int, rank: int, salt: int = 0) -> int:
+    """A 31-bit seed per (seed, epoch, rank): distinct streams, reproducible runs."""
+    return int(np.random.SeedSequence([seed, epoch, rank, salt]).generate_state(1)[0] & 0x7FFFFFFF)
+
+
 @dataclass(frozen=True)
 class RankPlan:
     """One rank's reads of one epoch (or segment), in reading order (before the shuffle buffer)."""
@@ -129,8 +134,6 @@ class Planner:
         n = len(plan.ids)
         if not self.train:
             return np.arange(n, dtype=np.int64)
-        from flora.loaders.base import epoch_seed  # base imports this module
-
         return buffer_shuffle(np.arange(n, dtype=np.int64), self.cfg.shuffle_buffer,
                               epoch_seed(self.cfg.seed, plan.epoch, rank, BUFFER_SALT))  # fmt: skip
 

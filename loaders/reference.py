@@ -44,9 +44,10 @@ from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from torchvision.transforms import InterpolationMode, v2
 
-from flora.loaders.base import EpochLoader, epoch_seed
+from flora.loaders.base import EpochLoader
 from flora.loaders.config import DataConfig
 from flora.loaders.index import SampleIndex
+from flora.loaders.plan import epoch_seed
 from flora.loaders.recheck import DECODE_ERROR
 from flora.loaders.remote import aws_env, is_remote
 from flora.store import S3Url, read_range

@@ -123,7 +123,7 @@ class EmaConfig:
 
 @dataclass
 class MixConfig:
-    """Mixup / CutMix on training batches (objectives.py: ``BatchMix``); off while both alphas are 0."""
+    """Mixup / CutMix on training batches (mix.py: ``BatchMix``); off while both alphas are 0."""
 
     mixup_alpha: float = 0.0  # > 0: mixup, the batch blended with its reverse by lam ~ Beta(alpha, alpha)
     cutmix_alpha: float = 0.0  # > 0: cutmix, a box of ~(1 - lam) of the area pasted from the reverse
@@ -259,8 +259,11 @@ class ExperimentConfig:
         """The peak learning rate: ``optim.lr``, scaled to the global batch when ``lr_base_batch`` is set."""
         if self.optim.lr_base_batch is None:
             return self.optim.lr
-        global_batch = self.data.batch_size * self.train.grad_accum * world_size
-        return self.optim.lr * global_batch / self.optim.lr_base_batch
+        return self.optim.lr * self.global_batch(world_size) / self.optim.lr_base_batch
+
+    def global_batch(self, world_size: int) -> int:
+        """Images per optimizer step: ``data.batch_size x train.grad_accum x world_size``."""
+        return self.data.batch_size * self.train.grad_accum * world_size
 
     def as_dict(self) -> dict:
         return to_dict(self)

@@ -5,7 +5,7 @@ CPU), loaders (``loaders.create_dataloaders``), model (models.py) and objective 
 timm's optimizer (weight-decay groups, optional layer decay) and scheduler (stepped per optimizer
 update: warmup, then cosine), AMP (bf16 on a GPU; fp16 with a GradScaler on request), gradient
 accumulation (``no_sync`` on all but the last micro-batch), Mixup/CutMix of each training micro-batch
-(``train.mix``, objectives.py's ``BatchMix``; off by default), clipping, EMA (timm ``ModelEmaV3``),
+(``train.mix``, mix.py's ``BatchMix``; off by default), clipping, EMA (timm ``ModelEmaV3``),
 ``torch.compile``, channels_last, DDP; validation each ``eval_every`` epochs with exact metrics across
 ranks; ``last_checkpoint.pt`` every ``checkpoint_every`` steps and each epoch, ``best_model.pt`` by
 validation top-1; TensorBoard scalars, ``metrics.json`` and a progress bar on rank 0. A run starts by
@@ -13,7 +13,8 @@ deleting the checkpoint temporaries a killed run left in its folder (checkpoint.
 
 Resume: ``resume=True`` restores model, optimizer, scheduler, scaler, EMA, counters, every rank's
 RNG states and loader position from ``last_checkpoint.pt``; on the CPU a resumed run reaches the
-same weights as an uninterrupted one (tests/training/test_resume.py). ``stop_after`` ends a run
+same weights as an uninterrupted one (tests/training/test_train.py); on another number of ranks the
+loader takes the epoch over (loaders/base.py), RNG streams start afresh. ``stop_after`` ends a run
 cleanly after that many optimizer steps with a checkpoint written, as a preempted job would.
 
 Leaves out: the process group and DDP (distributed.py), autocast (precision.py), predictions over a
@@ -54,8 +55,9 @@ from flora.training.config import ExperimentConfig, with_added_keys
 from flora.training.distributed import Dist, destroy_distributed, init_distributed, wrap_ddp
 from flora.training.errors import TrainingError
 from flora.training.metrics import summarize
+from flora.training.mix import BatchMix
 from flora.training.models import ModelError, build_model, init_from_checkpoint
-from flora.training.objectives import BatchMix, Objective, build_objective
+from flora.training.objectives import Objective, build_objective
 from flora.training.precision import autocast, autocast_dtype
 from flora.training.predict import gather_predictions, predict
 from flora.training.runlog import RunLog, Window
@@ -80,9 +82,8 @@ class Trainer:
         self.run_dir = cfg.run.dir
         self.ddp = init_distributed(cfg.data.device)
         torch.manual_seed(cfg.train.seed)  # the same initial weights on every rank
-        self.train_loader, self.val_loader, self.info = create_dataloaders(
-            cfg.data, rank=self.ddp.rank, world_size=self.ddp.world_size
-        )
+        loaders = create_dataloaders(cfg.data, rank=self.ddp.rank, world_size=self.ddp.world_size)
+        self.train_loader, self.val_loader, self.info = loaders
         self.device = torch.device(self.info.device)
         self._check_run_dir()
         self.model = build_model(cfg.model, self.info.num_classes, self.info.image_size)
@@ -102,15 +103,12 @@ class Trainer:
             from timm.utils import ModelEmaV3
 
             self.ema = ModelEmaV3(self.model, decay=cfg.train.ema.decay)
-        self.step, self.epoch, self.best = (
-            0,
-            0,
-            {"metric": "top1", "value": None, "epoch": None, "step": None},
-        )
+        self.step, self.epoch = 0, 0
+        self.best = {"metric": "top1", "value": None, "epoch": None, "step": None}
         self.log = RunLog(self.run_dir, self.ddp.main)
         self.epoch_window = Window()  # the epoch's loss sums (checkpointed) and this session's throughput
         self._loader_position: list[dict] | None = None  # every rank's, when an epoch was left early
-        self._resume_rng: list | None = None  # every rank's RNG states, restored after the seeding below
+        self._resume_rng: list | None = None  # every rank's RNG states, restored after the seeding
         if resume:
             self._restore()
         torch.manual_seed(cfg.train.seed * 1000 + self.ddp.rank + 1 + self.step)  # dropout streams per rank
@@ -258,30 +256,18 @@ class Trainer:
             self.train_loader.load_state_dict(list(state.loader))
         except LoaderError as exc:
             raise TrainingError(f"--resume: {exc}") from None
-        if ranks == world:
-            partial = state.epoch_losses[self.ddp.rank]
-            self.epoch_window = Window(dict(partial["sums"]), int(partial["seen"]))
-            self._resume_rng = state.rng
-        else:  # the epoch's loss so far: the old ranks' mean window on every new rank; fresh RNG streams
-            keys = {k for p in state.epoch_losses for k in p["sums"]}
-            sums = {k: sum(p["sums"].get(k, 0.0) for p in state.epoch_losses) / ranks for k in keys}
-            seen = sum(int(p["seen"]) for p in state.epoch_losses) / ranks
-            self.epoch_window = Window(sums, round(seen))
+        mine = state.epoch_losses if ranks != world else [state.epoch_losses[self.ddp.rank]]
+        self.epoch_window = Window.mean_of(mine)  # another number of ranks: the old ranks' mean
+        self._resume_rng = state.rng if ranks == world else None
         self.log.restore(self.epoch)
         if self.ddp.main:
             log.info("resumed %s at epoch %d, step %d", self.run_dir, self.epoch, self.step)
-            if ranks != world:
-                log.warning(
-                    "resumed on %d rank(s) a run of %d: the rest of epoch %d is the samples no old rank "
-                    "had read; the global batch is now %d images (batch_size x grad_accum x ranks; it was "
-                    "%d)", world, ranks, self.epoch, self._global_batch(world),
-                    self._global_batch(ranks, checkpoint.config),
-                )  # fmt: skip
-
-    def _global_batch(self, world: int, config: dict | None = None) -> int:
-        """Images per optimizer step on ``world`` ranks (with ``config``'s train section, else this run's)."""
-        accum = (config or {}).get("train", {}).get("grad_accum", self.cfg.train.grad_accum)
-        return self.cfg.data.batch_size * int(accum) * world
+        if self.ddp.main and ranks != world:
+            accum = int(checkpoint.config.get("train", {}).get("grad_accum", 1))
+            log.warning("resumed on %d rank(s) a run of %d: the rest of epoch %d is the samples no old "
+                        "rank had read; the global batch is now %d images (batch_size x grad_accum x "
+                        "ranks; it was %d)", world, ranks, self.epoch, self.cfg.global_batch(world),
+                        self.cfg.data.batch_size * accum * ranks)  # fmt: skip
 
     # ------------------------------------------------------------------------------------ training
     @property

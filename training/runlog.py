@@ -36,6 +36,14 @@ class Window:
         self.images, self.wait = 0, 0.0
         self.first_in_epoch = first_in_epoch  # the epoch's first log window also holds the loader's start
 
+    @classmethod
+    def mean_of(cls, partials: list[dict]) -> Window:
+        """The mean of several ranks' saved windows (``{sums, seen}``): what each of another number of
+        ranks carries on when a run resumes on them."""
+        keys = {k for p in partials for k in p["sums"]}
+        sums = {k: sum(p["sums"].get(k, 0.0) for p in partials) / len(partials) for k in keys}
+        return cls(sums, round(sum(int(p["seen"]) for p in partials) / len(partials)))
+
     def restarted(self) -> Window:
         """The same loss sums with the images, the data wait and the clock starting now (a resumed epoch)."""
         return Window(self.sums, self.seen)

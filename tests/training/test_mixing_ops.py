@@ -12,7 +12,7 @@ from flora.training.checkpoint import Preprocessing
 from flora.training.config import DistillConfig, MixConfig, load_experiment
 from flora.training.distill import Distillation, Teacher, TeacherMix
 from flora.training.loop import Trainer
-from flora.training.objectives import BatchMix, mix_partners
+from flora.training.mix import BatchMix, mix_partners
 
 from .conftest import experiment
 
