@@ -50,7 +50,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import hashlib
 import io
 import logging
 import math
@@ -64,13 +63,12 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from benchmarks.mixing import COUNTRY, REGION, species_name, write_split
+from benchmarks.mixing import sample_of as mixing_sample
+from benchmarks.mixing import species_name, write_split
 from benchmarks.results import REPO, command_line, print_table, publish, pyplot, save_figure
 from benchmarks.sampling import zipf_labels
 from flora.loaders.dali import HAVE_DALI
-from flora.sharding.catalog.records import url_key
-from flora.sharding.catalog.split import seeded_rank
-from flora.sharding.format.schema import CLASS_MAPPING, MANIFEST, PERMISSIVE, SampleMeta, safe_key
+from flora.sharding.format.schema import CLASS_MAPPING, MANIFEST
 from flora.sharding.format.writer import Sample
 from flora.sharding.outputs import dumps
 
@@ -219,22 +217,7 @@ def jpeg(pixels: np.ndarray) -> bytes:
 def sample_of(i: int, label: int, split: str, jpg: bytes, px: int) -> tuple[int, Sample]:
     """(the sharder's rank of the sample in its split, the sample), as ``benchmarks.mixing.sample_of``
     makes them, with this world's image."""
-    url = f"http://longtail.invalid/{split}/{i:06d}.jpg"
-    record = {
-        "plant_id": i,
-        "latin_name": species_name(label),
-        "image_url": url,
-        "license": "CC0",
-        "license_class": PERMISSIVE,
-        "source": "benchmarks.longtail",
-        "country": COUNTRY,
-        "region": REGION,
-        "split": split,
-    }
-    image = {"width": px, "height": px, "sha256": hashlib.sha256(jpg).hexdigest()}
-    meta = SampleMeta.from_record(record, label, image).as_json()
-    rank = int.from_bytes(seeded_rank(WORLD_SEED, url_key(url))[:8], "big")
-    return rank, Sample(key=safe_key(url_key(url)), jpg=jpg, label=label, meta=meta)
+    return mixing_sample(i, label, split, jpg=jpg, px=px, source="benchmarks.longtail", seed=WORLD_SEED)
 
 
 def split_counts(train: np.ndarray, fraction: float, minimum: int) -> np.ndarray:

@@ -105,25 +105,30 @@ def species_name(label: int) -> str:
     return f"Synthetica species{label:04d}"
 
 
-def sample_of(i: int, label: int, split: str) -> tuple[int, Sample]:
+def sample_of(
+    i: int, label: int, split: str, jpg: bytes | None = None, px: int = IMAGE_PX,
+    source: str = "benchmarks.mixing", seed: int = SEED,
+) -> tuple[int, Sample]:  # fmt: skip
     """(the sharder's rank of the sample in its stream, the sample): record, key and meta as the sharder
-    makes them from a catalog record (a URL key, ``SampleMeta.from_record``)."""
-    url = f"http://mixing.invalid/{split}/{i:06d}.jpg"
-    jpg = tiny_jpeg(label, i)
+    makes them from a catalog record (a URL key, ``SampleMeta.from_record``). ``jpg`` (``px`` square;
+    default: ``tiny_jpeg``), ``source`` (the record's, and the URL's host) and ``seed`` (the sharder's
+    order) let another benchmark's world use the same records."""
+    url = f"http://{source.rsplit('.', 1)[-1]}.invalid/{split}/{i:06d}.jpg"
+    jpg = tiny_jpeg(label, i) if jpg is None else jpg
     record = {
         "plant_id": i,
         "latin_name": species_name(label),
         "image_url": url,
         "license": "CC0",
         "license_class": PERMISSIVE,
-        "source": "benchmarks.mixing",
+        "source": source,
         "country": COUNTRY,
         "region": REGION,
         "split": split,
     }
-    image = {"width": IMAGE_PX, "height": IMAGE_PX, "sha256": hashlib.sha256(jpg).hexdigest()}
+    image = {"width": px, "height": px, "sha256": hashlib.sha256(jpg).hexdigest()}
     meta = SampleMeta.from_record(record, label, image).as_json()
-    rank = int.from_bytes(seeded_rank(SEED, url_key(url))[:8], "big")
+    rank = int.from_bytes(seeded_rank(seed, url_key(url))[:8], "big")
     return rank, Sample(key=safe_key(url_key(url)), jpg=jpg, label=label, meta=meta)
 
 
