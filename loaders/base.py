@@ -212,9 +212,10 @@ class EpochLoader:
             self._recheck(epoch)  # only at an epoch's start: a started epoch keeps its plan
         self._fresh_pending = False
         last: dict | None = None
-        if self._done < self.batches:
+        total = self.batches_for(epoch)  # once: a taken-over epoch's count sums a bitmap of the epoch
+        if self._done < total:
             for images, ids in self._raw_batches(epoch, resume):
-                if self._done >= self.batches:
+                if self._done >= total:
                     break  # drop: the rank's tail beyond the common count
                 batch = self._make(images, ids)
                 if self.train and len(ids) < self.batch_size:  # pad, or runtime skips under drop
@@ -222,7 +223,7 @@ class EpochLoader:
                 last = batch
                 self._done += 1
                 yield batch
-        while self.train and self._done < self.batches:
+        while self.train and self._done < total:
             filler = last if last is not None else self._filler(epoch)
             last = {**filler, "valid": torch.zeros_like(filler["valid"])}
             self._done += 1

@@ -18,16 +18,9 @@ from flora.loaders.dali import HAVE_DALI
 def test_torchrun_two_ranks_exact_epochs(shard_root, tmp_path, backend):
     if backend == "dali" and not HAVE_DALI:
         pytest.skip("nvidia-dali is not installed")
-    config = tmp_path / "data.yaml"
-    config.write_text(
-        f"data: {{shards: {shard_root}, image_size: 64, batch_size: 16, threads: 1, device: cpu,"
-        f" backend: {backend}, train_remainder: pad, index_cache: off}}\n"
-    )
+    config = write_config(tmp_path, shard_root, backend)
     audit = tmp_path / "audit.json"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
-    cmd += ["-m", "flora.loaders", "--config", str(config), "--epochs", "2", "--audit", str(audit)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    proc = torchrun(2, "--config", str(config), "--epochs", "2", "--audit", str(audit))
     result = json.loads(audit.read_text())
     assert result["world_size"] == 2
     orders = []
@@ -39,6 +32,16 @@ def test_torchrun_two_ranks_exact_epochs(shard_root, tmp_path, backend):
         orders.append(record["train"][0])
     assert orders[0] != orders[1]  # a new order every epoch
     assert "images/s (all ranks)" in proc.stdout
+
+
+def write_config(tmp_path, shard_root, backend: str, extra: str = ""):
+    """A small two-rank data config (``extra``: more keys, each ending in a comma)."""
+    config = tmp_path / "data.yaml"
+    config.write_text(
+        f"data: {{shards: {shard_root}, image_size: 64, batch_size: 16, threads: 1, device: cpu,{extra}"
+        f" backend: {backend}, train_remainder: pad, index_cache: off}}\n"
+    )
+    return config
 
 
 def torchrun(nproc: int, *args: str) -> subprocess.CompletedProcess:
@@ -57,12 +60,7 @@ def test_torchrun_sampled_epochs_and_a_take_over_on_one_rank(shard_root, tmp_pat
     by one rank, epoch 0 ends with exactly the unread draws, and epoch 1 is the one-rank run's own."""
     if backend == "dali" and not HAVE_DALI:
         pytest.skip("nvidia-dali is not installed")
-    config = tmp_path / "data.yaml"
-    config.write_text(
-        f"data: {{shards: {shard_root}, image_size: 64, batch_size: 16, threads: 1, device: cpu,"
-        f" backend: {backend}, train_remainder: pad, index_cache: off,"
-        " sampling: {policy: class_balanced}}\n"
-    )
+    config = write_config(tmp_path, shard_root, backend, " sampling: {policy: class_balanced},")
     state, before, after = tmp_path / "state.json", tmp_path / "before.json", tmp_path / "after.json"
     two = torchrun(2, "--config", str(config), "--epochs", "2", "--stop-after", "3",
                    "--save-state", str(state), "--audit", str(before))  # fmt: skip
