@@ -4,7 +4,8 @@ Owns ``EpochLoader``, the iterable a training loop sees: ``set_epoch(e)`` then `
 loader``; ``len(loader)`` batches per epoch; ``state_dict()`` / ``load_state_dict()`` for a mid-epoch
 checkpoint. A batch is a dict: ``image`` (float NCHW, normalised; channels_last memory on request),
 ``label`` (int64), ``index`` (int64 sample ids of the SampleIndex, for audits) and ``valid`` (bool:
-False only on ``train_remainder: pad`` filler rows).
+False only on ``train_remainder: pad`` filler rows), and ``view`` (int64) when the loader replays
+stored views (``set_replay``, views.py): the stored view each row is.
 
 Remainder policy (the numbers every rank agrees on without talking to the others):
 
@@ -44,6 +45,7 @@ from flora.loaders.index import LoaderError, SampleIndex, rank_bounds
 from flora.loaders.jpeg import SKIP_REASONS
 from flora.loaders.plan import Planner, RankPlan, pack, unpack
 from flora.loaders.recheck import recheck
+from flora.loaders.views import Replay
 
 STATE_FORMAT = 2  # 2: sampling, epoch_length, segment_base; a list of every rank's states
 #: States this version resumes (1: before sampling, the same ranks only).
@@ -91,6 +93,19 @@ class EpochLoader:
         #: The re-checks run so far: {epoch, samples, bad, seconds} each (``verify_every``).
         self.rechecks: list[dict] = []
         self._fresh_pending = bool(index.fresh)  # the next re-check may skip shards scanned just now
+        #: Stored views to replay instead of fresh random augmentation (views.py; ``set_replay``).
+        self.replay: Replay | None = None
+
+    def set_replay(self, replay: Replay | None) -> None:
+        """Replay stored views (views.py) from the next epoch on: every read uses its view's stored
+        crop, flip, rotation and colour, and each batch carries ``view`` (the view each row used);
+        ``None`` returns to the configured augmentation."""
+        if replay is not None and len(replay.params) != len(self.index):
+            raise LoaderError(
+                f"stored views for {len(replay.params)} samples, the {self.index.split!r} split has "
+                f"{len(self.index)}"
+            )
+        self.replay = replay
 
     def _base(self, epoch: int) -> np.ndarray | None:
         """The positions of ``epoch`` consumed before this run took it over (None: a whole epoch)."""
@@ -217,7 +232,7 @@ class EpochLoader:
             for images, ids in self._raw_batches(epoch, resume):
                 if self._done >= total:
                     break  # drop: the rank's tail beyond the common count
-                batch = self._make(images, ids)
+                batch = self._make(images, ids, epoch)
                 if self.train and len(ids) < self.batch_size:  # pad, or runtime skips under drop
                     batch = _pad(batch, self.batch_size)
                 last = batch
@@ -235,9 +250,9 @@ class EpochLoader:
     def _filler(self, epoch: int) -> dict:
         """A batch of repeated samples for a rank that has no real rows left (pad policy only)."""
         images, ids = next(iter(self._raw_batches(epoch, None)))
-        return _pad(self._make(images, ids), self.batch_size)
+        return _pad(self._make(images, ids, epoch), self.batch_size)
 
-    def _make(self, images: torch.Tensor, ids: np.ndarray) -> dict[str, torch.Tensor]:
+    def _make(self, images: torch.Tensor, ids: np.ndarray, epoch: int) -> dict[str, torch.Tensor]:
         labels = torch.from_numpy(self.index.labels[ids])
         index = torch.from_numpy(np.asarray(ids, dtype=np.int64))
         valid = torch.ones(len(ids), dtype=torch.bool)
@@ -247,7 +262,12 @@ class EpochLoader:
         valid = valid.to(self.device, non_blocking=True)
         if self.cfg.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
-        return {"image": images, "label": labels, "index": index, "valid": valid}
+        batch = {"image": images, "label": labels, "index": index, "valid": valid}
+        if self.replay is not None:
+            batch["view"] = torch.from_numpy(self.replay.view_of(epoch, ids)).to(
+                self.device, non_blocking=True
+            )
+        return batch
 
     # -------------------------------------------------------------------------------- checkpointing
     def state_dict(self) -> dict:

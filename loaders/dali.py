@@ -50,12 +50,14 @@ import torch
 
 from flora import store
 from flora.errors import one_line
+from flora.loaders import views
 from flora.loaders.base import EpochLoader
 from flora.loaders.config import DataConfig
 from flora.loaders.index import LoaderError
 from flora.loaders.plan import RankPlan, epoch_seed, pack, unpack
 from flora.loaders.recheck import recheck
 from flora.loaders.remote import StoreError, dali_s3_check, is_remote
+from flora.loaders.views import crop_box
 
 try:  # DALI is a hard dependency in setup.cfg, but the reference loader must work without it
     from nvidia.dali import fn, pipeline_def, types
@@ -87,8 +89,9 @@ def _uniform(low: float, high: float):
     return fn.random.uniform(range=[low, high]) if high > low else float(low)
 
 
-def _resize_rotate(images, size: int, degrees: float, device: str):
-    """The crop scaled to ``size`` x ``size`` and rotated by U(-degrees, degrees) about its centre, as
+def _resize_rotate(images, size: int, degrees: float, device: str, angle=None):
+    """The crop scaled to ``size`` x ``size`` and rotated by U(-degrees, degrees) (or by ``angle``
+    degrees, a per-sample CPU value: a stored view) about its centre, as
     one ``warp_affine`` (output -> input map: ``in = c_in + R(a) diag(w/size, h/size) (out - c_out)``).
 
     Measured on 500x375 photos, 2 CPU threads: resize then rotate 446 img/s, this warp 599 img/s.
@@ -96,7 +99,9 @@ def _resize_rotate(images, size: int, degrees: float, device: str):
     """
     shape = images.shape(dtype=types.FLOAT)  # (h, w, c) of each decoded crop
     h, w = shape[0], shape[1]
-    angle = fn.random.uniform(range=[-degrees, degrees]) * (math.pi / 180.0)
+    if angle is None:
+        angle = fn.random.uniform(range=[-degrees, degrees])
+    angle = angle * (math.pi / 180.0)
     cos, sin = dmath.cos(angle), dmath.sin(angle)
     sx, sy = w / size, h / size
     m00, m01, m10, m11 = cos * sx, -sin * sy, sin * sx, cos * sy
@@ -112,6 +117,30 @@ def _resize_rotate(images, size: int, degrees: float, device: str):
     )  # fmt: skip
 
 
+def _resize_and_colour(images, aug, size: int, device: str, view=None):
+    """A training crop resized to ``size`` x ``size``, rotated and colour-twisted: by random draws, or
+    by a stored view's values (``view``: the replay row, angle at 5, colour factors at 6-9)."""
+    if aug.rotate_degrees > 0:  # resize + rotation in one warp: DALI's CPU rotate is its slowest op
+        angle = None if view is None else view[5]
+        images = _resize_rotate(images, size, aug.rotate_degrees, device, angle=angle)
+    else:
+        images = fn.resize(
+            images, device=device, resize_x=size, resize_y=size, interp_type=types.INTERP_LINEAR
+        )
+    if max(aug.brightness, aug.contrast, aug.saturation, aug.hue) > 0:
+        if view is None:
+            colour = {
+                "brightness": _uniform(1.0 - aug.brightness, 1.0 + aug.brightness),
+                "contrast": _uniform(1.0 - aug.contrast, 1.0 + aug.contrast),
+                "saturation": _uniform(1.0 - aug.saturation, 1.0 + aug.saturation),
+                "hue": _uniform(-aug.hue * DEGREES_PER_TURN, aug.hue * DEGREES_PER_TURN),
+            }
+        else:
+            colour = {"brightness": view[6], "contrast": view[7], "saturation": view[8], "hue": view[9]}
+        images = fn.color_twist(images, device=device, **colour)
+    return images
+
+
 def define_pipeline(
     cfg: DataConfig,
     train: bool,
@@ -123,12 +152,19 @@ def define_pipeline(
     device_id: int | None,
     seed: int,
     checkpoint: bytes | None = None,
+    replay=None,
 ):
     """The DALI pipeline of one epoch, defined but not built.
 
     One definition for both devices: ``gpu`` changes only the operators' ``device`` (``mixed`` for
     the decoder, ``gpu`` after it); every argument, layout and dtype is the same. Named arguments
     (random draws, the warp matrix) are CPU values on both, as DALI requires.
+
+    ``replay`` (stored views, views.py): a batch function ``(source_info rows, image shapes) -> one
+    float32 row per sample [x0, y0, w, h, flip, angle, brightness, contrast, saturation, hue in
+    degrees]``, run as a ``python_function`` on the CPU; the graph then decodes the stored box
+    (``decoders.image_slice`` at absolute pixels, also on ``mixed``) and applies the stored rotation,
+    colour and flip in place of random draws, for training and validation alike (the teachers' pass).
     """
     aug = cfg.augment
     decoder_args = cfg.decoder.dali_args()  # DALI's CPU decoder ignores these (mixed-only settings)
@@ -155,7 +191,23 @@ def define_pipeline(
             seed=seed,
         )
         source = fn.pad(fn.get_property(jpg, key="source_info"), fill_value=0)
-        if train:
+        if replay is not None:
+            view = fn.python_function(
+                source, fn.peek_image_shape(jpg), function=replay, batch_processing=True
+            )
+            box = fn.cast(view[0:4], dtype=types.INT32)  # absolute pixels: x0, y0, w, h
+            images = fn.decoders.image_slice(
+                jpg,
+                device=decoder_device,
+                output_type=types.RGB,
+                start=box[0:2],
+                shape=box[2:4],
+                **decoder_args,
+            )
+            images = _resize_and_colour(images, aug, size, op_device, view)
+            mirror = fn.cast(view[4], dtype=types.INT32)
+            crop = None
+        elif train:
             images = fn.decoders.image_random_crop(
                 jpg,
                 device=decoder_device,
@@ -165,21 +217,7 @@ def define_pipeline(
                 num_attempts=CROP_ATTEMPTS,
                 **decoder_args,
             )
-            if aug.rotate_degrees > 0:  # resize + rotation in one warp: DALI's CPU rotate is its slowest op
-                images = _resize_rotate(images, size, aug.rotate_degrees, op_device)
-            else:
-                images = fn.resize(
-                    images, device=op_device, resize_x=size, resize_y=size, interp_type=types.INTERP_LINEAR
-                )
-            if max(aug.brightness, aug.contrast, aug.saturation, aug.hue) > 0:
-                images = fn.color_twist(
-                    images,
-                    device=op_device,
-                    brightness=_uniform(1.0 - aug.brightness, 1.0 + aug.brightness),
-                    contrast=_uniform(1.0 - aug.contrast, 1.0 + aug.contrast),
-                    saturation=_uniform(1.0 - aug.saturation, 1.0 + aug.saturation),
-                    hue=_uniform(-aug.hue * DEGREES_PER_TURN, aug.hue * DEGREES_PER_TURN),
-                )
+            images = _resize_and_colour(images, aug, size, op_device)
             mirror = fn.random.coin_flip(probability=aug.hflip)
             crop = None
         else:
@@ -344,6 +382,7 @@ class DaliLoader(EpochLoader):
                         self.cfg.seed, epoch, self.rank, RECOVERY_SALT + recoveries if recoveries else 0
                     ),
                     checkpoint=checkpoint,
+                    replay=self._replay_function(epoch) if self.replay is not None else None,
                 )
                 iterator = DALIGenericIterator(
                     [pipe],
@@ -374,8 +413,25 @@ class DaliLoader(EpochLoader):
             del iterator, pipe
             shutil.rmtree(folder, ignore_errors=True)
 
-    def _ids(self, source: torch.Tensor) -> np.ndarray:
-        rows = source.cpu().numpy()
+    def _replay_function(self, epoch: int):
+        """The pipeline's ``replay`` function for ``epoch`` (see ``define_pipeline``): each sample's stored
+        view, by its ``source_info``, with the crop box for its image's shape (views.py's ``crop_box``)."""
+        replay = self.replay
+
+        def view_rows(sources: list[np.ndarray], shapes: list[np.ndarray]) -> list[np.ndarray]:
+            out = []
+            for p, shape in zip(replay.params_of(epoch, self._ids(sources)), shapes, strict=True):
+                box = crop_box(p, int(shape[0]), int(shape[1]))
+                colour = p[[views.BRIGHTNESS, views.CONTRAST, views.SATURATION]]
+                out.append(np.array([*box, p[views.FLIP], p[views.ANGLE], *colour,
+                                     p[views.HUE] * DEGREES_PER_TURN], dtype=np.float32))  # fmt: skip
+            return out
+
+        return view_rows
+
+    def _ids(self, source) -> np.ndarray:
+        """Sample ids of a batch's padded ``source_info`` rows (a tensor, or a list of byte arrays)."""
+        rows = source.cpu().numpy() if isinstance(source, torch.Tensor) else source
         ids = np.empty(len(rows), dtype=np.int64)
         for i, row in enumerate(rows):
             path, offset, _name = row.tobytes().rstrip(b"\0").rsplit(b":", 2)

@@ -44,12 +44,14 @@ from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from torchvision.transforms import InterpolationMode, v2
 
+from flora.loaders import views
 from flora.loaders.base import EpochLoader
 from flora.loaders.config import DataConfig
 from flora.loaders.index import SampleIndex
 from flora.loaders.plan import epoch_seed
 from flora.loaders.recheck import DECODE_ERROR
 from flora.loaders.remote import aws_env, is_remote
+from flora.loaders.views import crop_box
 from flora.store import S3Url, read_range
 
 log = logging.getLogger(__name__)
@@ -85,6 +87,39 @@ def build_transform(cfg: DataConfig, train: bool) -> Callable:
     if out_dtype != torch.float32:
         steps.append(v2.ToDtype(out_dtype))
     return v2.Compose(steps)
+
+
+class ReplayView:
+    """A stored view (views.py), replayed: crop at the stored box, resize to ``image_size`` (bilinear,
+    antialiased as RandomResizedCrop is), rotate, colour (brightness, contrast, saturation, hue),
+    flip, normalise: PIL image and the view's parameters in, CHW float out."""
+
+    def __init__(self, cfg: DataConfig):
+        self.size, self.mean, self.std = cfg.image_size, cfg.augment.mean, cfg.augment.std
+        self.dtype = torch.float16 if cfg.dtype == "float16" else torch.float32
+
+    def __call__(self, img: Image.Image, p: np.ndarray) -> torch.Tensor:
+        f = v2.functional
+        t = f.pil_to_tensor(img)
+        x0, y0, w, h = crop_box(p, t.shape[-2], t.shape[-1])
+        t = f.resized_crop(
+            t, y0, x0, h, w, [self.size, self.size], InterpolationMode.BILINEAR, antialias=True
+        )
+        if p[views.ANGLE] != 0:
+            t = f.rotate(t, float(p[views.ANGLE]), InterpolationMode.BILINEAR, fill=0)
+        for field, adjust in (
+            (views.BRIGHTNESS, f.adjust_brightness),
+            (views.CONTRAST, f.adjust_contrast),
+            (views.SATURATION, f.adjust_saturation),
+        ):
+            if p[field] != 1:
+                t = adjust(t, float(p[field]))
+        if p[views.HUE] != 0:
+            t = f.adjust_hue(t, float(p[views.HUE]))
+        if p[views.FLIP] >= 0.5:
+            t = f.horizontal_flip(t)
+        t = f.normalize(f.to_dtype(t, torch.float32, scale=True), self.mean, self.std)
+        return t.to(self.dtype)
 
 
 def eval_transform(size: int, shorter: int, mean, std) -> v2.Compose:
@@ -199,8 +234,19 @@ def read_runs(index: SampleIndex | WorkerPlan, ids: list[int]) -> list[list[int]
     return runs
 
 
+def attach_params(samples, params: tuple[np.ndarray, np.ndarray] | None):
+    """Stage: each sample's stored view's parameters, when replaying (``params``: sorted sample ids and
+    their parameters' rows; two arrays cross to a worker far faster than a dict of small ones)."""
+    for sample in samples:
+        if params is not None:
+            ids, table = params
+            sample["params"] = table[int(np.searchsorted(ids, sample["id"]))]
+        yield sample
+
+
 def decode_and_transform(samples, transform: Callable, handler: Callable, seed: int | None = None):
-    """Stage: bytes -> PIL RGB -> transformed tensor; a failing sample goes to ``handler``.
+    """Stage: bytes -> PIL RGB -> transformed tensor; a failing sample goes to ``handler``. A sample
+    with ``params`` (a stored view) is transformed with them (``transform(img, params)``).
 
     With ``seed``, torch's RNG is re-seeded at each new batch (``seed + batch number``): a batch's random
     augmentations depend on the batch alone, not on which worker ran it or what it ran before, so a
@@ -213,7 +259,9 @@ def decode_and_transform(samples, transform: Callable, handler: Callable, seed: 
             torch.manual_seed(seed + current)
         try:
             with Image.open(io.BytesIO(sample["jpg"])) as img:
-                sample["image"] = transform(img.convert("RGB"))
+                rgb = img.convert("RGB")
+                params = sample.get("params")
+                sample["image"] = transform(rgb) if params is None else transform(rgb, params)
         except Exception as exc:  # noqa: BLE001 - the handler decides
             if handler(exc, sample):
                 sample["image"] = None
@@ -285,10 +333,16 @@ class PlannedBatches(IterableDataset):
         return {**self.__dict__, "index": self._plan, "_plan": None}
 
     def __init__(
-        self, index: SampleIndex, batches: list[np.ndarray], first: int, transform: Callable, seed: int | None
+        self,
+        index: SampleIndex,
+        batches: list[np.ndarray],
+        first: int,
+        transform: Callable,
+        seed: int | None,
+        params: tuple[np.ndarray, np.ndarray] | None = None,
     ):
         self.index, self.batches, self.first, self.transform = index, batches, first, transform
-        self.seed = seed
+        self.seed, self.params = seed, params  # params: the stored views' (ids, rows)
         self._plan: WorkerPlan | None = None  # what __getstate__ sends, built on first use
         #: A fork server's environment is that of its start: a worker applies this process's AWS settings.
         self.env = aws_env() if is_remote(index.root) else {}
@@ -302,6 +356,7 @@ class PlannedBatches(IterableDataset):
         pipeline = wds.DataPipeline(
             lambda: iter(mine),
             wds.pipelinefilter(read_samples)(self.index),
+            wds.pipelinefilter(attach_params)(self.params),
             wds.pipelinefilter(decode_and_transform)(self.transform, warn_and_count, self.seed),
             collate_planned,
         )
@@ -330,14 +385,20 @@ class ReferenceLoader(EpochLoader):
         if first >= len(batches):
             return
         workers = min(self.cfg.threads, len(batches) - first)
+        transform, params = self.transform, None
+        if self.replay is not None:  # stored views: each read's parameters, by sample id (a pure function)
+            transform = ReplayView(self.cfg)
+            todo = np.unique(np.concatenate(batches[first:]))
+            params = (todo, self.replay.params_of(epoch, todo))
         generator = torch.Generator().manual_seed(epoch_seed(self.cfg.seed, epoch, self.rank, 2))
         loader = DataLoader(
             PlannedBatches(
                 self.index,
                 batches,
                 first,
-                self.transform,
+                transform,
                 epoch_seed(self.cfg.seed, epoch, self.rank, 3) if self.train else None,
+                params,
             ),  # fmt: skip
             batch_size=None,
             num_workers=workers,

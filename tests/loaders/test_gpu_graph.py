@@ -28,8 +28,9 @@ pytestmark = pytest.mark.skipif(not HAVE_DALI, reason="nvidia-dali is not instal
 CUDA_ABSENT = "CUDA is not available"
 #: Operators that read a GPU tensor's shape give a CPU value: they are not image operators.
 SHAPE_OPS = {"Shapes", "_Shape"}
-#: Spec lines that legitimately differ between the devices (the device itself, where it was defined).
-DEVICE_LINES = re.compile(r"^\s*(device|_origin_\w+):")
+#: Spec lines that legitimately differ between the devices (the device itself, where it was defined,
+#: the id of a python_function's registered callable: one per pipeline).
+DEVICE_LINES = re.compile(r"^\s*(device|_origin_\w+|function_id):")
 
 NO_COLOR = {"brightness": 0.0, "contrast": 0.0, "saturation": 0.0, "hue": 0.0}
 AUGMENTS = {
@@ -62,7 +63,16 @@ VARIANTS = (
     [("train", aug, "dali_defaults", dt, cl) for aug in AUGMENTS for dt, cl in FORMATS]
     + [("val", "full", "dali_defaults", dt, cl) for dt, cl in FORMATS]
     + [(split, "full", dec, "float32", False) for split in ("train", "val") for dec in list(DECODERS)[1:]]
+    + [("replay", aug, "dali_defaults", "float32", False) for aug in ("full", "none", "no_rotation")]
+    + [("replay", "full", "tuned", dt, cl) for dt, cl in FORMATS]
 )  # fmt: skip
+#: Each split's (train, replay) flags; "replay": a stored view (loaders/views.py), whole image, flipped.
+SPLITS = {"train": (True, False), "val": (False, False), "replay": (True, True)}
+
+
+def whole_image(sources, shapes):
+    """A stored-view row per sample ([x0, y0, w, h, flip, angle, b, c, s, hue]): the whole image."""
+    return [np.array([0, 0, s[1], s[0], 1, 5.0, 1.1, 0.9, 1.0, 3.0], np.float32) for s in shapes]
 
 
 def config(shards, augment: str, decoder: str, dtype: str, channels_last: bool):
@@ -80,7 +90,7 @@ def config(shards, augment: str, decoder: str, dtype: str, channels_last: bool):
     return load_data_config({"data": data})
 
 
-def define(cfg, train: bool, tars: list[str], gpu: bool):
+def define(cfg, train: bool, tars: list[str], gpu: bool, replay=None):
     from flora.loaders.dali import define_pipeline
 
     pipe = define_pipeline(
@@ -93,6 +103,7 @@ def define(cfg, train: bool, tars: list[str], gpu: bool):
         gpu=gpu,
         device_id=0 if gpu else None,
         seed=3,
+        replay=replay,
     )
     pipe._build_graph()  # the Python graph definition, where DALI checks placement (build() calls it)
     return pipe
@@ -133,9 +144,10 @@ def tars(shard_root) -> list[str]:
 @pytest.mark.parametrize(("split", "augment", "decoder", "dtype", "channels_last"), VARIANTS)
 def test_gpu_graph_defines_as_the_cpu_graph(tars, shard_root, split, augment, decoder, dtype, channels_last):
     cfg = config(shard_root, augment, decoder, dtype, channels_last)
-    train = split == "train"
-    cpu = define(cfg, train, tars, gpu=False)
-    gpu = define(cfg, train, tars, gpu=True)  # a definition error (placement, names, types) raises here
+    train, replay = SPLITS[split]
+    replay = whole_image if replay else None
+    cpu = define(cfg, train, tars, gpu=False, replay=replay)
+    gpu = define(cfg, train, tars, gpu=True, replay=replay)  # a definition error (placement, ...) raises here
 
     assert signature(gpu) == signature(cpu)  # one definition: same ops, arguments, layouts, dtypes
     carrying = image_ops(cpu)
