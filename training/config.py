@@ -22,6 +22,7 @@ from typing import Literal
 
 from flora.config import ConfigError, apply_overrides, from_dict, read_yaml, to_dict
 from flora.loaders.config import DataConfig
+from flora.loaders.views import MAX_VIEWS
 
 SECTIONS = ("run", "data", "model", "optim", "schedule", "train", "objective", "distill")
 
@@ -209,10 +210,18 @@ class SoftLabelCacheConfig:
     #: inside the shard store), one folder per key.
     dir: str | None = None
     top_k: int = 20  # mixture probabilities kept per sample (renormalised over the kept classes)
+    #: 0: one entry per sample, the teachers on the fixed validation view. N >= 1: N stored augmented
+    #: views per sample (crop box, flip, rotation, colour from ``data.augment``'s ranges; loaders/views.py),
+    #: each with the teachers' top-k; the training loader replays them (view ``(h(key) + epoch) mod N``),
+    #: so the student sees the very crops the teachers judged. Costs N teacher passes once, N x the
+    #: cache's size, and the student's own random augmentation (it sees N views per sample in all).
+    views: int = 0
 
     def __post_init__(self) -> None:
         if self.top_k < 1:
             raise ConfigError(f"distill.cache.top_k: expected >= 1, got {self.top_k}")
+        if not 0 <= self.views <= MAX_VIEWS:
+            raise ConfigError(f"distill.cache.views: expected 0..{MAX_VIEWS}, got {self.views}")
 
 
 @dataclass
@@ -230,7 +239,8 @@ class DistillConfig:
     #: (with ``objective.tau``) and ``balanced_softmax`` (objectives.py).
     task: Literal["classification", "logit_adjusted", "balanced_softmax"] = "classification"
     #: ``online``: teachers run on every batch, on the student's augmented view; ``cached``: their top-k
-    #: mixture is precomputed once per sample on the fixed validation view and read from disk.
+    #: mixture is precomputed once per sample (on the fixed validation view, or on ``cache.views``
+    #: stored augmented views that the loader replays) and read from disk.
     soft_labels: Literal["online", "cached"] = "online"
     cache: SoftLabelCacheConfig = field(default_factory=SoftLabelCacheConfig)
 
@@ -350,14 +360,29 @@ def _check_across_sections(cfg: ExperimentConfig) -> None:
 
 #: Keys a resume-fixed section gained after runs were checkpointed, each with the value that keeps
 #: such a run's behaviour: a checkpoint's config without them compares as if it held them (loop.py).
-ADDED_KEYS = {"objective": {"tau": None}, "distill": {"task": "classification"}}
+ADDED_KEYS = {
+    "objective": {"tau": None},
+    "distill": {"task": "classification", "cache": {"views": 0}},
+}
 
 
 def with_added_keys(section: str, values: dict | None) -> dict | None:
-    """A checkpoint's config ``section`` with the keys added since filled in (``ADDED_KEYS``)."""
+    """A checkpoint's config ``section`` with the keys added since filled in (``ADDED_KEYS``; a nested
+    mapping is filled in key by key)."""
+    return _fill(ADDED_KEYS.get(section, {}), values)
+
+
+def _fill(added: dict, values):
     if not isinstance(values, dict):
         return values
-    return {**ADDED_KEYS.get(section, {}), **values}
+    out = dict(values)
+    for key, default in added.items():
+        if isinstance(default, dict):
+            if key in out:
+                out[key] = _fill(default, out[key])
+        elif key not in out:
+            out[key] = default
+    return out
 
 
 def _section(raw: dict, name: str) -> dict:

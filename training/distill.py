@@ -26,7 +26,9 @@ from ``t``. Mixing rules (``distill.mixing``):
   does, all teachers take part.
 
 Soft labels come from the teachers online (every batch), or from the cache of top-k mixtures
-precomputed on fixed views (soft_labels.py) so a student epoch runs no teacher. A mixed batch
+precomputed on fixed views (soft_labels.py) so a student epoch runs no teacher: the validation view,
+or ``distill.cache.views`` stored augmented views that the training loader then replays (each batch
+says which view each row is, and the lookup takes that view's mixture). A mixed batch
 (Mixup/CutMix, ``train.mix``) reaches the teachers as it reaches the student: online, both see the
 same mixed images ("consistent teaching", Beyer et al. 2022, "Knowledge distillation: a good teacher
 is patient and consistent"); the task term reads its ``mixed_label``. Cached soft labels belong to
@@ -89,7 +91,7 @@ class Distillation(Objective):
 
     def targets(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         if self.cache is not None:
-            return self.cache.lookup(batch["index"], self.mixer.num_classes)
+            return self.cache.lookup(batch["index"], self.mixer.num_classes, batch.get("view"))
         return self.mixer(batch["image"], batch["label"])
 
     def forward(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -111,5 +113,7 @@ def _distillation(cfg, info, device, train_loader=None, ddp=None) -> Distillatio
         if train_loader is None:
             raise ValueError("distill.soft_labels: cached needs the training loader's sample index")
         cache = ensure_cache(cfg, mixer, train_loader.index, device, ddp)
+        if cache.views:  # the student sees the stored views the teachers judged, not fresh random ones
+            train_loader.set_replay(cache.replay(train_loader.index.keys, cfg.data.seed))
         mixer.teachers = nn.ModuleList()  # a cached epoch runs no teacher: free their memory
     return Distillation(cfg.distill, mixer, build_task_loss(cfg.distill.task, cfg, info), cache)

@@ -16,6 +16,17 @@ their rows are simply not looked up.
 Top-k: the mixture's ``top_k`` largest probabilities per sample, renormalised to sum 1 over the kept
 classes; with ``top_k`` >= the class count the cache equals the online mixture of that view.
 
+Stored views (``distill.cache.views: N``, N >= 1; Fast Knowledge Distillation's idea): instead of the
+validation view, N augmented views per sample, their parameters drawn per sample key from
+``data.augment``'s ranges (loaders/views.py's ``draw``: crop box, flip, rotation, colour). Building
+runs the teachers N times over the shards to compute, each pass a validation loader that *replays*
+view ``v`` of every sample; a shard's file then holds ``classes``/``probs`` of shape [samples, N, k] and
+``views`` [samples, N, fields], the parameters themselves. Training from the cache sets the training
+loader to replay the stored views (``SoftLabels.replay``): each read uses view ``(h(key) + epoch) mod
+N`` and its batch says which (``batch["view"]``), so ``lookup`` returns the teachers' opinion of the
+very pixels the student sees. The key adds N, the augmentation's ranges and the data seed; a cache of
+N = 0 keeps its key of before.
+
 ``flora soft-labels --config config/student.yaml`` precomputes it (also under torchrun);
 training with ``distill.soft_labels: cached`` builds it when missing.
 
@@ -37,6 +48,7 @@ import torch
 from flora.errors import ArgumentParser, fail
 from flora.loaders.backends import loader_class
 from flora.loaders.index import SampleIndex
+from flora.loaders.views import FIELDS, Replay, draw
 from flora.sharding.cache.derived import derived_dir
 from flora.sharding.format.reader import tar_stamp
 from flora.training.distributed import Dist
@@ -48,24 +60,48 @@ SHARDS_DIR = "shards"
 
 
 class SoftLabels:
-    """Top-k mixtures of one split's samples, addressable by the loader's sample ids."""
+    """Top-k mixtures of one split's samples, addressable by the loader's sample ids (and, with stored
+    views, by the view: ``classes``/``probs`` hold ``views`` consecutive rows per sample)."""
 
     def __init__(
-        self, classes: torch.Tensor, probs: torch.Tensor, rows: torch.Tensor, path: Path, computed: int = 0
+        self,
+        classes: torch.Tensor,
+        probs: torch.Tensor,
+        rows: torch.Tensor,
+        path: Path,
+        computed: int = 0,
+        params: np.ndarray | None = None,
     ):
         self.classes, self.probs, self.rows, self.path = classes, probs, rows, path
         self.computed = computed  # rows the teachers computed in this call (0: every shard was cached)
+        #: Stored views' parameters [cached samples, views, fields] (None: the validation view).
+        self.params = params
+        self.views = 0 if params is None else params.shape[1]
 
     def to(self, device) -> SoftLabels:
         moved = (self.classes.to(device), self.probs.to(device), self.rows.to(device))
-        return SoftLabels(*moved, self.path, self.computed)
+        return SoftLabels(*moved, self.path, self.computed, self.params)
 
-    def lookup(self, index: torch.Tensor, num_classes: int) -> torch.Tensor:
+    def replay(self, keys: list[str], seed: int) -> Replay:
+        """What the training loader replays: the stored views of its samples (``keys``: its index's keys,
+        in sample-id order), each sample starting at a view of its own (views.py)."""
+        if self.params is None:
+            raise RuntimeError(f"soft-label cache {self.path} has no stored views (distill.cache.views: 0)")
+        return Replay.for_keys(self.params[self.rows.cpu().numpy()], keys, seed)
+
+    def lookup(self, index: torch.Tensor, num_classes: int, view: torch.Tensor | None = None) -> torch.Tensor:
         rows = self.rows[index.to(self.rows.device)]
         if bool((rows < 0).any()):
             raise RuntimeError(
                 f"soft-label cache {self.path} has no entry for some samples; delete it to rebuild"
             )
+        if self.views:
+            if view is None:
+                raise RuntimeError(
+                    f"soft-label cache {self.path} holds {self.views} stored views per sample, and the batch "
+                    "does not say which it is: the training loader must replay them (SoftLabels.replay)"
+                )
+            rows = rows * self.views + view.to(rows.device)
         out = torch.zeros(len(rows), num_classes, device=self.probs.device)
         return out.scatter_(1, self.classes[rows], self.probs[rows]).to(index.device)
 
@@ -88,6 +124,11 @@ def cache_key(cfg, index: SampleIndex) -> str:
         "selection": [data.region_filter, data.label_space, data.production_only],
         "view": [data.image_size, data.augment.crop_pct, data.augment.mean, data.augment.std],
     }
+    views = distill.cache.views
+    if views:  # the stored views: their count, the ranges they are drawn from, the seed of the draw
+        a = data.augment
+        ranges = [a.scale, a.ratio, a.hflip, a.rotate_degrees, a.brightness, a.contrast, a.saturation, a.hue]
+        material["views"] = [views, ranges, data.seed, list(FIELDS)]
     return hashlib.sha256(json.dumps(material, sort_keys=True).encode()).hexdigest()[:20]
 
 
@@ -108,9 +149,13 @@ def cache_dir(cfg) -> Path:
 
 
 @torch.no_grad()
-def compute_rank_share(cfg, mixer, index: SampleIndex, rank: int, world_size: int, device) -> dict:
-    """This rank's top-k mixtures over its share of ``index``'s samples, on the fixed validation view."""
+def compute_rank_share(
+    cfg, mixer, index: SampleIndex, rank: int, world_size: int, device, replay: Replay | None = None
+) -> dict:
+    """This rank's top-k mixtures over its share of ``index``'s samples, on the fixed validation view
+    (or, with ``replay``, on the stored view it fixes)."""
     loader = loader_class(cfg.data.backend)(index, cfg.data, False, rank, world_size, device)
+    loader.set_replay(replay)
     k = min(cfg.distill.cache.top_k, mixer.num_classes)
     keys, classes, probs = [], [], []
     mixer.eval()
@@ -140,31 +185,46 @@ def ensure_cache(cfg, mixer, index: SampleIndex, device, ddp=None) -> SoftLabels
     files = [folder / SHARDS_DIR / f"{shard_id(s)}.npz" for s in index.shards]
     missing = [i for i, path in enumerate(files) if not path.is_file()]
     computed = int(sum(index.bounds[i + 1] - index.bounds[i] for i in missing))
+    views = cfg.distill.cache.views
     if missing:
         if ddp.main:
-            log.info("soft-label cache %s: %d of %d shards to compute (%d samples)",
-                     folder, len(missing), len(files), computed)  # fmt: skip
+            log.info("soft-label cache %s: %d of %d shards to compute (%d samples%s)",
+                     folder, len(missing), len(files), computed,
+                     f", {views} stored views each" if views else "")  # fmt: skip
         sub = index.subset(missing)
-        share = compute_rank_share(cfg, mixer, sub, ddp.rank, ddp.world_size, device)
-        shares = ddp.gather(share)
+        params = draw(sub.keys, views, cfg.data.augment, cfg.data.seed) if views else None
+        passes = []  # per view (one pass on the validation view): [len(sub), k] in sub's order
+        for v in range(max(views, 1)):
+            replay = Replay.for_keys(params, sub.keys, cfg.data.seed, fixed=v) if views else None
+            share = compute_rank_share(cfg, mixer, sub, ddp.rank, ddp.world_size, device, replay)
+            shares = ddp.gather(share)
+            if ddp.main:
+                passes.append(_in_order(shares, sub))
         if ddp.main:
-            keys = [k for s in shares for k in s["keys"]]
-            if sorted(keys) != sorted(sub.keys) or len(set(keys)) != len(keys):
-                raise RuntimeError(
-                    f"soft-label cache: the ranks produced {len(keys)} entries for {len(sub)} samples"
-                )
-            classes = torch.cat([s["classes"] for s in shares])
-            probs = torch.cat([s["probs"] for s in shares])
-            _write(folder, [files[i] for i in missing], sub, keys, classes, probs, cfg)
+            classes = torch.stack([c for c, _ in passes], 1) if views else passes[0][0]
+            probs = torch.stack([p for _, p in passes], 1) if views else passes[0][1]
+            _write(folder, [files[i] for i in missing], sub, classes, probs, params, cfg)
         ddp.barrier()
     return load_cache(folder, files, index, computed).to(device)
 
 
+def _in_order(shares: list[dict], sub: SampleIndex) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every rank's share of one pass, merged and checked, in ``sub``'s sample order."""
+    keys = [k for s in shares for k in s["keys"]]
+    if sorted(keys) != sorted(sub.keys) or len(set(keys)) != len(keys):
+        raise RuntimeError(f"soft-label cache: the ranks produced {len(keys)} entries for {len(sub)} samples")
+    row_of = {k: i for i, k in enumerate(keys)}
+    order = torch.tensor([row_of[k] for k in sub.keys], dtype=torch.long)
+    classes = torch.cat([s["classes"] for s in shares])[order]
+    return classes, torch.cat([s["probs"] for s in shares])[order]
+
+
 def _write(
-    folder: Path, files: list[Path], sub: SampleIndex, keys: list[str], classes: torch.Tensor,
-    probs: torch.Tensor, cfg,
+    folder: Path, files: list[Path], sub: SampleIndex, classes: torch.Tensor, probs: torch.Tensor,
+    params: np.ndarray | None, cfg,
 ) -> None:  # fmt: skip
-    """One file per shard of ``sub`` (``files[i]`` for ``sub.shards[i]``), each written atomically."""
+    """One file per shard of ``sub`` (``files[i]`` for ``sub.shards[i]``), each written atomically;
+    ``classes``/``probs`` (and the stored views' ``params``) in ``sub``'s sample order."""
     try:
         (folder / SHARDS_DIR).mkdir(parents=True, exist_ok=True)
     except OSError as exc:
@@ -179,13 +239,23 @@ def _write(
         "teachers": [{"checkpoint": t.checkpoint, "weight": t.weight} for t in cfg.distill.teachers],
         "view": "validation transform (resize shorter side, center crop) at the student's image size",
     }
+    if params is not None:
+        meta["view"] = (
+            f"{params.shape[1]} stored augmented views per sample (loaders/views.py), parameters in each "
+            "file's 'views' array: " + ", ".join(FIELDS)
+        )
     (folder / "meta.json").write_text(json.dumps(meta, indent=2))
-    row_of = {k: i for i, k in enumerate(keys)}
     for n, path in enumerate(files):
-        rows = [row_of[sub.keys[s]] for s in range(sub.bounds[n], sub.bounds[n + 1])]
+        lo, hi = int(sub.bounds[n]), int(sub.bounds[n + 1])
+        arrays = {
+            "keys": np.array(sub.keys[lo:hi]),
+            "classes": classes[lo:hi].numpy(),
+            "probs": probs[lo:hi].numpy(),
+        }
+        if params is not None:
+            arrays["views"] = params[lo:hi]
         tmp = path.with_name(path.stem + ".tmp.npz")
-        np.savez(tmp, keys=np.array([keys[r] for r in rows]), classes=classes[rows].numpy(),
-                 probs=probs[rows].numpy())  # fmt: skip
+        np.savez(tmp, **arrays)
         os.replace(tmp, path)
 
 
@@ -193,12 +263,16 @@ def load_cache(folder: Path, files: list[Path], index: SampleIndex, computed: in
     """The per-shard files of ``index``'s shards, concatenated, with each sample's row: looked up in
     its own shard's file (a key tombstoned in an older shard, whose file keeps its old row, may be
     live in a newer one)."""
-    classes, probs, found, start = [], [], [], 0
+    classes, probs, params, found, start = [], [], [], [], 0
     for n, path in enumerate(files):
         with np.load(path, allow_pickle=False) as f:
             position = {str(k): start + i for i, k in enumerate(f["keys"])}
-            classes.append(torch.from_numpy(f["classes"]).long())
-            probs.append(torch.from_numpy(f["probs"]))
+            c, p = f["classes"], f["probs"]
+            if c.ndim == 3:  # stored views: [samples, views, k] -> views consecutive rows per sample
+                params.append(f["views"])
+                c, p = c.reshape(-1, c.shape[-1]), p.reshape(-1, p.shape[-1])
+            classes.append(torch.from_numpy(c).long())
+            probs.append(torch.from_numpy(p))
         start += len(position)
         found += [position.get(k, -1) for k in index.keys[index.bounds[n] : index.bounds[n + 1]]]
     rows = torch.tensor(found, dtype=torch.long)
@@ -207,7 +281,10 @@ def load_cache(folder: Path, files: list[Path], index: SampleIndex, computed: in
         raise RuntimeError(
             f"soft-label cache {folder} lacks {missing} of the split's samples; delete it to rebuild"
         )
-    return SoftLabels(torch.cat(classes), torch.cat(probs), rows, folder, computed)
+    views = np.concatenate(params) if params else None
+    if views is not None and len(views) != start:
+        raise RuntimeError(f"soft-label cache {folder} mixes files with and without stored views; delete it")
+    return SoftLabels(torch.cat(classes), torch.cat(probs), rows, folder, computed, views)
 
 
 def main(argv: list[str] | None = None, prog: str | None = None) -> int:
@@ -239,7 +316,7 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     if ddp.main:
         print(
             f"soft labels: {cache.path} ({len(cache.rows)} samples, {cache.computed} computed now,"
-            f" top-{cache.classes.shape[1]})"
+            f" top-{cache.classes.shape[1]}{f', {cache.views} stored views each' if cache.views else ''})"
         )
     return 0
 

@@ -21,7 +21,7 @@ from flora.training.distill import Distillation, Teacher, TeacherMix, build_mixe
 from flora.training.loop import Trainer
 from flora.training.objectives import TaskLoss
 from flora.training.report import compare, markdown
-from flora.training.soft_labels import ensure_cache
+from flora.training.soft_labels import SoftLabels, ensure_cache
 
 from .conftest import experiment
 
@@ -185,6 +185,45 @@ def test_cached_soft_labels_equal_online_ones_for_the_same_fixed_view(shard_root
     assert [f.stat().st_mtime_ns for f in files] == mtimes
 
 
+def test_stored_views_hold_the_teachers_on_the_very_view_the_student_replays(shard_root, teachers, tmp_path):
+    """``distill.cache.views: 2``: per sample two views' parameters and the teachers' mixture of each;
+    the training loader, set to replay them, hands out exactly those pixels, so the cached targets equal
+    the teachers' online mixture of each batch (top-k >= classes), whichever view an epoch uses."""
+    cache_cfg = {"dir": str(tmp_path / "soft"), "top_k": 1000, "views": 2}
+    cfg = load_experiment(
+        _student_cfg(shard_root, teachers, tmp_path, "s", soft_labels="cached", cache=cache_cfg)
+    )
+    train, _, info = create_dataloaders(cfg.data)
+    mixer = build_mixer(cfg.distill, info)
+    cache = ensure_cache(cfg, mixer, train.index, torch.device("cpu"))
+    assert cache.views == 2 and cache.computed == len(train.index)
+    meta = json.loads((cache.path / "meta.json").read_text())
+    assert "2 stored augmented views" in meta["view"]
+    with np.load(sorted((cache.path / "shards").glob("*.npz"))[0]) as f:
+        n = len(f["keys"])
+        assert f["classes"].shape[:2] == (n, 2) and f["views"].shape == (n, 2, 10)
+    flat = _student_cfg(
+        shard_root, teachers, tmp_path, "s", soft_labels="cached", cache={**cache_cfg, "views": 0}
+    )
+    assert ensure_cache(load_experiment(flat), mixer, train.index, torch.device("cpu")).path != cache.path
+    train.set_replay(cache.replay(train.index.keys, cfg.data.seed))
+    views_read: dict[int, list[int]] = {}
+    for epoch in (0, 1):
+        train.set_epoch(epoch)
+        for batch in train:
+            online = mixer(batch["image"], batch["label"])
+            cached = cache.lookup(batch["index"], info.num_classes, batch["view"])
+            assert torch.allclose(online, cached, atol=1e-5)
+            for i, v in zip(batch["index"].tolist(), batch["view"].tolist(), strict=True):
+                views_read.setdefault(i, []).append(v)
+    twice = [sorted(v) for v in views_read.values() if len(v) == 2]  # (drop leaves an epoch's tail out)
+    assert len(twice) > 0.8 * len(train.index) and all(v == [0, 1] for v in twice)  # both views, in turn
+    with pytest.raises(RuntimeError, match="does not say which"):
+        cache.lookup(batch["index"], info.num_classes)
+    again = ensure_cache(cfg, mixer, train.index, torch.device("cpu"))
+    assert again.computed == 0 and torch.equal(again.probs, cache.probs)
+
+
 def test_smoke_student_learns_online_and_cached_and_the_report(shard_root, teachers, tmp_path):
     runs = {}
     for mode in ("online", "cached"):
@@ -211,6 +250,33 @@ def test_smoke_student_learns_online_and_cached_and_the_report(shard_root, teach
     assert student["soft_labels"] == "online" and student["params"] > 0 and student["macs"] > 0
     assert all(p["top1_ratio"] is not None for p in report["pairs"]) and len(report["pairs"]) == 4
     assert "| student | teacher |" in markdown(report)
+
+
+def test_a_student_trains_on_the_stored_views_without_a_teacher_forward(
+    shard_root, teachers, tmp_path, monkeypatch
+):
+    """``distill.cache.views``: the trainer's loader replays the cache's views, every training batch
+    looks up the view it carries, and no teacher runs once the cache is built."""
+    looked_up, forwards = [], []
+    lookup, forward = SoftLabels.lookup, TeacherMix.forward
+
+    def recorded_lookup(self, index, num_classes, view=None):
+        looked_up.append(view)
+        return lookup(self, index, num_classes, view)
+
+    monkeypatch.setattr(SoftLabels, "lookup", recorded_lookup)
+    monkeypatch.setattr(TeacherMix, "forward", lambda self, *a: forwards.append(1) or forward(self, *a))
+    cache = {"dir": str(tmp_path / "soft"), "top_k": 20, "views": 3}
+    cfg = _student_cfg(shard_root, teachers, tmp_path, "views", soft_labels="cached", cache=cache)
+    cfg["train"].update(epochs=2, max_steps=6)
+    trainer = Trainer(load_experiment(cfg))
+    built = len(forwards)  # the cache's three passes over the split
+    summary = trainer.fit()
+    assert summary["status"] == "finished" and summary["steps"] == 6
+    assert trainer.train_loader.replay is not None and trainer.train_loader.replay.views == 3
+    assert len(looked_up) == 6 and all(v is not None and v.max() < 3 for v in looked_up)
+    assert built > 0 and len(forwards) == built  # no teacher forward while training
+    assert math.isfinite(summary["last_epoch"]["train_kd_loss"])
 
 
 def test_a_mixed_student_with_a_logit_adjusted_task_term(shard_root, teachers, tmp_path, monkeypatch):
@@ -242,6 +308,7 @@ def test_a_mixed_student_with_a_logit_adjusted_task_term(shard_root, teachers, t
 @pytest.mark.slow
 def test_torchrun_two_ranks_build_the_cache_and_distil(shard_root, teachers, tmp_path):
     cfg = _student_cfg(shard_root, teachers, tmp_path, "ddp", soft_labels="cached")
+    cfg["distill"]["cache"]["views"] = 2  # each view's pass split over the ranks, merged in order
     cfg["train"]["epochs"] = 1
     path = tmp_path / "student.yaml"
     path.write_text(yaml.safe_dump(cfg))
@@ -265,3 +332,11 @@ def test_torchrun_two_ranks_build_the_cache_and_distil(shard_root, teachers, tmp
     train, _, _ = create_dataloaders(load_experiment(cfg).data)
     keys = [str(k) for f in (meta.parent / "shards").glob("*.npz") for k in np.load(f)["keys"]]
     assert sorted(keys) == sorted(train.index.keys)  # every sample once, from both ranks
+    mixer = build_mixer(load_experiment(cfg).distill, create_dataloaders(load_experiment(cfg).data)[2])
+    cache = ensure_cache(load_experiment(cfg), mixer, train.index, torch.device("cpu"))
+    assert cache.computed == 0 and cache.views == 2
+    train.set_replay(cache.replay(train.index.keys, 0))
+    batch = next(iter(train))  # the two ranks' rows, merged, sit at each sample's own (key, view)
+    cached = cache.lookup(batch["index"], mixer.num_classes, batch["view"])
+    online = mixer(batch["image"], batch["label"])
+    assert (cached.argmax(1) == online.argmax(1)).all()  # top-20 of the mixture: same leader
