@@ -14,6 +14,10 @@ Owns the DALI graph and its wiring:
   decodes only the crop window on the CPU; nvJPEG / the hardware decoder on ``mixed``), resize,
   rotation, ``color_twist`` (brightness, contrast, saturation, hue), and ``crop_mirror_normalize``
   (flip + mean/std + layout + dtype in one pass). Validation: decode, resize shorter side, center crop.
+* Stored views (views.py, ``set_replay``): a ``python_function`` maps each sample's ``source_info`` to
+  its view's box (in pixels, for the shape ``peek_image_shape`` reads), flip, angle and colour;
+  ``decoders.image_slice`` decodes the box and the same warp / colour / flip operators take the stored
+  values instead of random draws.
 * ``device: gpu`` puts the decoder on ``mixed`` and every later operator on the GPU;
   ``device: cpu`` runs the same graph on DALI's CPU operators (``device_id=None``).
 * Mid-epoch resume with DALI's own checkpointing (``enable_checkpointing``): the iterator's

@@ -4,7 +4,8 @@ Owns the fallback when DALI is not installed and the baseline the benchmarks com
 Same config, same semantics as dali.py: the same selected samples (index.py), the same per-epoch
 shard order and rank cut, a shuffle buffer of the same size (a seeded one, so the order is known in
 advance), RandomResizedCrop / flip / rotation / ColorJitter / normalise with the same parameters
-for training, resize-shorter-side + center crop for validation.
+for training, resize-shorter-side + center crop for validation; a stored view's crop, rotation,
+colour and flip when the loader replays stored views (views.py; ``ReplayView``).
 
 How it runs: the epoch's batches are planned in the main process (sample ids, in order); worker
 ``w`` of the ``DataLoader`` reads batches ``w, w + workers, ...`` straight from the tars by byte
