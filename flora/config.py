@@ -4,7 +4,10 @@ Owns the one mechanism every Flora stage uses to read its config: ``load_config(
 overrides)`` builds a (nested) dataclass from a YAML mapping, rejects unknown keys and values of the
 wrong type with a message that names the dotted key, and applies ``key.sub=value`` overrides from the
 command line (values parsed as YAML scalars). Each stage keeps its own config classes
-(``sharding.config``, ``loaders.config``, ``training.config``).
+(``sharding.config``, ``loaders.config``, ``training.config``). Every YAML text a user hands
+Flora (a config file, its ``_base_`` files, the tables they name, a command-line override value) is
+parsed here, bounded in size, nesting depth and node count (aliases counted as the copies they stand
+for), so a hostile file is refused in one line before it is expanded.
 
 Leaves out: per-stage semantics beyond type checks (each config's ``__post_init__`` validates its own
 ranges), and any environment-variable magic (secrets are read where they are used, see sources.py).
@@ -26,9 +29,79 @@ from .errors import FloraError
 T = TypeVar("T")
 _FLOAT_LITERAL = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
 
+#: Bounds on any YAML text Flora parses. Flora's own configs are under 2 KiB, 5 levels deep and 500
+#: nodes (a regions table the largest); a thousand times that still parses in well under a second, and
+#: anything beyond is a mistake or an attack: a 5,000-level nesting that overflows Python's stack, or an
+#: alias bomb ("billion laughs": nine levels of ten aliases each) that expands to 10^9 values.
+MAX_CONFIG_BYTES = 1 << 20  # 1 MiB
+MAX_CONFIG_DEPTH = 64  # nested mappings and lists; far below the recursion limit of the parser
+MAX_CONFIG_NODES = 100_000  # scalars, lists and mappings, each alias counted as the nodes it repeats
+
 
 class ConfigError(FloraError, ValueError):
     """A config file or override is invalid; the message names the key and the bad value."""
+
+
+class ConfigLimitError(ConfigError):
+    """A YAML text is over one of the bounds above; the message names what was found and the limit."""
+
+
+class _BoundedLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` that counts while it composes: the nesting depth, and the nodes the document
+    stands for, each alias adding the size of the node it names. It stops at the first node over a
+    limit, so neither a deep nesting nor an alias bomb is ever built."""
+
+    def __init__(self, stream: str):
+        super().__init__(stream)
+        self._depth = 0
+        self._nodes = 0
+        self._anchored: dict[str, int] = {}  # anchor -> nodes its node stands for, once composed
+
+    def compose_node(self, parent, index):
+        event = self.peek_event()
+        line = event.start_mark.line + 1
+        if isinstance(event, yaml.AliasEvent):
+            if event.anchor in self.anchors and event.anchor not in self._anchored:
+                raise ConfigLimitError(
+                    f"alias *{event.anchor} refers to a node that contains it (line {line})"
+                )
+            self._count(self._anchored.get(event.anchor, 0), line)
+            return super().compose_node(parent, index)
+        nests = isinstance(event, yaml.CollectionStartEvent)  # a mapping or a list: one level deeper
+        self._depth += nests
+        if self._depth > MAX_CONFIG_DEPTH:
+            raise ConfigLimitError(f"nested deeper than the limit of {MAX_CONFIG_DEPTH} levels (line {line})")
+        start = self._nodes
+        self._count(1, line)
+        node = super().compose_node(parent, index)
+        self._depth -= nests
+        if event.anchor is not None:
+            self._anchored[event.anchor] = self._nodes - start
+        return node
+
+    def _count(self, nodes: int, line: int) -> None:
+        self._nodes += nodes
+        if self._nodes > MAX_CONFIG_NODES:
+            raise ConfigLimitError(
+                f"expands to more than the limit of {MAX_CONFIG_NODES:,} values, counting each alias as the "
+                f"values it repeats (line {line})"
+            )
+
+
+def parse_yaml(text: str, source: object) -> Any:
+    """The YAML document in ``text`` as plain data, within the ``MAX_CONFIG_*`` bounds; a text over a
+    bound or invalid YAML is a ConfigError whose message starts with ``source`` (a path, an override)."""
+    if len(text) > MAX_CONFIG_BYTES:
+        raise ConfigLimitError(f"{source}: {len(text):,} characters, over the limit of {MAX_CONFIG_BYTES:,}")
+    loader = _BoundedLoader(text)
+    try:
+        return loader.get_single_data()
+    except ConfigLimitError as exc:
+        raise ConfigLimitError(f"{source}: {exc}") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{source}: invalid YAML: {exc}") from exc
+    finally:
+        loader.dispose()
 
 
 def _type_name(tp: Any) -> str:
@@ -135,10 +208,7 @@ def apply_overrides(data: dict, overrides: list[str] | None) -> dict:
             if not isinstance(child, dict):
                 raise ConfigError(f"override {dotted}: {part} is not a section")
             node = child
-        try:
-            node[parts[-1]] = yaml.safe_load(raw) if raw.strip() else None
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"override {dotted}: cannot parse value {raw!r}: {exc}") from exc
+        node[parts[-1]] = parse_yaml(raw, f"override {dotted}") if raw.strip() else None
     return data
 
 
@@ -213,10 +283,18 @@ def _read_one(path: str | Path) -> tuple[Path, dict]:
     found = find_config(path)
     if found is None:
         raise ConfigError(f"config file not found: {path}")
+    with found.open("rb") as fh:
+        raw = fh.read(MAX_CONFIG_BYTES + 1)  # never more than the limit, however large the file
+    if len(raw) > MAX_CONFIG_BYTES:
+        size = found.stat().st_size
+        raise ConfigLimitError(
+            f"{path}: {size:,} bytes, over the limit of {MAX_CONFIG_BYTES:,} bytes for a config"
+        )
     try:
-        data = yaml.safe_load(found.read_text(encoding="utf-8"))
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: invalid YAML: {exc}") from exc
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from exc
+    data = parse_yaml(text, path)
     if data is None:
         data = {}
     if not isinstance(data, dict):
