@@ -1,4 +1,5 @@
-"""Small file helpers every stage uses: JSONL, atomic writes, a file's sha256.
+"""Small file helpers every stage uses: JSONL, atomic writes, a file's sha256, and the check that a
+stage's output folder stays clear of everything the same command reads (``refuse_overlap``).
 
 Leaves out: the sharder's staged multi-file commits (sharding/outputs.py) and strict JSON encoding of
 odd values (``sharding.outputs.dumps``).
@@ -11,6 +12,8 @@ import json
 import os
 from pathlib import Path
 from typing import Any
+
+from flora.errors import FloraError
 
 #: Read size for hashing: 1 MiB blocks keep memory flat on multi-GB files.
 HASH_BLOCK = 1 << 20
@@ -44,3 +47,48 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
 def atomic_write_text(path: str | Path, text: str) -> Path:
     """``atomic_write_bytes`` of ``text`` in UTF-8."""
     return atomic_write_bytes(path, text.encode("utf-8"))
+
+
+class OverlapError(FloraError, ValueError):
+    """A command's output folder is, holds, or lies inside something the same command reads."""
+
+
+def _local(location: object) -> Path | None:
+    text = str(location)
+    if "://" in text:  # s3://, mongodb://, http(s)://: not a folder of this machine
+        return None
+    return Path(text).expanduser().resolve()
+
+
+def refuse_overlap(stage: str, out: object, reads: dict[str, object]) -> None:
+    """Refuses (``OverlapError``, one line) an output folder ``out`` that equals, contains or sits inside
+    a folder the same command reads (``reads``: what the user calls it, e.g. ``"--splits"`` -> its
+    path; None and remote locations are skipped), or that equals a file it reads. Symlinks are
+    followed, so a link to the input is the input. A stage writes, replaces and removes files in its
+    output folder; overlapping an input, it would replace what it reads (a catalog's audit trail, a
+    cache, a shard set) in silence."""
+    target = _local(out)
+    if target is None:
+        return
+    for name, location in reads.items():
+        source = _local(location) if location is not None else None
+        if source is None:
+            continue
+        if source.is_file():
+            if target == source:
+                raise OverlapError(
+                    f"{stage}: the output {out} is the file {name} reads; choose another output"
+                )
+            continue
+        if target == source:
+            relation = f"is the folder {name} ({location})"
+        elif source in target.parents:
+            relation = f"lies inside {name} ({location})"
+        elif target in source.parents:
+            relation = f"contains {name} ({location})"
+        else:
+            continue
+        raise OverlapError(
+            f"{stage}: the output folder {out} {relation}, which this command reads; the output would "
+            "overwrite or remove what it reads: choose an output folder outside it"
+        )

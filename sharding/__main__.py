@@ -19,6 +19,7 @@ from pathlib import Path
 
 from flora.config import from_dict, load_config
 from flora.errors import ArgumentParser, FloraError, fail
+from flora.io import refuse_overlap
 from flora.sharding.cache.config import check_cache_dir
 from flora.sharding.catalog.sources import redact
 from flora.sharding.config import CatalogConfig
@@ -41,6 +42,7 @@ def _catalog(args: argparse.Namespace) -> int:
     cfg = load_config(CatalogConfig, args.config, overrides)
     if args.region:
         cfg.regions = sorted(set(cfg.regions) | set(args.region))
+    refuse_overlap("catalog", args.out, {"--source": args.source, "--previous": args.previous})
     started = time.perf_counter()
     config_dir = Path(args.config).parent if args.config else None
     result = run_catalog(args.source, args.out, cfg, config_dir, previous=args.previous)
@@ -98,7 +100,7 @@ def _build(args: argparse.Namespace) -> int:
         networks = sorted(set(cfg.download.allow_networks) | set(args.allow_network))
         download = {**asdict(cfg.download), "allow_networks": networks}
         cfg.download = from_dict(DownloadConfig, download, "download")
-    manifest = build(args.splits, args.out, cfg, retry_failed=args.retry_failed)
+    manifest = build(args.splits, args.out, cfg, retry_failed=args.retry_failed, fresh=args.fresh)
     a, run = manifest["accounting"], manifest["last_run"]
     print(
         f"build: {a['records_in']} records in = {a['sharded']} sharded + {a['failed']} failed "
@@ -183,6 +185,12 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     )
     bld.add_argument(
         "--retry-failed", action="store_true", help="re-attempt only the records in failures.jsonl"
+    )
+    bld.add_argument(
+        "--fresh",
+        action="store_true",
+        help="set the folder's manifest.json aside (kept, renamed) and build afresh: the way out of a "
+        "damaged manifest",
     )
     bld.add_argument(
         "--compact",

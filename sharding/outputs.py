@@ -2,7 +2,9 @@
 
 Owns ``OutputSet``: every file of a run is written to ``<name>.tmp`` first and all of them are
 renamed into place by ``commit()`` once the whole run has succeeded; on failure the temporaries are
-removed and the previous run's files stay as they were. Also owns the JSON encoding used for those
+removed and the previous run's files stay as they were. A temporary is created anew (``O_EXCL |
+O_NOFOLLOW``, whatever held its name removed first), and a rename replaces a link rather than writing
+through it, so no file of a run is written outside its folder. Also owns the JSON encoding used for those
 files (``dumps``): UTF-8 text, values JSON cannot hold kept as text (datetimes as ISO 8601, ObjectIds
 and Decimal128 via ``str``, NaN and infinities as strings), lone surrogates escaped rather than
 failing the run.
@@ -55,9 +57,12 @@ class OutputSet:
 
     def _open(self, name: str):
         path = self.out_dir / (name + TMP_SUFFIX)
+        if os.path.lexists(path):  # a crash's leftover, or a planted link: removed, never written through
+            path.unlink()
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o666)
         self._staged.append(path)
         # backslashreplace: a lone surrogate from a JSON escape becomes the same escape, still valid JSON
-        return open(path, "w", encoding="utf-8", errors="backslashreplace", newline="\n")
+        return open(fd, "w", encoding="utf-8", errors="backslashreplace", newline="\n")
 
     def jsonl(self, name: str, rows: Iterable[Any]) -> int:
         """Stages ``name`` with one JSON value per line; returns the number of lines."""

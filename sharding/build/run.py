@@ -18,6 +18,13 @@ Owns the plan, the shard jobs, and the final assembly of ``SHARDS/``:
    beside each, then ``failures.jsonl``, ``duplicates.jsonl`` and ``manifest.json`` (written last:
    a shard listed there is complete). Shards of an earlier, different plan are removed.
 
+**The output folder** is checked before anything is written in it, under its lock: it must not be, hold
+or lie inside what the build reads (the splits, the cache: ``refuse_overlap``); a ``manifest.json``
+there must be a readable manifest (``check_published``: else one line with the way out, ``--fresh``,
+which sets the file aside and builds afresh); and no symbolic link may stand where the build writes
+(``refuse_links``: work area, split folders, logs, class mappings, manifest), so nothing is ever
+written outside ``--out``.
+
 **Incremental builds** (incremental.py): over a published build of an earlier version of the same
 catalog (its lineage) with the same settings, published shards are kept byte for byte, only records
 not live in them are planned (new chunks, new shard indices), removed or relabelled samples become
@@ -54,6 +61,8 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from flora.errors import FloraError
+from flora.io import refuse_overlap
 from flora.sharding.build.finalize import finalize
 from flora.sharding.build.incremental import Increment, build_settings, compact, plan_increment
 from flora.sharding.build.job import run_chunk
@@ -72,8 +81,8 @@ from flora.sharding.build.plan import (
 )
 from flora.sharding.build.remote import Remote, prepare
 from flora.sharding.cache.config import cap_warning
-from flora.sharding.config import BuildConfig, ShardConfig
-from flora.sharding.format.schema import MANIFEST
+from flora.sharding.config import SPLIT_NAMES, BuildConfig, ShardConfig
+from flora.sharding.format.schema import DUPLICATES, FAILURES, MANIFEST
 from flora.store import is_remote
 
 __all__ = ["BuildConfig", "ShardConfig", "build", "compact_shards"]
@@ -118,11 +127,19 @@ def open_output(out_dir: str | Path) -> Output:
     return prepare(out_dir) if is_remote(out_dir) else LocalOutput(Path(out_dir))
 
 
-def build(splits_dir: str | Path, out_dir: str | Path, cfg: BuildConfig, retry_failed: bool = False) -> dict:
+def build(
+    splits_dir: str | Path,
+    out_dir: str | Path,
+    cfg: BuildConfig,
+    retry_failed: bool = False,
+    fresh: bool = False,
+) -> dict:
     """Builds (or resumes, or retries the failures of) the shards of a catalog's splits.
 
     ``out_dir`` is a folder or ``s3://bucket/prefix`` (remote.py: built in a local staging folder,
-    then published, the manifest last).
+    then published, the manifest last). ``fresh`` (``--fresh``): the folder's ``manifest.json``, damaged
+    or not, is set aside (renamed ``manifest.json.set-aside-<UTC time>``) and the build runs as over a
+    folder that publishes nothing (no incremental build; shards come again from the cache).
 
     Holds the output folder's build lock throughout (lock.py): while another build holds it, this one
     refuses at once or, with ``cfg.wait_lock_s``, waits that long for it.
@@ -132,13 +149,88 @@ def build(splits_dir: str | Path, out_dir: str | Path, cfg: BuildConfig, retry_f
         raise FileNotFoundError(f"no {SPLITS_FILE} in {splits_dir} (run `flora catalog` first)")
     if not (splits_dir / "class_mapping.json").is_file():
         raise FileNotFoundError(f"no class_mapping.json in {splits_dir}")
+    # the output's files are replaced and removed: it must not be, hold or lie in what the build reads
+    refuse_overlap(
+        "build", out_dir, {"--splits": splits_dir, "the cache (--cache, cache.path)": cfg.cache.path}
+    )
     warning = cap_warning(cfg.cache)
     if warning:
         log.warning(warning)
     output = open_output(out_dir)
     # one build per output folder, held until the manifest is written
     with output_lock(output.folder, cfg.wait_lock_s):
+        check_published(output.folder, fresh)
+        refuse_links(output.folder)
         return _build_locked(splits_dir, output, cfg, retry_failed)
+
+
+def check_published(out: Path, fresh: bool = False) -> None:
+    """A ``manifest.json`` in ``out`` must be one (a regular file, UTF-8 JSON, a mapping with a list of
+    shards): anything else is a ``BuildError`` naming what is wrong and the way out, ``--fresh``, which
+    sets the file aside (renamed, never deleted) and builds the folder as a fresh build."""
+    path = out / MANIFEST
+    if not os.path.lexists(path):
+        return
+    if fresh:
+        aside = path.with_name(f"{MANIFEST}.set-aside-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}")
+        os.replace(path, aside)  # a link or a folder moves as it is: nothing behind it is touched
+        log.warning("build --fresh: %s set aside as %s; building %s as a fresh build", path, aside.name, out)
+        return
+    why = _damage(path)
+    if why:
+        raise BuildError(
+            f"build: {path} is damaged ({why}), so the build cannot tell what is published there: run again "
+            f"with --fresh to set it aside (kept, renamed {MANIFEST}.set-aside-<time>) and build {out} afresh"
+        )
+
+
+def _damage(path: Path) -> str | None:
+    """What is wrong with a manifest file, or None."""
+    if path.is_symlink():
+        return f"a symbolic link to {os.readlink(path)}"
+    if not path.is_file():
+        return "not a regular file"
+    try:
+        raw = json.loads(path.read_bytes().decode("utf-8"))
+    except UnicodeDecodeError:
+        return "not UTF-8 text"
+    except json.JSONDecodeError as exc:
+        return f"not JSON: {exc.msg} at line {exc.lineno}, column {exc.colno}"
+    if not isinstance(raw, dict) or not isinstance(raw.get("shards"), list):
+        return f"JSON, but not a shard manifest (a {type(raw).__name__} without a list of shards)"
+    return None
+
+
+def refuse_links(out: Path) -> None:
+    """Refuses (``BuildError``) a symbolic link where a build writes in ``out`` (``out`` itself may be one):
+    its work area, the split folders and everything under them, the manifest, the logs and the class
+    mappings. A build writes work files, tars, index files, logs and manifests only inside its output
+    folder, never through a link to somewhere else. Other entries (a set-aside manifest, a user's
+    notes) are not the build's and are left alone."""
+    if not out.is_dir():
+        return
+    for entry in os.scandir(out):
+        name = entry.name
+        if name in (WORK_DIR, MANIFEST, FAILURES, DUPLICATES, *SPLIT_NAMES) or name.startswith(
+            "class_mapping"
+        ):
+            _refuse_link(out, Path(entry.path))
+            if name in (WORK_DIR, *SPLIT_NAMES) and entry.is_dir(follow_symlinks=False):
+                for folder, dirs, files in os.walk(entry.path):
+                    for inner in (*dirs, *files):
+                        _refuse_link(out, Path(folder) / inner)
+
+
+def _refuse_link(out: Path, path: Path) -> None:
+    if path.is_symlink():
+        raise BuildError(
+            f"build: {path} is a symbolic link (to {os.readlink(path)}); a build writes only inside its "
+            f"output folder {out}: remove the link, or put what it points to in its place"
+        )
+
+
+class BuildError(FloraError, ValueError):
+    """The output folder is not one a build can safely write: says what is wrong and the way out."""
 
 
 def _build_locked(splits_dir: Path, output: Output, cfg: BuildConfig, retry_failed: bool) -> dict:
@@ -290,5 +382,7 @@ def compact_shards(out_dir: str | Path, wait_lock_s: float = 0.0) -> dict:
     """``--compact``: rewrites shards with tombstones without them (incremental.py), under the lock."""
     output = open_output(out_dir)
     with output_lock(output.folder, wait_lock_s):
+        check_published(output.folder)
+        refuse_links(output.folder)
         output.check(None, None)  # s3: no data-set check, only the sync
         return output.publish(compact(output.folder))

@@ -357,7 +357,7 @@ def read_manifest(root: str | Path) -> Manifest:
         raw = json.loads(path.read_text(encoding="utf-8"))
         known = {f.name for f in fields(ShardEntry)}
         shards = [ShardEntry(**{k: v for k, v in s.items() if k in known}) for s in raw.get("shards", [])]
-    except (json.JSONDecodeError, TypeError, AttributeError) as exc:
+    except (UnicodeDecodeError, json.JSONDecodeError, TypeError, AttributeError) as exc:
         raise ShardFormatError(f"{path}: not a shard manifest ({exc})") from exc
     return Manifest(root=root, shards=shards, raw=raw)
 
