@@ -38,6 +38,7 @@ import torch
 
 from flora.config import ConfigError
 from flora.errors import ArgumentParser, fail
+from flora.io import refuse_overlap
 from flora.loaders.config import load_data_config
 from flora.loaders.factory import make_loader, resolve_device
 from flora.loaders.index import LoaderError, build_index
@@ -258,6 +259,12 @@ def evaluate(
         return loader
 
     test_loader = loader_for(split)
+    out = (
+        Path(out_dir)
+        if out_dir
+        else Path(checkpoint_path).parent / f"eval_{split}{'_' + region if region else ''}"
+    )
+    refuse_overlap("evaluate", out, {"the shards it evaluates on": test_loader.index.root})
     temperature = None
     if calibration_split:
         calib_loader = loader_for(calibration_split)
@@ -301,11 +308,6 @@ def evaluate(
     results["confused_pairs"] = confused_pairs(records, names, top_confusions)
     results["reliability_bins"] = {"before": bins_before, "after": bins_after}
     if ddp.main:
-        out = (
-            Path(out_dir)
-            if out_dir
-            else Path(checkpoint_path).parent / f"eval_{split}{'_' + region if region else ''}"
-        )
         out.mkdir(parents=True, exist_ok=True)
         title = f"{Path(checkpoint_path).parent.name}: {split}{' / ' + region if region else ''}"
         plots.reliability_diagram(bins_before, bins_after, out / "reliability.png", title)

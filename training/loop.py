@@ -35,6 +35,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from flora.io import refuse_overlap
 from flora.loaders import create_dataloaders
 from flora.loaders.index import LoaderError
 from flora.training import distill  # noqa: F401 - registers the "distill" objective
@@ -123,6 +124,7 @@ class Trainer:
 
     # -------------------------------------------------------------------------------------- setup
     def _check_run_dir(self) -> None:
+        refuse_overlap("train", self.run_dir, {"data.shards": self.cfg.data.shards})
         last = self.run_dir / LAST
         if self.resume and not last.is_file():
             raise TrainingError(f"--resume: no {LAST} in {self.run_dir}")

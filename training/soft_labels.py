@@ -46,6 +46,7 @@ import numpy as np
 import torch
 
 from flora.errors import ArgumentParser, fail
+from flora.io import OverlapError, refuse_overlap
 from flora.loaders.backends import loader_class
 from flora.loaders.index import SampleIndex
 from flora.loaders.views import FIELDS, Replay, draw
@@ -181,6 +182,7 @@ def ensure_cache(cfg, mixer, index: SampleIndex, device, ddp=None) -> SoftLabels
     """The cache for ``cfg`` and ``index``, its missing shards built now, loaded on ``device``."""
 
     ddp = ddp or Dist()
+    refuse_overlap("soft-labels", cache_dir(cfg), {"data.shards": cfg.data.shards})
     folder = cache_dir(cfg) / cache_key(cfg, index)
     files = [folder / SHARDS_DIR / f"{shard_id(s)}.npz" for s in index.shards]
     missing = [i for i, path in enumerate(files) if not path.is_file()]
@@ -309,7 +311,7 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
         train, _, info = create_dataloaders(cfg.data, rank=ddp.rank, world_size=ddp.world_size)
         mixer = build_mixer(cfg.distill, info).to(info.device)
         cache = ensure_cache(cfg, mixer, train.index, torch.device(info.device), ddp)
-    except (ConfigError, LoaderError, ModelError, RuntimeError, FileNotFoundError) as exc:
+    except (ConfigError, LoaderError, ModelError, RuntimeError, FileNotFoundError, OverlapError) as exc:
         return fail("soft-labels", exc)
     finally:
         destroy_distributed()

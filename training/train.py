@@ -17,13 +17,16 @@ import sys
 
 from flora.config import ConfigError
 from flora.errors import ArgumentParser, fail
+from flora.io import OverlapError
 from flora.loaders.index import LoaderError
 from flora.training.checkpoint import CheckpointError
 from flora.training.config import load_experiment
 from flora.training.loop import Trainer, TrainingError, destroy_distributed
 from flora.training.models import ModelError
 
-EXPECTED_ERRORS = (ConfigError, LoaderError, TrainingError, ModelError, CheckpointError, FileNotFoundError)
+EXPECTED_ERRORS = (
+    ConfigError, LoaderError, TrainingError, ModelError, CheckpointError, FileNotFoundError, OverlapError
+)  # fmt: skip
 
 
 def main(argv: list[str] | None = None, prog: str | None = None) -> int:
