@@ -36,6 +36,7 @@ from flora.export.bundle import (
     write_metadata,
 )
 from flora.export.parity import compare
+from flora.io import OverlapError, refuse_overlap
 
 log = logging.getLogger(__name__)
 
@@ -166,8 +167,9 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
+        refuse_overlap("export onnx", args.out, {"--checkpoint": args.checkpoint, "--images": args.images})
         report = export(args.checkpoint, args.out, args.images, args.samples)
-    except ExportError as exc:
+    except (ExportError, OverlapError) as exc:
         return fail("export onnx", exc)
     p = report["parity"]
     print(

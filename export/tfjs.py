@@ -39,6 +39,7 @@ from flora.errors import ArgumentParser, fail
 from flora.export.bundle import ExportError, ParityError, load_bundle, sample_inputs, write_metadata
 from flora.export.onnx import IMAGES_HELP, export_module, for_export
 from flora.export.parity import check_tfjs
+from flora.io import OverlapError, refuse_overlap
 
 ROOT = Path(__file__).resolve().parent.parent
 QUANTIZE = {None: [], "float16": ["--quantize_float16=*"], "uint8": ["--quantize_uint8=*"]}
@@ -243,6 +244,7 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     parser.add_argument("--latency-runs", type=int, default=50, help="timed batch-1 runs (0: skip timing)")
     args = parser.parse_args(argv)
     try:
+        refuse_overlap("export tfjs", args.out, {"--checkpoint": args.checkpoint, "--images": args.images})
         report = export(
             args.checkpoint,
             args.out,
@@ -255,7 +257,7 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
         )
     except ParityError as exc:
         return fail("export tfjs", exc, code=1)  # the export exists; it failed its check
-    except ExportError as exc:
+    except (ExportError, OverlapError) as exc:
         return fail("export tfjs", exc)
     print(summary_line(report, args.out))
     return 0

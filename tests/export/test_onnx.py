@@ -72,3 +72,18 @@ def test_cli_reports_a_bad_checkpoint_in_one_line(tmp_path, capsys):
     assert main(["--checkpoint", str(tmp_path / "missing.pt"), "--out", str(tmp_path / "o")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err == [f"flora export onnx: error: no checkpoint at {tmp_path / 'missing.pt'}"]
+
+
+def test_an_output_over_what_the_export_reads_is_one_line(tmp_path, capsys):
+    checkpoint, images = tmp_path / "best_model.pt", tmp_path / "images"
+    checkpoint.write_bytes(b"not read: refused before")
+    images.mkdir()
+    for out, words in [
+        (checkpoint, "is the file --checkpoint reads"),
+        (images / "onnx", "lies inside --images"),
+    ]:
+        argv = ["--checkpoint", str(checkpoint), "--out", str(out), "--images", str(images)]
+        assert main(argv) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and words in err[0], err
+    assert checkpoint.read_bytes() == b"not read: refused before" and list(images.iterdir()) == []
