@@ -10,7 +10,9 @@ Owns:
 * ``load_previous``: checks that a folder is a catalog output built with the same split seed,
   fractions and group key (anything else: ``LineageError``, one line, exit 2), verifies its recorded
   fingerprint against its ``dataset_splits.jsonl`` (an edited file is refused), and reads that file
-  once into ``FrozenSplits`` (16-byte digests -> split index: ~100 bytes per record). A catalog built
+  once into ``FrozenSplits`` (16-byte digests -> split index: ~100 bytes per record). A URL's key is
+  taken from the URL as this version normalises it, so a version that kept ``http://bücher.example/é``
+  raw still matches the ``http://xn--bcher-kva.example/%C3%A9`` this version writes. A catalog built
   before ``catalog_version.json`` existed is accepted: every catalog run has stored its config in
   ``export_stats.json``, so the settings are read there and the fingerprint is computed from the file
   by the same definition; its lineage starts with it. ``min_for_stratify`` may differ between versions
@@ -166,11 +168,24 @@ def load_previous(path: str | Path, cfg: SplitConfig) -> PreviousCatalog:
     return PreviousCatalog(root, fingerprint, [str(f) for f in lineage], records, mapping, frozen)
 
 
+def _identity(image_url: str) -> str:
+    """The url_key of a previous version's URL as this version spells that URL: a version written
+    before URLs were percent-encoded and hosts IDNA-encoded holds ``http://bücher.example/é``, which
+    this version writes as ``http://xn--bcher-kva.example/%C3%A9``; both must be the same image. An
+    already normal URL is its own normal form, so its key is the one it always had. A URL this
+    version refuses keeps its old key (it matches no record now, and is reported removed)."""
+    try:
+        return url_key(normalize_url(image_url))
+    except RecordError:
+        return url_key(image_url)
+
+
 def _row_record(row: Any, where: str) -> Record:
-    """A row of dataset_splits.jsonl as a Record (its url_key recomputed); LineageError if it is not one."""
+    """A row of dataset_splits.jsonl as a Record (its url_key as this version computes it, see
+    ``_identity``); LineageError if it is not one."""
     try:
         record = Record(**{name: row[name] for name in OUTPUT_FIELDS})
-        record.url_key = url_key(record.image_url)
+        record.url_key = _identity(record.image_url)
     except (KeyError, TypeError, AttributeError) as exc:
         raise LineageError(f"{where}: not a catalog row (expected the fields {list(OUTPUT_FIELDS)})") from exc
     if record.split not in SPLIT_NAMES:

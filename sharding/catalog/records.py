@@ -3,9 +3,9 @@
 Owns ``Record`` (the catalog's output row, the contract every later stage reads), the validation of
 one raw input record (``validate``), and the two normalisations that identity depends on:
 
-* ``normalize_url``: scheme and host lower-cased, default port and fragment dropped, query
-  parameters sorted (raw, not re-encoded), empty path -> ``/``. Two URLs with the same key are the
-  same download.
+* ``normalize_url``: the URL as a browser reads it, in one spelling (urls.py: WHATWG parsing,
+  percent-encoding, IDNA hosts, default port and fragment dropped, query parameters sorted). Two
+  records with the same normalised URL are the same download.
 * ``url_key``: the normalised URL without scheme and with RFC 3986 percent-encoding
   normalisation; equal keys are the same image (dedup, leakage checks).
 * ``normalize_latin_name``: whitespace collapsed, genus capitalised, the rest lower case (specific
@@ -23,10 +23,11 @@ Leaves out: licenses and regions (licenses.py, regions.py, applied by the catalo
 from __future__ import annotations
 
 import re
-import string
 from dataclasses import dataclass, field
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
+
+from flora.sharding.catalog import urls
+from flora.sharding.catalog.urls import url_key as url_key  # served here to the rest of Flora
 
 INPUT_FIELDS = ("plant_id", "latin_name", "image_url", "license", "source", "country", "region")
 REQUIRED_FIELDS = ("plant_id", "latin_name", "image_url")
@@ -34,15 +35,10 @@ OUTPUT_FIELDS = (
     "plant_id", "latin_name", "image_url", "license", "license_class", "source",
     "country", "region", "split", "label", "meta",
 )  # fmt: skip
-ALLOWED_SCHEMES = ("http", "https")
-_DEFAULT_PORTS = {"http": 80, "https": 443}
-#: Longest accepted Latin name / URL; longer values are corrupt exports, not species.
+#: Longest accepted Latin name; a longer value is a corrupt export, not a species.
 MAX_NAME_CHARS = 200
-MAX_URL_CHARS = 4096
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 _HAS_LETTER = re.compile(r"[^\W\d_]")
-_PERCENT = re.compile(r"%([0-9A-Fa-f]{2})")
-_UNRESERVED = frozenset(string.ascii_letters + string.digits + "-._~")
 
 
 class RecordError(ValueError):
@@ -78,46 +74,12 @@ class Record:
 
 
 def normalize_url(url: str) -> str:
-    """The canonical form of an http(s) URL (see module docstring); raises RecordError if invalid."""
-    text = url.strip()
-    if not text:
-        raise RecordError("bad_url", "image_url is empty")
-    if len(text) > MAX_URL_CHARS:
-        raise RecordError("bad_url", f"image_url is {len(text)} characters long (max {MAX_URL_CHARS})")
-    if _CONTROL.search(text) or " " in text:
-        raise RecordError("bad_url", f"image_url contains whitespace or control characters: {text[:80]!r}")
+    """The one spelling of an http(s) URL (urls.normalize_url); raises RecordError (``bad_url``,
+    ``bad_scheme``) if it cannot be kept."""
     try:
-        parts = urlsplit(text)
-        port = parts.port
-    except ValueError as exc:
-        raise RecordError("bad_url", f"image_url cannot be parsed ({exc}): {text[:80]!r}") from exc
-    scheme = parts.scheme.lower()
-    if scheme not in ALLOWED_SCHEMES:
-        shown = f"{scheme!r}" if scheme else "none"
-        raise RecordError("bad_scheme", f"image_url scheme must be http or https, got {shown}: {text[:80]!r}")
-    if not parts.hostname:
-        raise RecordError("bad_url", f"image_url has no host: {text[:80]!r}")
-    if parts.username is not None or parts.password is not None:
-        raise RecordError("bad_url", "image_url embeds credentials (user:password@host); refusing to keep it")
-    host = parts.hostname.lower()
-    if ":" in host:  # IPv6 literal
-        host = f"[{host}]"
-    netloc = host if port is None or port == _DEFAULT_PORTS[scheme] else f"{host}:{port}"
-    query = "&".join(sorted(p for p in parts.query.split("&") if p)) if parts.query else ""
-    return urlunsplit((scheme, netloc, parts.path or "/", query, ""))
-
-
-def url_key(image_url: str) -> str:
-    """The identity of a normalised URL for dedup and leakage checks: without its scheme (the
-    http and https forms of one URL are one image), percent-escapes upper-cased and unreserved
-    characters decoded (RFC 3986, 6.2.2: ``%7e`` and ``~`` are the same URL)."""
-    rest = image_url.split("://", 1)[-1]
-    return _PERCENT.sub(_fix_escape, rest) if "%" in rest else rest
-
-
-def _fix_escape(match: re.Match) -> str:
-    char = chr(int(match.group(1), 16))
-    return char if char in _UNRESERVED else "%" + match.group(1).upper()
+        return urls.normalize_url(url)
+    except urls.UrlError as exc:
+        raise RecordError(exc.reason, str(exc)) from None
 
 
 def normalize_latin_name(name: str) -> str:
