@@ -2,11 +2,13 @@
 
 Owns the order of operations and every file the stage writes into ``--out``:
 
-1. read (sources.py) and validate (records.py) each record; licenses (licenses.py) and regions
-   (regions.py) are resolved here; a bad record goes to ``rejects.jsonl`` with its position;
-2. dedup by normalised URL, with the species-conflict policy (split.py) -> ``duplicates.jsonl``;
+1. read (sources.py) and validate (records.py) each record, licences (licenses.py) and regions
+   (regions.py) resolved (intake.py); a bad record goes to ``rejects.jsonl`` with its position;
+2. dedup by normalised URL (urls.py), with the species-conflict policy (split.py) -> ``duplicates.jsonl``;
 3. ``production_only`` rejects restrictive records (reason ``restrictive_license``), then species
-   under ``split.min_images_per_species`` (reason ``rare_species``);
+   under ``split.min_images_per_species`` (reason ``rare_species``); if no record is left, the run
+   stops here (intake.py's ``NoUsableRecordError``, one line naming the likely cause): a catalog
+   without a record is never written;
 4. the split (split.py), labels from ``class_mapping.json`` (species sorted by name -> 0..K-1);
 5. ``dataset_{train,val,test}.jsonl``, ``dataset_splits.jsonl``, ``split_analysis.json``,
    ``export_stats.json``, ``catalog_version.json`` (fingerprint, split settings, lineage),
@@ -34,7 +36,6 @@ Leaves out: downloading (the sharder, issue 4), and anything about image content
 from __future__ import annotations
 
 import hashlib
-import os
 import statistics
 from collections import Counter
 from collections.abc import Iterable
@@ -43,6 +44,7 @@ from pathlib import Path
 from typing import Any
 
 from flora.config import bundled_config_dir, find_config, to_dict
+from flora.sharding.catalog.intake import Intake, read_source, refuse_empty
 from flora.sharding.catalog.licenses import PERMISSIVE, LicenseTable
 from flora.sharding.catalog.lineage import (
     PreviousCatalog,
@@ -53,9 +55,9 @@ from flora.sharding.catalog.lineage import (
     stable_mapping,
     version_record,
 )
-from flora.sharding.catalog.records import Record, RecordError, put_meta, url_key, validate
+from flora.sharding.catalog.records import Record
 from flora.sharding.catalog.regions import RegionTable
-from flora.sharding.catalog.sources import JsonlSource, MongoSource, Unparseable, open_source, redact
+from flora.sharding.catalog.sources import open_source, redact
 from flora.sharding.catalog.split import (
     DedupResult,
     SplitResult,
@@ -142,32 +144,6 @@ def _stage_dataset(
         outputs.jsonl(f"{prefix}_splits.jsonl", rows(records))
 
 
-def _build(raw: Any, licenses: LicenseTable, regions: RegionTable) -> Record:
-    if isinstance(raw, Unparseable):
-        raise RecordError("invalid_json", raw.message)
-    fields, meta = validate(raw)
-    license_id, license_class = licenses.classify(fields["license"])
-    country, region = regions.resolve(fields["country"], fields["region"])
-    if fields["license"] is not None:
-        put_meta(meta, "license_raw", fields["license"])
-    if fields["url_raw"] != fields["image_url"]:
-        put_meta(meta, "image_url_raw", fields["url_raw"])
-    if fields["country"] is not None and fields["country"] != country:
-        put_meta(meta, "country_raw", fields["country"])
-    return Record(
-        plant_id=fields["plant_id"],
-        latin_name=fields["latin_name"],
-        image_url=fields["image_url"],
-        license=license_id,
-        license_class=license_class,
-        source=fields["source"],
-        country=country,
-        region=region,
-        meta=dict(sorted(meta.items())),
-        url_key=url_key(fields["image_url"]),
-    )
-
-
 def run_catalog(
     source: str,
     out_dir: str | Path,
@@ -182,11 +158,12 @@ def run_catalog(
     regions = RegionTable.load(resolve_table(cfg.regions_file, config_dir))
     subset_names = sorted(set(regions.check_names(cfg.regions)))
     reader = open_source(source, cfg.mongo)
-    intake = _read(reader, licenses, regions, cfg.progress)
+    intake = read_source(reader, licenses, regions, cfg.progress)
     result = dedup(intake.valid, cfg.species_conflict)  # one record per URL (split.py)
     intake.reject_all(result.rejected)
     kept = _drop_restrictive(result.kept, intake) if cfg.production_only else result.kept
     kept = _drop_rare(kept, cfg.split.min_images_per_species, intake)
+    refuse_empty(kept, reader, intake, out_dir)  # no usable record: not a catalog; nothing written
     split = assign_splits(kept, cfg.split, prev.frozen if prev else None)
     mapping = _label(kept, prev)
     _sort_for_output(kept, intake.rejects, result.duplicates)
@@ -207,50 +184,7 @@ def run_catalog(
     return CatalogResult(out_dir=Path(out_dir), stats=stats, class_mapping=mapping, subsets=subsets)
 
 
-@dataclass
-class _Intake:
-    """The input records read so far, the valid ones, and the rows of ``rejects.jsonl``."""
-
-    n_input: int = 0
-    valid: list[Record] = field(default_factory=list)
-    rejects: list[dict[str, Any]] = field(default_factory=list)
-
-    def reject(self, record: Record, reason: str, message: str) -> None:
-        self.rejects.append(
-            {"position": record.position, "reason": reason, "message": message, "record": record.to_dict()}
-        )
-
-    def reject_all(self, rejected: Iterable[tuple[Record, str, str]]) -> None:
-        for record, reason, message in rejected:
-            self.reject(record, reason, message)
-
-
-def _read(
-    reader: JsonlSource | MongoSource, licenses: LicenseTable, regions: RegionTable, progress: bool | None
-) -> _Intake:
-    """Reads and validates every record of the source (records.py), licence and region resolved; an
-    invalid one is rejected with its position."""
-    from tqdm import tqdm
-
-    intake = _Intake()
-    total = reader.count() if hasattr(reader, "count") else None
-    hide = not os.isatty(2) if progress is None else not progress
-    for position, raw in tqdm(reader, total=total, unit=" rec", desc="catalog", disable=hide):
-        intake.n_input += 1
-        try:
-            record = _build(raw, licenses, regions)
-        except RecordError as exc:
-            shown = raw.text if isinstance(raw, Unparseable) else raw
-            intake.rejects.append(
-                {"position": position, "reason": exc.reason, "message": str(exc), "record": shown}
-            )
-            continue
-        record.position = position
-        intake.valid.append(record)
-    return intake
-
-
-def _drop_restrictive(records: list[Record], intake: _Intake) -> list[Record]:
+def _drop_restrictive(records: list[Record], intake: Intake) -> list[Record]:
     """``production_only``: records whose licence is not permissive are rejected."""
     for r in records:
         if r.license_class != PERMISSIVE:
@@ -260,7 +194,7 @@ def _drop_restrictive(records: list[Record], intake: _Intake) -> list[Record]:
     return [r for r in records if r.license_class == PERMISSIVE]
 
 
-def _drop_rare(records: list[Record], minimum: int, intake: _Intake) -> list[Record]:
+def _drop_rare(records: list[Record], minimum: int, intake: Intake) -> list[Record]:
     """Records of species with fewer than ``minimum`` images are rejected."""
     per_species = Counter(r.latin_name for r in records)
     for r in records:
@@ -344,7 +278,7 @@ def _stage_logs(outputs: OutputSet, rejects: list[dict[str, Any]], duplicates: l
 
 def _stats(
     source: str,
-    intake: _Intake,
+    intake: Intake,
     kept: list[Record],
     n_duplicates: int,
     result: DedupResult,
@@ -402,7 +336,11 @@ def _provenance(
 
 
 def _stage_subset(
-    outputs: OutputSet, region: str, records: list[Record], cfg: CatalogConfig, prev: PreviousCatalog | None
+    outputs: OutputSet,
+    region: str,
+    records: list[Record],
+    cfg: CatalogConfig,
+    prev: PreviousCatalog | None,
 ) -> dict[str, Any]:
     subset = [r for r in records if r.region == region]
     slug = region.lower()

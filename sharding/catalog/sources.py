@@ -4,6 +4,11 @@ Owns opening a ``--source`` (``open_source``) and yielding ``(position, raw)`` p
 the decoded JSON object (any JSON value: validation is records.py's job) or an ``Unparseable``
 for a line that is not JSON. Nothing is held beyond one line / one cursor batch.
 
+Each source also says what it is when that explains a run without a usable record (``diagnose``):
+a JSONL path that holds nothing, a JSON array or pretty-printed JSON instead of one object per line,
+CSV or TSV, UTF-16 text, a gzip file not named ``.gz``, a ZIP archive or a Parquet file; a MongoDB
+collection that is empty, or whose documents the filter all leaves out.
+
 MongoDB: ``mongodb://[user[:password]@]host[:port]/DATABASE.COLLECTION[?options]`` (the connection
 string's ``database.collection`` form; ``mongodb+srv://`` works too). Read with one batch cursor
 (``mongo.batch_size``), the server-side ``mongo.filter`` and a projection (``mongo.fields``; ``_id`` is
@@ -34,6 +39,16 @@ from flora.sharding.config import MongoConfig
 _URI_PASSWORD = re.compile(r"(mongodb(?:\+srv)?://[^:/@\s]+:)([^@\s]*)(@)")
 _URI_USER_ONLY = re.compile(r"(mongodb(?:\+srv)?://[^:/@\s]+)@")
 MONGO_PREFIXES = ("mongodb://", "mongodb+srv://")
+#: How much of a JSONL source ``diagnose`` looks at: more than a CSV header or the start of an array.
+SNIFF_BYTES = 64 * 1024
+#: Leading bytes of files that are not JSON Lines text: (magic, what the file is).
+_MAGIC = (
+    (b"\x1f\x8b", "it is gzip-compressed but not named .gz; rename it to {name}.gz"),
+    (b"PK\x03\x04", "it is a ZIP archive, not JSON Lines; unpack the JSON Lines file inside it"),
+    (b"PAR1", "it is a Parquet file, not JSON Lines (one JSON object per line)"),
+    (b"\xff\xfe", "it is UTF-16 text; save it as UTF-8 JSON Lines"),
+    (b"\xfe\xff", "it is UTF-16 text; save it as UTF-8 JSON Lines"),
+)
 
 
 class SourceError(FloraError, RuntimeError):
@@ -68,6 +83,9 @@ def _parse(line: bytes) -> Any:
 class JsonlSource:
     """A JSONL (optionally ``.gz``) file: one JSON object per line; blank lines are skipped."""
 
+    #: What one raw record of this source is, in messages ("5 lines read").
+    unit = "line"
+
     def __init__(self, path: str | Path):
         self.path = Path(path)
         if not self.path.is_file():
@@ -76,8 +94,21 @@ class JsonlSource:
     def describe(self) -> str:
         return f"jsonl:{self.path.name}"
 
+    def diagnose(self) -> str | None:
+        """What the file is, if it is plainly not JSON Lines (see module docstring); None otherwise."""
+        try:
+            with (gzip.open if self._gzipped else open)(self.path, "rb") as fh:
+                head = fh.read(SNIFF_BYTES)
+        except (OSError, EOFError):
+            return None  # reading it already failed with its own message
+        return _shape(head, self.path)
+
+    @property
+    def _gzipped(self) -> bool:
+        return self.path.suffix == ".gz"
+
     def __iter__(self) -> Iterator[tuple[str, Any]]:
-        opener = gzip.open if self.path.suffix == ".gz" else open
+        opener = gzip.open if self._gzipped else open
         lineno = 0
         try:
             with opener(self.path, "rb") as fh:
@@ -88,8 +119,43 @@ class JsonlSource:
             raise SourceError(f"cannot read {self.path} after line {lineno}: {exc}") from None
 
 
+def _shape(head: bytes, path: Path) -> str | None:
+    """The first ``SNIFF_BYTES`` of a JSONL source -> what they show it is, if not JSON Lines."""
+    if not head.strip():
+        return "the file is empty" if not head else "the file holds only blank lines"
+    for magic, what in _MAGIC:
+        if head.startswith(magic):
+            return what.format(name=path.name)
+    text = head.removeprefix(b"\xef\xbb\xbf").strip()  # a UTF-8 byte order mark, whitespace
+    first_line = text.split(b"\n", 1)[0].strip()
+    first_is_json = not isinstance(_parse(first_line), Unparseable)
+    # an array on one line (the only line in the head), or spread over lines (its first is no JSON)
+    if first_line.startswith(b"[") and (b"\n" not in text or not first_is_json):
+        return (
+            f"it holds a JSON array, not JSON Lines (one JSON object per line); convert it with "
+            f"jq -c '.[]' {path.name} > {path.stem}.jsonl"
+        )
+    if first_line == b"{" or (
+        first_line.startswith(b"{") and first_line.endswith(b",") and not first_is_json
+    ):
+        return (
+            "it holds pretty-printed JSON (objects spread over several lines), not JSON Lines (one "
+            f"JSON object per line); convert it with jq -c . {path.name} > {path.stem}.jsonl"
+        )
+    if not first_line.startswith((b"{", b"[")) and not first_is_json:
+        for separator, kind in ((b"\t", "TSV"), (b",", "CSV"), (b";", "CSV")):
+            if separator in first_line:
+                shown = first_line[:80].decode("utf-8", "replace")
+                return (
+                    f"it looks like {kind} (first line {shown!r}), not JSON Lines (one JSON object per line)"
+                )
+    return None
+
+
 class MongoSource:
     """A MongoDB collection read through one batch cursor (see module docstring)."""
+
+    unit = "document"
 
     def __init__(self, uri: str, cfg: MongoConfig):
         try:
@@ -99,6 +165,10 @@ class MongoSource:
             raise SourceError("reading from MongoDB needs pymongo: pip install 'flora[mongo]'") from exc
         self.cfg = cfg
         self.shown_uri = redact(uri)
+        #: Documents the last read yielded, and (when it yielded none under a filter) how many the
+        #: collection holds: counted while the connection is open, for ``diagnose``.
+        self.documents_read = 0
+        self._unfiltered: int | None = None
         user_only = _URI_USER_ONLY.match(uri)
         if user_only:
             password = os.environ.get(cfg.password_env)
@@ -143,6 +213,18 @@ class MongoSource:
     def describe(self) -> str:
         return f"mongodb:{self.database}.{self.collection}"
 
+    def diagnose(self) -> str | None:
+        """Why a read gave no document (an empty collection, a filter that leaves every document
+        out); None if it gave some."""
+        if self.documents_read:
+            return None
+        if not self.cfg.filter or self._unfiltered == 0:
+            return "the collection is empty"
+        return (
+            f"no document matches mongo.filter {json.dumps(self.cfg.filter, default=str)} "
+            f"(the collection holds {self._unfiltered})"
+        )
+
     def count(self) -> int:
         """Documents matching the filter (for the progress bar)."""
         from pymongo import errors
@@ -162,11 +244,15 @@ class MongoSource:
         coll = self._client[self.database][self.collection]
         try:
             cursor = coll.find(self.cfg.filter, projection=projection, batch_size=self.cfg.batch_size)
+            self.documents_read = 0
             for index, doc in enumerate(cursor):
                 doc_id = doc.pop("_id", None)
                 if self.cfg.keep_id and doc_id is not None:
                     doc["_id"] = str(doc_id)
+                self.documents_read += 1
                 yield f"document {index} (_id {doc_id})", doc
+            if not self.documents_read and self.cfg.filter:
+                self._unfiltered = coll.count_documents({})
         except errors.PyMongoError as exc:
             raise SourceError(
                 f"reading {self.describe()} failed: {redact(str(exc)).splitlines()[0]}"
