@@ -28,7 +28,10 @@ any order) and seed give byte-identical files; only the ``position`` of a reject
 A regional subset keeps each record's global split (no leakage between a regional and the global
 set); its ``label`` indexes the regional mapping and ``global_label`` the global one.
 All files are staged under temporary names and renamed into place together once the run has
-succeeded (outputs.py), so a crash or a bad input leaves the previous run's files, never a mix.
+succeeded (outputs.py), so a crash or a bad input leaves the previous run's files, never a mix. A
+write that fails (a full disk) removes the staged files and is one ``StorageError`` line naming the
+stage and the file (``catalog: writing the catalog files: cannot write .../dataset_splits.jsonl.tmp:
+No space left on device [Errno 28]; ...``).
 
 Leaves out: downloading (the sharder, issue 4), and anything about image content.
 """
@@ -44,6 +47,7 @@ from pathlib import Path
 from typing import Any
 
 from flora.config import bundled_config_dir, find_config, to_dict
+from flora.errors import storage_error
 from flora.sharding.catalog.intake import Intake, read_source, refuse_empty
 from flora.sharding.catalog.licenses import PERMISSIVE, LicenseTable
 from flora.sharding.catalog.lineage import (
@@ -70,6 +74,25 @@ from flora.sharding.config import SPLIT_NAMES, CatalogConfig
 from flora.sharding.outputs import TMP_SUFFIX, OutputSet
 
 BUNDLED_CONFIG_DIR = bundled_config_dir()
+#: The stage named by a failed write (as the sharder names ``build: writing shard parts``).
+WRITING = "catalog: writing the catalog files"
+
+
+class _StagedFiles(OutputSet):
+    """outputs.OutputSet that remembers the file it is writing, so that a failed write can name it
+    (an ``OSError`` from ``write`` carries no file name)."""
+
+    def __init__(self, out_dir: str | Path):
+        self.writing = Path(out_dir)
+        super().__init__(out_dir)
+
+    def jsonl(self, name: str, rows: Iterable[Any]) -> int:
+        self.writing = self.out_dir / f"{name}{TMP_SUFFIX}"
+        return super().jsonl(name, rows)
+
+    def json(self, name: str, obj: Any) -> None:
+        self.writing = self.out_dir / f"{name}{TMP_SUFFIX}"
+        super().json(name, obj)
 
 
 def resolve_table(name: str, config_dir: Path | None) -> Path:
@@ -167,20 +190,27 @@ def run_catalog(
     split = assign_splits(kept, cfg.split, prev.frozen if prev else None)
     mapping = _label(kept, prev)
     _sort_for_output(kept, intake.rejects, result.duplicates)
-    with OutputSet(out_dir) as outputs:
-        _stage_dataset(outputs, "dataset", kept)
-        outputs.json("class_mapping.json", mapping)
-        analysis = _stage_analysis(outputs, kept, mapping, split, intake.rejects, cfg, prev)
-        version = _stage_version(outputs, kept, mapping, cfg, prev)
-        subsets = {name: _stage_subset(outputs, name, kept, cfg, prev) for name in subset_names}
-        n_duplicates = _stage_logs(outputs, intake.rejects, result.duplicates)
-        stats = {
-            **_stats(reader.describe(), intake, kept, n_duplicates, result, analysis, subsets),
-            **_provenance(licenses, regions, cfg, version, analysis, prev),
-        }
-        if not stats["accounting_ok"]:  # a bug, not bad input: never let it pass silently
-            raise AssertionError(f"catalog accounting broken: {stats}")
-        outputs.json("export_stats.json", stats)
+    outputs: _StagedFiles | None = None
+    try:
+        with (outputs := _StagedFiles(out_dir)):
+            _stage_dataset(outputs, "dataset", kept)
+            outputs.json("class_mapping.json", mapping)
+            analysis = _stage_analysis(outputs, kept, mapping, split, intake.rejects, cfg, prev)
+            version = _stage_version(outputs, kept, mapping, cfg, prev)
+            subsets = {name: _stage_subset(outputs, name, kept, cfg, prev) for name in subset_names}
+            n_duplicates = _stage_logs(outputs, intake.rejects, result.duplicates)
+            stats = {
+                **_stats(reader.describe(), intake, kept, n_duplicates, result, analysis, subsets),
+                **_provenance(licenses, regions, cfg, version, analysis, prev),
+            }
+            if not stats["accounting_ok"]:  # a bug, not bad input: never let it pass silently
+                raise AssertionError(f"catalog accounting broken: {stats}")
+            outputs.json("export_stats.json", stats)
+    except OSError as exc:  # a full or failing disk: one line naming the file; this run kept nothing
+        if outputs is None:  # --out cannot be created: a file there, no permission, a full disk
+            raise storage_error(WRITING, out_dir, exc, "check --out") from exc
+        resume = f"run it again (this run kept no file; those already in {out_dir} are unchanged)"
+        raise storage_error(WRITING, outputs.writing, exc, resume) from exc
     return CatalogResult(out_dir=Path(out_dir), stats=stats, class_mapping=mapping, subsets=subsets)
 
 

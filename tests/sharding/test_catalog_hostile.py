@@ -1,4 +1,4 @@
-"""The catalog on sources that hold no usable record.
+"""The catalog on sources that hold no usable record, and on a disk that fills while it writes.
 
 No usable record (real files, and real collections on the session's MongoDB test server): a JSON
 array, pretty-printed JSON, CSV, TSV, an empty file, a gzip file without ``.gz``, every line of the
@@ -6,10 +6,18 @@ wrong schema, everything dropped by ``production_only`` or the rare-species rule
 collection, a filter that matches nothing. Each is exit status 2, one ``error:`` line naming the
 source, the count and reason of the rejects and the likely cause; no file is written, and a previous
 catalog in ``--out`` stays byte for byte.
+
+A full disk (a real tmpfs, so those tests need root): one line naming the stage and the file,
+nothing of the run left (no ``.tmp``, no empty file), a previous catalog unchanged, and the re-run
+after freeing space writes the same files as a run on a roomy disk.
 """
 
+import errno
 import gzip
 import json
+import os
+import subprocess
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -19,6 +27,8 @@ from flora.sharding.__main__ import main
 from flora.sharding.catalog.intake import NoUsableRecordError
 from flora.sharding.catalog.run import run_catalog
 from flora.sharding.config import CatalogConfig
+
+FULL = f"No space left on device [Errno {errno.ENOSPC}]"
 
 
 def rec(i, name="Olea europaea", **fields):
@@ -192,3 +202,73 @@ def test_an_empty_collection_and_a_filter_matching_nothing(mongo_server, tmp_pat
 
     assert catalog(f"{mongo_server.uri}/flora_hostile.images", out) == 0  # the same server, a good collection
     assert json.loads((out / "export_stats.json").read_text())["written"] == len(RECORDS)
+
+
+# ------------------------------------------------------------------------------ a full disk
+@contextmanager
+def tmpfs(path: Path, size: str):
+    path.mkdir(parents=True)
+    subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)], check=True)
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", "-l", str(path)], check=False)
+
+
+def leftovers(root: Path) -> list[str]:
+    """Temporaries, and empty JSON files, under ``root`` (an empty JSONL log is valid)."""
+    return sorted(
+        str(p.relative_to(root))
+        for p in root.rglob("*")
+        if p.is_file() and (".tmp" in p.name or (p.stat().st_size == 0 and p.suffix == ".json"))
+    )
+
+
+def big_source(path: Path, n: int = 3000) -> Path:
+    """``n`` records of 40 species whose ``meta`` makes the catalog's files about 14 MB in all."""
+    padding = "x" * 1000
+    lines = (json.dumps(rec(i, f"Species{i % 40} alba", note=padding)) + "\n" for i in range(n))
+    path.write_text("".join(lines))
+    return path
+
+
+needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="mounting a tmpfs needs root")
+
+
+@needs_root
+def test_a_full_disk_is_one_line_naming_the_file_and_leaves_nothing(tmp_path, capsys):
+    source = big_source(tmp_path / "big.jsonl")
+    with tmpfs(tmp_path / "disk", "3m") as disk:
+        out = disk / "splits"
+        assert catalog(source, out) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and "Traceback" not in err, err
+        assert err.startswith(
+            f"flora catalog: error: catalog: writing the catalog files: cannot write {out}/"
+        )
+        assert (
+            ".jsonl.tmp: " in err and FULL in err and "free space on that filesystem and run it again" in err
+        )
+        assert leftovers(disk) == [] and list(out.iterdir()) == []  # nothing a build could read
+
+        subprocess.run(["mount", "-o", "remount,size=64m", str(disk)], check=True)
+        assert catalog(source, out) == 0  # finishes once there is space ...
+        reference = tmp_path / "reference"
+        assert catalog(source, reference) == 0
+        assert files(out) == files(reference)  # ... with the files a roomy disk gets
+
+
+@needs_root
+def test_a_full_disk_keeps_the_previous_catalog(tmp_path, capsys):
+    small = tmp_path / "small.jsonl"
+    small.write_text(JSONL)
+    source = big_source(tmp_path / "big.jsonl")
+    with tmpfs(tmp_path / "disk", "3m") as disk:
+        out = disk / "splits"
+        assert catalog(small, out) == 0
+        before = files(out)
+        capsys.readouterr()
+        assert catalog(source, out) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and FULL in err and f"those already in {out} are unchanged" in err
+        assert files(out) == before and leftovers(disk) == []
