@@ -60,13 +60,15 @@ def _local(location: object) -> Path | None:
     return Path(text).expanduser().resolve()
 
 
-def refuse_overlap(stage: str, out: object, reads: dict[str, object]) -> None:
+def refuse_overlap(stage: str, out: object, reads: dict[str, object], same_ok: tuple[str, ...] = ()) -> None:
     """Refuses (``OverlapError``, one line) an output folder ``out`` that equals, contains or sits inside
     a folder the same command reads (``reads``: what the user calls it, e.g. ``"--splits"`` -> its
     path; None and remote locations are skipped), or that equals a file it reads. Symlinks are
     followed, so a link to the input is the input. A stage writes, replaces and removes files in its
     output folder; overlapping an input, it would replace what it reads (a catalog's audit trail, a
-    cache, a shard set) in silence."""
+    cache, a shard set) in silence. ``same_ok``: the names whose folder may *be* the output (a stage
+    designed to replace that input in place, atomically, e.g. ``flora catalog --previous DIR --out
+    DIR``); nesting either way is still refused."""
     target = _local(out)
     if target is None:
         return
@@ -81,6 +83,8 @@ def refuse_overlap(stage: str, out: object, reads: dict[str, object]) -> None:
                 )
             continue
         if target == source:
+            if name in same_ok:
+                continue
             relation = f"is the folder {name} ({location})"
         elif source in target.parents:
             relation = f"lies inside {name} ({location})"

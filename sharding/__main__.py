@@ -42,7 +42,10 @@ def _catalog(args: argparse.Namespace) -> int:
     cfg = load_config(CatalogConfig, args.config, overrides)
     if args.region:
         cfg.regions = sorted(set(cfg.regions) | set(args.region))
-    refuse_overlap("catalog", args.out, {"--source": args.source, "--previous": args.previous})
+    # --previous DIR --out DIR is the in-place update (read first, replaced atomically); nesting is refused
+    refuse_overlap(
+        "catalog", args.out, {"--source": args.source, "--previous": args.previous}, same_ok=("--previous",)
+    )
     started = time.perf_counter()
     config_dir = Path(args.config).parent if args.config else None
     result = run_catalog(args.source, args.out, cfg, config_dir, previous=args.previous)

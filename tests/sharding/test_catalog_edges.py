@@ -3,6 +3,7 @@ and all-invalid inputs, and files left untouched by a failed run."""
 
 import gzip
 import json
+import re
 
 import pytest
 
@@ -10,6 +11,7 @@ from flora.config import load_config
 from flora.io import read_jsonl
 from flora.sharding.__main__ import main
 from flora.sharding.catalog import run as catalog_module
+from flora.sharding.catalog.intake import NoUsableRecordError
 from flora.sharding.catalog.run import run_catalog
 from flora.sharding.config import CatalogConfig
 
@@ -95,18 +97,23 @@ def test_gzip_input_and_a_truncated_gzip(tmp_path, capsys):
 
 
 @pytest.mark.parametrize(
-    ("lines", "overrides"),
-    [([], []), (["{bad", "[]"], []), ([rec(1, license="cc-by-nc")], ["production_only=true"])],
+    ("lines", "overrides", "expected"),
+    [
+        ([], [], "no usable record in jsonl:c.jsonl: the file is empty; nothing was written to "),
+        (["{bad", "[]"], [], "2 lines read, all rejected (invalid_json 1, not_an_object 1)"),
+        (
+            [rec(1, license="cc-by-nc")],
+            ["production_only=true"],
+            "1 line read, rejected as restrictive_license",
+        ),
+    ],
     ids=["empty", "all-invalid", "production-only-leaves-nothing"],
 )
-def test_degenerate_inputs_still_account_for_everything(tmp_path, lines, overrides):
-    stats, out = run(tmp_path, lines, "regions=[EU_SW]", *overrides)
-    assert stats["accounting_ok"] and stats["written"] == 0
-    assert stats["rejected"] == len(lines)
-    assert (
-        read_jsonl(out / "dataset_eu_sw_train.jsonl") == []
-        and json.loads((out / "class_mapping.json").read_text()) == {}
-    )
+def test_degenerate_inputs_are_refused_and_write_nothing(tmp_path, lines, overrides, expected):
+    """Zero usable records is an error naming the cause (test_catalog_hostile.py has every source kind)."""
+    with pytest.raises(NoUsableRecordError, match=re.escape(expected)):
+        run(tmp_path, lines, "regions=[EU_SW]", *overrides)
+    assert not (tmp_path / "out").exists()
 
 
 def test_a_failed_run_leaves_the_previous_files(tmp_path, monkeypatch):

@@ -60,6 +60,9 @@ def test_the_overlap_rule(tmp_path):
     refuse_overlap("catalog", tmp_path / "out", {"--source": tmp_path / "file.jsonl", "--previous": None})
     refuse_overlap("build", "s3://bucket/prefix", {"--splits": reads, "mongo": "mongodb://h/db.c"})
     refuse_overlap("build", tmp_path / "sibling", {"--splits": reads})
+    refuse_overlap("catalog", reads, {"--previous": reads}, same_ok=("--previous",))  # the in-place update
+    with pytest.raises(OverlapError, match="lies inside --previous"):
+        refuse_overlap("catalog", reads / "sub", {"--previous": reads}, same_ok=("--previous",))
 
 
 def test_a_build_into_its_own_splits_is_refused_and_the_catalog_is_untouched(small_world, tmp_path, capsys):
@@ -81,8 +84,12 @@ def test_a_catalog_over_its_previous_version_or_its_source_is_refused(small_worl
     shutil.copytree(small_world.splits, previous)
     source = small_world.world.catalog_path
     argv = ["catalog", "--source", str(source), "--previous", str(previous), "progress=false"]
-    assert main([*argv, "--out", str(previous)]) == 2
-    assert "is the folder --previous" in error_line(capsys)
+    assert (
+        main([*argv, "--out", str(previous / "v2")]) == 2
+    )  # (--out DIR --previous DIR: the in-place update)
+    assert "lies inside --previous" in error_line(capsys)
+    assert main([*argv, "--out", str(tmp_path)]) == 2
+    assert "contains --previous" in error_line(capsys)
     assert main([*argv, "--out", str(source)]) == 2
     assert "is the file --source reads" in error_line(capsys)
 
