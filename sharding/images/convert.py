@@ -12,6 +12,10 @@ whole image and its 95% crops), which finalize uses to find near-duplicates.
 Reason codes (``ImageError.reason``, written to failures.jsonl): ``not_an_image``, ``corrupt``,
 ``too_small``, ``too_large_dimensions``, ``decompression_bomb``, ``format_not_allowed``.
 
+Memory: with a ``DecodeBudget`` (budget.py), the image's estimated peak memory is reserved after the
+header checks and before any pixel is decoded, and given back once its pixels are freed (on failure
+too), so the decodes a process's threads run at once stay within the budget.
+
 Threading: ``process_image`` is thread-safe and keeps no state between calls. While any call is
 running, Pillow's ``DecompressionBombWarning`` is an error process-wide (a counted filter, removed
 when the last call returns), so Pillow's own bomb check can never be bypassed by a warning filter.
@@ -27,15 +31,17 @@ import io
 import struct
 import threading
 import time
+import traceback
 import warnings
 from collections import Counter
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 
 from PIL import ExifTags, Image, ImageOps, UnidentifiedImageError
 
 from flora.config import ConfigError
+from flora.sharding.images.budget import DecodeBudget, DecodePlan, decode_cost, plan_of
 from flora.sharding.images.neardup import perceptual_hashes
 
 DEFAULT_FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF")
@@ -212,13 +218,18 @@ class StageClock:
         self._last = now
 
 
-def process_image(data: bytes, cfg: ImageConfig, *, clock: StageClock | None = None) -> ProcessedImage:
+def process_image(
+    data: bytes, cfg: ImageConfig, *, clock: StageClock | None = None, budget: DecodeBudget | None = None
+) -> ProcessedImage:
     """Validates ``data`` and returns the JPEG to store (see the module docstring for the steps).
 
     Args:
         data: The downloaded bytes.
         cfg: What is accepted, and the resize and encode settings.
         clock: Times the stages (benchmarks); None times nothing.
+        budget: The process's decode budget (budget.py): the image's estimated peak memory, from its
+            header, is reserved before any pixel is decoded and given back once the pixels are freed
+            (an image above the whole budget runs alone); None reserves nothing.
 
     Returns:
         The stored JPEG with its size, the original's size, format and mode, and the SHA-256.
@@ -231,45 +242,86 @@ def process_image(data: bytes, cfg: ImageConfig, *, clock: StageClock | None = N
         clock.start()
     with _bomb_warning_is_error():
         img = _open(data)
-        fmt = _FORMAT_ALIASES.get(img.format or "", img.format or "")
-        if fmt not in cfg.formats:
-            raise ImageError(
-                "format_not_allowed", f"format {img.format} is not in images.formats {cfg.formats}"
-            )
-        width, height = img.size
-        _check_size(width, height, cfg)
-        target = _target_size(width, height, cfg.resize_shorter_side)
-        orientation = _orientation(img) if fmt == "JPEG" else 1  # a JPEG's EXIF is read with the header
-        keep = (
-            cfg.keep_original_jpeg
-            and img.format == "JPEG"
-            and img.mode == "RGB"
-            and target is None
-            and orientation == 1
-        )
-        original_mode = img.mode
+        steps = _plan(img, data, cfg)
         if clock is not None:
             clock.lap("open")
-        try:
-            if keep:
-                img.draft(img.mode, (max(1, width // VALIDATE_SCALE), max(1, height // VALIDATE_SCALE)))
-            elif (
-                fmt == "JPEG" and target is not None and min(width, height) >= DRAFT_MIN_FACTOR * min(target)
-            ):
-                img.draft(img.mode, target)
-            img.load()
-            if fmt != "JPEG":
-                orientation = _orientation(img)
-        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-            raise ImageError("decompression_bomb", f"Pillow refused a frame: {exc}") from exc
-        except _DECODE_ERRORS as exc:
-            raise ImageError("corrupt", f"{img.format} does not decode: {exc}") from exc
+        with budget.reserve(decode_cost(steps.memory)) if budget is not None else nullcontext():
+            try:
+                return _decode_and_store(img, data, steps, cfg, clock)
+            except BaseException as exc:
+                _drop_frames(exc)  # a traceback's frames (Pillow's decoder among them) hold the pixels
+                raise
+            finally:
+                img.close()  # the pixels are freed before the reservation is given back
+
+
+@dataclass(frozen=True)
+class _Steps:
+    """What ``process_image`` does with one image, decided from its header."""
+
+    fmt: str  # the format's name with aliases resolved (MPO -> JPEG)
+    size: tuple[int, int]  # as in the file
+    target: tuple[int, int] | None  # the resize, in the file's orientation
+    orientation: int  # a JPEG's, from the header; others' is read after decoding
+    keep: bool  # stored as downloaded
+    mode: str  # Pillow's mode in the file
+    memory: DecodePlan
+
+
+def _plan(img: Image.Image, data: bytes, cfg: ImageConfig) -> _Steps:
+    """The format, size and decompression-bomb checks, the decode scale (``draft``: JPEG only) and the
+    facts the decode's memory estimate needs; nothing is decoded."""
+    fmt = _FORMAT_ALIASES.get(img.format or "", img.format or "")
+    if fmt not in cfg.formats:
+        raise ImageError("format_not_allowed", f"format {img.format} is not in images.formats {cfg.formats}")
+    width, height = img.size
+    _check_size(width, height, cfg)
+    target = _target_size(width, height, cfg.resize_shorter_side)
+    orientation = _orientation(img) if fmt == "JPEG" else 1  # a JPEG's EXIF is read with the header
+    keep = cfg.keep_original_jpeg and img.format == "JPEG" and img.mode == "RGB"
+    keep = keep and target is None and orientation == 1
+    mode = img.mode
+    try:
+        if keep:
+            img.draft(img.mode, (max(1, width // VALIDATE_SCALE), max(1, height // VALIDATE_SCALE)))
+        elif fmt == "JPEG" and target is not None and min(width, height) >= DRAFT_MIN_FACTOR * min(target):
+            img.draft(img.mode, target)
+    except _DECODE_ERRORS as exc:
+        raise ImageError("corrupt", f"{img.format} does not decode: {exc}") from exc
+    memory = plan_of(
+        img,
+        fmt,
+        len(data),
+        full=(width, height),
+        keep=keep,
+        rotates=_may_rotate(img, fmt, data, orientation),
+        target=target,
+        reducing_gap=REDUCING_GAP,
+    )
+    return _Steps(fmt, (width, height), target, orientation, keep, mode, memory)
+
+
+def _decode_and_store(
+    img: Image.Image, data: bytes, steps: _Steps, cfg: ImageConfig, clock: StageClock | None
+) -> ProcessedImage:
+    """Decodes ``img`` at its planned scale, turns it upright and RGB, resizes and encodes it."""
+    original_mode = steps.mode
+    width, height = steps.size
+    target, orientation = steps.target, steps.orientation
+    try:
+        img.load()
+        if steps.fmt != "JPEG":
+            orientation = _orientation(img)
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise ImageError("decompression_bomb", f"Pillow refused a frame: {exc}") from exc
+    except _DECODE_ERRORS as exc:
+        raise ImageError("corrupt", f"{img.format} does not decode: {exc}") from exc
     if clock is not None:
         clock.lap("decode")
     if orientation in _SWAPS_AXES:
         width, height = height, width
         target = None if target is None else (target[1], target[0])
-    if keep:
+    if steps.keep:
         result = _result(data, (width, height), (width, height), img.format or "", original_mode)
         if clock is not None:
             clock.lap("hashes")
@@ -293,6 +345,28 @@ def process_image(data: bytes, cfg: ImageConfig, *, clock: StageClock | None = N
     if clock is not None:
         clock.lap("hashes")
     return result
+
+
+def _may_rotate(img: Image.Image, fmt: str, data: bytes, orientation: int) -> bool:
+    """Whether the upright image may need a rotated copy, known before decoding: a JPEG's orientation
+    is in its header; a PNG may carry its EXIF or XMP after the pixels (Pillow reads those only by
+    decoding), so one that holds either is assumed to rotate; other formats' EXIF is in the header."""
+    if fmt == "JPEG":
+        return orientation != 1
+    if fmt == "PNG" and "exif" not in img.info:
+        return b"eXIf" in data or b"Orientation" in data
+    return _orientation(img) != 1
+
+
+def _drop_frames(exc: BaseException) -> None:
+    """Clears the locals of the finished frames in ``exc``'s traceback and those of its causes, so that
+    the buffers they reference are freed now rather than when the caller drops the exception."""
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        traceback.clear_frames(current.__traceback__)  # a frame still running is skipped
+        current = current.__cause__ or current.__context__
 
 
 def _open(data: bytes) -> Image.Image:
