@@ -136,6 +136,10 @@ class BuildConfig:
     near_duplicates: NearDupConfig = field(default_factory=NearDupConfig)
     #: Worker processes for the local distributor (0: one per CPU).
     processes: int = 0
+    #: Decoding memory each worker process may have in flight, in MiB (sharding/images/budget.py): an
+    #: image's estimated peak is reserved before its pixels are decoded; one above the whole budget runs
+    #: alone. None: half the machine's memory (or its cgroup limit) over the worker processes, >= 128 MiB.
+    decode_budget_mib: int | None = None
     distributor: Literal["local", "ray"] = "local"
     ray_address: str | None = None
     #: Without ``ray_address``, the local Ray instance listens on 127.0.0.1 only (distribute.py); false:
@@ -151,5 +155,10 @@ class BuildConfig:
     def __post_init__(self) -> None:
         if self.processes < 0:
             raise ConfigError(f"processes must be >= 0, got {self.processes}")
+        if self.decode_budget_mib is not None and self.decode_budget_mib < 1:
+            raise ConfigError(
+                f"decode_budget_mib must be >= 1 (MiB) or null (derived from memory and processes), "
+                f"got {self.decode_budget_mib}"
+            )
         if not self.wait_lock_s >= 0:  # also refuses NaN
             raise ConfigError(f"wait_lock_s must be >= 0 seconds (.inf: no limit), got {self.wait_lock_s}")

@@ -36,6 +36,7 @@ from flora.sharding.config import BuildConfig
 from flora.sharding.download.fetch import Downloader
 from flora.sharding.format.schema import SampleMeta, safe_key
 from flora.sharding.format.writer import RollingTarWriter, Sample
+from flora.sharding.images.budget import DecodeBudget, budget_bytes
 from flora.sharding.images.convert import ImageError, process_image
 from flora.sharding.images.neardup import perceptual_hashes
 from flora.sharding.outputs import dumps
@@ -62,6 +63,7 @@ class WorkerState:
     cache: ImageCache | None
     pool: ThreadPoolExecutor
     policy: str  # failure_policy of the download settings
+    budget: DecodeBudget  # the decoding memory this process's threads may have in flight
     present: set = field(default_factory=set)  # cache keys of the current chunk that are cached
     puts: PutBuffer | None = None  # the current chunk's cache writes
 
@@ -84,6 +86,9 @@ class WorkerState:
                 cache=ImageCache.from_config(replace(cfg.cache, path=node_cache_dir(cfg.cache))),  # per node
                 pool=ThreadPoolExecutor(cfg.download.threads, thread_name_prefix="fetch"),
                 policy=failure_policy(cfg.download),
+                budget=DecodeBudget(
+                    budget_bytes(cfg.decode_budget_mib, cfg.processes or os.cpu_count() or 1)
+                ),
             )
         return cls._current
 
@@ -178,7 +183,7 @@ def obtain(record: dict, state: WorkerState, cfg: BuildConfig, prefix: str, use_
                       attempts=fetched.attempts, status=fetched.status)  # fmt: skip
     else:
         try:
-            image = process_image(fetched.data, cfg.images)
+            image = process_image(fetched.data, cfg.images, budget=state.budget)
         except ImageError as exc:
             got = Outcome(False, "network", reason=exc.reason, message=str(exc),
                           attempts=fetched.attempts, status=fetched.status)  # fmt: skip
