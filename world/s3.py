@@ -6,7 +6,8 @@ optional listeners off (WebDAV, Iceberg and Lance catalogs, the admin UI, teleme
 whose access key and secret are required (wrong ones are refused with 403), waiting until the S3
 gateway answers a signed request, creating buckets, ``env()`` (the standard ``AWS_*`` variables a
 boto3 client reads), throttling (SeaweedFS's S3 circuit breaker: requests over a concurrency limit
-are answered ``503``), and stopping it; plus ``python -m world.s3 --dir D`` to run one in the
+are answered ``503``), stopping it, killing it as a crash would and restarting it on the same ports
+and data (an outage a client has to ride out); plus ``python -m world.s3 --dir D`` to run one in the
 foreground.
 
 Leaves out: TLS, several identities or policies, bucket versioning; what is stored (flora/store.py
@@ -15,7 +16,10 @@ reads and writes through the environment this server hands out). SeaweedFS's thr
 ``standard`` mode) sees the same thing.
 
 The server runs in its own process, started so that it dies with the process that started it (Linux
-``PR_SET_PDEATHSIG``), so a test run killed with SIGKILL does not leave it holding ports.
+``PR_SET_PDEATHSIG``), so a test run killed with SIGKILL does not leave it holding ports. Linux sends
+that signal when the *thread* that started the child ends, so every server is started from one thread
+that lives as long as the process (``_spawn``): a server restarted from a short-lived thread (a test
+bringing the store back while a build runs) outlives that thread.
 """
 
 from __future__ import annotations
@@ -38,6 +42,7 @@ import threading
 import time
 import weakref
 from collections.abc import Iterable, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -99,6 +104,13 @@ os.execv(sys.argv[1], sys.argv[1:])
 
 
 HAVE_BOTO3 = importlib.util.find_spec("boto3") is not None
+# The thread every server is started from (see the module docstring); it ends with the process.
+_SPAWNER = ThreadPoolExecutor(max_workers=1, thread_name_prefix="s3-server-spawner")
+
+
+def _spawn(command: list[str], **popen: Any) -> subprocess.Popen[bytes]:
+    """``subprocess.Popen(command, **popen)``, run on ``_SPAWNER``'s thread."""
+    return _SPAWNER.submit(subprocess.Popen, command, **popen).result()
 
 
 class S3ServerError(RuntimeError):
@@ -188,6 +200,7 @@ class S3Server:
         self._s3_port = s3_port
         self._startup_timeout_s = startup_timeout_s
         self.ports: dict[str, int] = {}
+        self._last_ports: dict[str, int] = {}  # what restart() listens on again
         self._run: _Run | None = None
         self._finalizer: weakref.finalize | None = None
         self._throttles = 0
@@ -299,6 +312,10 @@ class S3Server:
             S3ServerError: ``weed`` or boto3 is missing, the server exited during startup, or it did
                 not answer within ``startup_timeout_s``; the message carries its log tail.
         """
+        return self._boot(None)
+
+    def _boot(self, ports: dict[str, int] | None) -> S3Server:
+        """``start()`` on free ports, or on ``ports`` (``restart()``)."""
         if self._run is not None:
             raise RuntimeError(f"S3Server is already started ({self.endpoint_url})")
         weed = weed_binary()
@@ -319,8 +336,8 @@ class S3Server:
         config_path.write_text(json.dumps({"identities": [identity]}), encoding="utf-8")
         config_path.chmod(0o600)
         try:
-            self._start_attempts(weed, config_path)
-            for bucket in self._buckets:
+            self._start_attempts(weed, config_path, ports)
+            for bucket in self._buckets if ports is None else ():  # a restart finds them in data_dir
                 self.create_bucket(bucket)
         except BaseException:
             self.stop()
@@ -333,7 +350,25 @@ class S3Server:
             self._finalizer()
             self._finalizer = None
         self._run = None
+        self._last_ports = self.ports or self._last_ports
         self.ports = {}
+
+    def kill(self) -> None:
+        """Kills the server at once (SIGKILL: no clean shutdown, as in a crash or a lost machine);
+        its clients' connections are reset and new ones refused until ``restart()``."""
+        if self._run is not None and self._run.proc is not None:
+            self._run.proc.kill()
+            self._run.proc.wait()
+        self.stop()
+
+    def restart(self) -> S3Server:
+        """Starts a stopped or killed server again on the same ports and ``data_dir``: the same
+        endpoint, credentials and objects. Returns once it answers, like ``start()``."""
+        if self._run is not None:
+            raise RuntimeError(f"S3Server is still running ({self.endpoint_url}); stop() or kill() it first")
+        if not self._last_ports:
+            raise RuntimeError("S3Server was never started; call start()")
+        return self._boot(self._last_ports)
 
     def __enter__(self) -> S3Server:
         return self if self._run is not None else self.start()  # start_s3_server's comes started
@@ -353,15 +388,13 @@ class S3Server:
             raise RuntimeError("S3Server is not running; call start() or use it in a with block")
         return self.ports[flag]
 
-    def _start_attempts(self, weed: str, config_path: Path) -> None:
+    def _start_attempts(self, weed: str, config_path: Path, again: dict[str, int] | None) -> None:
+        """Launches weed until it answers; on the ports ``again`` (a restart: where the clients and
+        the volumes' records expect it) or on free ones, retried if one was taken meanwhile."""
         assert self._run is not None
-        attempts = 1 if self._s3_port is not None else START_ATTEMPTS  # a fixed port stays taken
+        attempts = 1 if again or self._s3_port is not None else START_ATTEMPTS  # a fixed port stays taken
         for attempt in range(1, attempts + 1):
-            ports: dict[str, int] = {}
-            for server, port in zip(_SERVERS, _free_port_pairs(len(_SERVERS)), strict=True):
-                if server == "s3" and self._s3_port is not None:
-                    port = self._s3_port
-                ports[f"{server}.port"], ports[f"{server}.port.grpc"] = port, port + GRPC_PORT_OFFSET
+            ports = dict(again) if again else self._fresh_ports()
             self.ports = ports
             self._run.proc = self._launch(weed, config_path)
             outcome = self._await_ready()
@@ -381,6 +414,15 @@ class S3Server:
                 f"SeaweedFS failed to start (S3 on {LOOPBACK}:{ports['s3.port']}, data {self.data_dir}): "
                 f"{reason}.\n--- weed log (tail) ---\n{tail}"
             )
+
+    def _fresh_ports(self) -> dict[str, int]:
+        """Every server's HTTP and gRPC port: free ones, the S3 port ``s3_port`` when given."""
+        ports: dict[str, int] = {}
+        for server, port in zip(_SERVERS, _free_port_pairs(len(_SERVERS)), strict=True):
+            if server == "s3" and self._s3_port is not None:
+                port = self._s3_port
+            ports[f"{server}.port"], ports[f"{server}.port.grpc"] = port, port + GRPC_PORT_OFFSET
+        return ports
 
     def _launch(self, weed: str, config_path: Path) -> subprocess.Popen[bytes]:
         assert self._run is not None
@@ -411,9 +453,7 @@ class S3Server:
         env.pop("S3_BUCKET", None)  # weed mini would create it (-bucket falls back to it)
         # Truncated per launch, so a retry does not read the previous attempt's log.
         with open(self._run.log_path, "wb") as log:
-            return subprocess.Popen(
-                command, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, env=env
-            )
+            return _spawn(command, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, env=env)
 
     def _await_ready(self) -> str:
         """``"ready"``, ``"clash"`` (a port was taken), ``"exited"`` or ``"timeout"``."""
