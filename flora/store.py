@@ -5,11 +5,18 @@ Owns:
 * ``is_remote(location)`` and ``S3Url`` (``s3://bucket/key``: parsed and checked; ``join`` adds parts);
 * ``client()``: a boto3 S3 client configured from the standard AWS environment and config files
   (``AWS_ENDPOINT_URL`` for an S3-compatible store, ``AWS_ACCESS_KEY_ID``/``AWS_SECRET_ACCESS_KEY``
-  or a profile, ``AWS_DEFAULT_REGION``), with botocore's ``standard`` retry mode: 5xx answers,
-  throttling (``503 SlowDown``, ``Throttling``) and dropped connections are retried with jittered
+  or a profile, ``AWS_DEFAULT_REGION``), with botocore's ``standard`` retry mode for the store's
+  answers: 5xx and throttling (``503 SlowDown``, ``Throttling``) are retried with jittered
   exponential backoff, ``MAX_ATTEMPTS`` times in all. Credentials are never printed;
+* outages (``outlast``): a connection refused, reset or timed out is not botocore's to retry (it
+  counts attempts, not time, from one retry quota that a client's parallel uploads spend in seconds)
+  but Flora's, around every request: tried again with jittered exponential backoff
+  for up to ``outage_budget_s()`` (``FLORA_STORE_OUTAGE_S``, default ``OUTAGE_BUDGET_S``) from the
+  first failure, so a store that restarts within that time costs a build or a loader a pause, not the
+  run; then one line naming the store, the request and how long it was tried. Answers that will not
+  change (403, 404, a missing bucket) are never retried;
 * ``read_range``: a byte range of an object (a loader's jpg) by a presigned URL through a plain
-  urllib3 pool, retried like the client's requests (a third of boto3's CPU per request);
+  urllib3 pool, its 5xx answers retried like the client's (a third of boto3's CPU per request);
 * transfers: ``upload_file`` (multipart above ``MULTIPART_BYTES``, parts in parallel),
   ``download_file`` (to a temporary name, then renamed), ``read_bytes``/``write_bytes`` for small
   objects, ``open_stream`` (a streaming body for readers), ``copy`` (server-side), ``delete``,
@@ -17,8 +24,9 @@ Owns:
 * ``check_bucket``: the anticipated failures (a missing bucket, refused credentials, an unreachable
   endpoint) as one ``StoreError`` line each, raised before anything is written. Every other call maps
   botocore's errors the same way (``store_error``). The first request to an endpoint
-  (``first_contact``: ``check_bucket``, ``read_bytes``) is tried ``PROBE_ATTEMPTS`` times only unless
-  the store answers, so a wrong or dead endpoint is one line in about a second.
+  (``first_contact``: ``check_bucket``, ``read_bytes``) is a probe until the store has answered once
+  in this process: tried ``PROBE_ATTEMPTS`` times when nothing answers, so a wrong or dead endpoint
+  is one line in about a second, not after the outage budget.
 
 Leaves out: what is stored where (the sharder's publish step, sharding/build/remote.py; the loaders).
 """
@@ -26,20 +34,35 @@ Leaves out: what is stored where (the sharder's publish step, sharding/build/rem
 from __future__ import annotations
 
 import os
+import random
 import threading
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from flora.errors import FloraError
 
+T = TypeVar("T")
+
 SCHEME = "s3://"
-#: Attempts per request in all (botocore ``standard`` mode: 5xx, throttling and connection errors).
+#: Attempts per request in all (botocore ``standard`` mode: 5xx and throttling answers).
 MAX_ATTEMPTS = 10
-#: Attempts of the first request to an endpoint (``first_contact``).
+#: Attempts of the first request to an endpoint (``first_contact``) when nothing answers.
 PROBE_ATTEMPTS = 2
+#: How long a store that answered before may stay unreachable (or keep failing 5xx) before a request
+#: gives up, in seconds from its first failure; ``FLORA_STORE_OUTAGE_S`` sets another. A restarted
+#: S3 gateway or a store behind a load balancer that fails over is back within seconds to tens of
+#: seconds; a minute covers those without leaving a build hanging on a store that is gone.
+OUTAGE_BUDGET_S = 60.0
+OUTAGE_ENV = "FLORA_STORE_OUTAGE_S"
+#: The waits between tries during an outage: the first retry at once (a keep-alive connection the
+#: store dropped), then uniform in [0, min(OUTAGE_BACKOFF_MAX_S, OUTAGE_BACKOFF_BASE_S * 2**n)] ("full
+#: jitter": threads that failed together do not come back together). The cap bounds how late a
+#: store that is back is noticed.
+OUTAGE_BACKOFF_BASE_S = 0.5
+OUTAGE_BACKOFF_MAX_S = 5.0
 #: Objects at least this large are uploaded in parts of ``PART_BYTES`` (S3's minimum part is 5 MiB).
 MULTIPART_BYTES = 64 << 20
 PART_BYTES = 16 << 20
@@ -128,8 +151,32 @@ def client(attempts: int | None = None) -> Any:
             session = boto3.session.Session()
             region = session.region_name or "us-east-1"
             found = session.client("s3", endpoint_url=_endpoint(), region_name=region, config=config)
+            _answers_only(found)
             _clients[key] = found
     return found
+
+
+def _answers_only(s3: Any) -> None:
+    """Leaves botocore's ``standard`` retries to the store's answers (5xx, throttling): a failed
+    connection goes back to the caller at once, for ``outlast`` to retry within the outage budget.
+
+    botocore's handler of the ``needs-retry`` event is replaced by one that declines connection
+    errors and hands everything else to a handler of botocore's own (``register_retry_handler``),
+    in the same place among the event's handlers."""
+    from botocore.exceptions import ConnectionError, HTTPClientError
+    from botocore.retries import standard
+
+    events, event, unique_id = s3.meta.events, "needs-retry.s3", "retry-config-s3"
+    events.unregister(event, unique_id=unique_id)
+    answers = standard.register_retry_handler(s3, s3.meta.config.retries.get("total_max_attempts"))
+    events.unregister(event, unique_id=unique_id)
+
+    def needs_retry(caught_exception: BaseException | None = None, **kwargs: Any) -> Any:
+        if isinstance(caught_exception, ConnectionError | HTTPClientError):
+            return False  # not retried here (False, not None: no later handler retries it either)
+        return answers.needs_retry(caught_exception=caught_exception, **kwargs)
+
+    events.register_first(event, needs_retry, unique_id="flora-answers-only-s3")
 
 
 def _code(exc: BaseException) -> str:
@@ -181,40 +228,118 @@ _RETRYABLE = {"SlowDown", "Throttling", "ThrottlingException", "RequestLimitExce
               "ServiceUnavailable", "RequestTimeout"}  # fmt: skip
 
 
-def first_contact(call: Any) -> Any:
-    """``call(client)``, the first time per endpoint in this process with ``PROBE_ATTEMPTS`` only: an
-    endpoint that nothing answers on is reported in about a second, not after ``MAX_ATTEMPTS``
-    backoffs (tens of seconds); a store that answers 5xx or throttles is asked again with the full
-    retries. Once any answer came, later calls get the full retries straight away."""
-    endpoint = _endpoint()
-    if endpoint in _reached:
-        return call(client())
+def outage_budget_s() -> float:
+    """Seconds an outage is retried: ``FLORA_STORE_OUTAGE_S`` if set, else ``OUTAGE_BUDGET_S``."""
+    raw = os.environ.get(OUTAGE_ENV, "").strip()
+    if not raw:
+        return OUTAGE_BUDGET_S
     try:
-        out = call(client(PROBE_ATTEMPTS))
-    except _errors() as exc:
-        code = _code(exc)
-        if code in _RETRYABLE or code.startswith("5"):
-            out = call(client())
-        else:
-            if code:  # the store answered (404, 403...): reachable
-                _reached.add(endpoint)
-            raise
-    _reached.add(endpoint)
-    return out
+        budget = float(raw)
+    except ValueError:
+        budget = -1.0
+    if not budget >= 0:
+        raise StoreError(f"{OUTAGE_ENV} must be a number of seconds >= 0, got {raw!r}")
+    return budget
+
+
+def _root(exc: BaseException) -> BaseException:
+    """The request's own error under boto3's transfer wrappers (S3UploadFailedError and friends)."""
+    for _ in range(4):
+        inner = getattr(exc, "last_exception", None) or exc.__cause__ or exc.__context__
+        if type(exc).__module__.split(".")[0] not in ("boto3", "s3transfer") or inner is None:
+            break
+        exc = inner
+    return exc
+
+
+def _transient(exc: BaseException) -> str | None:
+    """Why ``exc`` may pass (a lost connection, a timeout, a 5xx or throttling answer), or None."""
+    from botocore.exceptions import ConnectionError, HTTPClientError, SSLError
+    from urllib3.exceptions import HTTPError
+    from urllib3.exceptions import SSLError as Urllib3SSLError
+
+    exc = _root(exc)
+    if isinstance(exc, SSLError | Urllib3SSLError):
+        return None  # a certificate does not mend itself
+    if isinstance(exc, ConnectionError | HTTPClientError):
+        return type(exc).__name__
+    if isinstance(exc, HTTPError):  # read_range's urllib3: the reason under its MaxRetryError
+        reason = getattr(exc, "reason", None) or exc
+        return None if isinstance(reason, Urllib3SSLError) else type(reason).__name__
+    code = _code(exc)
+    return code if code in _RETRYABLE or code.startswith("5") else None
+
+
+def _backoff_s(retry: int) -> float:
+    """The wait before retry number ``retry`` (1, 2...) of an outage: see ``OUTAGE_BACKOFF_BASE_S``."""
+    if retry <= 1:
+        return 0.0
+    return random.uniform(0, min(OUTAGE_BACKOFF_MAX_S, OUTAGE_BACKOFF_BASE_S * 2 ** (retry - 2)))
+
+
+def outlast(what: str, call: Callable[[], T], probe: bool = False) -> T:
+    """``call()``, tried again while it fails for a reason that passes (``_transient``): for up to
+    ``outage_budget_s()`` from its first failure, or, with ``probe`` and an endpoint that never
+    answered in this process, ``PROBE_ATTEMPTS`` times in all (a wrong or dead endpoint is reported
+    at once). Any other error is raised as it came; an outage past the budget is one StoreError line
+    naming the store, ``what`` (the request) and how long it was tried."""
+    endpoint = _endpoint()
+    began = time.monotonic()
+    first_failure: float | None = None
+    tries = 0
+    while True:
+        try:
+            out = call()
+        except Exception as exc:
+            if _code(_root(exc)):
+                _reached.add(endpoint)  # it answered: reachable, whatever it said
+            reason = _transient(exc)
+            if reason is None:
+                raise
+            tries += 1
+            now = time.monotonic()
+            first_failure = first_failure if first_failure is not None else now
+            if probe and endpoint not in _reached:
+                if tries >= PROBE_ATTEMPTS:
+                    raise
+                left = OUTAGE_BACKOFF_MAX_S
+            else:
+                left = first_failure + outage_budget_s() - now
+                if left <= 0:
+                    raise _gave_up(what, reason, tries, now - first_failure, now - began) from None
+            time.sleep(min(_backoff_s(tries), left))
+            continue
+        _reached.add(endpoint)
+        return out
+
+
+def _gave_up(what: str, reason: str, tries: int, down_s: float, took_s: float) -> StoreError:
+    return StoreError(
+        f"{what}: the object store at {_endpoint() or 'AWS S3'} failed every try for {down_s:.0f} s "
+        f"({reason}, {tries} tries); gave up after {took_s:.0f} s, past the outage budget of "
+        f"{outage_budget_s():g} s ({OUTAGE_ENV})"
+    )
+
+
+def first_contact(call: Any, what: str = "a request") -> Any:
+    """``call(client)``, the first time per endpoint in this process tried ``PROBE_ATTEMPTS`` times
+    only when nothing answers: a wrong or dead endpoint is reported in about a second, not after an
+    outage budget. A store that answered (even 5xx) is retried as any request is (``outlast``)."""
+    return outlast(what, lambda: call(client()), probe=True)
 
 
 def check_bucket(url: S3Url | str) -> None:
     """Raises ``StoreError`` (one line) unless the bucket exists and accepts these credentials."""
     url = S3Url.parse(url) if isinstance(url, str) else url
     try:
-        first_contact(lambda c: c.head_bucket(Bucket=url.bucket))
+        first_contact(lambda c: c.head_bucket(Bucket=url.bucket), f"bucket {url.bucket}")
     except _errors() as exc:
         raise store_error(exc, f"bucket {url.bucket}") from None
 
 
 def exists(url: S3Url) -> bool:
     try:
-        client().head_object(Bucket=url.bucket, Key=url.key)
+        outlast(f"reading {url}", lambda: client().head_object(Bucket=url.bucket, Key=url.key))
         return True
     except _errors() as exc:
         if _code(exc) in ("404", "NoSuchKey", "NotFound"):
@@ -225,7 +350,7 @@ def exists(url: S3Url) -> bool:
 def head(url: S3Url) -> dict | None:
     """The object's size and user metadata, or None when there is no such object."""
     try:
-        got = client().head_object(Bucket=url.bucket, Key=url.key)
+        got = outlast(f"reading {url}", lambda: client().head_object(Bucket=url.bucket, Key=url.key))
     except _errors() as exc:
         if _code(exc) in ("404", "NoSuchKey", "NotFound"):
             return None
@@ -236,7 +361,9 @@ def head(url: S3Url) -> dict | None:
 def read_bytes(url: S3Url) -> bytes | None:
     """The object's bytes, or None when there is no such object."""
     try:
-        return first_contact(lambda c: c.get_object(Bucket=url.bucket, Key=url.key)["Body"].read())
+        return first_contact(
+            lambda c: c.get_object(Bucket=url.bucket, Key=url.key)["Body"].read(), f"reading {url}"
+        )
     except _errors() as exc:
         if _code(exc) in ("404", "NoSuchKey", "NotFound"):
             return None
@@ -245,10 +372,14 @@ def read_bytes(url: S3Url) -> bytes | None:
 
 def write_bytes(url: S3Url, data: bytes, metadata: dict[str, str] | None = None) -> None:
     """One PUT: the object appears whole or not at all."""
+    what = f"writing {url}"
     try:
-        client().put_object(Bucket=url.bucket, Key=url.key, Body=data, Metadata=metadata or {})
+        outlast(
+            what,
+            lambda: client().put_object(Bucket=url.bucket, Key=url.key, Body=data, Metadata=metadata or {}),
+        )
     except _errors() as exc:
-        raise store_error(exc, f"writing {url}") from None
+        raise store_error(exc, what) from None
 
 
 def _transfer_config() -> Any:
@@ -265,10 +396,16 @@ def _transfer_config() -> Any:
 def upload_file(path: str | Path, url: S3Url, metadata: dict[str, str] | None = None) -> None:
     """Uploads a file (multipart above ``MULTIPART_BYTES``; S3 shows the object only once complete)."""
     extra = {"Metadata": metadata} if metadata else None
+    what = f"uploading {path} to {url}"
     try:
-        client().upload_file(str(path), url.bucket, url.key, ExtraArgs=extra, Config=_transfer_config())
+        outlast(
+            what,
+            lambda: client().upload_file(
+                str(path), url.bucket, url.key, ExtraArgs=extra, Config=_transfer_config()
+            ),
+        )
     except _errors() as exc:
-        raise store_error(exc, f"uploading {path} to {url}") from None
+        raise store_error(exc, what) from None
 
 
 def download_file(url: S3Url, path: str | Path) -> None:
@@ -277,9 +414,12 @@ def download_file(url: S3Url, path: str | Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f"{path.name}.{os.getpid()}-{threading.get_ident()}.part")
     try:
-        client().download_file(url.bucket, url.key, str(tmp), Config=_transfer_config())
+        outlast(
+            f"downloading {url}",
+            lambda: client().download_file(url.bucket, url.key, str(tmp), Config=_transfer_config()),
+        )
         os.replace(tmp, path)
-    except _errors() as exc:
+    except (*_errors(), StoreError) as exc:
         tmp.unlink(missing_ok=True)
         raise store_error(exc, f"downloading {url}") from None
 
@@ -287,7 +427,7 @@ def download_file(url: S3Url, path: str | Path) -> None:
 def open_stream(url: S3Url) -> Any:
     """A streaming, file-like body of the object (``read(n)``, ``close()``)."""
     try:
-        return client().get_object(Bucket=url.bucket, Key=url.key)["Body"]
+        return outlast(f"reading {url}", lambda: client().get_object(Bucket=url.bucket, Key=url.key)["Body"])
     except _errors() as exc:
         raise store_error(exc, f"reading {url}") from None
 
@@ -319,16 +459,17 @@ def _signed_url(url: S3Url, fresh: bool = False) -> str:
 
 
 def _pool() -> Any:
-    """This process's urllib3 pool for ranged GETs, with botocore-like retries: connection errors and
+    """This process's urllib3 pool for ranged GETs, with botocore-like retries of the store's answers:
     5xx (throttling's 503 SlowDown too) ``MAX_ATTEMPTS`` times in all, jittered exponential backoff,
-    ``Retry-After`` honoured."""
+    ``Retry-After`` honoured. A failed connection is not retried here but by ``outlast``."""
     import urllib3
 
     with _lock:
         found = _pools.get(os.getpid())
         if found is None:
             retry = urllib3.Retry(
-                total=MAX_ATTEMPTS - 1, status_forcelist=(500, 502, 503, 504), allowed_methods={"GET"},
+                total=MAX_ATTEMPTS - 1, connect=0, read=0, other=0,
+                status_forcelist=(500, 502, 503, 504), allowed_methods={"GET"},
                 backoff_factor=0.1, backoff_max=20, backoff_jitter=0.1, raise_on_status=False,
             )  # fmt: skip
             timeout = urllib3.Timeout(connect=5, read=60)
@@ -346,11 +487,13 @@ def read_range(url: S3Url, offset: int, size: int) -> bytes:
     if size <= 0:
         return b""
     headers = {"Range": f"bytes={offset}-{offset + size - 1}"}
+    what = f"reading {url}"
     for fresh in (False, True):  # a 403: the signature may have expired; signed again once
+        signed = _signed_url(url, fresh)
         try:
-            got = _pool().request("GET", _signed_url(url, fresh), headers=headers)
+            got = outlast(what, lambda u=signed: _pool().request("GET", u, headers=headers))
         except urllib3.exceptions.HTTPError as exc:
-            raise unreachable(f"reading {url}", type(getattr(exc, "reason", None) or exc).__name__) from None
+            raise unreachable(what, type(getattr(exc, "reason", None) or exc).__name__) from None
         if got.status == 206:
             return got.data
         if got.status == 200:  # a store that ignores Range: the whole object
@@ -382,29 +525,43 @@ def open_stream_at(url: S3Url, offset: int = 0) -> Any:
     """Like ``open_stream``, from byte ``offset`` on (to resume a stream that broke off)."""
     try:
         extra = {"Range": f"bytes={offset}-"} if offset else {}
-        return client().get_object(Bucket=url.bucket, Key=url.key, **extra)["Body"]
+        return outlast(
+            f"reading {url}", lambda: client().get_object(Bucket=url.bucket, Key=url.key, **extra)["Body"]
+        )
     except _errors() as exc:
         raise store_error(exc, f"reading {url}") from None
 
 
 def copy(src: S3Url, dst: S3Url) -> None:
     """A server-side copy (no bytes through this machine; multipart for large objects)."""
+    what = f"copying {src} to {dst}"
     try:
-        client().copy({"Bucket": src.bucket, "Key": src.key}, dst.bucket, dst.key, Config=_transfer_config())
+        outlast(
+            what,
+            lambda: client().copy(
+                {"Bucket": src.bucket, "Key": src.key}, dst.bucket, dst.key, Config=_transfer_config()
+            ),
+        )
     except _errors() as exc:
-        raise store_error(exc, f"copying {src} to {dst}") from None
+        raise store_error(exc, what) from None
 
 
 def list_objects(prefix: S3Url) -> Iterator[tuple[str, int]]:
-    """``(key relative to prefix, size)`` of every object under ``prefix/``."""
+    """``(key relative to prefix, size)`` of every object under ``prefix/`` (a page of 1,000 per
+    request, each request retried through an outage on its own)."""
     base = f"{prefix.key}/" if prefix.key else ""
-    try:
-        pages = client().get_paginator("list_objects_v2").paginate(Bucket=prefix.bucket, Prefix=base)
-        for page in pages:
-            for obj in page.get("Contents", []):
-                yield obj["Key"][len(base) :], obj["Size"]
-    except _errors() as exc:
-        raise store_error(exc, f"listing {prefix}") from None
+    what = f"listing {prefix}"
+    request: dict[str, str] = {"Bucket": prefix.bucket, "Prefix": base}
+    while True:
+        try:
+            page = outlast(what, lambda: client().list_objects_v2(**request))
+        except _errors() as exc:
+            raise store_error(exc, what) from None
+        for obj in page.get("Contents", []):
+            yield obj["Key"][len(base) :], obj["Size"]
+        if not page.get("IsTruncated") or not page.get("NextContinuationToken"):
+            return
+        request["ContinuationToken"] = page["NextContinuationToken"]
 
 
 def delete(urls: Iterable[S3Url]) -> int:
@@ -416,10 +573,16 @@ def delete(urls: Iterable[S3Url]) -> int:
     for bucket, keys in by_bucket.items():
         for i in range(0, len(keys), 1000):
             batch = [{"Key": k} for k in keys[i : i + 1000]]
+            what = f"deleting from s3://{bucket}"
             try:
-                got = client().delete_objects(Bucket=bucket, Delete={"Objects": batch, "Quiet": True})
+                got = outlast(
+                    what,
+                    lambda b=bucket, objects=batch: client().delete_objects(
+                        Bucket=b, Delete={"Objects": objects, "Quiet": True}
+                    ),
+                )
             except _errors() as exc:
-                raise store_error(exc, f"deleting from s3://{bucket}") from None
+                raise store_error(exc, what) from None
             if got.get("Errors"):
                 first = got["Errors"][0]
                 raise StoreError(f"deleting s3://{bucket}/{first.get('Key')}: {first.get('Code')}")
