@@ -1,7 +1,9 @@
 """Command line of the sharding package: ``flora catalog|build`` (``flora catalog|build``).
 
 Owns argument parsing, turning anticipated failures (missing file, unreachable MongoDB, bad config
-key) into one ``error: ...`` line and exit status 2, and the end-of-run summary.
+key) into one ``error: ...`` line and exit status 2, and the end-of-run summary. A build that ran but
+sharded too little (no record, or under ``min_sharded_share``: build/outcome.py) prints its summary, then
+one ``error: ...`` line naming the dominant failure reason and its remedy, and exits 1.
 
 Verbs: ``catalog`` (catalog.py; ``--previous DIR``: frozen splits, lineage.py) and ``build`` (build.py:
 the sharder; ``--compact``: incremental.py's compaction of tombstoned shards).
@@ -20,6 +22,7 @@ from pathlib import Path
 from flora.config import from_dict, load_config
 from flora.errors import ArgumentParser, FloraError, fail
 from flora.io import refuse_overlap
+from flora.sharding.build.outcome import too_few_sharded, top_reasons
 from flora.sharding.cache.config import check_cache_dir
 from flora.sharding.catalog.sources import redact
 from flora.sharding.config import CatalogConfig
@@ -27,6 +30,9 @@ from flora.sharding.download.fetch import DownloadConfig
 
 #: ``--wait-lock`` without a number: YAML's infinity, so the flag goes through ``wait_lock_s``'s validation.
 WAIT_FOREVER = ".inf"
+#: Exit status of a build that ran to the end but sharded too little (``min_sharded_share``, outcome.py):
+#: its outputs are written; 2 stays the status of a command refused before it ran.
+EXIT_TOO_FEW = 1
 
 
 def _catalog(args: argparse.Namespace) -> int:
@@ -103,7 +109,18 @@ def _build(args: argparse.Namespace) -> int:
         networks = sorted(set(cfg.download.allow_networks) | set(args.allow_network))
         download = {**asdict(cfg.download), "allow_networks": networks}
         cfg.download = from_dict(DownloadConfig, download, "download")
-    manifest = build(args.splits, args.out, cfg, retry_failed=args.retry_failed, fresh=args.fresh)
+    manifest = build(
+        args.splits, args.out, cfg, retry_failed=args.retry_failed, fresh=args.fresh,
+        keep_tombstones=args.keep_tombstones,
+    )  # fmt: skip
+    _summary(manifest)
+    print(f"  wrote {args.out}/manifest.json")
+    too_few = too_few_sharded(manifest, cfg.min_sharded_share, args.out)
+    return fail("build", too_few, EXIT_TOO_FEW) if too_few else 0
+
+
+def _summary(manifest: dict) -> None:
+    """The end-of-run summary: accounting, this run, an incremental build's shards, cache, failures."""
     a, run = manifest["accounting"], manifest["last_run"]
     print(
         f"build: {a['records_in']} records in = {a['sharded']} sharded + {a['failed']} failed "
@@ -118,17 +135,17 @@ def _build(args: argparse.Namespace) -> int:
     if run.get("incremental"):
         inc = run["incremental"]
         print(
-            f"  incremental over {inc['parent'][:12]}: {inc['kept_shards']} shards kept byte for byte "
-            f"({inc['live_kept_samples']} live samples, {inc['tombstones']} tombstoned), "
-            f"{inc['new_shards']} new, {len(inc['rebuilt_shards'])} rebuilt"
+            f"  incremental over {inc['parent'][:12]}: {inc['kept_shards']} shards kept byte for byte, "
+            f"{len(inc.get('rewritten_shards', []))} rewritten without "
+            f"{inc.get('tombstones_dropped', 0)} removed samples ({inc['live_kept_samples']} live samples "
+            f"kept, {inc['tombstones']} tombstoned in the tars), {inc['new_shards']} new, "
+            f"{len(inc['rebuilt_shards'])} rebuilt"
         )
     if run["cache"]:
         print("  cache: " + ", ".join(f"{k} {v}" for k, v in run["cache"].items()))
     if manifest["failures_by_reason"]:
-        print("  failures: " + ", ".join(f"{k} {v}" for k, v in manifest["failures_by_reason"].items()))
+        print(f"  failures: {top_reasons(manifest['failures_by_reason'])}")
     _published(manifest)
-    print(f"  wrote {args.out}/manifest.json")
-    return 0
 
 
 def _published(manifest: dict) -> None:
@@ -199,6 +216,12 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
         "--compact",
         action="store_true",
         help="rewrite the shards that have tombstones (samples an incremental build removed) without them",
+    )
+    bld.add_argument(
+        "--keep-tombstones",
+        action="store_true",
+        help="an incremental build leaves removed samples in the kept tars, listed as tombstones (Flora's "
+        "loaders skip them; other WebDataset readers do not) instead of rewriting those shards",
     )
     bld.add_argument("--distributor", choices=["local", "ray"], help="where shard jobs run (default local)")
     bld.add_argument("--ray-address", help="address of an existing Ray cluster")

@@ -151,8 +151,16 @@ class BuildConfig:
     #: Seconds to wait when another build holds the output folder (lock.py): 0 refuses at once, ``.inf``
     #: waits without limit (``--wait-lock [SECONDS]``).
     wait_lock_s: float = 0.0
+    #: ``flora build`` exits 1 (its outputs written) when it shards fewer than this share of the records it
+    #: could shard (records in less content duplicates); 0: fails only when it shards none (outcome.py).
+    min_sharded_share: float = 0.0
 
     def __post_init__(self) -> None:
+        if not 0 <= self.min_sharded_share <= 1:  # also refuses NaN
+            raise ConfigError(
+                f"min_sharded_share must be a share between 0 and 1 (0: at least one record), "
+                f"got {self.min_sharded_share}"
+            )
         if self.processes < 0:
             raise ConfigError(f"processes must be >= 0, got {self.processes}")
         if self.decode_budget_mib is not None and self.decode_budget_mib < 1:

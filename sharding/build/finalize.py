@@ -18,10 +18,13 @@ before the tar is replaced. So a reader sees the old set whole, or no manifest (
 start), or the new set whole; never an old manifest over partly replaced tars. A failure midway (a
 full disk) is one line naming the stage and the file; the work area is kept, and a re-run finishes.
 
-An incremental build (incremental.py) passes the shards it keeps: they are listed as they are (with
-their tombstones), seed the content index and the near-duplicate search, and new parts get indices
-after theirs; placing a part at a new path does not invalidate the published manifest (readers see
-nothing new until the manifest lists it), so v1 stays readable until v2's manifest replaces it.
+An incremental build (incremental.py) passes the shards it keeps: they seed the content index and the
+near-duplicate search, and new parts get indices after theirs; placing a part at a new path does not
+invalidate the published manifest (readers see nothing new until the manifest lists it), so v1 stays
+readable until v2's manifest replaces it. Then, the new shards placed, the kept shards that now have
+tombstones are rewritten without them (incremental.py's ``drop_tombstones``: the same saved, all or
+nothing swap, the manifest removed before the first tar changes), so that the tars hold the live
+samples only; with ``keep_tombstones`` they are listed as they are, with their tombstones.
 
 Accounting: records in = sharded + failed + content duplicates (exact and near; the manifest's
 ``duplicates_by_reason`` splits them; ``sharded`` counts live samples, tombstones excluded),
@@ -47,7 +50,7 @@ import numpy as np
 
 from flora.errors import storage_error
 from flora.io import sha256_file
-from flora.sharding.build.incremental import Increment, live_samples
+from flora.sharding.build.incremental import Increment, drop_tombstones, live_samples
 from flora.sharding.build.job import RESUME
 from flora.sharding.build.plan import WORK_DIR, ChunkJob, load_marker
 from flora.sharding.config import SPLIT_NAMES
@@ -111,17 +114,28 @@ def finalize(
     run_stats: dict,
     release: dict | None = None,
     increment: Increment | None = None,
+    keep_tombstones: bool = False,
 ) -> dict:
     """Dedups by content, moves parts to their final names, writes indexes, logs and the manifest;
     an ``OSError`` (a full disk) becomes one line naming the stage and the file.
 
     ``release``: the manifest's ``version``, ``parent`` and ``build_settings``; ``increment``: the
-    kept shards of an incremental build (incremental.py), listed first, never touched.
+    kept shards of an incremental build (incremental.py), listed first; those with tombstones are
+    rewritten without them (``drop_tombstones``) unless ``keep_tombstones``.
     """
     publication = _Publication(out)
     try:
         return _finalize(
-            out, jobs, n_records, unreadable, splits_dir, run_stats, publication, release or {}, increment
+            out,
+            jobs,
+            n_records,
+            unreadable,
+            splits_dir,
+            run_stats,
+            publication,
+            release or {},
+            increment,
+            keep_tombstones,
         )
     except OSError as exc:
         raise storage_error("build: finalize", publication.writing, exc, RESUME) from exc
@@ -141,6 +155,7 @@ def _finalize(
     publication: _Publication,
     release: dict,
     increment: Increment | None,
+    keep_tombstones: bool = False,
 ) -> dict:
     """Markers are read one at a time and the content index lives in SQLite beside the work area, so
     finalizing 10^6 records needs no more memory than 10^4, but for the near-duplicate search: 169
@@ -207,8 +222,17 @@ def _finalize(
     for row in unreadable:
         failures[f"offset:{row['offset']}"] = row
     run_stats["repeated_records_dropped"] = repeats
-    if increment is not None:
-        run_stats["incremental"] = {**increment.stats(), "new_shards": len(shards) - len(increment.kept)}
+    if increment is not None:  # tombstoned samples leave the tars too, unless the user keeps them
+        new_shards = len(shards) - len(increment.kept)
+        shards, done = drop_tombstones(out, shards, version, publication.changing, not keep_tombstones)
+        run_stats["incremental"] = {
+            **increment.stats(),
+            "kept_shards": len(increment.kept) - len(done["shards_rewritten"]),  # byte for byte
+            "tombstones": sum(len(s["tombstones"]) for s in shards),  # still in the tars
+            "rewritten_shards": done["shards_rewritten"],
+            "tombstones_dropped": done["samples_dropped"],
+            "new_shards": new_shards,
+        }
     reports = (shards, list(failures.values()), duplicates, n_records, splits_dir, run_stats)
     return _write_reports(out, *reports, publication, release)
 

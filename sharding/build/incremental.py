@@ -13,15 +13,22 @@ Owns:
   the new one): every published shard is verified against its manifest sha256 and read (its samples'
   ``json`` members, through the shard format's reader: format/reader.py). A sample stays *live* when
   the new catalog has its record (same sample key, split, region and label); otherwise its key becomes
-  a **tombstone** of that shard (removed records, and relabelled ones: removed + new). Kept shards are
-  never rewritten. A shard whose sha256 no longer matches is not kept: its records are planned again
-  (rebuilt from the cache or the network), it is listed in ``incremental.rebuilt_shards`` and removed
-  at publication.
+  a **tombstone** of that shard (removed records, and relabelled ones: removed + new). Shards without
+  tombstones are never rewritten. A shard whose sha256 no longer matches is not kept: its records are
+  planned again (rebuilt from the cache or the network), it is listed in ``incremental.rebuilt_shards``
+  and removed at publication.
 * **What is planned**: every record of the new catalog that is not live in a kept shard: new records,
   relabelled ones, and those that failed or were content duplicates last time (they come back from
   the cache, negative entries included, so they fail or dedup again without a request: accounting
   stays ``records in = sharded + failed + duplicates``). They become chunks ``from<parent>-NNNNNN``
   (plan.py), written to shard indices after the highest index each stream had.
+* **Tombstones leave the tars** (``drop_tombstones``, called by finalize.py once the new shards are
+  placed): the kept shards with tombstones are rewritten from their own bytes without them, so that any
+  WebDataset reader (webdataset, wids, DALI over the ``.idx`` files) gets each live sample once, with
+  its current label. The swap is planned and saved first (``_work/tombstones.json``, kept with the
+  work area), the manifest is removed before the first tar changes and the new one written last; a
+  re-run finishes an interrupted swap and finds a finished one done. ``--keep-tombstones`` leaves them
+  in the tars (Flora's loaders skip them; ``--compact`` later drops them).
 * **Compaction** (``compact``, ``flora build --compact``): shards with tombstones are rewritten without
   them (writer.drop_samples on a copy in the work area), then published all or nothing: the plan of
   the swap is saved first (``_work/compact.json``), the manifest is removed before the first tar is
@@ -45,6 +52,7 @@ import json
 import os
 import shutil
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -69,6 +77,9 @@ from flora.sharding.outputs import OutputSet, dumps
 INCREMENT_FILE = "increment.json"
 COMPACT_FILE = "compact.json"
 COMPACT_DIR = "compact"
+#: An incremental build's own compaction (``drop_tombstones``): its saved swap and its staged copies.
+TOMBSTONES_FILE = "tombstones.json"
+TOMBSTONES_DIR = "tombstones"
 
 
 @dataclass
@@ -257,15 +268,7 @@ def _compact(out: Path) -> dict:
         os.replace(tmp, plan_path)  # from here a re-run finishes this swap
     plan = json.loads(plan_path.read_text(encoding="utf-8"))
     (out / MANIFEST).unlink(missing_ok=True)  # before the first published tar changes
-    for staged, final in plan["moves"]:
-        final = out / final
-        final.with_suffix(".idx").unlink(missing_ok=True)
-        if staged is None:  # every sample was tombstoned: the shard goes
-            final.unlink(missing_ok=True)
-            continue
-        if (work / staged).exists():
-            os.replace(work / staged, final)
-        write_index(final)
+    _swap(out, plan["moves"], lambda _path: None)
     with OutputSet(out) as outputs:
         outputs.json(MANIFEST, plan["manifest"])
     # the work area's increment described the shards before compaction: a re-run starts afresh
@@ -278,29 +281,95 @@ def _plan_compaction(out: Path, manifest: dict) -> dict:
     staging.mkdir(parents=True, exist_ok=True)
     shards, moves, dropped = [], [], 0
     for entry in manifest["shards"]:
-        tombstones = set(entry.get("tombstones", []))
-        if not tombstones:
+        if not entry.get("tombstones"):
             shards.append(entry)
             continue
-        dropped += len(tombstones)
-        copy = staging / Path(entry["path"]).name
-        shutil.copyfile(out / entry["path"], copy)
-        if drop_samples(copy, tombstones) == 0:
-            copy.unlink()
-            moves.append([None, entry["path"]])
-            continue
-        metas = [meta for _key, meta in shard_samples(copy)]
-        shards.append(
-            {**entry, "samples": len(metas), "bytes": copy.stat().st_size, "sha256": sha256_file(copy),
-             "classes": sorted({m.label for m in metas}), "tombstones": [],
-             "version": manifest_version(manifest),
-             "licenses": dict(sorted(Counter(m.license_class for m in metas).items()))}
-        )  # fmt: skip
-        moves.append([str(copy.relative_to(out / WORK_DIR)), entry["path"]])
+        dropped += len(entry["tombstones"])
+        rewritten, move = _stage_without(out, entry, staging, manifest_version(manifest))
+        shards += [rewritten] if rewritten else []
+        moves.append(move)
     done = {"shards_rewritten": len(moves), "samples_dropped": dropped}
     new = {**manifest, "shards": shards, "compacted": done}
     new["totals"] = _totals(shards)
     return {"manifest": new, "moves": moves}
+
+
+def _stage_without(out: Path, entry: dict, staging: Path, version: str | None) -> tuple[dict | None, list]:
+    """A copy of ``entry``'s published tar in ``staging`` without its tombstoned samples: its new manifest
+    entry (None when no sample is left) and its move ``[staged path in the work area or None, final]``."""
+    copy = staging / Path(entry["path"]).name
+    shutil.copyfile(out / entry["path"], copy)
+    if drop_samples(copy, set(entry["tombstones"])) == 0:
+        copy.unlink()
+        return None, [None, entry["path"]]
+    metas = [meta for _key, meta in shard_samples(copy)]
+    rewritten = {
+        **entry, "samples": len(metas), "bytes": copy.stat().st_size, "sha256": sha256_file(copy),
+        "classes": sorted({m.label for m in metas}), "tombstones": [], "version": version,
+        "licenses": dict(sorted(Counter(m.license_class for m in metas).items())),
+    }  # fmt: skip
+    return rewritten, [str(copy.relative_to(out / WORK_DIR)), entry["path"]]
+
+
+def _swap(out: Path, moves: list[list], changing: Callable[[Path], None]) -> None:
+    """Puts each staged copy in place of its published tar (a ``None`` copy: the tar goes), its ``.idx``
+    written again from the new tar. ``changing(path)`` is called before a published file changes (the
+    caller's manifest goes first). Idempotent: a move already made (its copy gone) only gets its index
+    back if a crash took it, so a re-run finishes an interrupted swap and changes nothing after one."""
+    work = out / WORK_DIR
+    for staged, final in moves:
+        final = out / final
+        if staged is None:  # every sample was tombstoned: the shard goes
+            if final.exists() or final.with_suffix(".idx").exists():
+                changing(final)
+                final.with_suffix(".idx").unlink(missing_ok=True)
+                final.unlink(missing_ok=True)
+            continue
+        if (work / staged).exists():
+            changing(final)
+            final.with_suffix(".idx").unlink(missing_ok=True)  # never the old index beside the new tar
+            os.replace(work / staged, final)
+        if not final.with_suffix(".idx").exists():
+            changing(final)
+            write_index(final)
+
+
+def drop_tombstones(
+    out: Path, shards: list[dict], version: str, changing: Callable[[Path], None], plan_new: bool = True
+) -> tuple[list[dict], dict]:
+    """An incremental build's compaction (finalize.py, after the new shards are placed, before the
+    manifest): each shard of ``shards`` with tombstones is rewritten from its own bytes without them, so
+    that every WebDataset reader of the folder (webdataset, wids, DALI with the ``.idx`` files) gets the
+    live samples only; shards without tombstones are not touched.
+
+    The swap is planned once (``_work/tombstones.json``: staged copies, their entries) and kept with the
+    work area, so a re-run after a crash at any point finishes it, and a re-run after success sees the
+    swap done; ``changing`` (finalize's publication) removes the manifest before the first tar changes.
+    ``plan_new`` false (``--keep-tombstones``): no new swap is planned (a saved one is still finished:
+    it describes the tars on disk). Returns the shards as published and ``{shards_rewritten: [paths],
+    samples_dropped}``.
+    """
+    plan_path = out / WORK_DIR / TOMBSTONES_FILE
+    if not plan_path.is_file():
+        if not plan_new or not any(s.get("tombstones") for s in shards):
+            return shards, {"shards_rewritten": [], "samples_dropped": 0}
+        staging = out / WORK_DIR / TOMBSTONES_DIR
+        staging.mkdir(parents=True, exist_ok=True)
+        entries, moves = {}, []
+        for entry in (s for s in shards if s.get("tombstones")):
+            entries[entry["path"]], move = _stage_without(out, entry, staging, version)
+            moves.append(move)
+        dropped = sum(len(s["tombstones"]) for s in shards if s["path"] in entries)
+        tmp = plan_path.with_name(plan_path.name + ".tmp")
+        plan = {"entries": entries, "moves": moves, "samples_dropped": dropped}
+        tmp.write_text(dumps(plan), encoding="utf-8")
+        os.replace(tmp, plan_path)  # from here every re-run of this plan finishes this swap
+    plan = json.loads(plan_path.read_text(encoding="utf-8"))
+    _swap(out, plan["moves"], changing)
+    entries = plan["entries"]
+    published = [entries.get(s["path"], s) for s in shards]  # a None entry: the shard went
+    done = {"shards_rewritten": sorted(entries), "samples_dropped": plan["samples_dropped"]}
+    return [s for s in published if s is not None], done
 
 
 def live_samples(entry: dict) -> int:

@@ -64,7 +64,7 @@ from pathlib import Path
 from flora.errors import FloraError
 from flora.io import refuse_overlap
 from flora.sharding.build.finalize import finalize
-from flora.sharding.build.incremental import Increment, build_settings, compact, plan_increment
+from flora.sharding.build.incremental import COMPACT_FILE, Increment, build_settings, compact, plan_increment
 from flora.sharding.build.job import run_chunk
 from flora.sharding.build.lock import output_lock
 from flora.sharding.build.plan import (
@@ -123,8 +123,17 @@ Output = LocalOutput | Remote
 
 def open_output(out_dir: str | Path) -> Output:
     """``out_dir`` as an output: a folder, or ``s3://bucket/prefix`` (remote.py: the bucket checked, the
-    build staged in a local folder, then published)."""
-    return prepare(out_dir) if is_remote(out_dir) else LocalOutput(Path(out_dir))
+    build staged in a local folder, then published). A path that exists but is not a folder (a file) is
+    refused (``BuildError``, one line)."""
+    if is_remote(out_dir):
+        return prepare(out_dir)
+    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        kind = "a regular file" if os.path.isfile(out_dir) else "not a folder"
+        raise BuildError(
+            f"build: --out {out_dir} is {kind}; expected a folder (created if missing) or an "
+            f"s3://bucket/prefix: name another path"
+        )
+    return LocalOutput(Path(out_dir))
 
 
 def build(
@@ -133,6 +142,7 @@ def build(
     cfg: BuildConfig,
     retry_failed: bool = False,
     fresh: bool = False,
+    keep_tombstones: bool = False,
 ) -> dict:
     """Builds (or resumes, or retries the failures of) the shards of a catalog's splits.
 
@@ -140,6 +150,9 @@ def build(
     then published, the manifest last). ``fresh`` (``--fresh``): the folder's ``manifest.json``, damaged
     or not, is set aside (renamed ``manifest.json.set-aside-<UTC time>``) and the build runs as over a
     folder that publishes nothing (no incremental build; shards come again from the cache).
+    ``keep_tombstones`` (``--keep-tombstones``): an incremental build leaves the samples it tombstones in
+    the kept tars (listed as tombstones; Flora's loaders skip them, other WebDataset readers do not)
+    instead of rewriting those shards without them (incremental.py's ``drop_tombstones``).
 
     Holds the output folder's build lock throughout (lock.py): while another build holds it, this one
     refuses at once or, with ``cfg.wait_lock_s``, waits that long for it.
@@ -161,7 +174,9 @@ def build(
     with output_lock(output.folder, cfg.wait_lock_s):
         check_published(output.folder, fresh)
         refuse_links(output.folder)
-        return _build_locked(splits_dir, output, cfg, retry_failed)
+        if (output.folder / WORK_DIR / COMPACT_FILE).is_file():  # a --compact swap a crash interrupted
+            compact(output.folder)  # finished first: its staged copies are in the work area
+        return _build_locked(splits_dir, output, cfg, retry_failed, keep_tombstones)
 
 
 def check_published(out: Path, fresh: bool = False) -> None:
@@ -233,7 +248,9 @@ class BuildError(FloraError, ValueError):
     """The output folder is not one a build can safely write: says what is wrong and the way out."""
 
 
-def _build_locked(splits_dir: Path, output: Output, cfg: BuildConfig, retry_failed: bool) -> dict:
+def _build_locked(
+    splits_dir: Path, output: Output, cfg: BuildConfig, retry_failed: bool, keep_tombstones: bool
+) -> dict:
     """Plans, runs the chunks still to do, finalizes and publishes (see the module docstring)."""
     out, splits_path = output.folder, splits_dir / SPLITS_FILE
     fingerprint = _open_work_area(out, splits_path, cfg)
@@ -252,8 +269,9 @@ def _build_locked(splits_dir: Path, output: Output, cfg: BuildConfig, retry_fail
         raise RuntimeError(f"chunks {missing[:5]} did not complete; run again to resume")
     run_stats = _run_stats(out, version, plan, plan_seconds, ran, cfg, retry_failed)
     manifest = finalize(
-        out, plan.jobs, plan.n_records, plan.unreadable, splits_dir, run_stats, plan.release, plan.increment
-    )
+        out, plan.jobs, plan.n_records, plan.unreadable, splits_dir, run_stats, plan.release, plan.increment,
+        keep_tombstones,
+    )  # fmt: skip
     return output.publish(manifest)
 
 

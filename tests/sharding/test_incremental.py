@@ -41,7 +41,8 @@ def config(cache: Path) -> BuildConfig:
 @pytest.fixture(scope="module")
 def grown(tmp_path_factory):
     """A world; catalog v1 (90% of its records) and v2 (all but a few removed, one relabelled, with
-    ``--previous v1``); v1 built; v2 built incrementally over a copy and in full into a fresh folder."""
+    ``--previous v1``); v1 built; v2 built incrementally over a copy (and over another with
+    ``keep_tombstones``: ``lazy``) and in full into a fresh folder."""
     root = tmp_path_factory.mktemp("grown")
     (root / "world" / "images").mkdir(parents=True)
     server = ImageServer(root / "world" / "images")
@@ -82,10 +83,12 @@ def grown(tmp_path_factory):
         before = snapshot(root / "inc")
         requests = {u: server.request_count(urlsplit_path(u)) for u in (r["image_url"] for r in v1_rows)}
         inc = build(root / "splits_v2", root / "inc", config(cache))
+        shutil.copytree(root / "v1", root / "lazy")
+        lazy = build(root / "splits_v2", root / "lazy", config(cache), keep_tombstones=True)
         requests_after = {u: server.request_count(urlsplit_path(u)) for u in requests}
         full = build(root / "splits_v2", root / "full", config(cache))
         yield SimpleNamespace(
-            root=root, server=server, cache=cache, v1=v1, inc=inc, full=full, before=before,
+            root=root, server=server, cache=cache, v1=v1, inc=inc, lazy=lazy, full=full, before=before,
             removed=removed, relabelled=relabelled,
             old_requests=(requests, requests_after),
         )  # fmt: skip
@@ -166,14 +169,18 @@ def tar_keys(out: Path) -> set[str]:
 def test_incremental_build_keeps_v1_shards_and_equals_a_full_v2_build(grown):
     root, inc, v1 = grown.root, grown.inc, grown.v1
     after = snapshot(root / "inc")
+    rewritten = set(inc["last_run"]["incremental"]["rewritten_shards"])
     for path, (sha, mtime) in grown.before.items():
-        assert after[path] == (sha, mtime), f"{path} was rewritten"
+        if path not in rewritten:
+            assert after[path] == (sha, mtime), f"{path} has no tombstone but was rewritten"
     new = set(after) - set(grown.before)
     assert new, "the new records make new shards"
     assert inc["version"] == grown.full["version"] != v1["version"] and inc["parent"] == v1["version"]
     by_path = {s["path"]: s for s in inc["shards"]}
-    assert {p for p, s in by_path.items() if s["version"] == inc["version"]} == new
-    assert all(by_path[p]["version"] == v1["version"] for p in grown.before)
+    assert {p for p, s in by_path.items() if s["version"] == inc["version"]} == new | (
+        rewritten & set(by_path)
+    )
+    assert all(by_path[p]["version"] == v1["version"] for p in set(grown.before) - rewritten)
     for path in new:  # new shards after every old index of their stream
         stream = path.rsplit("-", 1)[0]
         old = [int(p.rsplit("-", 1)[1][:6]) for p in grown.before if p.rsplit("-", 1)[0] == stream]
@@ -184,8 +191,15 @@ def test_incremental_build_keeps_v1_shards_and_equals_a_full_v2_build(grown):
     gone = {k for k, row in v1_rows.items() if v2_rows.get(k, {}).get("label") != row["label"]} & v1_keys
     relabelled = {k for k in gone if k in v2_rows}
     assert len(relabelled) == 1 and len(gone) > 1, "one relabelled record (removed + new), the rest removed"
-    assert gone and {k for s in inc["shards"] for k in s["tombstones"]} == gone
+    lazy = grown.lazy
+    assert gone and {k for s in lazy["shards"] for k in s["tombstones"]} == gone
+    assert lazy["last_run"]["incremental"]["new_tombstones"] == len(gone)
+    # without keep_tombstones the shards that held them are rewritten without them, and only those
     assert inc["last_run"]["incremental"]["new_tombstones"] == len(gone)
+    assert inc["last_run"]["incremental"]["tombstones_dropped"] == len(gone)
+    assert all(not s["tombstones"] for s in inc["shards"])
+    assert rewritten == {s["path"] for s in lazy["shards"] if s["tombstones"]}
+    assert not (gone - relabelled) & tar_keys(root / "inc"), "removed samples left the tars"
     assert inc["last_run"]["incremental"]["rebuilt_shards"] == []
     # only new (and previously failed or relabelled) records were run; no old image was requested again
     requests, requests_after = grown.old_requests
@@ -194,10 +208,11 @@ def test_incremental_build_keeps_v1_shards_and_equals_a_full_v2_build(grown):
         inc["accounting"]["ok"] and inc["accounting"]["records_in"] == grown.full["accounting"]["records_in"]
     )
     assert inc["accounting"]["sharded"] == grown.full["accounting"]["sharded"]
-    assert served(inc) == served(grown.full)
+    assert served(inc) == served(grown.full) == served(lazy)
     cache_root = root / "derived"
     assert loader_samples(root / "inc", cache_root) == loader_samples(root / "full", cache_root)
-    cfg = load_data_config({"data": {"shards": str(root / "inc"), "index_cache": "off"}})
+    assert loader_samples(root / "lazy", cache_root) == loader_samples(root / "full", cache_root)
+    cfg = load_data_config({"data": {"shards": str(root / "lazy"), "index_cache": "off"}})
     tombstoned = sum(build_index(cfg, split).tombstoned for split in SPLITS)
     assert tombstoned == len(gone), "tombstones are counted apart from skips"
 
@@ -215,16 +230,17 @@ def test_same_splits_rerun_is_a_no_op_resume(grown, tmp_path):
 
 
 def test_compact_drops_tombstoned_samples_and_equals_a_full_v2_build(grown, tmp_path):
-    out = tmp_path / "inc"
-    shutil.copytree(grown.root / "inc", out)
+    out = tmp_path / "lazy"
+    shutil.copytree(grown.root / "lazy", out)
     before = snapshot(out)
-    touched = {s["path"] for s in grown.inc["shards"] if s["tombstones"]}
+    touched = {s["path"] for s in grown.lazy["shards"] if s["tombstones"]}
     argv = ["build", "--compact", "--splits", str(grown.root / "splits_v2"), "--out", str(out), *SETTINGS]
     assert main(argv) == 0
     manifest = json.loads((out / "manifest.json").read_text())
     assert all(not s["tombstones"] for s in manifest["shards"])
-    assert manifest["accounting"] == grown.inc["accounting"]
+    assert manifest["accounting"] == grown.lazy["accounting"]
     assert tar_keys(out) == tar_keys(grown.root / "full"), "the tars now hold exactly v2's samples"
+    assert snapshot_sha(out) == snapshot_sha(grown.root / "inc"), "as the build's own compaction"
     after = snapshot(out)
     assert all(after[p] == before[p] for p in before if p not in touched and p in after)
     for s in manifest["shards"]:
@@ -315,8 +331,8 @@ def test_an_interrupted_compaction_is_finished_by_the_next_one(grown, tmp_path, 
     import flora.sharding.build.incremental as incremental
     from flora.loaders.index import LoaderError
 
-    out = tmp_path / "inc"
-    shutil.copytree(grown.root / "inc", out)
+    out = tmp_path / "lazy"
+    shutil.copytree(grown.root / "lazy", out)
     real_replace, swaps = os.replace, []
 
     def crash_after_one_tar(src, dst):
