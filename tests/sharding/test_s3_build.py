@@ -1,8 +1,8 @@
 """``flora build --out s3://bucket/prefix`` against a real S3 server on 127.0.0.1 (SeaweedFS, the
 ``s3_bucket`` fixture): the published set equals a local build byte for byte; a re-run uploads
 nothing; a crash mid-publication never shows readers an old manifest over new objects and a re-run
-finishes; incremental builds upload only new shards; a chunk run on another node comes through the
-store; throttling (503 SlowDown) is retried; a missing bucket, refused credentials, an unreachable
+finishes; incremental builds upload only new and rewritten shards; a chunk run on another node comes
+through the store; throttling (503 SlowDown) is retried; a missing bucket, refused credentials, an unreachable
 endpoint and another data set's prefix are one error line, exit 2, nothing written."""
 
 from __future__ import annotations
@@ -72,7 +72,9 @@ def assert_same_set(url: str, out: Path) -> None:
             etag,
         )
         assert table["rows"] == sample_rows(out / shard["path"], shard["sha256"])
-        assert len(table["rows"]) == shard["samples"]  # tombstoned ones too: readers skip them
+        assert (
+            len(table["rows"]) == shard["samples"]
+        )  # tombstoned ones too (--keep-tombstones): readers skip them
     for name, data in files.items():
         if name != "manifest.json":  # its last_run differs (timings)
             assert objects[name] == data, name
@@ -132,15 +134,20 @@ def test_incremental_build_to_s3_uploads_only_the_new_shards(
     etags = {s["path"]: store.head(base.join(s["path"]))["etag"] for s in v1["shards"]}
     monkeypatch.setenv("FLORA_CACHE_DIR", str(tmp_path / "new-driver"))
     v2 = build(grown.root / "splits_v2", url, incremental_config(grown.cache))
-    assert v2["last_run"]["incremental"]["kept_shards"] == len(v1["shards"])
+    rewritten = set(v2["last_run"]["incremental"]["rewritten_shards"])  # held a removed sample
+    assert rewritten and v2["last_run"]["incremental"]["kept_shards"] == len(v1["shards"]) - len(rewritten)
     new = {s["path"] for s in v2["shards"]} - set(etags)
     assert new and v2["parent"] == v1["version"]
-    assert {p: store.head(base.join(p))["etag"] for p in etags} == etags, "v1 shards are not uploaded again"
+    untouched = {p: etag for p, etag in etags.items() if p not in rewritten}
+    assert {p: store.head(base.join(p))["etag"] for p in untouched} == untouched, (
+        "v1 shards without removed samples are not uploaded again"
+    )
     shards_uploaded = v2["published"]["uploaded"] - sum(
         1 for k in local_files(grown.root / "inc") if "/" not in k
     )
-    assert shards_uploaded <= 2 * len(new), "at most the new tars and their indices (+ the logs)"
-    assert v2["published"]["tables"] == len(new), "v1 shards' sample tables are kept"
+    changed = len(new) + len(rewritten & {s["path"] for s in v2["shards"]})  # a shard left empty goes
+    assert shards_uploaded <= 2 * changed, "at most the new and rewritten tars and their indices (+ the logs)"
+    assert v2["published"]["tables"] == changed, "the other v1 shards' sample tables are kept"
     assert_same_set(url, grown.root / "inc")
 
 
