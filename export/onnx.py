@@ -118,6 +118,15 @@ def export_module(model: torch.nn.Module, path: str | Path, image_size: int, ops
     return path
 
 
+def output_folder(out: str | Path) -> Path:
+    """``out`` as a Path; ExportError, one line, when it (or a folder above it) is an existing file."""
+    out = Path(out)
+    existing = next(p for p in (out, *out.parents) if p.exists() or p == p.parent)
+    if existing.exists() and not existing.is_dir():
+        raise ExportError(f"output folder {out}: {existing} is a file, expected a folder (--out)")
+    return out
+
+
 def ort_session(path: str | Path, threads: int | None = None):
     """An onnxruntime CPU session for ``path`` (``threads``: intra-op threads, default onnxruntime's)."""
     import onnxruntime as ort
@@ -137,8 +146,8 @@ def export(
 ) -> dict:
     """The whole ONNX export: model, metadata, onnxruntime parity; returns the report (also written)."""
     started = time.perf_counter()
+    out = output_folder(out)
     bundle = load_bundle(checkpoint)
-    out = Path(out)
     model_path = export_module(for_export(bundle.model), out / "model.onnx", bundle.image_size)
     write_metadata(bundle, out, layout="NCHW", input_name=INPUT, output_name=OUTPUT)
     names, x = sample_inputs(bundle, images, samples)

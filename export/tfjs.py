@@ -18,6 +18,13 @@ pins clash with torch's); ``FLORA_TFJS_VENV`` points elsewhere. onnx2tf would do
 calibration array from the internet; the export writes the file it looks for into its working
 folder first, so nothing leaves the machine.
 
+Which networks take this route: the timm families in ``FAMILIES``, checked before any conversion
+work (``refuse_unsupported``: one line naming the families that export). Others fail late: in
+onnx2tf after up to a minute, a ViT's (``VisionTransformer``, Flora's teachers) class-token concat
+and position-embedding add lose their shapes (``layer "tf.math.add_2"``), and a ConvNeXt fails
+there too; a MobileNetV3 converts, then TF.js refuses one of its fused convolutions (a rank-0
+bias). ONNX (onnx.py) exports all three, matching PyTorch in onnxruntime.
+
 Leaves out: the thresholds (parity.py) and the page that uses the model (``export/web/``).
 """
 
@@ -37,7 +44,7 @@ import torch
 
 from flora.errors import ArgumentParser, fail
 from flora.export.bundle import ExportError, ParityError, load_bundle, sample_inputs, write_metadata
-from flora.export.onnx import IMAGES_HELP, export_module, for_export
+from flora.export.onnx import IMAGES_HELP, export_module, for_export, output_folder
 from flora.export.parity import check_tfjs
 from flora.io import OverlapError, refuse_overlap
 
@@ -45,6 +52,19 @@ ROOT = Path(__file__).resolve().parent.parent
 QUANTIZE = {None: [], "float16": ["--quantize_float16=*"], "uint8": ["--quantize_uint8=*"]}
 RUNTIME_FACTS = ("backend", "tfjs", "tfjs_backend_wasm", "simd", "multithread", "threads")
 CALIBRATION = "calibration_image_sample_data_20x128x128x3_float32.npy"
+#: The timm model classes whose ONNX graphs onnx2tf converts and TF.js runs at parity, by what a user
+#: calls them (timm builds MobileNetV2 with its EfficientNet class). Measured with timm 1.0, onnx2tf
+#: and tensorflowjs as pinned in requirements-tfjs.txt; anything else is refused before converting.
+FAMILIES = {"EfficientNet": "MobileNetV2 / EfficientNet", "ResNet": "ResNet"}
+
+
+def refuse_unsupported(model: torch.nn.Module, model_name: str) -> None:
+    """ExportError, one line, for a network whose family is not in ``FAMILIES`` (before any conversion)."""
+    if type(model).__name__ not in FAMILIES:
+        raise ExportError(
+            f"{model_name} ({type(model).__name__}) does not export to TF.js; the families that do: "
+            f"{', '.join(FAMILIES.values())} (flora export onnx exports it)"
+        )
 
 
 def converter_venv() -> Path:
@@ -157,10 +177,11 @@ def export(
     if quantize not in QUANTIZE:
         raise ExportError(f"--quantize must be float16 or uint8, got {quantize!r}")
     started = time.perf_counter()
-    venv = converter_venv()
+    out = output_folder(out)
     bundle = load_bundle(checkpoint)
+    refuse_unsupported(bundle.model, bundle.model_name)
+    venv = converter_venv()
     names, x = sample_inputs(bundle, images, samples)  # fail on missing images before converting
-    out = Path(out)
     steps = {}
     with tempfile.TemporaryDirectory(prefix="flora-tfjs-") as tmp:
         work = Path(tmp)

@@ -24,7 +24,7 @@ from flora.export.bundle import (
 )
 from flora.export.parity import ERROR_ABS, FLOOR_FACTOR, TARGET_ABS, compare, run_tfjs, verify
 from flora.export.parity import main as parity_main
-from flora.export.tfjs import _run, export, main
+from flora.export.tfjs import FAMILIES, _run, export, main, refuse_unsupported
 
 WEB = Path(__file__).resolve().parents[2] / "export" / "web"
 
@@ -73,6 +73,13 @@ def test_a_missing_converter_environment_says_how_to_make_it(student, tmp_path, 
     assert main(["--checkpoint", str(student), "--out", str(tmp_path / "out")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("flora export tfjs: error:") and "make tfjs-env" in err[0]
+
+
+def test_the_students_family_is_one_that_exports(student):
+    """The refusal of other families (tests/export/test_architectures.py) lets Flora's students through."""
+    bundle = load_bundle(student)
+    refuse_unsupported(bundle.model, bundle.model_name)  # mobilenetv2_050: timm's EfficientNet class
+    assert type(bundle.model).__name__ in FAMILIES
 
 
 def test_a_failing_converter_step_is_one_clear_error(tmp_path):
