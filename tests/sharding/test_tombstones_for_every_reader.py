@@ -262,3 +262,29 @@ def test_a_crash_while_staging_leaves_v1_published_and_whole(grown, tmp_path, mo
     monkeypatch.undo()
     assert build_cli(grown.root / "splits_v2", out, grown.cache)[0] == 0
     assert snapshot(out) == snapshot(grown.root / "inc")
+
+
+def test_a_build_first_finishes_a_compaction_a_crash_interrupted(grown, tmp_path, monkeypatch):
+    """``--compact`` over a ``--keep-tombstones`` build crashes mid-swap (no manifest, its copies in the
+    work area); the next ``flora build`` finishes that swap before it plans, and readers get v2 once."""
+    import flora.sharding.build.incremental as incremental
+
+    out = tmp_path / "lazy"
+    shutil.copytree(grown.root / "v1", out)
+    assert build_cli(grown.root / "splits_v2", out, grown.cache, "--keep-tombstones")[0] == 0
+    real_replace = os.replace
+
+    def full_disk(src, dst):
+        if str(dst).endswith(".tar") and "_work" not in str(dst):
+            raise OSError(28, "No space left on device")
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(incremental.os, "replace", full_disk)
+    with contextlib.redirect_stderr(io.StringIO()):
+        assert build_cli(grown.root / "splits_v2", out, grown.cache, "--compact")[0] == 2
+    assert not (out / "manifest.json").exists() and (out / "_work" / "compact.json").is_file()
+    monkeypatch.undo()
+    status, summary = build_cli(grown.root / "splits_v2", out, grown.cache)
+    assert status == 0, summary
+    assert snapshot(out) == snapshot(grown.root / "inc")
+    assert sorted(webdataset_samples(out)) == sorted(expected(grown))
