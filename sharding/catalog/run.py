@@ -47,7 +47,7 @@ from pathlib import Path
 from typing import Any
 
 from flora.config import bundled_config_dir, find_config, to_dict
-from flora.errors import storage_error
+from flora.errors import StorageError, storage_error
 from flora.sharding.catalog.intake import Intake, read_source, refuse_empty
 from flora.sharding.catalog.licenses import PERMISSIVE, LicenseTable
 from flora.sharding.catalog.lineage import (
@@ -167,6 +167,14 @@ def _stage_dataset(
         outputs.jsonl(f"{prefix}_splits.jsonl", rows(records))
 
 
+def refuse_file_as_out(out_dir: str | Path) -> None:
+    """StorageError, one line, when ``out_dir`` (or a folder above it) is an existing file."""
+    out = Path(out_dir)
+    existing = next(p for p in (out, *out.parents) if p.exists() or p == p.parent)
+    if existing.exists() and not existing.is_dir():
+        raise StorageError(f"output folder {out}: {existing} is a file, expected a folder (--out)")
+
+
 def run_catalog(
     source: str,
     out_dir: str | Path,
@@ -176,6 +184,7 @@ def run_catalog(
 ) -> CatalogResult:
     """Runs the whole catalog stage (see module docstring) and returns its statistics; ``previous``:
     the output folder of an earlier version whose splits are kept (lineage.LineageError if unusable)."""
+    refuse_file_as_out(out_dir)  # before reading the source: a file there fails now, not after the read
     prev = load_previous(previous, cfg.split) if previous is not None else None
     licenses = LicenseTable.load(resolve_table(cfg.licenses_file, config_dir))
     regions = RegionTable.load(resolve_table(cfg.regions_file, config_dir))
