@@ -5,7 +5,9 @@ the checkpoint's index order, its preprocessing and calibrated temperature - nev
 channel), the two files every export writes next to the model (``labels.json``: by class index, the species'
 name and its training images;
 ``preprocess.json``: input size, resize, mean, std, layout, output kind and the temperature to
-apply), and the reference inputs parity is measured on (``sample_inputs``: real images from the
+apply, with the exact geometry under ``geometry``: the checkpoint's own ``Preprocessing`` fields, from
+which docs/export.md's torchvision-only function and export/web/flora.js reproduce evaluation's
+input), and the reference inputs parity is measured on (``sample_inputs``: real images from the
 checkpoint's own test shards, preprocessed exactly as evaluation does).
 
 Probabilities are defined once, here: ``softmax(logits / temperature)``. The exported graphs output
@@ -148,10 +150,11 @@ def preprocess_spec(bundle: Bundle, layout: str, input_name: str, output_name: s
         "resize_shorter": p.val_resize,
         "crop": "center",
         "interpolation": "bilinear, antialiased",
-        "scale": 1 / 255,
+        "scale": p.scale,
         "mean": [float(v) for v in p.mean],
         "std": [float(v) for v in p.std],
         "normalize": "x = (pixel * scale - mean) / std, per RGB channel",
+        "geometry": geometry(p),
         "output": {"name": output_name, "kind": "logits"},
         "temperature": bundle.temperature,
         "calibrated": bundle.calibrated,
@@ -159,6 +162,30 @@ def preprocess_spec(bundle: Bundle, layout: str, input_name: str, output_name: s
         "labels": "labels.json: by class index, {name, training_images}",
         "few_shot_below": FEW_SHOT_BELOW,
         "checkpoint": {"path": str(bundle.checkpoint), "sha256": sha256_file(bundle.checkpoint)},
+    }
+
+
+def geometry(p: Preprocessing) -> dict:
+    """``preprocess.json``'s ``geometry``: every step from decoded 8-bit RGB pixels to the network's input,
+    as fields (a consumer reads them; docs/export.md's reference function does) and formulas."""
+    return {
+        "resize": {
+            "shorter_side": p.val_resize,
+            "longer_side": "max(shorter_side, floor(longer * shorter_side / shorter + 0.5))",
+            "interpolation": p.interpolation,
+            "antialias": p.antialias,
+        },
+        "crop": {
+            "size": p.image_size,
+            "position": "center",
+            "offset": "floor((resized - size) / 2 + 0.5), per axis (top, left)",
+        },
+        "rounding": p.rounding,
+        "scale": p.scale,
+        "mean": [float(v) for v in p.mean],
+        "std": [float(v) for v in p.std],
+        "color": "RGB, 8 bits per channel, no colour management",
+        "steps": "decode -> resize -> crop -> x = (pixel * scale - mean) / std -> input layout",
     }
 
 

@@ -13,13 +13,24 @@ mid-write leaves the previous checkpoint intact). The RNG states of every genera
 
 On disk a checkpoint stays a plain dict (``Checkpoint.as_state``): ``format``, ``kind`` (``last`` |
 ``best``), ``model`` (the unwrapped state dict), ``model_name``, ``class_mapping`` (species name ->
-index), ``preprocessing`` ({image_size, mean, std, crop_pct, val_resize}), ``class_counts`` (training samples
-per class), ``config``, ``epoch``
+index), ``timm_args`` (the ``timm.create_model`` keyword arguments that rebuild the network: ``model_name``,
+``num_classes``, ``img_size`` for models built for the input size, the dropout rates; with the
+``model`` key timm's own ``checkpoint_path`` loader reads, a checkpoint is
+``timm.create_model(**ckpt["timm_args"], checkpoint_path=path)`` in plain timm), ``preprocessing``
+({image_size, mean, std, crop_pct, val_resize, and the exact geometry: interpolation, antialias,
+rounding, scale, layout}), ``class_counts`` (training samples per class), ``config``, ``epoch``
 (the epoch in progress), ``step`` (optimizer steps), ``world_size``, ``temperature`` (set by
 evaluation's calibration, with ``temperature_split``); a best one adds ``metrics`` (the validation
 metrics it was chosen by) and ``ema_weights``; a last one adds the ``TrainingState`` fields
 (``optimizer``, ``scheduler``, ``scaler``, ``ema``, ``best`` ({metric, value, epoch, step}), ``rng``,
-``loader``, ``epoch_losses``: the last three per rank). Keys a reader does not know are ignored.
+``loader``, ``epoch_losses``: the last three per rank). Keys a reader does not know are ignored;
+fields added later (``timm_args``, the geometry of ``preprocessing``) have defaults, so older
+checkpoints load.
+
+Locations in ``config`` (``LOCATIONS``: the shard root, cache folders, teacher and init checkpoints)
+are stored absolute (the loop writes ``absolute_locations``, against its working folder; ``s3://``
+URLs as they are), so a checkpoint works from any folder. An older checkpoint's relative location is read
+against the checkpoint's own folder when it exists there, else left as written.
 
 Anything else is refused with one line naming the path, what was found and what was expected: a
 file ``torch.load`` cannot read (truncated, garbage, a pickle of arbitrary objects: torch's reason in
@@ -40,7 +51,7 @@ import re
 import tempfile
 import warnings
 from collections.abc import Callable
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -115,6 +126,10 @@ def _is_class_mapping(value: Any) -> bool:
     return isinstance(value, dict) and all(isinstance(k, str) and _is_int(v) for k, v in value.items())
 
 
+def _is_timm_args(value: Any) -> bool:
+    return isinstance(value, dict) and _is_str(value.get("model_name"))
+
+
 def _is_optional(check: Callable[[Any], bool]) -> Callable[[Any], bool]:
     return lambda value: value is None or check(value)
 
@@ -141,31 +156,66 @@ def _field(raw: dict, key: str, check: Callable[[Any], bool], expected: str, whe
     return value
 
 
+#: The one geometry Flora's loaders implement (DALI's ``resize_shorter`` + centre ``crop``, and
+#: loaders.reference.ResizeShorterCenterCrop): the defaults of ``Preprocessing``'s geometry fields.
+INTERPOLATION = "bilinear"
+#: ``half_up``: the resized longer side is ``floor(longer * val_resize / shorter + 0.5)`` (at least
+#: ``val_resize``) and the crop's offset ``floor((resized - image_size) / 2 + 0.5)``, per axis.
+ROUNDING = "half_up"
+PIXEL_SCALE = 1 / 255  # 8-bit RGB to [0, 1], before the mean and std
+LAYOUT = "NCHW"  # the PyTorch network's input
+
+
 @dataclass
 class Preprocessing:
     """The input the network was trained for: evaluation's transform (the shorter side resized to
-    ``val_resize``, a centre crop of ``image_size``) and the per-channel normalisation."""
+    ``val_resize`` and the longer side in proportion, ``interpolation`` with ``antialias``; a centre
+    crop of ``image_size``, sizes and offsets rounded per ``rounding``), pixels times ``scale``, then
+    the per-channel normalisation, in ``layout``. The geometry fields have the defaults every Flora
+    checkpoint was trained with, so a checkpoint written before they were stored reads the same."""
 
     image_size: int
     mean: list[float]
     std: list[float]
     crop_pct: float
     val_resize: int
+    interpolation: str = INTERPOLATION
+    antialias: bool = True
+    rounding: str = ROUNDING
+    scale: float = PIXEL_SCALE
+    layout: str = LAYOUT
+    #: False for a checkpoint read without the geometry fields: rewritten as it was (without them).
+    geometry_stored: bool = field(default=True, repr=False, compare=False)
 
     @classmethod
     def from_state(cls, raw: dict) -> Preprocessing:
         where = "preprocessing."
+        geometry = {
+            key: _field(raw, key, check, expected, where)
+            for key, check, expected in (
+                ("interpolation", lambda v: v == INTERPOLATION, repr(INTERPOLATION)),
+                ("antialias", lambda v: v is True, "true"),
+                ("rounding", lambda v: v == ROUNDING, repr(ROUNDING)),
+                ("scale", lambda v: _is_number(v) and v > 0, "a positive number"),
+                ("layout", lambda v: v == LAYOUT, repr(LAYOUT)),
+            )
+            if key in raw
+        }
         return cls(
             image_size=_field(raw, "image_size", _is_int, "an integer", where),
             mean=list(_field(raw, "mean", _is_rgb, "3 numbers", where)),
             std=list(_field(raw, "std", _is_rgb, "3 numbers", where)),
             crop_pct=_field(raw, "crop_pct", _is_number, "a number", where),
             val_resize=_field(raw, "val_resize", _is_int, "an integer", where),
+            **geometry,
+            geometry_stored=bool(geometry),
         )
 
     def as_state(self) -> dict:
-        return {"image_size": self.image_size, "mean": list(self.mean), "std": list(self.std),
-                "crop_pct": self.crop_pct, "val_resize": self.val_resize}  # fmt: skip
+        state = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "geometry_stored"}
+        if not self.geometry_stored:
+            state = {key: state[key] for key in ("image_size", "mean", "std", "crop_pct", "val_resize")}
+        return {**state, "mean": list(self.mean), "std": list(self.std)}
 
 
 @dataclass
@@ -217,6 +267,9 @@ class Checkpoint:
     #: them): the class prior of long-tail objectives, the many/medium/few-shot buckets, labels.json.
     class_counts: list[int] | None = None
     training: TrainingState | None = None  # last: what an exact resume restores
+    #: ``timm.create_model`` keyword arguments rebuilding the network (``model_name``, ``num_classes``,
+    #: ``img_size``...); None: written before Flora kept them (models.timm_args_of derives them).
+    timm_args: dict | None = None
 
     @property
     def data(self) -> dict:
@@ -256,6 +309,7 @@ class Checkpoint:
                 state, "class_counts", _is_optional(_is_counts), "a list of counts per class"
             ),
             training=TrainingState.from_state(state) if kind == "last" else None,
+            timm_args=_field(state, "timm_args", _is_optional(_is_timm_args), "a dict with 'model_name'"),
         )
 
     def as_state(self) -> dict:
@@ -263,11 +317,69 @@ class Checkpoint:
         kind has are left out, as the loop always wrote them."""
         state = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "training"}
         state["preprocessing"] = self.preprocessing.as_state()
-        for name in ("temperature_split", "metrics", "ema_weights", "class_counts"):
+        if self.timm_args is not None:  # one architecture name in the file: model_name's
+            state["timm_args"] = {**self.timm_args, "model_name": self.model_name}
+        for name in ("temperature_split", "metrics", "ema_weights", "class_counts", "timm_args"):
             if state[name] is None:
                 del state[name]
         state.update(self.training.as_state() if self.training is not None else {})
         return state
+
+
+# -------------------------------------------------------------------------------------- locations
+#: Config entries naming a folder or a file (``[]``: each item of a list); made absolute when written.
+LOCATIONS = (
+    "run.root", "data.shards", "data.cache_root", "data.index_cache", "model.init_from",
+    "model.pretrained_path", "distill.teachers[].checkpoint", "distill.cache.dir",
+)  # fmt: skip
+#: ``data.index_cache`` values that are switches, not folders.
+INDEX_CACHE_SWITCHES = ("auto", "off", "on", "true", "false", "")
+
+
+def _is_local_location(value: Any) -> bool:
+    return isinstance(value, str) and "://" not in value and value.lower() not in INDEX_CACHE_SWITCHES
+
+
+def map_locations(config: dict, change: Callable[[str], str]) -> dict:
+    """A copy of ``config`` with ``change`` applied to every local location of ``LOCATIONS`` (URLs such
+    as ``s3://...``, switches and absent entries are left as they are)."""
+
+    def visit(node: Any, keys: list[str]) -> Any:
+        if not keys:
+            return change(node) if _is_local_location(node) else node
+        key, rest = keys[0], keys[1:]
+        each = key.endswith("[]")
+        key = key.removesuffix("[]")
+        if not isinstance(node, dict) or key not in node:
+            return node
+        value = node[key]
+        if each:
+            value = [visit(item, rest) for item in value] if isinstance(value, list) else value
+        else:
+            value = visit(value, rest)
+        return {**node, key: value}
+
+    for location in LOCATIONS:
+        config = visit(config, location.split("."))
+    return config
+
+
+def absolute_locations(config: dict, base: str | Path | None = None) -> dict:
+    """``config`` with its relative locations made absolute against ``base`` (default: the working
+    folder), as a checkpoint stores them."""
+    base = Path.cwd() if base is None else Path(base)
+    return map_locations(config, lambda value: os.path.abspath(os.path.join(base, os.path.expanduser(value))))
+
+
+def _located(config: dict, folder: Path) -> dict:
+    """An older checkpoint's relative locations read against its own ``folder`` where they exist there;
+    the others as written (relative to the working folder, as before)."""
+
+    def change(value: str) -> str:
+        beside = folder / value
+        return os.path.abspath(beside) if not Path(value).is_absolute() and beside.exists() else value
+
+    return map_locations(config, change)
 
 
 def remove_stale_temporaries(run_dir: str | Path) -> list[Path]:
@@ -335,9 +447,10 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
             f"{path}: not a Flora checkpoint (torch.load: {_short_reason(exc, path)})"
         ) from exc
     try:
-        return Checkpoint.from_state(state)
+        checkpoint = Checkpoint.from_state(state)
     except CheckpointError as exc:
         raise CheckpointError(f"{path}: {exc}") from None
+    return replace(checkpoint, config=_located(checkpoint.config, path.resolve().parent))
 
 
 def save_checkpoint(path: str | Path, checkpoint: Checkpoint) -> Path:

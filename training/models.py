@@ -1,7 +1,9 @@
 """Models: timm networks built for a run's classes and image size, their weights, and head re-mapping.
 
 Owns ``build_model`` (``timm.create_model`` with the run's class count; ViT-family models are built
-for the data's image size, timm resampling position embeddings of pretrained weights), where
+for the data's image size, timm resampling position embeddings of pretrained weights; the arguments
+that rebuild the architecture are kept on the model as ``TIMM_ARGS`` and stored in the checkpoint as
+``timm_args``, so plain timm rebuilds it), where
 pretrained weights come from (a local file through timm's own loader, else the hub when online; an
 offline run without a file fails at once with a message, not a hang in a download), and
 ``init_from``: a Flora checkpoint's backbone copied and its classifier rows copied *by species name*
@@ -26,6 +28,8 @@ from flora.training.config import ModelConfig
 
 log = logging.getLogger(__name__)
 
+#: The attribute of a built model holding its ``timm.create_model`` arguments (without the weights').
+TIMM_ARGS = "flora_timm_args"
 HUB_HOST = ("huggingface.co", 443)
 HUB_PROBE_TIMEOUT_S = 3.0  # one TCP connect; a sandbox without network answers at once or never
 
@@ -47,11 +51,13 @@ def _hub_reachable() -> bool:
 def build_model(cfg: ModelConfig, num_classes: int, image_size: int) -> nn.Module:
     """A timm model with ``num_classes`` outputs for ``image_size`` inputs, weights as configured.
 
-    ``init_from`` is applied separately (``init_from_checkpoint``): it needs the class mappings.
+    ``init_from`` is applied separately (``init_from_checkpoint``): it needs the class mappings. The
+    ``timm.create_model`` arguments that rebuild the architecture are the model's ``TIMM_ARGS``.
     """
-    kwargs = {"num_classes": num_classes, "drop_rate": cfg.drop_rate}
+    args = {"model_name": cfg.name, "num_classes": num_classes, "drop_rate": cfg.drop_rate}
     if cfg.drop_path_rate:
-        kwargs["drop_path_rate"] = cfg.drop_path_rate
+        args["drop_path_rate"] = cfg.drop_path_rate
+    kwargs = {}
     pretrained = cfg.pretrained
     if pretrained:
         if cfg.pretrained_path:
@@ -66,12 +72,24 @@ def build_model(cfg: ModelConfig, num_classes: int, image_size: int) -> nn.Modul
     if not timm.is_model(cfg.name):
         raise ModelError(f"model.name: timm has no model {cfg.name!r}")
     try:  # ViT-family models take the input size; CNNs are size-agnostic and refuse the argument
-        model = timm.create_model(cfg.name, pretrained=pretrained, img_size=image_size, **kwargs)
+        model = timm.create_model(**args, img_size=image_size, pretrained=pretrained, **kwargs)
+        args["img_size"] = image_size
     except TypeError as exc:
         if "img_size" not in str(exc):
             raise
-        model = timm.create_model(cfg.name, pretrained=pretrained, **kwargs)
+        model = timm.create_model(**args, pretrained=pretrained, **kwargs)
+    setattr(model, TIMM_ARGS, args)
     return model
+
+
+def timm_args_of(model: nn.Module) -> dict:
+    """The ``timm.create_model`` arguments ``build_model`` built ``model`` with (plain data)."""
+    args = getattr(model, TIMM_ARGS, None)
+    if args is None:
+        raise ModelError(
+            f"{type(model).__name__} was not built by build_model: its timm arguments are unknown"
+        )
+    return dict(args)
 
 
 def head_prefix(model: nn.Module) -> str:
@@ -154,11 +172,18 @@ def init_from_checkpoint(
 
 
 def model_from_checkpoint(checkpoint: Checkpoint) -> nn.Module:
-    """A Flora checkpoint's network (its ``model_name`` for its classes and image size, its weights)."""
-    model = build_model(
-        ModelConfig(name=checkpoint.model_name),
-        num_classes=len(checkpoint.class_mapping),
-        image_size=checkpoint.preprocessing.image_size,
-    )
+    """A Flora checkpoint's network: ``timm.create_model(**timm_args)`` (what plain timm does) with its
+    weights; a checkpoint written before it kept ``timm_args``: its ``model_name`` for its classes and
+    image size, as ``build_model`` makes it."""
+    if checkpoint.timm_args is not None:
+        args = {**checkpoint.timm_args, "model_name": checkpoint.model_name}
+        model = timm.create_model(**args)
+        setattr(model, TIMM_ARGS, args)
+    else:
+        model = build_model(
+            ModelConfig(name=checkpoint.model_name),
+            num_classes=len(checkpoint.class_mapping),
+            image_size=checkpoint.preprocessing.image_size,
+        )
     model.load_state_dict(checkpoint.model)
     return model

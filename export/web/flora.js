@@ -1,25 +1,46 @@
 // Flora's browser-side contract for an exported model: the same preprocessing as PyTorch
-// evaluation (RGB, antialiased bilinear resize of the shorter side, center crop, (x/255 - mean) / std)
-// and the same probabilities (softmax(logits / temperature)), read from preprocess.json.
+// evaluation (RGB, antialiased bilinear resize of the shorter side, center crop, (x/255 - mean) / std,
+// every size, offset and constant from preprocess.json's geometry) and the same probabilities
+// (softmax(logits / temperature)), read from preprocess.json.
 //
 // The resize follows PIL's / torchvision's antialiased bilinear resampling (triangle filter widened
 // by the downscale factor, horizontal pass then vertical, each rounded to 8 bits) so the browser
 // feeds the network what PyTorch fed it, not whatever the canvas's smoothing happens to do.
 
-// Geometry exactly as loaders.reference.ResizeShorterCenterCrop (and DALI) computes it.
+// preprocess.json's geometry (docs/export.md, "Preprocessing, exactly"): the one this file implements,
+// read from the spec and checked; an export written before the spec carried it has the same geometry
+// in its top-level fields.
+export function geometryOf(spec) {
+  const g = spec.geometry ?? {
+    resize: { shorter_side: spec.resize_shorter, interpolation: 'bilinear', antialias: true },
+    crop: { size: spec.image_size, position: 'center' },
+    rounding: 'half_up', scale: spec.scale, mean: spec.mean, std: spec.std,
+  };
+  const expect = (what, found, wanted) => {
+    if (found !== wanted) throw new Error(`preprocess.json ${what} is ${JSON.stringify(found)}, this page implements ${JSON.stringify(wanted)}`);
+  };
+  expect('geometry.resize.interpolation', g.resize.interpolation, 'bilinear');
+  expect('geometry.resize.antialias', g.resize.antialias, true);
+  expect('geometry.crop.position', g.crop.position, 'center');
+  expect('geometry.rounding', g.rounding, 'half_up');
+  return { shorter: g.resize.shorter_side, crop: g.crop.size, scale: g.scale, mean: g.mean, std: g.std };
+}
+
+const halfUp = (v) => Math.floor(v + 0.5);
+
+// Sizes and offsets as preprocess.json's geometry states them (DALI's, and Flora's loaders'): the
+// longer side floor(longer * shorter_side / shorter + 0.5), the crop at floor((resized - size) / 2 + 0.5).
 export function cropGeometry(width, height, shorter, crop) {
   const scale = shorter / Math.min(width, height);
   let nh, nw;
   if (height <= width) {
     nh = shorter;
-    nw = Math.max(shorter, Math.round(width * scale));
+    nw = Math.max(shorter, halfUp(width * scale));
   } else {
-    nh = Math.max(shorter, Math.round(height * scale));
+    nh = Math.max(shorter, halfUp(height * scale));
     nw = shorter;
   }
-  const top = Math.floor((nh - crop) / 2 + 0.5);
-  const left = Math.floor((nw - crop) / 2 + 0.5);
-  return { nh, nw, top, left };
+  return { nh, nw, top: halfUp((nh - crop) / 2), left: halfUp((nw - crop) / 2) };
 }
 
 // PIL's ImagingResample coefficients for the bilinear (triangle) filter, output range [start, start+count).
@@ -49,8 +70,8 @@ const clamp8 = (v) => Math.min(255, Math.max(0, Math.round(v)));
 
 // RGBA pixels (width x height) -> Float32Array NHWC [crop, crop, 3], normalised.
 export function preprocessPixels(rgba, width, height, spec) {
-  const crop = spec.image_size;
-  const { nh, nw, top, left } = cropGeometry(width, height, spec.resize_shorter, crop);
+  const { shorter, crop, scale, mean, std } = geometryOf(spec);
+  const { nh, nw, top, left } = cropGeometry(width, height, shorter, crop);
   // Horizontal pass: every input row, only the output columns inside the crop.
   const hc = coefficients(width, nw, left, crop);
   const mid = new Uint8ClampedArray(height * crop * 3);
@@ -73,7 +94,6 @@ export function preprocessPixels(rgba, width, height, spec) {
   // Vertical pass: only the output rows inside the crop; then scale and normalise.
   const vc = coefficients(height, nh, top, crop);
   const out = new Float32Array(crop * crop * 3);
-  const { mean, std, scale } = spec;
   for (let j = 0; j < crop; j++) {
     const { xmin, w } = vc[j];
     for (let i = 0; i < crop; i++) {
@@ -126,6 +146,7 @@ export async function loadExport(tf, base) {
     tf.loadGraphModel(new URL('model.json', base).href, { fetchFunc: bufferedFetch }),
   ]);
   if (spec.input.layout !== 'NHWC') throw new Error(`expected an NHWC model, preprocess.json says ${spec.input.layout}`);
+  geometryOf(spec); // a geometry this page does not implement is refused here, not misapplied
   if (entries.length !== spec.num_classes) throw new Error(`labels.json has ${entries.length} names, the model ${spec.num_classes} classes`);
   const labels = entries.map((l) => (typeof l === 'string' ? { name: l, training_images: null } : l));
   return { spec, labels, model };
@@ -136,7 +157,7 @@ export async function classify(tf, bundle, rgba, width, height, k = 5) {
   const t0 = performance.now();
   const input = preprocessPixels(rgba, width, height, bundle.spec);
   const t1 = performance.now();
-  const size = bundle.spec.image_size;
+  const size = geometryOf(bundle.spec).crop;
   const y = tf.tidy(() => bundle.model.predict(tf.tensor4d(input, [1, size, size, 3])));
   const logits = await y.data();
   y.dispose();
