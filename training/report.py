@@ -4,10 +4,12 @@ The distillation comparison: every teacher and every student on the same test sp
 Markdown table. Owns the pairing rule (a regional model is compared on its region's test samples: a
 regional teacher and a global student are both evaluated on the region's test split, so each row pair
 sees the same images), model size (parameters, and MACs of one image at the checkpoint's input size,
-counted with ``torch.utils.flop_counter``), training speed from each run's metrics.json, and the
-student/teacher top-1 ratio. Beside top-1, top-5 and macro top-1 and top-5, each row has the many /
-medium / few-shot top-1 by the model's own training counts (``--buckets``, scaled as evaluate scales
-them; the thresholds each row used are in its ``bucket_thresholds``, and under the table).
+counted with ``torch.utils.flop_counter``), training speed from each run's metrics.json (in the JSON
+only: measured on whatever machine ran it, beside whatever else ran there, so not a benchmark; the
+Markdown table leaves it out and says where it is), and the student/teacher top-1 ratio. Beside
+top-1, top-5 and macro top-1 and top-5, each row has the many / medium / few-shot top-1 by the
+model's own training counts (``--buckets``, scaled as evaluate scales them; the thresholds each row
+used are in its ``bucket_thresholds``, and under the table).
 
 Each evaluation is ``training.evaluate.evaluate`` (temperature fitted on ``val``), unchanged.
 
@@ -28,6 +30,13 @@ from flora.training.checkpoint import Checkpoint, CheckpointError, load_checkpoi
 from flora.training.evaluate import add_bucket_options, evaluate
 from flora.training.metrics import BUCKET_THRESHOLDS, BUCKETS
 from flora.training.models import model_from_checkpoint
+
+#: Under the table: why it has no speed column, and where the runs' own speeds are.
+SPEED_NOTE = (
+    "Training speed is not compared here: each run's `train_steps_per_s` and `images_per_s` in "
+    "comparison.json are what its machine gave it, shared or not, so they are not a benchmark "
+    "(`make bench-training` measures it: docs/benchmarks.md)."
+)
 
 
 def model_size(checkpoint: Checkpoint) -> dict:
@@ -148,19 +157,20 @@ def markdown(report: dict) -> str:
         + _bucket_note(report["rows"]),
         "",
         "| model | role | test set | samples | top-1 | top-5 | macro top-1 | macro top-5 | many top-1 "
-        "| medium top-1 | few top-1 | ECE | ECE calibrated | params | MACs | train steps/s |",
-        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| medium top-1 | few top-1 | ECE | ECE calibrated | params | MACs |",
+        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in report["rows"]:
         mode = f" ({r['soft_labels']})" if r.get("soft_labels") else ""
-        speed = f"{r['train_steps_per_s']:.1f}" if r.get("train_steps_per_s") else "-"
         tail = " | ".join(figure(r.get(k)) for k in ("macro_top5", "many_top1", "medium_top1", "few_top1"))
         lines.append(
             f"| {r['name']} `{r['model']}` | {r['role']}{mode} | {r['test_set']} | {r['samples']} "
             f"| {r['top1']:.3f} | {r['top5']:.3f} | {r['macro_top1']:.3f} | {tail} | {r['ece']:.3f} "
-            f"| {r['ece_calibrated']:.3f} | {r['params'] / 1e6:.2f} M | {r['macs'] / 1e6:.1f} M | {speed} |"
+            f"| {r['ece_calibrated']:.3f} | {r['params'] / 1e6:.2f} M | {r['macs'] / 1e6:.1f} M |"
         )
     lines += [
+        "",
+        SPEED_NOTE,
         "",
         "| student | teacher | test set | student/teacher top-1 | params ratio | MACs ratio |",
         "|---|---|---|---:|---:|---:|",
@@ -183,6 +193,9 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     add_bucket_options(parser)
     args = parser.parse_args(argv)
     out = args.out or args.student[0].parent / "report"
+    existing = next(p for p in (out, *out.parents) if p.exists() or p == p.parent)
+    if existing.exists() and not existing.is_dir():  # before any evaluation, not after them all
+        return fail("report", f"output folder {out}: {existing} is a file, expected a folder (--out)")
     try:
         report = compare(
             args.student,

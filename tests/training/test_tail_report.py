@@ -2,8 +2,8 @@
 
 import json
 
+from flora.training.report import SPEED_NOTE, markdown
 from flora.training.report import main as report_main
-from flora.training.report import markdown
 
 
 def _row(name: str, thresholds: list[int], few: float | None) -> dict:
@@ -26,6 +26,23 @@ def test_markdown_has_the_tail_columns_and_states_the_thresholds():
         {"split": "test", "rows": [_row("a", [13, 27], 0.2), _row("b", [6, 15], 0.1)], "pairs": []}
     )
     assert "per model: a 13/27, b 6/15." in two
+
+
+def test_markdown_leaves_speed_to_the_json_and_says_it_is_no_benchmark():
+    row = {**_row("a", [13, 27], None), "train_steps_per_s": 9.5}
+    table = markdown({"split": "test", "rows": [row], "pairs": []})
+    assert "steps/s" not in table.splitlines()[2] and "9.5" not in table
+    assert SPEED_NOTE in table and "not a benchmark" in SPEED_NOTE
+
+
+def test_an_out_that_is_a_file_is_one_line_before_any_evaluation(tmp_path, capsys):
+    taken = tmp_path / "report.txt"
+    taken.write_text("")
+    missing = tmp_path / "missing.pt"  # never read: the folder is checked first
+    out = taken / "report"
+    assert report_main(["--student", str(missing), "--teacher", str(missing), "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == f"flora report: error: output folder {out}: {taken} is a file, expected a folder (--out)"
 
 
 def test_report_rows_carry_the_buckets(teachers, tmp_path, capsys):
