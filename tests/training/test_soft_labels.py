@@ -39,7 +39,7 @@ def soft_cfg(shards, cache_dir, checkpoint):
         teachers=[SimpleNamespace(checkpoint=str(checkpoint), weight=1.0)],
         temperature=1.0,
         mixing="mean",
-        cache=SimpleNamespace(top_k=3, dir=str(cache_dir)),
+        cache=SimpleNamespace(top_k=3, dir=str(cache_dir), views=0),
     )
     return SimpleNamespace(data=load_data_config({"data": data}), distill=distill)
 
