@@ -16,8 +16,9 @@ against its training images) and ``confusion.png`` in the output folder
 The training counts are the checkpoint's ``class_counts``; a checkpoint written before they were kept
 has them counted in its data config's training split (``buckets.class_counts`` says which).
 
-The data come from the checkpoint's own ``data`` config (shards, image size, mean/std, label space),
-with ``--shards`` and ``data.key=value`` overrides; the class mapping of the evaluated shards must be
+The data come from the checkpoint's own ``data`` config (shards, image size, mean/std, label space;
+its locations absolute, so it runs from any folder: checkpoint.py), with ``--shards`` and
+``data.key=value`` overrides; the class mapping of the evaluated shards must be
 the checkpoint's (a refusal names the species only in one, only in the other, and at other indices).
 
 Leaves out: the metric definitions (metrics.py) and the figures (plots.py).
@@ -233,6 +234,7 @@ def evaluate(
 
     ``buckets``: the few- and many-shot thresholds in training images, scaled to a small training split
     unless ``scale_buckets`` is False (``metrics.bucket_rule``)."""
+    out = output_folder(checkpoint_path, split, region, out_dir)
     checkpoint = load_checkpoint(checkpoint_path)
     cfg = data_config(checkpoint, shards, region, overrides or [])
     counts, counts_source = training_counts(checkpoint, shards, overrides or [])
@@ -259,11 +261,6 @@ def evaluate(
         return loader
 
     test_loader = loader_for(split)
-    out = (
-        Path(out_dir)
-        if out_dir
-        else Path(checkpoint_path).parent / f"eval_{split}{'_' + region if region else ''}"
-    )
     refuse_overlap("evaluate", out, {"the shards it evaluates on": test_loader.index.root})
     temperature = None
     if calibration_split:
@@ -325,6 +322,22 @@ def evaluate(
     test_loader.close()
     ddp.barrier()
     return results
+
+
+def output_folder(
+    checkpoint_path: str | Path, split: str, region: str | None, out_dir: str | Path | None
+) -> Path:
+    """``out_dir``, else ``<checkpoint folder>/eval_<split>[_<region>]``; TrainingError when it (or a
+    folder above it) is an existing file."""
+    out = (
+        Path(out_dir)
+        if out_dir
+        else Path(checkpoint_path).parent / f"eval_{split}{'_' + region if region else ''}"
+    )
+    existing = next(p for p in (out, *out.parents) if p.exists() or p == p.parent)
+    if existing.exists() and not existing.is_dir():
+        raise TrainingError(f"output folder {out}: {existing} is a file, expected a folder")
+    return out
 
 
 def bucket_thresholds(text: str) -> tuple[int, int]:

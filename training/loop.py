@@ -46,6 +46,7 @@ from flora.training.checkpoint import (
     CheckpointError,
     Preprocessing,
     TrainingState,
+    absolute_locations,
     load_checkpoint,
     remove_stale_temporaries,
     rng_state,
@@ -57,7 +58,7 @@ from flora.training.distributed import Dist, destroy_distributed, init_distribut
 from flora.training.errors import TrainingError
 from flora.training.metrics import summarize
 from flora.training.mix import BatchMix
-from flora.training.models import ModelError, build_model, init_from_checkpoint
+from flora.training.models import ModelError, build_model, init_from_checkpoint, timm_args_of
 from flora.training.objectives import Objective, build_objective
 from flora.training.precision import autocast, autocast_dtype
 from flora.training.predict import gather_predictions, predict
@@ -81,12 +82,12 @@ class Trainer:
     def __init__(self, cfg: ExperimentConfig, resume: bool = False, stop_after: int | None = None):
         self.cfg, self.resume, self.stop_after = cfg, resume, stop_after
         self.run_dir = cfg.run.dir
+        self._check_run_dir()
         self.ddp = init_distributed(cfg.data.device)
         torch.manual_seed(cfg.train.seed)  # the same initial weights on every rank
         loaders = create_dataloaders(cfg.data, rank=self.ddp.rank, world_size=self.ddp.world_size)
         self.train_loader, self.val_loader, self.info = loaders
         self.device = torch.device(self.info.device)
-        self._check_run_dir()
         self.model = build_model(cfg.model, self.info.num_classes, self.info.image_size)
         self.init_report = self._init_from() if cfg.model.init_from else None
         self.model.to(self.device)
@@ -124,6 +125,11 @@ class Trainer:
 
     # -------------------------------------------------------------------------------------- setup
     def _check_run_dir(self) -> None:
+        existing = next(p for p in (self.run_dir, *self.run_dir.parents) if p.exists() or p == p.parent)
+        if existing.exists() and not existing.is_dir():
+            raise TrainingError(
+                f"run folder {self.run_dir}: {existing} is a file, expected a folder (run.root/run.name)"
+            )
         refuse_overlap("train", self.run_dir, {"data.shards": self.cfg.data.shards})
         last = self.run_dir / LAST
         if self.resume and not last.is_file():
@@ -191,8 +197,9 @@ class Trainer:
         )
         return Checkpoint(
             kind=kind, model=model, model_name=cfg.model.name, class_mapping=dict(info.class_mapping),
-            preprocessing=preprocessing, config=cfg.as_dict(), epoch=self.epoch, step=self.step,
-            world_size=self.ddp.world_size, class_counts=list(info.class_counts), **parts,
+            preprocessing=preprocessing, config=absolute_locations(cfg.as_dict()), epoch=self.epoch,
+            step=self.step, world_size=self.ddp.world_size, class_counts=list(info.class_counts),
+            timm_args=timm_args_of(self.model), **parts,
         )  # fmt: skip
 
     def _last(self) -> Checkpoint:
@@ -240,9 +247,9 @@ class Trainer:
                 f"--resume: the checkpoint was written by {ranks} rank(s) but holds {len(state.loader)} "
                 "loader states; it is damaged or not a Flora checkpoint"
             )
-        now = self.cfg.as_dict()
-        for section in RESUME_FIXED:
-            if with_added_keys(section, checkpoint.config.get(section)) != now.get(section):
+        now, stored = absolute_locations(self.cfg.as_dict()), absolute_locations(checkpoint.config)
+        for section in RESUME_FIXED:  # locations compared resolved: the checkpoint stores them absolute
+            if with_added_keys(section, stored.get(section)) != now.get(section):
                 raise TrainingError(
                     f"--resume: config section {section!r} differs from the checkpoint's; resume with the "
                     "same config (or start a new run.name)"
