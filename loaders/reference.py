@@ -151,8 +151,9 @@ class ResizeShorterCenterCrop(torch.nn.Module):
     def forward(self, img: torch.Tensor) -> torch.Tensor:
         h, w = img.shape[-2:]
         scale = self.shorter / min(h, w)
-        nh, nw = (self.shorter, max(self.shorter, round(w * scale))) if h <= w else (
-            max(self.shorter, round(h * scale)), self.shorter)  # fmt: skip
+        # half up, as DALI rounds (Python's round() would take a tie such as 182.5 to the even 182)
+        nh, nw = (self.shorter, max(self.shorter, math.floor(w * scale + 0.5))) if h <= w else (
+            max(self.shorter, math.floor(h * scale + 0.5)), self.shorter)  # fmt: skip
         img = v2.functional.resize(img, [nh, nw], interpolation=InterpolationMode.BILINEAR, antialias=True)
         top, left = math.floor((nh - self.crop) / 2 + 0.5), math.floor((nw - self.crop) / 2 + 0.5)
         return img[..., top : top + self.crop, left : left + self.crop]

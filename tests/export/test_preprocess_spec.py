@@ -10,7 +10,6 @@ import subprocess
 from pathlib import Path
 
 import numpy as np
-import pytest
 import torch
 from PIL import Image
 
@@ -107,11 +106,6 @@ def test_torchvision_alone_matches_on_odd_sizes(student, tmp_path):
         assert (got - want).abs().max().item() < 1e-5, (h, w)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="loaders/reference.py rounds the resized longer side with round() (half to even); DALI, "
-    "preprocess.json and flora.js round half up: 128x320 at 73 is 182 there, 183 in DALI",
-)
 def test_the_reference_loader_rounds_a_tied_longer_side_half_up_as_dali_does(student, tmp_path):
     flora_input = documented_function()
     bundle = load_bundle(student)
