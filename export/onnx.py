@@ -71,10 +71,14 @@ class BlockedLinear(torch.nn.Module):
 
 
 def for_export(model: torch.nn.Module, block: int = 128) -> torch.nn.Module:
-    """A copy of ``model`` whose classifier (timm ``get_classifier``) sums in blocks; others unchanged."""
+    """A copy of ``model`` whose classifier (timm ``get_classifier``) sums in blocks and whose attention
+    (timm's ``fused_attn``) runs unfused; the rest unchanged."""
     import copy
 
     model = copy.deepcopy(model).eval()
+    for module in model.modules():  # timm attention: the explicit softmax(q k^T) v, the same function;
+        if getattr(module, "fused_attn", False):  # the fused one exports a scaled q and k onnx2tf breaks
+            module.fused_attn = False
     head = model.get_classifier() if hasattr(model, "get_classifier") else None
     if isinstance(head, torch.nn.Linear) and head.in_features > block:
         for name, module in model.named_modules():
@@ -86,11 +90,15 @@ def for_export(model: torch.nn.Module, block: int = 128) -> torch.nn.Module:
     return model
 
 
-def export_module(model: torch.nn.Module, path: str | Path, image_size: int, opset: int = OPSET) -> Path:
-    """Writes ``model`` (NCHW in, logits out, dynamic batch); ExportError for what ONNX cannot hold."""
+def export_module(
+    model: torch.nn.Module, path: str | Path, image_size: int, opset: int = OPSET, batch: int | None = None
+) -> Path:
+    """Writes ``model`` (NCHW in, logits out; a dynamic batch, or ``batch`` images); ExportError for what
+    ONNX cannot hold."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    dummy = torch.zeros(1, 3, image_size, image_size)
+    dummy = torch.zeros(batch or 1, 3, image_size, image_size)
+    dynamic = {INPUT: {0: "batch"}, OUTPUT: {0: "batch"}} if batch is None else None
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation notice
@@ -100,7 +108,7 @@ def export_module(model: torch.nn.Module, path: str | Path, image_size: int, ops
                 str(path),
                 input_names=[INPUT],
                 output_names=[OUTPUT],
-                dynamic_axes={INPUT: {0: "batch"}, OUTPUT: {0: "batch"}},
+                dynamic_axes=dynamic,
                 opset_version=opset,
                 do_constant_folding=True,
                 dynamo=False,

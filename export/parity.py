@@ -130,11 +130,15 @@ def node_ready() -> str | None:
     return None
 
 
+#: Images per ``predict`` call in Node for a model that takes any batch.
+NODE_BATCH = 16
+
+
 def run_tfjs(
     model_dir: str | Path,
     x_nhwc: np.ndarray,
     backend: str = "wasm",
-    batch: int = 16,
+    batch: int = NODE_BATCH,
     latency_runs: int = 50,
     threads: int = 0,
 ) -> tuple[np.ndarray, dict]:
@@ -176,6 +180,16 @@ def quantization_of(model_dir: Path) -> str | None:
     return kinds.pop() if kinds else None
 
 
+def fixed_batch(model_dir: Path) -> int | None:
+    """The batch the graph model's input is fixed to (model.json's signature), None when it is dynamic."""
+    signature = json.loads((Path(model_dir) / "model.json").read_text()).get("signature", {})
+    for spec in signature.get("inputs", {}).values():
+        dims = spec.get("tensorShape", {}).get("dim", [])
+        size = int(dims[0].get("size", -1)) if dims else -1
+        return size if size > 0 else None
+    return None
+
+
 def check_tfjs(
     model_dir: Path,
     bundle: Bundle,
@@ -186,7 +200,11 @@ def check_tfjs(
 ) -> tuple[dict, dict]:
     """Runs the TF.js model in Node on ``x`` (NCHW, preprocessed) and compares with the checkpoint."""
     got, runtime = run_tfjs(
-        model_dir, x.permute(0, 2, 3, 1).numpy(), backend=backend, latency_runs=latency_runs
+        model_dir,
+        x.permute(0, 2, 3, 1).numpy(),
+        backend=backend,
+        batch=fixed_batch(model_dir) or NODE_BATCH,
+        latency_runs=latency_runs,
     )
     quantize = quantization_of(model_dir)
     parity = compare(

@@ -19,11 +19,12 @@ calibration array from the internet; the export writes the file it looks for int
 folder first, so nothing leaves the machine.
 
 Which networks take this route: the timm families in ``FAMILIES``, checked before any conversion
-work (``refuse_unsupported``: one line naming the families that export). Others fail late: in
-onnx2tf after up to a minute, a ViT's (``VisionTransformer``, Flora's teachers) class-token concat
-and position-embedding add lose their shapes (``layer "tf.math.add_2"``), and a ConvNeXt fails
-there too; a MobileNetV3 converts, then TF.js refuses one of its fused convolutions (a rank-0
-bias). ONNX (onnx.py) exports all three, matching PyTorch in onnxruntime.
+work (``refuse_unsupported``: one line naming the families that export). A ViT (Flora's teachers)
+goes with a fixed batch of 1 (``FIXED_BATCH``: report.json's ``input.batch``) and timm's attention
+unfused (onnx.for_export); a dynamic batch loses the class-token concat's shape in onnx2tf. Others
+fail late: a ConvNeXt in onnx2tf after up to a minute; a MobileNetV3 converts, then TF.js refuses
+one of its fused convolutions (a rank-0 bias). ONNX (onnx.py) exports both, matching PyTorch in
+onnxruntime.
 
 Leaves out: the thresholds (parity.py) and the page that uses the model (``export/web/``).
 """
@@ -55,7 +56,10 @@ CALIBRATION = "calibration_image_sample_data_20x128x128x3_float32.npy"
 #: The timm model classes whose ONNX graphs onnx2tf converts and TF.js runs at parity, by what a user
 #: calls them (timm builds MobileNetV2 with its EfficientNet class). Measured with timm 1.0, onnx2tf
 #: and tensorflowjs as pinned in requirements-tfjs.txt; anything else is refused before converting.
-FAMILIES = {"EfficientNet": "MobileNetV2 / EfficientNet", "ResNet": "ResNet"}
+FAMILIES = {"EfficientNet": "MobileNetV2 / EfficientNet", "ResNet": "ResNet", "VisionTransformer": "ViT"}
+#: Families exported with a fixed batch: under a dynamic one, onnx2tf loses the shape of a ViT's
+#: class-token concat and its position-embedding add fails (``layer "tf.math.add_2"``).
+FIXED_BATCH = {"VisionTransformer": 1}
 
 
 def refuse_unsupported(model: torch.nn.Module, model_name: str) -> None:
@@ -87,6 +91,7 @@ def converter_versions(venv: Path) -> dict:
 
 def _run(cmd: list[str], cwd: Path, step: str) -> str:
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "CUDA_VISIBLE_DEVICES": "", "PYTHONWARNINGS": "ignore"}
+    env["TF_ENABLE_ONEDNN_OPTS"] = "0"  # oneDNN fuses a ViT's layer norms into _MklLayerNorm: no TF.js op
     proc = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, env=env)
     if proc.returncode != 0:
         lines = [line for line in (proc.stdout + proc.stderr).splitlines() if line.strip()]
@@ -186,7 +191,10 @@ def export(
     with tempfile.TemporaryDirectory(prefix="flora-tfjs-") as tmp:
         work = Path(tmp)
         t0 = time.perf_counter()
-        onnx_path = export_module(for_export(bundle.model), work / "model.onnx", bundle.image_size)
+        batch = FIXED_BATCH.get(type(bundle.model).__name__)
+        onnx_path = export_module(
+            for_export(bundle.model), work / "model.onnx", bundle.image_size, batch=batch
+        )
         steps["onnx_s"] = round(time.perf_counter() - t0, 2)
         t0 = time.perf_counter()
         facts = convert(onnx_path, out, quantize, venv, work, shard_bytes)
@@ -216,7 +224,7 @@ def export(
         "model": bundle.model_name,
         "quantize": quantize,
         "files": {k: facts[k] for k in ("size_bytes", "weight_bytes", "weight_shards")},
-        "input": {"name": facts["input_name"], "layout": "NHWC"},
+        "input": {"name": facts["input_name"], "layout": "NHWC", "batch": batch},  # None: any batch
         "output": {"name": facts["output_name"], "kind": "logits"},
         "ops": facts["ops"],
         "runtime": {k: runtime[k] for k in RUNTIME_FACTS},
