@@ -36,8 +36,8 @@ SHARED_WORLDS = {
     "clean_world": ("tests/sharding/test_ray_cluster.py",),
     "small_world": ("tests/sharding/test_disk_faults.py", "tests/sharding/test_download_deadlines.py",
                     "tests/sharding/test_output_safety.py", "tests/sharding/test_decode_budget.py",
-                    "tests/sharding/test_store_restart.py", "tests/sharding/test_tombstones_for_every_reader.py",
-                    "tests/sharding/test_nothing_sharded.py"),
+                    "tests/sharding/test_store_restart.py", "tests/sharding/test_nothing_sharded.py",
+                    "tests/sharding/test_tombstones_for_every_reader.py"),
     # tests/export/conftest.py: the trained student and its TF.js export (a conversion takes ~30 s)
     "student": ("tests/export/test_browser.py", "tests/export/test_bundle.py", "tests/export/test_onnx.py",
                 "tests/export/test_tfjs.py", "tests/export/test_preprocess_spec.py"),

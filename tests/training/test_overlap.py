@@ -23,7 +23,8 @@ def test_a_run_folder_inside_the_shards_is_refused(shard_copy):
 def test_an_evaluation_into_the_shards_is_one_line(shard_root, teachers, tmp_path, capsys):
     checkpoint = tmp_path / "best_model.pt"
     shutil.copyfile(teachers["global"], checkpoint)
-    code = evaluate_main(["--checkpoint", str(checkpoint), "--split", "val", "--out", str(shard_root / "eval")])
+    argv = ["--checkpoint", str(checkpoint), "--split", "val", "--out", str(shard_root / "eval")]
+    code = evaluate_main(argv)
     err = capsys.readouterr().err.strip()
     assert code == 2 and "Traceback" not in err and len(err.splitlines()) == 1
     assert "lies inside the shards it evaluates on" in err
