@@ -49,6 +49,18 @@ def atomic_write_text(path: str | Path, text: str) -> Path:
     return atomic_write_bytes(path, text.encode("utf-8"))
 
 
+class FolderError(FloraError, ValueError):
+    """An output that must be a folder is a file, or lies under one."""
+
+
+def expect_folder(path: str | Path, what: str) -> None:
+    """Refuses (``FolderError``, one line) a ``path`` that is, or lies under, an existing file."""
+    path = Path(path)
+    existing = next(p for p in (path, *path.parents) if p.exists() or p == p.parent)
+    if existing.exists() and not existing.is_dir():
+        raise FolderError(f"{what} {path}: {existing} is a file, expected a folder")
+
+
 class OverlapError(FloraError, ValueError):
     """A command's output folder is, holds, or lies inside something the same command reads."""
 

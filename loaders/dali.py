@@ -14,10 +14,8 @@ Owns the DALI graph and its wiring:
   decodes only the crop window on the CPU; nvJPEG / the hardware decoder on ``mixed``), resize,
   rotation, ``color_twist`` (brightness, contrast, saturation, hue), and ``crop_mirror_normalize``
   (flip + mean/std + layout + dtype in one pass). Validation: decode, resize shorter side, center crop.
-* Stored views (views.py, ``set_replay``): a ``python_function`` maps each sample's ``source_info`` to
-  its view's box (in pixels, for the shape ``peek_image_shape`` reads), flip, angle and colour;
-  ``decoders.image_slice`` decodes the box and the same warp / colour / flip operators take the stored
-  values instead of random draws.
+* Stored views (views.py, ``set_replay``): a ``python_function`` gives each sample's view (box in
+  pixels, flip, angle, colour) by ``source_info``; ``decoders.image_slice`` decodes the box.
 * ``device: gpu`` puts the decoder on ``mixed`` and every later operator on the GPU;
   ``device: cpu`` runs the same graph on DALI's CPU operators (``device_id=None``).
 * Mid-epoch resume with DALI's own checkpointing (``enable_checkpointing``): the iterator's
@@ -164,11 +162,9 @@ def define_pipeline(
     the decoder, ``gpu`` after it); every argument, layout and dtype is the same. Named arguments
     (random draws, the warp matrix) are CPU values on both, as DALI requires.
 
-    ``replay`` (stored views, views.py): a batch function ``(source_info rows, image shapes) -> one
-    float32 row per sample [x0, y0, w, h, flip, angle, brightness, contrast, saturation, hue in
-    degrees]``, run as a ``python_function`` on the CPU; the graph then decodes the stored box
-    (``decoders.image_slice`` at absolute pixels, also on ``mixed``) and applies the stored rotation,
-    colour and flip in place of random draws, for training and validation alike (the teachers' pass).
+    ``replay`` (stored views, views.py): a CPU batch function, (source_info rows, image shapes) -> a row
+    per sample ``[x0, y0, w, h, flip, angle, brightness, contrast, saturation, hue in degrees]``, that
+    replaces the random draws: the box is decoded by ``decoders.image_slice`` (train and validation).
     """
     aug = cfg.augment
     decoder_args = cfg.decoder.dali_args()  # DALI's CPU decoder ignores these (mixed-only settings)

@@ -59,6 +59,7 @@ import numpy as np
 import torch
 
 from flora.errors import FloraError
+from flora.training.locations import absolute_locations, located_beside  # noqa: F401 - re-exported
 
 FORMAT = 1
 LAST = "last_checkpoint.pt"
@@ -326,62 +327,6 @@ class Checkpoint:
         return state
 
 
-# -------------------------------------------------------------------------------------- locations
-#: Config entries naming a folder or a file (``[]``: each item of a list); made absolute when written.
-LOCATIONS = (
-    "run.root", "data.shards", "data.cache_root", "data.index_cache", "model.init_from",
-    "model.pretrained_path", "distill.teachers[].checkpoint", "distill.cache.dir",
-)  # fmt: skip
-#: ``data.index_cache`` values that are switches, not folders.
-INDEX_CACHE_SWITCHES = ("auto", "off", "on", "true", "false", "")
-
-
-def _is_local_location(value: Any) -> bool:
-    return isinstance(value, str) and "://" not in value and value.lower() not in INDEX_CACHE_SWITCHES
-
-
-def map_locations(config: dict, change: Callable[[str], str]) -> dict:
-    """A copy of ``config`` with ``change`` applied to every local location of ``LOCATIONS`` (URLs such
-    as ``s3://...``, switches and absent entries are left as they are)."""
-
-    def visit(node: Any, keys: list[str]) -> Any:
-        if not keys:
-            return change(node) if _is_local_location(node) else node
-        key, rest = keys[0], keys[1:]
-        each = key.endswith("[]")
-        key = key.removesuffix("[]")
-        if not isinstance(node, dict) or key not in node:
-            return node
-        value = node[key]
-        if each:
-            value = [visit(item, rest) for item in value] if isinstance(value, list) else value
-        else:
-            value = visit(value, rest)
-        return {**node, key: value}
-
-    for location in LOCATIONS:
-        config = visit(config, location.split("."))
-    return config
-
-
-def absolute_locations(config: dict, base: str | Path | None = None) -> dict:
-    """``config`` with its relative locations made absolute against ``base`` (default: the working
-    folder), as a checkpoint stores them."""
-    base = Path.cwd() if base is None else Path(base)
-    return map_locations(config, lambda value: os.path.abspath(os.path.join(base, os.path.expanduser(value))))
-
-
-def _located(config: dict, folder: Path) -> dict:
-    """An older checkpoint's relative locations read against its own ``folder`` where they exist there;
-    the others as written (relative to the working folder, as before)."""
-
-    def change(value: str) -> str:
-        beside = folder / value
-        return os.path.abspath(beside) if not Path(value).is_absolute() and beside.exists() else value
-
-    return map_locations(config, change)
-
-
 def remove_stale_temporaries(run_dir: str | Path) -> list[Path]:
     """Deletes the temporaries a killed run left in ``run_dir`` (``TEMPORARY_GLOBS`` only); the removed."""
     run_dir = Path(run_dir)
@@ -450,7 +395,7 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
         checkpoint = Checkpoint.from_state(state)
     except CheckpointError as exc:
         raise CheckpointError(f"{path}: {exc}") from None
-    return replace(checkpoint, config=_located(checkpoint.config, path.resolve().parent))
+    return replace(checkpoint, config=located_beside(checkpoint.config, path.resolve().parent))
 
 
 def save_checkpoint(path: str | Path, checkpoint: Checkpoint) -> Path:

@@ -1,25 +1,22 @@
-"""The training loop: one loop for every objective (teachers now, the distilled student later).
+"""The training loop: one loop for every objective (teachers and the distilled student).
 
-Owns a run from start to summary: process group (torchrun's environment; NCCL on GPUs, gloo on the
-CPU), loaders (``loaders.create_dataloaders``), model (models.py) and objective (objectives.py),
-timm's optimizer (weight-decay groups, optional layer decay) and scheduler (stepped per optimizer
-update: warmup, then cosine), AMP (bf16 on a GPU; fp16 with a GradScaler on request), gradient
-accumulation (``no_sync`` on all but the last micro-batch), Mixup/CutMix of each training micro-batch
-(``train.mix``, mix.py's ``BatchMix``; off by default), clipping, EMA (timm ``ModelEmaV3``),
-``torch.compile``, channels_last, DDP; validation each ``eval_every`` epochs with exact metrics across
-ranks; ``last_checkpoint.pt`` every ``checkpoint_every`` steps and each epoch, ``best_model.pt`` by
-validation top-1; TensorBoard scalars, ``metrics.json`` and a progress bar on rank 0. A run starts by
-deleting the checkpoint temporaries a killed run left in its folder (checkpoint.remove_stale_temporaries).
+Owns a run from start to summary: process group (torchrun's environment; NCCL on GPUs, gloo on the CPU),
+loaders, model (models.py) and objective (objectives.py), timm's optimizer (weight-decay groups, layer
+decay) and scheduler (per optimizer update: warmup, cosine), AMP (bf16 on a GPU; fp16 with a GradScaler),
+gradient accumulation (``no_sync``), Mixup/CutMix (``train.mix``, mix.py; off by default), clipping, EMA
+(timm ``ModelEmaV3``), ``torch.compile``, channels_last, DDP; validation each ``eval_every`` epochs,
+exact across ranks; ``last_checkpoint.pt`` every ``checkpoint_every`` steps and each epoch,
+``best_model.pt`` by validation top-1 (config locations stored absolute, locations.py); TensorBoard,
+``metrics.json`` and a progress bar on rank 0. A run first deletes a killed run's checkpoint temporaries.
 
 Resume: ``resume=True`` restores model, optimizer, scheduler, scaler, EMA, counters, every rank's
 RNG states and loader position from ``last_checkpoint.pt``; on the CPU a resumed run reaches the
-same weights as an uninterrupted one (tests/training/test_train.py); on another number of ranks the
-loader takes the epoch over (loaders/base.py), RNG streams start afresh. ``stop_after`` ends a run
-cleanly after that many optimizer steps with a checkpoint written, as a preempted job would.
+same weights as an uninterrupted one; on another number of ranks the loader takes the epoch over
+(loaders/base.py), RNG streams start afresh. ``stop_after`` ends a run after that many optimizer steps
+with a checkpoint written, as a preempted job would.
 
-Leaves out: the process group and DDP (distributed.py), autocast (precision.py), predictions over a
-loader (predict.py), what a run records (runlog.py), what the loss is (objectives.py), the file
-format (checkpoint.py), metrics (metrics.py).
+Leaves out: process group and DDP (distributed.py), autocast (precision.py), predictions (predict.py),
+records (runlog.py), the loss (objectives.py), the file format (checkpoint.py), metrics (metrics.py).
 """
 
 from __future__ import annotations
@@ -35,7 +32,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from flora.io import refuse_overlap
+from flora.io import expect_folder, refuse_overlap
 from flora.loaders import create_dataloaders
 from flora.loaders.index import LoaderError
 from flora.training import distill  # noqa: F401 - registers the "distill" objective
@@ -66,8 +63,7 @@ from flora.training.runlog import RunLog, Window
 
 __all__ = [  # the loop's public names, including those now owned by their own modules
     "RESUME_FIXED", "Dist", "Trainer", "TrainingError", "autocast", "autocast_dtype", "destroy_distributed",
-    "gather_predictions", "init_distributed", "predict", "wrap_ddp",
-]  # fmt: skip
+    "gather_predictions", "init_distributed", "predict", "wrap_ddp"]  # fmt: skip
 
 log = logging.getLogger(__name__)
 
@@ -125,19 +121,14 @@ class Trainer:
 
     # -------------------------------------------------------------------------------------- setup
     def _check_run_dir(self) -> None:
-        existing = next(p for p in (self.run_dir, *self.run_dir.parents) if p.exists() or p == p.parent)
-        if existing.exists() and not existing.is_dir():
-            raise TrainingError(
-                f"run folder {self.run_dir}: {existing} is a file, expected a folder (run.root/run.name)"
-            )
+        expect_folder(self.run_dir, "run folder (run.root/run.name)")
         refuse_overlap("train", self.run_dir, {"data.shards": self.cfg.data.shards})
         last = self.run_dir / LAST
         if self.resume and not last.is_file():
             raise TrainingError(f"--resume: no {LAST} in {self.run_dir}")
         if not self.resume and last.is_file():
             raise TrainingError(
-                f"{self.run_dir} already holds a run ({LAST}); pass --resume to continue it, "
-                "or choose another run.name"
+                f"{self.run_dir} holds a run ({LAST}); pass --resume, or choose another run.name"
             )
 
     def _init_from(self) -> dict:

@@ -17,7 +17,7 @@ import sys
 
 from flora.config import ConfigError
 from flora.errors import ArgumentParser, fail
-from flora.io import OverlapError
+from flora.io import FolderError, OverlapError
 from flora.loaders.index import LoaderError
 from flora.training.checkpoint import CheckpointError
 from flora.training.config import load_experiment
@@ -25,7 +25,8 @@ from flora.training.loop import Trainer, TrainingError, destroy_distributed
 from flora.training.models import ModelError
 
 EXPECTED_ERRORS = (
-    ConfigError, LoaderError, TrainingError, ModelError, CheckpointError, FileNotFoundError, OverlapError
+    ConfigError, LoaderError, TrainingError, ModelError, CheckpointError, FileNotFoundError, OverlapError,
+    FolderError,
 )  # fmt: skip
 
 

