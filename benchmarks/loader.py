@@ -228,6 +228,21 @@ def time_epoch(loader, epoch: int) -> tuple[int, float]:
     return images, time.perf_counter() - started
 
 
+def alternate(loaders: dict, epochs: int) -> tuple[dict, dict, dict]:
+    """Epochs 1..``epochs`` read by every loader of ``loaders`` in turn, which goes first alternating
+    (ABBA: a drift of the machine weighs on all alike): images, seconds and per-epoch images/s by key."""
+    keys = list(loaders)
+    images, seconds = dict.fromkeys(keys, 0), dict.fromkeys(keys, 0.0)
+    per_epoch: dict[str, list[float]] = {key: [] for key in keys}
+    for epoch in range(1, epochs + 1):
+        for key in keys if epoch % 2 else keys[::-1]:
+            n, t = time_epoch(loaders[key], epoch)
+            images[key] += n
+            seconds[key] += t
+            per_epoch[key].append(n / t)
+    return images, seconds, per_epoch
+
+
 def shard_runs(loader, epoch: int) -> int:
     """Runs of one shard in the rank's reading order of ``epoch``: the index files DALI is given (one
     per shard for the shard-ordered plan, one per shard and window of ``shuffle_buffer`` when sampled)."""
@@ -249,14 +264,7 @@ def measure_sampling(name: str, shards: Path, args) -> tuple[list[dict], dict]:
             loaders[policy] = create_dataloaders(cfg)[0]
             time_epoch(loaders[policy], 0)  # warm-up
         out["shard_runs_per_epoch"] = {policy: shard_runs(loader, 1) for policy, loader in loaders.items()}
-        images, seconds = dict.fromkeys(SAMPLING_POLICIES, 0), dict.fromkeys(SAMPLING_POLICIES, 0.0)
-        per_epoch: dict[str, list[float]] = {policy: [] for policy in SAMPLING_POLICIES}
-        for epoch in range(1, args.sampling_epochs + 1):
-            for policy in SAMPLING_POLICIES if epoch % 2 else SAMPLING_POLICIES[::-1]:
-                n, t = time_epoch(loaders[policy], epoch)
-                images[policy] += n
-                seconds[policy] += t
-                per_epoch[policy].append(n / t)
+        images, seconds, per_epoch = alternate(loaders, args.sampling_epochs)
         rate = {policy: images[policy] / seconds[policy] for policy in SAMPLING_POLICIES}
         ratio = rate["class_balanced"] / rate["uniform"]
         key = "reference" if backend == "torch" else backend

@@ -23,12 +23,12 @@ import argparse
 import os
 import platform
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from benchmarks.loader import alternate, time_epoch
 from benchmarks.photos import build_photo_shards
 from benchmarks.results import command_line, print_table, publish, rate_bars
 from flora.loaders import create_dataloaders
@@ -56,14 +56,6 @@ def data_cfg(shards: Path, args, backend: str) -> dict:
     }
 
 
-def time_epoch(loader, epoch: int) -> tuple[int, float]:
-    loader.set_epoch(epoch)
-    images, started = 0, time.perf_counter()
-    for batch in loader:
-        images += int(batch["valid"].sum())
-    return images, time.perf_counter() - started
-
-
 def measure(shards: Path, args, backend: str) -> dict:
     loaders = {}
     for mode in MODES:
@@ -73,14 +65,7 @@ def measure(shards: Path, args, backend: str) -> dict:
             loader.set_replay(Replay.for_keys(draw(keys, args.views, loader.cfg.augment, 0), keys, 0))
         time_epoch(loader, 0)  # warm-up
         loaders[mode] = loader
-    images, seconds = dict.fromkeys(MODES, 0), dict.fromkeys(MODES, 0.0)
-    per_epoch: dict[str, list[float]] = {mode: [] for mode in MODES}
-    for epoch in range(1, args.epochs + 1):
-        for mode in MODES if epoch % 2 else MODES[::-1]:
-            n, t = time_epoch(loaders[mode], epoch)
-            images[mode] += n
-            seconds[mode] += t
-            per_epoch[mode].append(n / t)
+    images, seconds, per_epoch = alternate(loaders, args.epochs)
     rate = {mode: images[mode] / seconds[mode] for mode in MODES}
     paired = [r / f for f, r in zip(per_epoch["fresh"], per_epoch["replay"], strict=True)]
     return {

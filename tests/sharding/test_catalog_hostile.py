@@ -17,7 +17,6 @@ import gzip
 import json
 import os
 import subprocess
-from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -27,6 +26,8 @@ from flora.sharding.__main__ import main
 from flora.sharding.catalog.intake import NoUsableRecordError
 from flora.sharding.catalog.run import run_catalog
 from flora.sharding.config import CatalogConfig
+
+from .test_disk_faults import tmpfs
 
 FULL = f"No space left on device [Errno {errno.ENOSPC}]"
 
@@ -205,16 +206,6 @@ def test_an_empty_collection_and_a_filter_matching_nothing(mongo_server, tmp_pat
 
 
 # ------------------------------------------------------------------------------ a full disk
-@contextmanager
-def tmpfs(path: Path, size: str):
-    path.mkdir(parents=True)
-    subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)], check=True)
-    try:
-        yield path
-    finally:
-        subprocess.run(["umount", "-l", str(path)], check=False)
-
-
 def leftovers(root: Path) -> list[str]:
     """Temporaries, and empty JSON files, under ``root`` (an empty JSONL log is valid)."""
     return sorted(
