@@ -24,6 +24,7 @@ from flora.errors import ArgumentParser, FloraError, fail
 from flora.io import refuse_overlap
 from flora.sharding.build.outcome import too_few_sharded, top_reasons
 from flora.sharding.cache.config import check_cache_dir
+from flora.sharding.catalog.formats import FORMATS
 from flora.sharding.catalog.sources import redact
 from flora.sharding.config import CatalogConfig
 from flora.sharding.download.fetch import DownloadConfig
@@ -45,12 +46,20 @@ def _catalog(args: argparse.Namespace) -> int:
         overrides.append("production_only=true")
     if args.no_progress:
         overrides.append("progress=false")
+    if args.format:
+        overrides.append(f"format={args.format}")
     cfg = load_config(CatalogConfig, args.config, overrides)
     if args.region:
         cfg.regions = sorted(set(cfg.regions) | set(args.region))
     # --previous DIR --out DIR is the in-place update (read first, replaced atomically); nesting is refused
     refuse_overlap(
-        "catalog", args.out, {"--source": args.source, "--previous": args.previous}, same_ok=("--previous",)
+        "catalog",
+        args.out,
+        {
+            **{"--source" if len(args.source) == 1 else f"--source {s}": s for s in args.source},
+            "--previous": args.previous,
+        },
+        same_ok=("--previous",),
     )
     started = time.perf_counter()
     config_dir = Path(args.config).parent if args.config else None
@@ -95,6 +104,8 @@ def _build(args: argparse.Namespace) -> int:
         overrides.append(f"ray_address={args.ray_address}")
     if args.no_progress:
         overrides.append("progress=false")
+    if args.format:
+        overrides.append(f"format={args.format}")
     if args.allow_damaged_splits:
         overrides.append("allow_damaged_splits=true")
     if args.wait_lock is not None:  # validated as the config key is ("abc", -1: one error line)
@@ -173,8 +184,18 @@ def _compact(args: argparse.Namespace, cfg) -> int:
 def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     parser = ArgumentParser(prog=prog or "flora catalog|build", description=__doc__.splitlines()[0])
     verbs = parser.add_subparsers(dest="verb", required=True)
-    cat = verbs.add_parser("catalog", help="records (JSONL or MongoDB) -> validated, deduplicated splits")
-    cat.add_argument("--source", required=True, help="a JSONL(.gz) file or mongodb://host:port/DB.COLLECTION")
+    cat = verbs.add_parser(
+        "catalog",
+        help="records (JSONL, MongoDB, GBIF DwC-A, iNaturalist, CSV/Parquet) -> deduplicated splits",
+    )
+    cat.add_argument(
+        "--source",
+        required=True,
+        action="append",
+        help="a JSONL(.gz) file, mongodb://host:port/DB.COLLECTION, a GBIF Darwin Core Archive (.zip or "
+        "folder), an iNaturalist open-data folder, or a CSV/TSV/Parquet table; repeatable",
+    )
+    cat.add_argument("--format", choices=FORMATS, help="force the sources' format (default: detected)")
     cat.add_argument("--out", required=True, help="output folder")
     cat.add_argument("--config", help="YAML config (default: built-in defaults, as config/catalog.yaml)")
     cat.add_argument(

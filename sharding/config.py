@@ -88,6 +88,60 @@ class MongoConfig:
 
 
 @dataclass
+class DwcaConfig:
+    """How a Darwin Core Archive (GBIF occurrence download) is read."""
+
+    #: Multimedia ``type`` values that are still images (GBIF writes ``StillImage``); other rows
+    #: (sound, video) are rejected as ``not_a_still_image``.
+    media_types: list[str] = field(default_factory=lambda: ["StillImage"])
+    #: The records' ``source`` (the publisher's dataset keys stay in ``meta``).
+    source_name: str = "GBIF"
+
+
+@dataclass
+class InatConfig:
+    """How iNaturalist's open-data tables are read."""
+
+    #: Observation quality grades kept; photos of other observations are rejected as ``quality_grade``.
+    quality_grades: list[str] = field(default_factory=lambda: ["research"])
+    #: The photo size downloaded (the open-data bucket's names).
+    photo_size: Literal["square", "small", "medium", "large", "original"] = "medium"
+    #: Infraspecific taxa (subspecies, variety, form, ...): ``species`` maps them up to their species,
+    #: ``keep`` makes each its own class (its trinomial).
+    infraspecific: Literal["species", "keep"] = "species"
+    #: Only taxa under this taxon id (e.g. 47126, Plantae); None keeps every taxon.
+    within_taxon: int | None = None
+    #: The photo URL, from the photo's id, the size and its file extension.
+    photo_url: str = "https://inaturalist-open-data.s3.amazonaws.com/photos/{photo_id}/{size}.{extension}"
+    #: The records' ``source``.
+    source_name: str = "iNaturalist"
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.quality_grades, list) or not self.quality_grades:
+            raise ConfigError(f"inat.quality_grades must be a non-empty list, got {self.quality_grades!r}")
+        for name in ("{photo_id}", "{size}", "{extension}"):
+            if name not in self.photo_url:
+                raise ConfigError(f"inat.photo_url must contain {name}, got {self.photo_url!r}")
+
+
+@dataclass
+class TableConfig:
+    """How a CSV, TSV or Parquet table is read (the column mapping is the catalog's ``columns``)."""
+
+    #: The field separator; None: ``,`` for csv and ``\\t`` for tsv.
+    delimiter: str | None = None
+    encoding: str = "utf-8"
+    #: Rows per Parquet batch (memory: one batch at a time).
+    batch_rows: int = 10_000
+
+    def __post_init__(self) -> None:
+        if self.delimiter is not None and len(self.delimiter) != 1:
+            raise ConfigError(f"table.delimiter must be one character, got {self.delimiter!r}")
+        if self.batch_rows < 1:
+            raise ConfigError(f"table.batch_rows must be >= 1, got {self.batch_rows}")
+
+
+@dataclass
 class CatalogConfig:
     """The catalog stage: sources -> validated, deduplicated, split records."""
 
@@ -108,6 +162,14 @@ class CatalogConfig:
     regions_file: str = "regions.yaml"
     #: Show a progress bar (tqdm) while reading; ``None`` shows it only on a terminal.
     progress: bool | None = None
+    #: The sources' format (``--format``); None detects it from each source (catalog/formats.py).
+    format: str | None = None
+    #: CSV/TSV/Parquet: Flora's input field -> the table's column (``{image_url: url, latin_name:
+    #: scientific_name}``); a field not named here is read from the column of its own name.
+    columns: dict[str, str] = field(default_factory=dict)
+    dwca: DwcaConfig = field(default_factory=DwcaConfig)
+    inat: InatConfig = field(default_factory=InatConfig)
+    table: TableConfig = field(default_factory=TableConfig)
 
 
 # ---------------------------------------------------------------------------------------------- sharder

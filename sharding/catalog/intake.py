@@ -26,9 +26,10 @@ from flora.errors import FloraError
 from flora.sharding.catalog.licenses import LicenseTable
 from flora.sharding.catalog.records import Record, RecordError, put_meta, url_key, validate
 from flora.sharding.catalog.regions import RegionTable
-from flora.sharding.catalog.sources import JsonlSource, MongoSource, Unparseable
+from flora.sharding.catalog.sources import Unparseable
 
-Source = JsonlSource | MongoSource
+#: A reader of catalog/formats.py (any format, or several as one).
+Source = Any
 
 #: Fields of a rejected record shown in the no-usable-record line (enough to see a wrong schema).
 FIELDS_SHOWN = 8
@@ -60,7 +61,7 @@ def build_record(raw: Any, licenses: LicenseTable, regions: RegionTable) -> Reco
     """One raw record -> a Record (licence and region resolved, raw spellings kept in ``meta``);
     RecordError with its reason if it is not valid."""
     if isinstance(raw, Unparseable):
-        raise RecordError("invalid_json", raw.message)
+        raise RecordError(raw.reason, raw.message)
     fields, meta = validate(raw)
     license_id, license_class = licenses.classify(fields["license"])
     country, region = regions.resolve(fields["country"], fields["region"])
@@ -81,6 +82,9 @@ def build_record(raw: Any, licenses: LicenseTable, regions: RegionTable) -> Reco
         region=region,
         meta=dict(sorted(meta.items())),
         url_key=url_key(fields["image_url"]),
+        creator=fields["creator"],
+        rights_holder=fields["rights_holder"],
+        license_url=fields["license_url"] or licenses.url(fields["license"], license_id),
     )
 
 

@@ -5,8 +5,12 @@ string such as ``"CC BY-NC-SA 3.0"``, ``"cc-by-nc"`` or a creativecommons.org UR
 id (``cc-by-nc-sa``) and a class. Unknown or missing licenses become ``unknown``, classed
 restrictive, and the raw spellings are counted so the report can show them.
 
-Leaves out: per-version distinctions (CC-BY 2.0 and 4.0 are both ``cc-by``; the raw string is kept
-in the record's ``meta.license_raw``) and legal advice: the table is the policy, edit it there.
+Each canonical id may carry a ``url`` (its deed); ``LicenseTable.url`` gives a record's licence URL
+for attribution: the raw value when it is a URL, else the deed of the raw value's version
+(``CC BY-SA 3.0`` -> ``https://creativecommons.org/licenses/by-sa/3.0/``), else the table's ``url``.
+
+Leaves out: per-version distinctions in the class (CC-BY 2.0 and 4.0 are both ``cc-by``; the raw
+string is kept in the record's ``meta.license_raw``) and legal advice: the table is the policy, edit it there.
 """
 
 from __future__ import annotations
@@ -36,6 +40,9 @@ _NOISE_WORDS = {
 _NON_ALNUM = re.compile(r"[^a-z0-9]+")
 _CC_URL = re.compile(r"creativecommons\.org/(licenses|publicdomain)/([a-z-]+)", re.IGNORECASE)
 _CC_PREFIXES = ("creative-commons-", "creativecommons-")
+_VERSION = re.compile(r"(?<![\d.])([1-4]\.[05])(?![\d.])")
+#: Deeds by canonical id, where a versioned URL is built (``{version}``): Creative Commons' own paths.
+_CC_DEEDS = {"cc0": "publicdomain/zero/{version}/", "pdm": "publicdomain/mark/{version}/"}
 
 
 def license_key(raw: str) -> str:
@@ -55,6 +62,8 @@ class LicenseTable:
 
     classes: dict[str, str]
     aliases: dict[str, str]
+    #: The deed URL of each canonical id that has one in the table.
+    urls: dict[str, str] = field(default_factory=dict)
     _cache: dict[object, tuple[str, str]] = field(default_factory=dict, repr=False)
     #: Raw spellings that matched nothing, with their counts (reported in export_stats.json).
     unknown_raw: Counter = field(default_factory=Counter, repr=False)
@@ -67,6 +76,7 @@ class LicenseTable:
             raise ConfigError(f"{path}: expected a non-empty 'licenses' mapping")
         classes: dict[str, str] = {}
         aliases: dict[str, str] = {}
+        urls: dict[str, str] = {}
         for canonical, entry in entries.items():
             if not isinstance(entry, dict) or entry.get("class") not in LICENSE_CLASSES:
                 raise ConfigError(
@@ -74,12 +84,18 @@ class LicenseTable:
                     f"got {entry.get('class') if isinstance(entry, dict) else entry!r}"
                 )
             classes[canonical] = entry["class"]
+            if entry.get("url") is not None:
+                if not isinstance(entry["url"], str) or not entry["url"].startswith(("http://", "https://")):
+                    raise ConfigError(
+                        f"{path}: licenses.{canonical}.url must be an http(s) URL, got {entry['url']!r}"
+                    )
+                urls[canonical] = entry["url"]
             for alias in [canonical, *entry.get("aliases", [])]:
                 key = license_key(str(alias))
                 if aliases.get(key, canonical) != canonical:
                     raise ConfigError(f"{path}: alias {alias!r} names both {aliases[key]} and {canonical}")
                 aliases[key] = canonical
-        return cls(classes=classes, aliases=aliases)
+        return cls(classes=classes, aliases=aliases, urls=urls)
 
     def classify(self, raw: object) -> tuple[str, str]:
         """Returns ``(canonical_id, license_class)`` for a raw license value (any JSON value)."""
@@ -105,3 +121,16 @@ class LicenseTable:
         if canonical is None:
             return UNKNOWN, RESTRICTIVE
         return canonical, self.classes[canonical]
+
+    def url(self, raw: object, canonical: str) -> str | None:
+        """The licence URL of a record whose raw licence is ``raw`` and canonical id ``canonical``
+        (see module docstring); None when neither the value nor the table gives one."""
+        if isinstance(raw, str):
+            text = raw.strip()
+            if text.lower().startswith(("http://", "https://")):
+                return text
+            version = _VERSION.search(text)
+            if version and (canonical in _CC_DEEDS or canonical.startswith("cc-")):
+                path = _CC_DEEDS.get(canonical, f"licenses/{canonical.removeprefix('cc-')}/{{version}}/")
+                return "https://creativecommons.org/" + path.format(version=version.group(1))
+        return self.urls.get(canonical)

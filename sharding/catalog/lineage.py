@@ -43,7 +43,14 @@ from pathlib import Path
 from typing import Any
 
 from flora.errors import FloraError
-from flora.sharding.catalog.records import OUTPUT_FIELDS, Record, RecordError, normalize_url, url_key
+from flora.sharding.catalog.records import (
+    ATTRIBUTION_FIELDS,
+    OUTPUT_FIELDS,
+    Record,
+    RecordError,
+    normalize_url,
+    url_key,
+)
 from flora.sharding.catalog.split import FrozenSplits, SplitResult, allocate, group_key, key_digest
 from flora.sharding.config import SPLIT_NAMES, SplitConfig
 
@@ -184,7 +191,9 @@ def _row_record(row: Any, where: str) -> Record:
     """A row of dataset_splits.jsonl as a Record (its url_key as this version computes it, see
     ``_identity``); LineageError if it is not one."""
     try:
-        record = Record(**{name: row[name] for name in OUTPUT_FIELDS})
+        record = Record(
+            **{name: row[name] if name not in ATTRIBUTION_FIELDS else row.get(name) for name in OUTPUT_FIELDS}
+        )
         record.url_key = _identity(record.image_url)
     except (KeyError, TypeError, AttributeError) as exc:
         raise LineageError(f"{where}: not a catalog row (expected the fields {list(OUTPUT_FIELDS)})") from exc

@@ -14,8 +14,9 @@ one raw input record (``validate``), and the two normalisations that identity de
   same species carries different ids in different sources.
 
 Input fields: ``plant_id``, ``latin_name``, ``image_url`` (required), ``license``, ``source``,
-``country``, ``region`` (optional). Every other field is kept in ``meta``, never dropped; an input
-``meta`` mapping is merged into it. A bad record raises ``RecordError`` with a reason code.
+``country``, ``region``, ``creator``, ``rights_holder``, ``license_url`` (optional). Every other field
+is kept in ``meta``, never dropped; an input ``meta`` mapping is merged into it. A bad record raises
+``RecordError`` with a reason code.
 
 Leaves out: licenses and regions (licenses.py, regions.py, applied by the catalog), splitting.
 """
@@ -29,12 +30,17 @@ from typing import Any
 from flora.sharding.catalog import urls
 from flora.sharding.catalog.urls import url_key as url_key  # served here to the rest of Flora
 
-INPUT_FIELDS = ("plant_id", "latin_name", "image_url", "license", "source", "country", "region")
+INPUT_FIELDS = (
+    "plant_id", "latin_name", "image_url", "license", "source", "country", "region",
+    "creator", "rights_holder", "license_url",
+)  # fmt: skip
 REQUIRED_FIELDS = ("plant_id", "latin_name", "image_url")
 OUTPUT_FIELDS = (
     "plant_id", "latin_name", "image_url", "license", "license_class", "source",
-    "country", "region", "split", "label", "meta",
+    "country", "region", "split", "label", "meta", "creator", "rights_holder", "license_url",
 )  # fmt: skip
+#: The attribution fields, optional in a previous version's rows (catalogs written before they existed).
+ATTRIBUTION_FIELDS = ("creator", "rights_holder", "license_url")
 #: Longest accepted Latin name; a longer value is a corrupt export, not a species.
 MAX_NAME_CHARS = 200
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
@@ -64,6 +70,11 @@ class Record:
     split: str | None = None
     label: int | None = None
     meta: dict[str, Any] = field(default_factory=dict)
+    #: Who made the image and who holds its rights (as the source names them), and the licence's URL:
+    #: the raw licence when it is a URL, else the one licenses.yaml gives its canonical id (and version).
+    creator: str | None = None
+    rights_holder: str | None = None
+    license_url: str | None = None
     #: Where the record came from ("line 17", "document 3 (_id ...)"), for rejects; not written.
     position: str = ""
     #: The image's identity for dedup and leakage checks (see ``url_key``); not written.
@@ -122,7 +133,8 @@ def validate(raw: Any) -> tuple[dict[str, Any], dict[str, Any]]:
 
     Returns:
         ``(fields, meta)``: the normalised schema fields (``plant_id``, ``latin_name``,
-        ``image_url``, ``url_raw``, ``license``, ``source``, ``country``, ``region``) and the extras.
+        ``image_url``, ``url_raw``, ``license``, ``source``, ``country``, ``region``, ``creator``,
+        ``rights_holder``, ``license_url``) and the extras.
 
     Raises:
         RecordError: with a reason code (``not_an_object``, ``missing_field``, ``bad_type``, ``bad_url``,
@@ -145,6 +157,9 @@ def validate(raw: Any) -> tuple[dict[str, Any], dict[str, Any]]:
         "source": _optional_str(raw, "source") or "unknown",
         "country": _optional_str(raw, "country"),
         "region": _optional_str(raw, "region"),
+        "creator": _optional_str(raw, "creator"),
+        "rights_holder": _optional_str(raw, "rights_holder"),
+        "license_url": _optional_str(raw, "license_url"),
     }
     meta: dict[str, Any] = dict(raw["meta"]) if isinstance(raw.get("meta"), dict) else {}
     for key, value in raw.items():

@@ -13,7 +13,8 @@ Owns the order of operations and every file the stage writes into ``--out``:
 5. ``dataset_{train,val,test}.jsonl``, ``dataset_splits.jsonl``, ``split_analysis.json``,
    ``export_stats.json``, ``catalog_version.json`` (fingerprint, split settings, lineage),
    ``split_species.jsonl`` (per species: groups per split against the target), ``split_changes.jsonl``
-   (empty without ``--previous``), and per requested region ``dataset_<region>_{split}.jsonl``,
+   (empty without ``--previous``), ``sources.json`` (each source's format, name and identity: a file's
+   size and sha256), and per requested region ``dataset_<region>_{split}.jsonl``,
    ``class_mapping_<region>.json``, ``analysis_<region>.json``.
 
 With a previous version (``previous=``, the CLI's ``--previous``; lineage.py reads and checks it before
@@ -48,6 +49,7 @@ from typing import Any
 
 from flora.config import bundled_config_dir, find_config, to_dict
 from flora.errors import StorageError, storage_error
+from flora.sharding.catalog.formats import open_sources, source_versions
 from flora.sharding.catalog.intake import Intake, read_source, refuse_empty
 from flora.sharding.catalog.licenses import PERMISSIVE, LicenseTable
 from flora.sharding.catalog.lineage import (
@@ -61,7 +63,7 @@ from flora.sharding.catalog.lineage import (
 )
 from flora.sharding.catalog.records import Record
 from flora.sharding.catalog.regions import RegionTable
-from flora.sharding.catalog.sources import open_source, redact
+from flora.sharding.catalog.sources import redact
 from flora.sharding.catalog.split import (
     DedupResult,
     SplitResult,
@@ -176,20 +178,21 @@ def refuse_file_as_out(out_dir: str | Path) -> None:
 
 
 def run_catalog(
-    source: str,
+    source: str | list[str],
     out_dir: str | Path,
     cfg: CatalogConfig,
     config_dir: Path | None = None,
     previous: str | Path | None = None,
 ) -> CatalogResult:
-    """Runs the whole catalog stage (see module docstring) and returns its statistics; ``previous``:
+    """Runs the whole catalog stage (see module docstring) and returns its statistics; ``source``: one
+    or several sources, in any format (catalog/formats.py); ``previous``:
     the output folder of an earlier version whose splits are kept (lineage.LineageError if unusable)."""
     refuse_file_as_out(out_dir)  # before reading the source: a file there fails now, not after the read
     prev = load_previous(previous, cfg.split) if previous is not None else None
     licenses = LicenseTable.load(resolve_table(cfg.licenses_file, config_dir))
     regions = RegionTable.load(resolve_table(cfg.regions_file, config_dir))
     subset_names = sorted(set(regions.check_names(cfg.regions)))
-    reader = open_source(source, cfg.mongo)
+    reader = open_sources(source, cfg)
     intake = read_source(reader, licenses, regions, cfg.progress)
     result = dedup(intake.valid, cfg.species_conflict)  # one record per URL (split.py)
     intake.reject_all(result.rejected)
@@ -215,6 +218,8 @@ def run_catalog(
             if not stats["accounting_ok"]:  # a bug, not bad input: never let it pass silently
                 raise AssertionError(f"catalog accounting broken: {stats}")
             outputs.json("export_stats.json", stats)
+            # what each source was (format, name, size and sha256 of a file): the dataset card's sources
+            outputs.json("sources.json", {"sources": source_versions(reader)})
     except OSError as exc:  # a full or failing disk: one line naming the file; this run kept nothing
         if outputs is None:  # --out cannot be created: a file there, no permission, a full disk
             raise storage_error(WRITING, out_dir, exc, "check --out") from exc

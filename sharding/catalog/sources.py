@@ -1,8 +1,9 @@
 """Record sources: a JSONL export file or a MongoDB collection, read as a stream of raw records.
 
-Owns opening a ``--source`` (``open_source``) and yielding ``(position, raw)`` pairs, where ``raw`` is
-the decoded JSON object (any JSON value: validation is records.py's job) or an ``Unparseable``
-for a line that is not JSON. Nothing is held beyond one line / one cursor batch.
+Owns reading a JSONL file or a MongoDB collection (formats.py picks the reader) and yielding
+``(position, raw)`` pairs, where ``raw`` is the decoded JSON object (any JSON value: validation is
+records.py's job) or an ``Unparseable`` for a line that is not JSON. Nothing is held beyond one line /
+one cursor batch.
 
 Each source also says what it is when that explains a run without a usable record (``diagnose``):
 a JSONL path that holds nothing, a JSON array or pretty-printed JSON instead of one object per line,
@@ -61,6 +62,8 @@ class Unparseable:
 
     text: str
     message: str
+    #: The reject reason: ``invalid_json`` for a JSONL line; table readers name their own (``bad_row``).
+    reason: str = "invalid_json"
 
 
 def redact(text: str) -> str:
@@ -93,6 +96,17 @@ class JsonlSource:
 
     def describe(self) -> str:
         return f"jsonl:{self.path.name}"
+
+    def version(self) -> dict[str, Any]:
+        """What the dataset card lists for this source: the file's name, size and sha256."""
+        from flora.sharding.catalog.formats import file_digest
+
+        return {
+            "format": "jsonl",
+            "name": self.path.name,
+            "bytes": self.path.stat().st_size,
+            "sha256": file_digest(self.path),
+        }
 
     def diagnose(self) -> str | None:
         """What the file is, if it is plainly not JSON Lines (see module docstring); None otherwise."""
@@ -213,6 +227,15 @@ class MongoSource:
     def describe(self) -> str:
         return f"mongodb:{self.database}.{self.collection}"
 
+    def version(self) -> dict[str, Any]:
+        """What the dataset card lists: the collection, the filter and the documents read."""
+        return {
+            "format": "mongodb",
+            "name": f"{self.database}.{self.collection}",
+            "filter": json.loads(json.dumps(self.cfg.filter, default=str)),
+            "documents": self.documents_read,
+        }
+
     def diagnose(self) -> str | None:
         """Why a read gave no document (an empty collection, a filter that leaves every document
         out); None if it gave some."""
@@ -262,10 +285,3 @@ class MongoSource:
 
     def close(self) -> None:
         self._client.close()
-
-
-def open_source(source: str, mongo: MongoConfig) -> JsonlSource | MongoSource:
-    """Opens a JSONL path or a MongoDB URI (see module docstring)."""
-    if source.startswith(MONGO_PREFIXES):
-        return MongoSource(source, mongo)
-    return JsonlSource(source)
