@@ -4,8 +4,9 @@ Owns: ``ImageServer`` (a threaded ``http.server`` on 127.0.0.1 serving files und
 path, GET and HEAD, keep-alive, Content-Type from the real image format), the fault kinds a
 downloader must survive (status codes with ``Retry-After``, flaky paths that recover, slow, truncated
 and huge bodies, HTML instead of an image, redirects and redirect loops, decompression bombs, tiny and
-corrupt images; and, only when set by hand, a trickle: a byte per interval), thread-safe per-path
-request counters, and loading ``faults.json``.
+corrupt images; and, only when set by hand, a trickle: a byte per interval), extra response headers
+for chosen paths or whole folders (``set_headers``: e.g. ``X-Robots-Tag: noai``, so that a test opts
+images out with this real server), thread-safe per-path request counters, and loading ``faults.json``.
 
 Leaves out: choosing which paths fault (``generate.assign_faults``) and rendering the images
 (``images.py``). Not a production server: no TLS, no ranges, no caching headers.
@@ -207,7 +208,7 @@ class _Handler(BaseHTTPRequestHandler):
         variant = parse_qs(urlsplit(self.path).query).get("variant")
         if variant and data[:2] == b"\xff\xd8":
             data = jpeg_variant(data, variant[0])
-        self._send(200, data, sniff_content_type(data), head)
+        self._send(200, data, sniff_content_type(data), head, self.server.owner._headers_for(path))
 
     def _fault(self, fault: Mapping, path: str, head: bool) -> bool:
         """Apply ``fault``; return False when the request should be served normally after all."""
@@ -320,6 +321,7 @@ class ImageServer:
             raise FileNotFoundError(f"image server root must be a folder, got {root}")
         self._lock = threading.Lock()
         self._faults: dict[str, dict] = {}
+        self._headers: dict[str, dict[str, str]] = {}
         self._failures: Counter[str] = Counter()
         self._counts: Counter[str] = Counter()
         loaded = load_faults(faults) if isinstance(faults, str | Path) else (faults or {})
@@ -384,6 +386,28 @@ class ImageServer:
         with self._lock:
             self._faults.clear()
             self._failures.clear()
+
+    def set_headers(self, path: str, headers: Mapping[str, str]) -> None:
+        """Send ``headers`` with every file served at ``path`` from now on; a ``path`` ending in ``/``
+        covers every path under it (``/`` the whole host). An empty mapping removes the entry."""
+        key = _normalise(path)
+        checked = {str(k): str(v) for k, v in headers.items()}
+        if any("\r" in x or "\n" in x for pair in checked.items() for x in pair):
+            raise ValueError(f"a header name or value must be one line, got {headers!r}")
+        with self._lock:
+            if checked:
+                self._headers[key] = checked
+            else:
+                self._headers.pop(key, None)
+
+    def _headers_for(self, path: str) -> dict[str, str]:
+        """The extra headers of ``path``: its folders' (outermost first), then its own."""
+        with self._lock:
+            found = {}
+            for key in sorted(self._headers, key=len):
+                if key == path or (key.endswith("/") and path.startswith(key)):
+                    found.update(self._headers[key])
+            return found
 
     @property
     def faults(self) -> dict[str, dict]:

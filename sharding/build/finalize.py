@@ -9,8 +9,9 @@ crops, are held in memory for the candidate search), both logged to ``duplicates
 ``same_content`` or ``near_duplicate`` with the Hamming ``distance`` and its ``match``: ``whole`` or
 ``crop``); work parts
 renamed to their final names with a DALI ``.idx`` beside each; ``failures.jsonl``,
-``duplicates.jsonl`` and ``manifest.json`` committed together, the manifest last (a shard listed
-there is complete); shards of an earlier, different plan removed.
+``duplicates.jsonl``, ``ATTRIBUTION.csv`` (attribution.py: the credits of every live sample, its
+counts in the manifest's ``attribution``) and ``manifest.json`` committed together, the manifest last
+(a shard listed there is complete); shards of an earlier, different plan removed.
 
 All or nothing for readers: the published ``manifest.json`` is taken away before the first change to
 the published shards (a rename over an old tar, a stale shard removed), and a tar's old ``.idx`` goes
@@ -50,11 +51,13 @@ import numpy as np
 
 from flora.errors import storage_error
 from flora.io import sha256_file
+from flora.sharding.build.attribution import write_attribution
 from flora.sharding.build.incremental import Increment, drop_tombstones, live_samples
 from flora.sharding.build.job import RESUME
 from flora.sharding.build.plan import WORK_DIR, ChunkJob, load_marker
+from flora.sharding.catalog.lineage import SPLITS_FILE
 from flora.sharding.config import SPLIT_NAMES
-from flora.sharding.format.schema import DUPLICATES, FAILURES, MANIFEST, shard_name, write_index
+from flora.sharding.format.schema import ATTRIBUTION, DUPLICATES, FAILURES, MANIFEST, shard_name, write_index
 from flora.sharding.format.writer import drop_samples
 from flora.sharding.images.neardup import NearDupConfig, hamming, hash_value, judge
 from flora.sharding.outputs import OutputSet
@@ -409,6 +412,9 @@ def _write_reports(
             outputs.json(mapping.name, json.loads(mapping.read_text(encoding="utf-8")))
         outputs.jsonl(FAILURES, failures)
         outputs.jsonl(DUPLICATES, duplicates)
+        with outputs._open(ATTRIBUTION) as fh:  # streamed rows: OutputSet has no public writer for them
+            credits = write_attribution(fh, out, shards, splits_dir / SPLITS_FILE, out / WORK_DIR)
+        manifest["attribution"] = {"file": ATTRIBUTION, **credits}
         if not accounting["ok"]:  # a bug, not bad input: raised inside, so nothing is committed
             raise AssertionError(f"sharder accounting broken: {accounting}")
         outputs.json(MANIFEST, manifest)

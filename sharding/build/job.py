@@ -34,6 +34,7 @@ from flora.sharding.cache.image_cache import ImageCache
 from flora.sharding.catalog.records import url_key
 from flora.sharding.config import BuildConfig
 from flora.sharding.download.fetch import Downloader
+from flora.sharding.download.optout import HEADER, agent_token, opted_out
 from flora.sharding.format.schema import SampleMeta, safe_key
 from flora.sharding.format.writer import RollingTarWriter, Sample
 from flora.sharding.images.budget import DecodeBudget, budget_bytes
@@ -150,37 +151,51 @@ class Outcome:
     message: str = ""
     attempts: int = 0
     status: int | None = None  # the last HTTP status, if any
+    robots: tuple[str, ...] = ()  # the response's X-Robots-Tag values (download/optout.py)
 
     def cache_entry(self, policy: str) -> tuple[bytes, dict]:
         """(data, meta) to cache: the JPEG, or a negative entry valid under this download policy."""
         if self.ok:
             return self.jpg, self.meta
         meta = {"failed": self.reason, "message": self.message[:300], "status": self.status,
-                "attempts": self.attempts, "policy": policy}  # fmt: skip
+                "attempts": self.attempts, "policy": policy, "robots": list(self.robots)}  # fmt: skip
         return b"", meta
 
 
 def obtain(record: dict, state: WorkerState, cfg: BuildConfig, prefix: str, use_negative: bool) -> Outcome:
-    """Cache, else download + validate + cache (a failure is cached as a negative entry)."""
+    """Cache, else download + validate + cache (a failure is cached as a negative entry).
+
+    A cached response whose ``X-Robots-Tag`` values (kept with every entry) opt out under this build's
+    ``download.opt_out_directives`` fails as ``opted_out``, image or not; an entry that opted out under
+    other directives is fetched again (a retry round re-asks the host either way)."""
     url = record["image_url"]
     key = f"{prefix}|{url}"
     if state.cache is not None and key in state.present:
         entry = state.cache.get(key)
-        if entry is not None:
+        why = _opts_out(entry.meta, cfg) if entry is not None else []
+        if why and use_negative:
+            text = f"{HEADER} {'; '.join(entry.meta['robots'])!r} opts out ({', '.join(why)}) (cached)"
+            return Outcome(False, "cache", reason="opted_out", message=text, status=entry.meta.get("status"),
+                           robots=tuple(entry.meta["robots"]))  # fmt: skip
+        if entry is not None and not why:
             if not entry.meta.get("failed"):
                 meta = entry.meta
                 if "phash_crops" not in meta:  # cached before the hashes existed: a function of the bytes
                     phash, crops = perceptual_hashes(entry.data)
                     meta = {**meta, "phash": phash, "phash_crops": crops}
                 return Outcome(True, "cache", entry.data, meta)
-            if use_negative and entry.meta.get("policy") == state.policy:
+            if (
+                use_negative
+                and entry.meta.get("policy") == state.policy
+                and entry.meta["failed"] != "opted_out"
+            ):
                 meta = entry.meta
                 return Outcome(False, "cache", reason=meta["failed"], message=meta.get("message", ""),
                                attempts=meta.get("attempts", 0), status=meta.get("status"))  # fmt: skip
     fetched = state.downloader.fetch(url)
     if not fetched.ok:
         got = Outcome(False, "network", reason=fetched.reason, message=fetched.message,
-                      attempts=fetched.attempts, status=fetched.status)  # fmt: skip
+                      attempts=fetched.attempts, status=fetched.status, robots=fetched.robots)  # fmt: skip
     else:
         try:
             image = process_image(fetched.data, cfg.images, budget=state.budget)
@@ -197,10 +212,18 @@ def obtain(record: dict, state: WorkerState, cfg: BuildConfig, prefix: str, use_
                 "original_format": image.original_format,
                 "phash": image.phash,
                 "phash_crops": image.phash_crops,
+                "robots": list(fetched.robots),  # judged again by each build that finds it cached
             }
             got = Outcome(True, "network", image.jpeg, meta)
     state.puts.add(key, *got.cache_entry(state.policy))
     return got
+
+
+def _opts_out(meta: dict, cfg: BuildConfig) -> list[str]:
+    """The configured directives that a cached response's X-Robots-Tag values address to us."""
+    return opted_out(
+        meta.get("robots"), cfg.download.opt_out_directives, agent_token(cfg.download.user_agent)
+    )
 
 
 def in_order(

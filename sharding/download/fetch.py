@@ -6,6 +6,8 @@ hand (scheme and address re-checked at every hop), retries with exponential back
 (``Retry-After`` honoured), a byte cap per image, a connection cap per host, and the SSRF guard.
 ``fetch`` never raises for network or HTTP problems: every outcome is a ``FetchResult`` whose
 ``reason`` is one of ``REASONS``, a stable code that the sharder writes to ``failures.jsonl``.
+A response whose ``X-Robots-Tag`` opts out of AI use (``download.opt_out_directives``, optout.py)
+fails as ``opted_out``, its body unread; every result carries the header's values (``robots``).
 
 SSRF guard (ssrf.py): every connection resolves its host once, refuses non-public addresses not in
 ``allow_networks`` and connects to exactly the addresses it checked. Proxies from the environment
@@ -66,6 +68,7 @@ from urllib3.exceptions import SSLError as Urllib3SSLError
 from urllib3.util import Timeout, parse_url
 
 from flora.config import ConfigError
+from flora.sharding.download import optout
 from flora.sharding.download.pace import DeadlineExceeded, Pace, PaceError, TooSlow
 from flora.sharding.download.ssrf import (
     AddressGuard,
@@ -87,7 +90,7 @@ __all__ = ["REASONS", "DownloadConfig", "Downloader", "FetchResult", "refusal", 
 REASONS: tuple[str, ...] = (
     "http_404", "http_403", "http_410", "http_4xx", "http_429", "http_5xx", "timeout", "connection_error",
     "truncated", "too_large", "too_many_redirects", "bad_redirect", "bad_scheme", "invalid_url",
-    "blocked_address", "dns_error", "tls_error", "too_slow", "dns_timeout",
+    "blocked_address", "dns_error", "tls_error", "too_slow", "dns_timeout", "opted_out",
 )  # fmt: skip
 #: Failures worth another attempt (the rest are answers, not accidents).
 RETRYABLE: frozenset[str] = frozenset(
@@ -142,6 +145,8 @@ class DownloadConfig:
     #: CIDRs exempt from the private-address refusal, e.g. ``["127.0.0.1/32"]`` for a loopback server.
     allow_networks: list[str] = field(default_factory=list)
     user_agent: str = DEFAULT_USER_AGENT
+    #: ``X-Robots-Tag`` directives that opt an image out (optout.py); [] ignores the header.
+    opt_out_directives: list[str] = field(default_factory=lambda: list(optout.DEFAULT_DIRECTIVES))
 
     def __post_init__(self) -> None:
         for key in ("threads", "per_host_connections"):
@@ -163,6 +168,7 @@ class DownloadConfig:
                 raise ConfigError(f"download.allow_networks: not a CIDR network: {cidr!r} ({exc})") from exc
         if not self.user_agent.strip():
             raise ConfigError(f"download.user_agent must not be empty, got {self.user_agent!r}")
+        self.opt_out_directives = optout.check_directives(self.opt_out_directives)
 
 
 @dataclass(frozen=True)
@@ -182,19 +188,20 @@ class FetchResult:
     attempts: int
     #: The URL the bytes came from, after redirects (the last URL tried on failure).
     final_url: str
+    #: The final response's ``X-Robots-Tag`` values (optout.py), whether or not they opted out.
+    robots: tuple[str, ...] = ()
 
 
 class _AttemptFailed(Exception):
     """One attempt ended without bytes; carries what ``FetchResult`` needs."""
 
     def __init__(
-        self, reason: str, message: str, status: int | None = None, retry_after: float | None = None
-    ) -> None:
+        self, reason: str, message: str, status: int | None = None, retry_after: float | None = None,
+        robots: tuple[str, ...] = (),
+    ) -> None:  # fmt: skip
         super().__init__(message)
-        self.reason = reason
-        self.message = message
-        self.status = status
-        self.retry_after = retry_after
+        self.reason, self.message, self.status = reason, message, status
+        self.retry_after, self.robots = retry_after, robots
         self.url = ""  # the URL of the hop that failed, filled in by ``Downloader._attempt``
 
 
@@ -270,6 +277,7 @@ class Downloader:
     ) -> None:
         self.cfg = cfg
         self._sleep = sleep
+        self._agent = optout.agent_token(cfg.user_agent)  # whom an X-Robots-Tag's token must name
         self._rng = rng or random.Random()
         self._timeout = Timeout(connect=cfg.connect_timeout_s, read=cfg.read_timeout_s)
         #: Pool settings of https hosts: certificates verified against certifi's bundle, as requests does.
@@ -318,15 +326,14 @@ class Downloader:
         while True:
             attempt += 1
             try:
-                data, status, final_url = self._attempt(url)
-            except _AttemptFailed as failed:
-                if failed.reason not in RETRYABLE or attempt > self.cfg.retries:
-                    return FetchResult(
-                        url, False, None, failed.reason, failed.message, failed.status, attempt, failed.url
-                    )
-                self._sleep(self.backoff(attempt - 1, failed.retry_after))
+                data, status, final_url, robots = self._attempt(url)
+            except _AttemptFailed as f:
+                if f.reason not in RETRYABLE or attempt > self.cfg.retries:
+                    return FetchResult(url, False, None, f.reason, f.message, f.status, attempt, f.url,
+                                       f.robots)  # fmt: skip
+                self._sleep(self.backoff(attempt - 1, f.retry_after))
                 continue
-            return FetchResult(url, True, data, None, "ok", status, attempt, final_url)
+            return FetchResult(url, True, data, None, "ok", status, attempt, final_url, robots)
 
     def backoff(self, retry: int, retry_after: float | None = None) -> float:
         """Delay before retry ``retry`` (0-based): the server's Retry-After (capped) or jittered backoff."""
@@ -344,19 +351,19 @@ class Downloader:
                 slot = self._slots.setdefault(host, threading.BoundedSemaphore(self.cfg.per_host_connections))
         return slot
 
-    def _attempt(self, url: str) -> tuple[bytes, int, str]:
+    def _attempt(self, url: str) -> tuple[bytes, int, str, tuple[str, ...]]:
         """One attempt: the redirect chain from ``url`` to a body, or ``_AttemptFailed``."""
         current, status = url, None
         budget = [self.cfg.deadline_s]  # seconds left of this attempt, spent by each hop
         for _hop in range(self.cfg.max_redirects + 1):
             try:
-                status, data, location = self._hop(current, budget)
+                status, data, location, robots = self._hop(current, budget)
             except _AttemptFailed as failed:
                 failed.url = current
                 failed.status = failed.status or status  # e.g. the 302 before a blocked hop
                 raise
             if location is None:
-                return data, status, current
+                return data, status, current, robots
             current = location
         failed = _AttemptFailed(
             "too_many_redirects", f"more than {self.cfg.max_redirects} redirects from {url}", status
@@ -364,8 +371,8 @@ class Downloader:
         failed.url = current
         raise failed
 
-    def _hop(self, url: str, budget: list[float]) -> tuple[int, bytes, str | None]:
-        """One request: ``(status, body, None)``, or ``(status, b"", next URL)`` for a redirect.
+    def _hop(self, url: str, budget: list[float]) -> tuple[int, bytes, str | None, tuple[str, ...]]:
+        """One request: ``(status, body, None, X-Robots-Tag values)``, or ``(status, b"", next URL, ())``.
 
         ``budget[0]``: seconds left of the attempt's deadline; the time this hop holds its slot is taken off.
         """
@@ -392,7 +399,7 @@ class Downloader:
             finally:
                 budget[0] -= time.monotonic() - start
 
-    def _exchange(self, url: str) -> tuple[int, bytes, str | None]:
+    def _exchange(self, url: str) -> tuple[int, bytes, str | None, tuple[str, ...]]:
         """``_hop``'s request and response, within the thread's pace and the host's slot."""
         resp = self._send(url)
         status = resp.status
@@ -401,13 +408,18 @@ class Downloader:
             _release(resp)
             if not location:
                 raise _AttemptFailed("bad_redirect", f"HTTP {status} without Location from {url}", status)
-            return status, b"", urljoin(url, location)
+            return status, b"", urljoin(url, location), ()
         if not 200 <= status < 300:
             retry_after = retry_after_seconds(resp.headers.get("Retry-After"))
             _release(resp)
             reason = "bad_redirect" if 300 <= status < 400 else _status_reason(status)
             raise _AttemptFailed(reason, f"HTTP {status} from {url}", status, retry_after)
-        return status, self._read_body(resp, status), None
+        robots = tuple(resp.headers.getlist(optout.HEADER))
+        if why := optout.opted_out(robots, self.cfg.opt_out_directives, self._agent):
+            _release(resp)  # the body is never read into the result
+            text = f"{optout.HEADER} {'; '.join(robots)!r} opts out ({', '.join(why)}) at {url}"
+            raise _AttemptFailed("opted_out", text, status, robots=robots)
+        return status, self._read_body(resp, status), None, robots
 
     def _send(self, url: str) -> BaseHTTPResponse:
         """One GET without redirects, body not read yet (the response holds its pooled connection)."""

@@ -8,7 +8,9 @@ Owns the contract between the sharder and its readers (the loaders, training, ex
 * **Keys**: sample keys are hex digests of the record's identity (``safe_key``), so never contain
   ``/``, ``..``, dots or control characters (``check_key``).
 * **A sample**: tar members ``<key>.cls`` (the label, ASCII), ``<key>.jpg`` and ``<key>.json`` (a
-  ``SampleMeta``: the record's fields, the label, and the stored image's facts), in that order.
+  ``SampleMeta``: the record's fields with its credits, the label, and the stored image's facts), in
+  that order. New fields are only ever appended (incremental builds keep older tars; their jsons read
+  the missing fields as None).
 * **License classes**: ``permissive`` (production-safe) and ``restrictive``.
 * **DALI index files** (the ``wds2idx`` format DALI's ``fn.readers.webdataset`` reads, version
   ``v1.2``: a header ``v1.2 <samples>``, then per sample ``<ext> <data offset> <size> <member name>``
@@ -44,6 +46,8 @@ MANIFEST = "manifest.json"
 CLASS_MAPPING = "class_mapping.json"
 FAILURES = "failures.jsonl"
 DUPLICATES = "duplicates.jsonl"
+#: The credits of every live sample, beside the manifest (sharding/build/attribution.py writes it).
+ATTRIBUTION = "ATTRIBUTION.csv"
 INDEX_VERSION = "v1.2"  # the version DALI's wds2idx writes and fn.readers.webdataset reads
 KEY_HEX_CHARS = 24  # 96 bits of sha256: collisions are negligible far beyond 10^9 samples
 _SAFE_KEY = re.compile(r"[0-9A-Za-z_-]{1,90}")  # + ".json" stays under tar's 100-byte name field
@@ -109,16 +113,24 @@ class SampleMeta:
     phash: str | None = None
     #: The perceptual hashes of its 95% crops (neardup.perceptual_hashes); None in older shards.
     phash_crops: list[str] | None = None
+    #: Credits (the catalog's attribution fields; None in shards written before them, and where the
+    #: source names none): who took the photo, who holds its rights, the licence's deed URL, and the
+    #: image's web page at its source (the record's ``meta.references``, as GBIF and iNaturalist give it).
+    creator: str | None = None
+    rights_holder: str | None = None
+    license_url: str | None = None
+    source_link: str | None = None
 
     #: The catalog record's fields copied into every sample.
     RECORD_FIELDS = ("plant_id", "latin_name", "image_url", "license", "license_class", "source", "country",
-                     "region", "split")  # fmt: skip
+                     "region", "split", "creator", "rights_holder", "license_url")  # fmt: skip
 
     @classmethod
     def from_record(cls, record: dict, label: int, image: dict) -> SampleMeta:
         """From a catalog record, its label and the stored image's facts (``images.StoredImage``)."""
         known = _meta_fields()
         return cls(**{k: record.get(k) for k in cls.RECORD_FIELDS}, label=label,
+                   source_link=source_link(record),
                    **{k: v for k, v in image.items() if k in known})  # fmt: skip
 
     @classmethod
@@ -133,6 +145,14 @@ class SampleMeta:
     def as_json(self) -> dict:
         """The fields in order (``asdict``'s keys and values, without its deep copy: once per sample)."""
         return {name: getattr(self, name) for name in _meta_fields()}
+
+
+def source_link(record: dict) -> str | None:
+    """The image's web page at its source: the record's ``meta.references`` when it is a non-empty
+    string (Darwin Core's ``references``), else None."""
+    meta = record.get("meta")
+    link = meta.get("references") if isinstance(meta, dict) else None
+    return link.strip() if isinstance(link, str) and link.strip() else None
 
 
 @functools.cache
