@@ -104,8 +104,6 @@ def _build(args: argparse.Namespace) -> int:
         overrides.append(f"ray_address={args.ray_address}")
     if args.no_progress:
         overrides.append("progress=false")
-    if args.format:
-        overrides.append(f"format={args.format}")
     if args.allow_damaged_splits:
         overrides.append("allow_damaged_splits=true")
     if args.wait_lock is not None:  # validated as the config key is ("abc", -1: one error line)
@@ -126,6 +124,7 @@ def _build(args: argparse.Namespace) -> int:
     )  # fmt: skip
     _summary(manifest)
     print(f"  wrote {args.out}/manifest.json")
+    _card(manifest, args.out)
     too_few = too_few_sharded(manifest, cfg.min_sharded_share, args.out)
     return fail("build", too_few, EXIT_TOO_FEW) if too_few else 0
 
@@ -159,6 +158,26 @@ def _summary(manifest: dict) -> None:
     _published(manifest)
 
 
+def _card(manifest: dict, out: str) -> None:
+    """The dataset card's few figures and its path (build/card.py); the whole card is for reading."""
+    c = manifest.get("card")
+    if not c:
+        return
+    splits = c["splits"]
+    tail, share = c["train_tail"], c["permissive_share"]
+    dups = c["duplicates"]
+    print(
+        f"  dataset card: {c['species']} species; images train/val/test "
+        f"{'/'.join(str(s['images']) for s in splits.values())}, species "
+        f"{'/'.join(str(s['species']) for s in splits.values())}; train species with 1 / <5 / <20 images: "
+        f"{tail['with_1']}/{tail['under_5']}/{tail['under_20']}; permissive "
+        f"{'-' if share is None else f'{share:.1%}'}; removed {dups.get('same_content', 0)} same-content, "
+        f"{dups.get('near_duplicate', 0)} near-duplicates; sources: "
+        f"{'not recorded' if c['sources'] is None else c['sources']}"
+    )
+    print(f"  wrote {out}/dataset_card.md (+ dataset_card.json, {c['plots']} plots)")
+
+
 def _published(manifest: dict) -> None:
     if "published" in manifest:  # an s3:// output (remote.py)
         p = manifest["published"]
@@ -177,6 +196,7 @@ def _compact(args: argparse.Namespace, cfg) -> int:
         f"build --compact: {done['shards_rewritten']} shards rewritten, {done['samples_dropped']} tombstoned"
         f" samples dropped; wrote {args.out}/manifest.json"
     )
+    _card(manifest, args.out)
     _published(manifest)
     return 0
 
