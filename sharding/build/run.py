@@ -17,6 +17,8 @@ Owns the plan, the shard jobs, and the final assembly of ``SHARDS/``:
    parts are renamed to ``{split}/{region}/{split}-{region}-{index:06d}.tar`` with a DALI ``.idx``
    beside each, then ``failures.jsonl``, ``duplicates.jsonl`` and ``manifest.json`` (written last:
    a shard listed there is complete). Shards of an earlier, different plan are removed.
+4. **The dataset card** (card.py): ``dataset_card.md``/``.json`` and plots beside the manifest, from
+   the published set and the catalog's reports, on every build and ``--compact``.
 
 **The output folder** is checked before anything is written in it, under its lock: it must not be, hold
 or lie inside what the build reads (the splits, the cache: ``refuse_overlap``); a ``manifest.json``
@@ -63,6 +65,7 @@ from pathlib import Path
 
 from flora.errors import FloraError
 from flora.io import refuse_overlap
+from flora.sharding.build.card import write_card
 from flora.sharding.build.finalize import finalize
 from flora.sharding.build.incremental import COMPACT_FILE, Increment, build_settings, compact, plan_increment
 from flora.sharding.build.job import run_chunk
@@ -272,7 +275,8 @@ def _build_locked(
         out, plan.jobs, plan.n_records, plan.unreadable, splits_dir, run_stats, plan.release, plan.increment,
         keep_tombstones,
     )  # fmt: skip
-    return output.publish(manifest)
+    card = write_card(out, splits_dir)  # card.py: beside the manifest, published with the logs
+    return {**output.publish(manifest), "card": card}
 
 
 def _open_work_area(out: Path, splits_path: Path, cfg: BuildConfig) -> dict:
@@ -403,4 +407,6 @@ def compact_shards(out_dir: str | Path, wait_lock_s: float = 0.0) -> dict:
         check_published(output.folder)
         refuse_links(output.folder)
         output.check(None, None)  # s3: no data-set check, only the sync
-        return output.publish(compact(output.folder))
+        manifest = compact(output.folder)
+        card = write_card(output.folder, None)  # the catalog's facts from the card already there
+        return {**output.publish(manifest), "card": card}
