@@ -79,7 +79,7 @@ SPECIES_LEVEL = 10.0
 RANK_LEVELS = {"species": 10.0, "hybrid": 10.0, "subspecies": 5.0, "variety": 5.0, "form": 5.0,
                "infrahybrid": 5.0, "genus": 20.0, "genushybrid": 20.0}  # fmt: skip
 #: Rows loaded (and coordinates geocoded) per batch; photos joined per batch (SQLite's variable limit).
-LOAD_BATCH = 10_000
+LOAD_BATCH = 2_000
 JOIN_BATCH = 500
 #: Taxa and observers resolved per read are cached up to this many entries (then the cache restarts).
 CACHE_ENTRIES = 100_000
