@@ -24,7 +24,7 @@ from typing import Any
 
 from flora.errors import FloraError
 from flora.sharding.catalog.licenses import LicenseTable
-from flora.sharding.catalog.records import Record, RecordError, put_meta, url_key, validate
+from flora.sharding.catalog.records import Record, RecordError, put_meta, validate
 from flora.sharding.catalog.regions import RegionTable
 from flora.sharding.catalog.sources import Unparseable
 
@@ -57,9 +57,32 @@ class Intake:
             self.reject(record, reason, message)
 
 
-def build_record(raw: Any, licenses: LicenseTable, regions: RegionTable) -> Record:
+class Interner:
+    """One shared copy of each repeated short string: species, sources, countries, creators, ``meta``
+    keys and values. A parsed record's strings are all new objects, and at 10^6 records these copies
+    were most of the catalog's memory. At most ``limit`` distinct strings are remembered (then new
+    ones are kept as they are), so a column of unique values costs a bounded table."""
+
+    def __init__(self, limit: int = 1 << 18, longest: int = 64):
+        self.limit, self.longest = limit, longest
+        self._seen: dict[str, str] = {}
+
+    def __call__(self, value: Any) -> Any:
+        if type(value) is not str or len(value) > self.longest:
+            return value
+        shared = self._seen.get(value)
+        if shared is None:
+            if len(self._seen) >= self.limit:
+                return value
+            self._seen[value] = shared = value
+        return shared
+
+
+def build_record(
+    raw: Any, licenses: LicenseTable, regions: RegionTable, intern: Interner | None = None
+) -> Record:
     """One raw record -> a Record (licence and region resolved, raw spellings kept in ``meta``);
-    RecordError with its reason if it is not valid."""
+    RecordError with its reason if it is not valid. ``intern``: shares repeated strings (read_source)."""
     if isinstance(raw, Unparseable):
         raise RecordError(raw.reason, raw.message)
     fields, meta = validate(raw)
@@ -71,20 +94,20 @@ def build_record(raw: Any, licenses: LicenseTable, regions: RegionTable) -> Reco
         put_meta(meta, "image_url_raw", fields["url_raw"])
     if fields["country"] is not None and fields["country"] != country:
         put_meta(meta, "country_raw", fields["country"])
+    share = intern or (lambda value: value)
     return Record(
         plant_id=fields["plant_id"],
-        latin_name=fields["latin_name"],
+        latin_name=share(fields["latin_name"]),
         image_url=fields["image_url"],
         license=license_id,
         license_class=license_class,
-        source=fields["source"],
-        country=country,
-        region=region,
-        meta=dict(sorted(meta.items())),
-        url_key=url_key(fields["image_url"]),
-        creator=fields["creator"],
-        rights_holder=fields["rights_holder"],
-        license_url=fields["license_url"] or licenses.url(fields["license"], license_id),
+        source=share(fields["source"]),
+        country=share(country),
+        region=share(region),
+        meta={share(k): share(v) for k, v in sorted(meta.items())},
+        creator=share(fields["creator"]),
+        rights_holder=share(fields["rights_holder"]),
+        license_url=share(fields["license_url"] or licenses.url(fields["license"], license_id)),
     )
 
 
@@ -95,12 +118,13 @@ def read_source(
     from tqdm import tqdm
 
     intake = Intake()
+    intern = Interner()
     total = reader.count() if hasattr(reader, "count") else None
     hide = not os.isatty(2) if progress is None else not progress
     for position, raw in tqdm(reader, total=total, unit=" rec", desc="catalog", disable=hide):
         intake.n_input += 1
         try:
-            record = build_record(raw, licenses, regions)
+            record = build_record(raw, licenses, regions, intern)
         except RecordError as exc:
             shown = raw.text if isinstance(raw, Unparseable) else raw
             intake.rejects.append(

@@ -77,8 +77,18 @@ class Record:
     license_url: str | None = None
     #: Where the record came from ("line 17", "document 3 (_id ...)"), for rejects; not written.
     position: str = ""
-    #: The image's identity for dedup and leakage checks (see ``url_key``); not written.
-    url_key: str = ""
+    #: The image's identity when it is not ``url_key(image_url)`` (a previous version's URL spelled
+    #: otherwise, lineage.py); None derives it, so 10^6 records do not hold a second URL each.
+    key_override: str | None = None
+
+    @property
+    def url_key(self) -> str:
+        """The image's identity for dedup and leakage checks (see ``url_key``); not written."""
+        return self.key_override if self.key_override is not None else url_key(self.image_url)
+
+    @url_key.setter
+    def url_key(self, value: str) -> None:
+        self.key_override = None if value == url_key(self.image_url) else value
 
     def to_dict(self) -> dict[str, Any]:
         return {name: getattr(self, name) for name in OUTPUT_FIELDS}

@@ -14,7 +14,7 @@ import pytest
 
 from flora.cli import main as flora_main
 from flora.sharding.__main__ import main
-from flora.sharding.catalog.records import Record, normalize_latin_name, normalize_url, url_key
+from flora.sharding.catalog.records import Record, normalize_latin_name, normalize_url
 from flora.sharding.catalog.split import FrozenSplits, allocate, assign_splits, key_digest
 from flora.sharding.config import SplitConfig
 from world import WorldSpec, generate_catalog, species_names, write_jsonl
@@ -293,7 +293,6 @@ def rec(species, n, **meta):
         country="ES",
         region="EU_SW",
         meta=meta,
-        url_key=url_key(url),
     )
 
 

@@ -24,7 +24,6 @@ def rec(name, url, license_class="permissive", **meta):
         country="ES",
         region="EU_SW",
         meta=meta,
-        url_key=url_key(url),
     )
 
 
