@@ -80,16 +80,16 @@ def one_error_line(capsys) -> str:
             "".join(json.dumps(r, indent=2) + "\n" for r in RECORDS),
             ["all rejected as invalid_json", "it holds pretty-printed JSON", "jq -c . objects.json"],
         ),
-        (
-            "plants.csv",
+        (  # a .csv is read as a table (test_table_source.py); CSV text under a JSON Lines name:
+            "plants-csv.txt",
             CSV,
-            ["7 lines read, all rejected as invalid_json", "it looks like CSV (first line "
-             "'plant_id,latin_name,image_url')"],
+            ["jsonl:plants-csv.txt: 7 lines read, all rejected as invalid_json", "it looks like CSV (first "
+             "line 'plant_id,latin_name,image_url')"],
         ),
         (
-            "plants.tsv",
+            "plants-tsv.jsonl",
             "plant_id\tlatin_name\timage_url\n1\tOlea europaea\thttp://h/1.jpg\n",
-            ["2 lines read, all rejected as invalid_json", "it looks like TSV"],
+            ["jsonl:plants-tsv.jsonl: 2 lines read, all rejected as invalid_json", "it looks like TSV"],
         ),
         ("empty.jsonl", "", ["jsonl:empty.jsonl: the file is empty;"]),
         ("blank.jsonl", "\n  \n\n", ["the file holds only blank lines"]),
