@@ -98,9 +98,8 @@ MAX_META_BYTES = 4 << 20
 MAX_EML_BYTES = 1 << 20
 #: A data line longer than this is a broken file (a missing line terminator), not a row.
 MAX_LINE_BYTES = 1 << 20
-CHUNK = 1 << 20
-#: Characters of a bad row kept in rejects.jsonl.
-SHOWN_CHARS = 300
+CHUNK = 1 << 18  # bytes read at a time: a few hundred rows
+SHOWN_CHARS = 300  # of a rejected row, in rejects.jsonl
 _UNDECODABLE = re.compile("[\udc80-\udcff]")
 _DOI = re.compile(r"(10\.\d{4,9}/[^\s<\"]+)")
 
@@ -258,8 +257,7 @@ class _CoreIndex:
         except BaseException:
             self.close()
             raise
-        names = ", ".join(f"c{i}" for i in range(len(self.columns)))
-        names = f", {names}" if names else ""
+        names = "".join(f", c{i}" for i in range(len(self.columns)))
         self.query = f"SELECT line, problem{names} FROM occ WHERE id = ? ORDER BY rowid LIMIT 1"
 
     def _rows(self, root: Path | zipfile.Path, core: _Table) -> Iterator[tuple]:
@@ -315,7 +313,7 @@ class DwcaSource:
         self.path = Path(path)
         self.cfg = cfg
         self.types = {t.lower() for t in cfg.media_types}
-        self.counts: Counter[str] = Counter()
+        self.counts: Counter[str] = Counter()  # rows read, per type and per reject reason: for diagnose
         self.root, self.zip = _open_archive(self.path)
         try:
             self._open()
@@ -372,16 +370,14 @@ class DwcaSource:
     def version(self) -> dict[str, Any]:
         """Format, name, size and sha256 (of the zip, or of meta.xml and the data files of a folder), and
         from the EML metadata the title, pubDate and download DOI when it has them."""
-        from flora.sharding.catalog.formats import file_digest
-
         out: dict[str, Any] = {"format": "dwca", "name": self.path.name}
         if self.zip is not None:
-            out.update(bytes=self.path.stat().st_size, sha256=file_digest(self.path))
+            out.update(bytes=self.path.stat().st_size, sha256=_sha256(self.path))
         else:
             names = ["meta.xml", self.core.name, self.media.name]
             digest = hashlib.sha256()
             for name in names:
-                digest.update(f"{file_digest(self.path / name)}  {name}\n".encode())
+                digest.update(f"{_sha256(self.path / name)}  {name}\n".encode())
             out.update(bytes=sum((self.path / n).stat().st_size for n in names), sha256=digest.hexdigest())
         out.update(_eml(self.root / self.metadata))
         return out
@@ -448,6 +444,12 @@ class DwcaSource:
             "eventDate": occ.get("eventDate"),
         }
         return {k: v for k, v in raw.items() if v is not None}
+
+
+def _sha256(path: Path) -> str:
+    """A file's sha256, streamed (formats.file_digest's; not imported: formats imports this module)."""
+    with open(path, "rb") as fh:
+        return hashlib.file_digest(fh, "sha256").hexdigest()
 
 
 def _meta_root(text: bytes, path: Path) -> ET.Element:
