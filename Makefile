@@ -12,7 +12,7 @@ PYTEST_WORKERS ?= 2
 PYTEST_XDIST   := -n $(PYTEST_WORKERS) --dist loadfile
 
 .PHONY: install tfjs-env js-deps browser-deps demo test test-fast lint docs s3-server bench-catalog \
-	bench-catalog-growth \
+	bench-catalog-growth bench-catalog-sources \
 	bench-sharder bench-loader bench-verify \
 	bench-training bench-export gpu-bundle gpu-check clean
 
@@ -83,6 +83,10 @@ bench-catalog: $(STAMP)
 # 340,749 -> 900,000 records, from scratch and with --previous (frozen splits); minutes, ~1.5 GB.
 bench-catalog-growth: $(STAMP)
 	$(PY) -m benchmarks.catalog_growth
+
+# JSONL, GBIF DwC-A, iNaturalist, CSV, Parquet at 340,749 and 900,000 records: time and peak memory.
+bench-catalog-sources: $(STAMP)
+	$(PY) -m benchmarks.catalog_sources
 
 # img2dataset gets a venv of its own: its pins clash with the main environment.
 .venv-img2dataset/bin/img2dataset:

@@ -25,12 +25,12 @@ Leaves out: reading any one format (sources.py, dwca.py, inat.py, tables.py), va
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from flora.sharding.catalog.sources import MONGO_PREFIXES, JsonlSource, MongoSource, SourceError
+from flora.sharding.catalog.sources import file_digest as file_digest  # served here too
 
 FORMATS = ("jsonl", "mongodb", "dwca", "inat", "csv", "tsv", "parquet")
 #: Files that make a folder an iNaturalist open-data export (each ``.csv`` or ``.csv.gz``).
@@ -126,12 +126,3 @@ def open_sources(sources: str | list[str], cfg: Any):
         raise SourceError(f"unknown --format {cfg.format!r}: expected one of {', '.join(FORMATS)}")
     readers = [open_one(name, cfg.format or detect_format(name), cfg) for name in names]
     return readers[0] if len(readers) == 1 else MultiSource(readers)
-
-
-def file_digest(path: Path, chunk: int = 1 << 20) -> str:
-    """sha256 of a file, streamed (what identifies a copy of a file source on the dataset card)."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while block := fh.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()

@@ -25,6 +25,7 @@ cluster tuning.
 from __future__ import annotations
 
 import gzip
+import hashlib
 import json
 import os
 import re
@@ -99,8 +100,6 @@ class JsonlSource:
 
     def version(self) -> dict[str, Any]:
         """What the dataset card lists for this source: the file's name, size and sha256."""
-        from flora.sharding.catalog.formats import file_digest
-
         return {
             "format": "jsonl",
             "name": self.path.name,
@@ -285,3 +284,12 @@ class MongoSource:
 
     def close(self) -> None:
         self._client.close()
+
+
+def file_digest(path: Path, chunk: int = 1 << 20) -> str:
+    """sha256 of a file, streamed (what identifies a copy of a file source on the dataset card)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
