@@ -265,8 +265,9 @@ class _CoreIndex:
         for lineno, fields, text, problem in core.rows(root):
             if problem is not None:  # keep its id, if readable, so its media say why they are rejected
                 cells = text.split(core.descriptor.fields_terminated_by)
-                if id_index is not None and id_index < len(cells) and cells[id_index].strip():
-                    yield (cells[id_index].strip(), lineno, problem, *([None] * len(self.columns)))
+                key = cells[id_index].strip() if id_index is not None and id_index < len(cells) else ""
+                if key and not _UNDECODABLE.search(key):
+                    yield (key, lineno, problem, *([None] * len(self.columns)))
                 continue
             key, values = core.values(fields)
             yield (key, lineno, None, *(values.get(c) for c in self.columns))
@@ -402,7 +403,7 @@ class DwcaSource:
 
     def _reject(self, text: str, message: str, reason: str) -> Unparseable:
         self.counts[reason] += 1
-        return Unparseable(text[:SHOWN_CHARS], message, reason)
+        return Unparseable(_UNDECODABLE.sub("\ufffd", text[:SHOWN_CHARS]), message, reason)
 
     def _record(self, index: _CoreIndex, fields: list[str] | None, text: str, problem: str | None) -> Any:
         if fields is None:

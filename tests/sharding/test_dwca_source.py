@@ -94,12 +94,19 @@ def edge_records():
 
 @pytest.fixture
 def edge(tmp_path):
-    """The edge records as a folder archive, plus an orphan row and a row with a missing column."""
+    """The edge records as a folder archive, plus an orphan row, a row with a missing column and one
+    that is not UTF-8."""
     folder = tmp_path / "edge"
     write_dwca(edge_records().values(), folder, zip=False)
     with open(folder / "multimedia.txt", "a", encoding="utf-8") as fh:
         fh.write("\t".join(["999", "StillImage", "image/jpeg", URL.format("orphan")] + [""] * 11) + "\n")
         fh.write("\t".join(["4000000001", "StillImage", URL.format("short")]) + "\n")
+    with open(folder / "multimedia.txt", "ab") as raw:
+        raw.write(
+            b"\t".join(
+                [b"4000000001", b"StillImage", b"image/jpeg", b"http://127.0.0.1:9/\xff.jpg"] + [b""] * 11
+            )
+        )
     return folder
 
 
@@ -132,13 +139,15 @@ def test_same_world_as_jsonl_and_dwca_keeps_the_same_images(world_records, tmp_p
 def test_edge_rows_each_in_their_place(edge, tmp_path):
     result = catalog(edge, tmp_path / "o")
     stats = result.stats
-    assert stats["input_records"] == len(edge_records()) + 2 and stats["accounting_ok"]
+    assert stats["input_records"] == len(edge_records()) + 3 and stats["accounting_ok"]
     assert stats["rejects_by_reason"] == {
-        "bad_row": 1, "missing_field": 1, "not_a_still_image": 2, "not_species_rank": 1, "orphan_media": 1
+        "bad_row": 2, "missing_field": 1, "not_a_still_image": 2, "not_species_rank": 1, "orphan_media": 1
     }  # fmt: skip
-    rejects = {r["reason"]: r for r in read_jsonl(tmp_path / "o" / "rejects.jsonl")}
-    assert rejects["bad_row"]["position"] == f"multimedia.txt line {len(edge_records()) + 3}"
-    assert "3 columns, expected 15" in rejects["bad_row"]["message"]
+    rejects = {r["position"]: r for r in read_jsonl(tmp_path / "o" / "rejects.jsonl")}
+    short, latin1 = (f"multimedia.txt line {len(edge_records()) + n}" for n in (3, 4))
+    assert "3 columns, expected 15" in rejects[short]["message"] and rejects[short]["reason"] == "bad_row"
+    assert "not valid UTF-8" in rejects[latin1]["message"] and "\ufffd.jpg" in rejects[latin1]["record"]
+    rejects = {r["reason"]: r for r in rejects.values()}
     assert "999" in rejects["orphan_media"]["message"]
     assert "genus" in rejects["not_species_rank"]["message"]
     rows = {Path(r["image_url"]).stem: r for r in read_jsonl(tmp_path / "o" / "dataset_splits.jsonl")}
