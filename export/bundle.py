@@ -7,8 +7,10 @@ name and its training images;
 ``preprocess.json``: input size, resize, mean, std, layout, output kind and the temperature to
 apply, with the exact geometry under ``geometry``: the checkpoint's own ``Preprocessing`` fields, from
 which docs/export.md's torchvision-only function and export/web/flora.js reproduce evaluation's
-input), and the reference inputs parity is measured on (``sample_inputs``: real images from the
-checkpoint's own test shards, preprocessed exactly as evaluation does).
+input; its ``attribution`` entry says where the training images' credits are: ``ATTRIBUTION.csv``
+copied beside the model from a local shard root, else the file's location in the store), the
+credits (``attribution``), and the reference inputs parity is measured on (``sample_inputs``: real
+images from the checkpoint's own test shards, preprocessed exactly as evaluation does).
 
 Probabilities are defined once, here: ``softmax(logits / temperature)``. The exported graphs output
 raw logits (so parity compares the network itself); the temperature fitted by
@@ -23,6 +25,7 @@ from __future__ import annotations
 import copy
 import io
 import json
+import shutil
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -34,7 +37,7 @@ from PIL import Image
 from flora.errors import FloraError
 from flora.io import sha256_file
 from flora.sharding.format.reader import ShardReader
-from flora.sharding.format.schema import MANIFEST, ShardFormatError
+from flora.sharding.format.schema import ATTRIBUTION, MANIFEST, ShardFormatError
 from flora.store import StoreError, is_remote
 from flora.training.checkpoint import CheckpointError, Preprocessing, load_checkpoint
 
@@ -189,10 +192,29 @@ def geometry(p: Preprocessing) -> dict:
     }
 
 
+def attribution(bundle: Bundle, out: Path) -> dict:
+    """The credits of the training images, for ``preprocess.json``'s ``attribution``: ``ATTRIBUTION.csv``
+    copied into ``out`` from the checkpoint's local shard root (``kind: file``), else where it lives
+    (``kind: link``: an ``s3://`` shard root's, not fetched), or why there is none (``kind: none``: no
+    shard root recorded, or a local one without the file: shards built before it existed)."""
+    shards = bundle.data.get("shards")
+    if not shards:
+        return {"kind": "none", "reason": "the checkpoint names no shard root"}
+    if is_remote(shards):
+        return {"kind": "link", "location": f"{str(shards).rstrip('/')}/{ATTRIBUTION}", "format": "csv"}
+    source = Path(shards) / ATTRIBUTION
+    if not source.is_file():
+        return {"kind": "none", "reason": f"{source} does not exist (shards built before it; rebuild them)"}
+    shutil.copyfile(source, out / ATTRIBUTION)  # streamed
+    digest = sha256_file(out / ATTRIBUTION)
+    return {"kind": "file", "file": ATTRIBUTION, "source": str(source), "sha256": digest, "format": "csv"}
+
+
 def write_metadata(bundle: Bundle, out: Path, layout: str, input_name: str, output_name: str) -> None:
     out.mkdir(parents=True, exist_ok=True)
     (out / "labels.json").write_text(json.dumps(label_entries(bundle), indent=1, ensure_ascii=False) + "\n")
     spec = preprocess_spec(bundle, layout, input_name, output_name)
+    spec["attribution"] = attribution(bundle, out)
     (out / "preprocess.json").write_text(json.dumps(spec, indent=2) + "\n")
 
 

@@ -44,6 +44,8 @@ _CREDITS = COLUMNS[3:]
 INDEX_FILE = "attribution.sqlite"
 #: Catalog rows looked up per statement.
 BATCH = 2000
+#: SQLite's page cache for the index (KiB): its B-trees of ~1M keys mostly in memory, memory still bounded.
+CACHE_KIB = 64 * 1024
 
 
 def write_attribution(fh: TextIO, out: Path, shards: list[dict], splits_path: Path, work: Path) -> dict:
@@ -53,6 +55,8 @@ def write_attribution(fh: TextIO, out: Path, shards: list[dict], splits_path: Pa
     path.unlink(missing_ok=True)
     db = sqlite3.connect(path)
     try:
+        for pragma in ("journal_mode = OFF", "synchronous = OFF", f"cache_size = -{CACHE_KIB}"):
+            db.execute(f"PRAGMA {pragma}")  # a scratch file: nothing to recover after a crash
         db.execute("CREATE TABLE live (key TEXT PRIMARY KEY, split TEXT, region TEXT) WITHOUT ROWID")
         columns = ", ".join(f"{c} TEXT" for c in _CREDITS)
         db.execute(f"CREATE TABLE credit (key TEXT PRIMARY KEY, {columns}) WITHOUT ROWID")
