@@ -166,14 +166,17 @@ def _card(manifest: dict, out: str) -> None:
     splits = c["splits"]
     tail, share = c["train_tail"], c["permissive_share"]
     dups = c["duplicates"]
+    n = c["sources"]
+    sources = "sources not recorded" if n is None else f"{n} source{'' if n == 1 else 's'}"
     print(
-        f"  dataset card: {c['species']} species; images train/val/test "
+        f"  dataset card: {c['species']} species, {sources}; images train/val/test "
         f"{'/'.join(str(s['images']) for s in splits.values())}, species "
-        f"{'/'.join(str(s['species']) for s in splits.values())}; train species with 1 / <5 / <20 images: "
-        f"{tail['with_1']}/{tail['under_5']}/{tail['under_20']}; permissive "
-        f"{'-' if share is None else f'{share:.1%}'}; removed {dups.get('same_content', 0)} same-content, "
-        f"{dups.get('near_duplicate', 0)} near-duplicates; sources: "
-        f"{'not recorded' if c['sources'] is None else c['sources']}"
+        f"{'/'.join(str(s['species']) for s in splits.values())}"
+    )
+    print(
+        f"  train species with 1 / <5 / <20 images: {tail['with_1']}/{tail['under_5']}/{tail['under_20']}; "
+        f"permissive {'-' if share is None else f'{share:.1%}'}; removed {dups.get('same_content', 0)} "
+        f"same-content and {dups.get('near_duplicate', 0)} near-duplicates"
     )
     print(f"  wrote {out}/dataset_card.md (+ dataset_card.json, {c['plots']} plots)")
 

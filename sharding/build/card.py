@@ -31,6 +31,7 @@ from collections import Counter, defaultdict
 from pathlib import Path
 from typing import Any
 
+from flora.errors import storage_error
 from flora.sharding.build.card_plots import PLOTS, draw_plots
 from flora.sharding.config import SPLIT_NAMES
 from flora.sharding.format.reader import tar_samples
@@ -78,12 +79,17 @@ def write_card(out: Path, splits_dir: Path | None) -> dict:
     tars and the catalog's reports in ``splits_dir`` (None, ``--compact``: the card already in ``out``);
     returns ``summary`` of the card."""
     card = card_facts(out, splits_dir)
-    with CardFiles(out) as files:
-        files.json(CARD_JSON, card)
-        plots = draw_plots(files.binary, card)
-        files.text(CARD_MD, render_card(card, plots))
-    for name in set(PLOTS.values()) - set(plots.values()):  # no matplotlib: no stale plot beside the md
-        (out / name).unlink(missing_ok=True)
+    try:
+        with CardFiles(out) as files:
+            files.json(CARD_JSON, card)
+            plots = draw_plots(files.binary, card)
+            files.text(CARD_MD, render_card(card, plots))
+        for name in set(PLOTS.values()) - set(plots.values()):  # no matplotlib: no stale plot beside the md
+            (out / name).unlink(missing_ok=True)
+    except OSError as exc:  # a full disk: the shards and manifest are written; a re-run writes the card
+        raise storage_error(
+            "build: dataset card", out / CARD_MD, exc, "run the build again to write it"
+        ) from exc
     return summary(card, out / CARD_MD, len(plots))
 
 
@@ -256,14 +262,14 @@ def _lineage(raw: dict, catalog: dict) -> dict:
 
 def _species_names(out: Path) -> dict[int, str]:
     path = out / CLASS_MAPPING
-    mapping, _ = _read_json(path)
+    mapping = _read_json(path)
     return {v: k for k, v in mapping.items()} if isinstance(mapping, dict) else {}
 
 
 # ------------------------------------------------------------------------------------------- catalog
 def catalog_facts(splits_dir: Path) -> dict:
     """The catalog's sources, accounting, version and growth from its reports in ``splits_dir``."""
-    sources, stats, version, analysis = (_read_json(splits_dir / name)[0] for name in CATALOG_FILES)
+    sources, stats, version, analysis = (_read_json(splits_dir / name) for name in CATALOG_FILES)
     listed = sources.get("sources") if isinstance(sources, dict) else None
     accounting = None
     if isinstance(stats, dict):
@@ -281,7 +287,7 @@ def catalog_facts(splits_dir: Path) -> dict:
 
 def _earlier_catalog(out: Path) -> dict:
     """``--compact``: the catalog's facts of the card already in ``out`` (none: not recorded)."""
-    card, _ = _read_json(out / CARD_JSON)
+    card = _read_json(out / CARD_JSON)
     card = card if isinstance(card, dict) else {}
     lineage = card.get("lineage") or {}
     version = {"fingerprint": lineage.get("catalog_fingerprint"), "lineage": lineage.get("catalog_lineage"),
@@ -290,15 +296,15 @@ def _earlier_catalog(out: Path) -> dict:
             "version": version if lineage else None, "growth": lineage.get("growth")}  # fmt: skip
 
 
-def _read_json(path: Path) -> tuple[Any, str | None]:
-    """The JSON in ``path``, or None and why not (logged when it exists but cannot be read)."""
+def _read_json(path: Path) -> Any:
+    """The JSON in ``path``; None when it is missing or unreadable (logged: the card says not recorded)."""
     if not path.is_file():
-        return None, NOT_RECORDED
+        return None
     try:
-        return json.loads(path.read_text(encoding="utf-8")), None
+        return json.loads(path.read_text(encoding="utf-8"))
     except (UnicodeDecodeError, ValueError) as exc:
         log.warning("dataset card: %s is unreadable (%s); the card says not recorded", path, exc)
-        return None, f"unreadable ({exc})"
+        return None
 
 
 # -------------------------------------------------------------------------------------------- summary

@@ -26,6 +26,8 @@ PLOTS = {"long_tail": "dataset_card_long_tail.png", "licenses": "dataset_card_li
 FIGURE_DPI = 110
 #: Horizontal marks on the long-tail plot: card.py's FEW and FEW_SHOT.
 TAIL_MARKS = (5, 20)
+#: Up to this many species a line marks each one; beyond, the markers would hide the line.
+MARKED_SPECIES = 200
 COLORS = {"permissive": "#4a7f3b", "restrictive": "#b5533c"}
 SPLIT_COLORS = {"train": "#4a7f3b", "val": "#3b6a9a", "test": "#b5833c"}
 
@@ -59,7 +61,8 @@ def long_tail(plt, per_species: dict[str, dict[str, int]], fh: BinaryIO) -> None
     for split, counts in per_species.items():
         sizes = sorted(counts.values(), reverse=True)
         if sizes:
-            ax.plot(range(1, len(sizes) + 1), sizes, marker=".", markersize=3, linewidth=1.2,
+            marker = "." if len(sizes) <= MARKED_SPECIES else None
+            ax.plot(range(1, len(sizes) + 1), sizes, marker=marker, markersize=3, linewidth=1.2,
                     color=SPLIT_COLORS.get(split), label=f"{split} ({len(sizes)} species)")  # fmt: skip
             drawn = True
     ax.set_yscale("log")

@@ -141,7 +141,9 @@ def test_plots_are_valid_pngs_linked_from_the_md(faulty_shards):
         assert f"]({name})" in md
 
 
-def test_card_is_byte_stable_and_an_older_catalog_has_no_sources(faulty_world, faulty_shards, tmp_path):
+def test_card_is_byte_stable_and_an_older_or_damaged_catalog_is_not_recorded(
+    faulty_world, faulty_shards, tmp_path
+):
     out = tmp_path / "shards"
     shutil.copytree(faulty_shards.out, out, ignore=shutil.ignore_patterns("_work", "_build.lock"))
     before = {name: (out / name).read_bytes() for name in CARD_FILES if (out / name).is_file()}
@@ -155,6 +157,9 @@ def test_card_is_byte_stable_and_an_older_catalog_has_no_sources(faulty_world, f
     assert summary["sources"] is None and card_of(out)["sources"] is None
     assert "Sources: not recorded" in (out / CARD_MD).read_text(encoding="utf-8")
     assert card_of(out)["images_per_species"] == json.loads(before[CARD_JSON])["images_per_species"]
+    (older / "export_stats.json").write_text("{ not json", encoding="utf-8")  # a damaged report
+    write_card(out, older)
+    assert card_of(out)["catalog"] is None and "Catalog: not recorded." in (out / CARD_MD).read_text()
 
 
 def test_cli_prints_the_card_summary_on_build_and_compact(faulty_world, faulty_shards, tmp_path, capsys):
@@ -168,6 +173,11 @@ def test_cli_prints_the_card_summary_on_build_and_compact(faulty_world, faulty_s
     train, val, test = (card["splits"][s] for s in ("train", "val", "test"))
     assert code == 0
     assert f"images train/val/test {train['images']}/{val['images']}/{test['images']}" in printed
+    tail = card["long_tail"]["train"]
+    assert (
+        f"train species with 1 / <5 / <20 images: {tail['with_1']}/{tail['under_5']}/{tail['under_20']}"
+        in printed
+    )
     assert f"wrote {out}/{CARD_MD}" in printed
     assert main(["build", "--splits", str(faulty_world.splits), "--out", str(out), "--compact"]) == 0
     printed = capsys.readouterr().out
