@@ -162,7 +162,9 @@ def test_card_is_byte_stable_and_an_older_or_damaged_catalog_is_not_recorded(
     assert card_of(out)["catalog"] is None and "Catalog: not recorded." in (out / CARD_MD).read_text()
 
 
-def test_cli_prints_the_card_summary_on_build_and_compact(faulty_world, faulty_shards, tmp_path, capsys):
+def test_cli_prints_the_card_summary_and_compact_and_retry_write_it_again(
+    faulty_world, faulty_shards, tmp_path, capsys
+):
     out, cache = tmp_path / "shards", tmp_path / "cache"
     shutil.copytree(faulty_shards.out, out)  # with its work area: the build resumes, nothing to download
     shutil.copytree(faulty_shards.cache, cache)
@@ -183,6 +185,12 @@ def test_cli_prints_the_card_summary_on_build_and_compact(faulty_world, faulty_s
     printed = capsys.readouterr().out
     assert "dataset card:" in printed and f"wrote {out}/{CARD_MD}" in printed
     assert card_of(out) == card, "nothing compacted: the same card, the catalog's facts kept"
+    for name in CARD_FILES:  # --retry-failed writes it again from the published set
+        (out / name).unlink()
+    retried = build(faulty_world.splits, out, config(cache), retry_failed=True)
+    failures = Counter(row["reason"] for row in jsonl(out / "failures.jsonl"))
+    assert card_of(out)["failures"]["total"] == sum(failures.values()) == retried["accounting"]["failed"]
+    assert all((out / name).is_file() for name in CARD_FILES)
 
 
 @pytest.fixture(scope="module")
