@@ -151,12 +151,13 @@ def plan_increment(out: Path, splits_dir: Path, fingerprint: dict) -> Increment 
 
 
 def _same_settings(published: dict | None, wanted: dict) -> bool:
-    """Equal settings; but for the sample format, which may have gained fields since (an older
-    sample reads them as None: ``SampleMeta.from_json``; the perceptual hashes are computed then)."""
+    """Equal settings; but for the sample format, which may have gained fields since, wherever they
+    were added (an older sample reads them as None: ``SampleMeta.from_json``; the perceptual hashes are
+    computed then; the credits come from the catalog: attribution.py); a field removed is not."""
     if not isinstance(published, dict) or "sample_meta" not in wanted:
         return published == wanted
     older, newer = published.get("sample_meta"), wanted["sample_meta"]
-    added = isinstance(older, list) and newer[: len(older)] == older
+    added = isinstance(older, list) and set(older) <= set(newer)
     return added and {**published, "sample_meta": newer} == wanted
 
 
