@@ -32,7 +32,8 @@ REPO = Path(__file__).resolve().parents[1]
 #: (``shard_root``, used by most loader and training files, is made on each worker: keeping all of
 #: them together would leave the other worker idle.)
 SHARED_WORLDS = {
-    "faulty_world": ("tests/sharding/test_build.py", "tests/sharding/test_s3_build.py"),
+    "faulty_world": ("tests/sharding/test_build.py", "tests/sharding/test_s3_build.py",
+                     "tests/sharding/test_dataset_card.py"),
     "clean_world": ("tests/sharding/test_ray_cluster.py",),
     "small_world": ("tests/sharding/test_disk_faults.py", "tests/sharding/test_download_deadlines.py",
                     "tests/sharding/test_output_safety.py", "tests/sharding/test_decode_budget.py",
