@@ -208,7 +208,7 @@ class CsvTable(TableSource):
             decoder = codecs.getincrementaldecoder(encoding)
         except LookupError:
             raise ConfigError(f"table.encoding: unknown encoding {encoding!r}") from None
-        if decoder().decode(b"\n", final=True) != "\n":
+        if not _reads_lines(decoder):
             raise ConfigError(
                 f"table.encoding {encoding!r} is not read line by line (its line break is not the byte "
                 f"0x0A); convert the file to UTF-8"
@@ -370,17 +370,20 @@ class ParquetTable(TableSource):
     """A Parquet file read in batches of ``table.batch_rows`` rows (module docstring)."""
 
     def _open(self, columns: dict[str, str]) -> None:
+        import pyarrow as pa
         import pyarrow.parquet as pq
 
         self._check_magic()
         try:
             with pq.ParquetFile(self.path) as pf:
-                meta = pf.metadata
-                found = list(pf.schema_arrow.names)
+                meta, schema = pf.metadata, pf.schema_arrow
         except Exception as exc:  # noqa: BLE001 - pyarrow raises ArrowException, OSError, ValueError
             raise SourceError(f"cannot read Parquet file {self.path}: {_first_line(exc)}") from None
         self.num_rows, self.created_by = meta.num_rows, meta.created_by
-        self._map(columns, found)
+        self._map(columns, list(schema.names))
+        plain = (pa.types.is_string, pa.types.is_large_string, pa.types.is_integer, pa.types.is_boolean)
+        #: Per column: whether its Python values need ``_jsonable`` (all but text, integers, booleans).
+        self._convert = [not any(is_type(f.type) for is_type in plain) for f in schema]
 
     def _check_magic(self) -> None:
         size = self.path.stat().st_size
@@ -411,17 +414,25 @@ class ParquetTable(TableSource):
         try:
             with pq.ParquetFile(self.path) as pf:
                 for batch in pf.iter_batches(batch_size=self.cfg.batch_rows, columns=self.found):
-                    values = [column.to_pylist() for column in batch.columns]
+                    values = [
+                        [_jsonable(v) for v in column.to_pylist()] if convert else column.to_pylist()
+                        for column, convert in zip(batch.columns, self._convert, strict=True)
+                    ]
                     for row in zip(*values, strict=True):
                         self.rows_read += 1
-                        yield (
-                            f"row {self.rows_read}",
-                            self._record([_jsonable(v) for v in row], empty_is_missing=False),
-                        )
+                        yield f"row {self.rows_read}", self._record(row, empty_is_missing=False)
         except (pa.ArrowException, OSError) as exc:  # a corrupt page, a disk error
             raise SourceError(
                 f"cannot read Parquet file {self.path} after row {self.rows_read}: {_first_line(exc)}"
             ) from None
+
+
+def _reads_lines(decoder: Any) -> bool:
+    """Whether an encoding's line break is the byte 0x0A (so a file can be read line by line)."""
+    try:
+        return decoder().decode(b"\n", final=True) == "\n"
+    except UnicodeDecodeError:  # UTF-16, UTF-32: 0x0A alone is half a character
+        return False
 
 
 def _first_line(exc: BaseException) -> str:

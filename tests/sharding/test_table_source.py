@@ -327,3 +327,14 @@ def test_an_oversized_row_is_one_bad_row_in_bounded_memory(tmp_path, bad_line, b
     else:  # the quote took about 1 MiB of rows (named in the message), then reading resumed
         assert 0 < n_ok < 40_000 and f"(lines 2-{40_002 - n_ok};" in message
     assert peak < bound, peak
+
+
+def test_table_encoding_reads_latin_1_and_refuses_one_not_read_by_lines(tmp_path, capsys):
+    source = tmp_path / "latin1.csv"
+    source.write_bytes((HEADER + "1,Quercus ilex,http://h/1.jpg?n=ch\xeane\n").encode("latin-1"))
+    [(_, raw)] = list(TableSource(source, "csv", {}, TableConfig(encoding="latin-1")))
+    assert raw["image_url"] == "http://h/1.jpg?n=ch\xeane"
+    with pytest.raises(ConfigError, match="'utf-16' is not read line by line"):
+        TableSource(source, "csv", {}, TableConfig(encoding="utf-16"))
+    assert catalog(source, tmp_path / "out", "table.encoding=klingon") == 2
+    assert "table.encoding: unknown encoding 'klingon'" in capsys.readouterr().err
