@@ -188,7 +188,8 @@ class TableSource:
     def diagnose(self) -> str | None:
         """Why a read gave no usable record, when the table shows it; None otherwise."""
         if not self.rows_read:
-            return f"it holds a header and no row (columns: {_shown(self.found)})"
+            what = "no row" if self.fmt == "parquet" else "a header and no row"
+            return f"it holds {what} (columns: {_shown(self.found)})"
         if self.bad_rows == self.rows_read and self.fmt != "parquet":
             shown = "tab" if self.delimiter == "\t" else repr(self.delimiter)
             return (

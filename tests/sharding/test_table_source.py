@@ -192,8 +192,8 @@ def test_parquet_values_keep_their_types(tmp_path):
     ]  # fmt: skip
 
 
-def _parquet_bytes(tmp_path) -> bytes:
-    write_table([{"plant_id": 1, "latin_name": "Olea europaea", "image_url": "http://h/1.jpg"}] * 50,
+def _parquet_bytes(tmp_path, rows: int = 50) -> bytes:
+    write_table([{"plant_id": 1, "latin_name": "Olea europaea", "image_url": "http://h/1.jpg"}] * rows,
                 tmp_path / "src.parquet", "parquet")  # fmt: skip
     return (tmp_path / "src.parquet").read_bytes()
 
@@ -227,6 +227,8 @@ BROKEN = [
     ("half.parquet", lambda t: _parquet_bytes(t)[:300], [], "{src} is a truncated Parquet file"),
     ("footer.parquet", lambda _: b"PAR1" + b"\0" * 100 + b"\x10\0\0\0PAR1", [],
      "cannot read Parquet file {src}"),
+    ("empty.parquet", lambda t: _parquet_bytes(t, rows=0), [],
+     "no usable record in parquet:empty.parquet: it holds no row (columns: plant_id, latin_name, image_url,"),
     ("header.csv", lambda _: HEADER.encode(), [],
      "no usable record in csv:header.csv: it holds a header and no row (columns: plant_id, latin_name, "
      "image_url)"),
