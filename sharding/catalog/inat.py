@@ -44,8 +44,7 @@ batches, while observations are loaded. A corrupt gzip stream is a ``SourceError
 the line it reached; so are a missing table, a header without a needed column and a photo size the
 bucket does not have.
 
-Leaves out: downloading the tables, the observations' other fields (positional_accuracy,
-anomaly_score, photo width/height), taxon names in other languages.
+Leaves out: downloading the tables, positional_accuracy, anomaly_score, photo width/height, common names.
 """
 
 from __future__ import annotations
@@ -81,7 +80,7 @@ RANK_LEVELS = {"species": 10.0, "hybrid": 10.0, "subspecies": 5.0, "variety": 5.
 #: Rows loaded (and coordinates geocoded) per batch; photos joined per batch (SQLite's variable limit).
 LOAD_BATCH = 2_000
 JOIN_BATCH = 500
-#: Taxa and observers resolved per read are cached up to this many entries (then the cache restarts).
+#: Taxa, observers and repeated strings of a read are cached up to this many entries (then it restarts).
 CACHE_ENTRIES = 100_000
 _TRUE, _FALSE = {"true", "t", "1"}, {"false", "f", "0"}
 _SCHEMA = (
@@ -216,6 +215,7 @@ class InatSource:
         return out
 
     def __iter__(self) -> Iterator[tuple[str, Any]]:
+        self.photos_read = self.orphans = 0
         tmp = tempfile.mkdtemp(prefix="flora-inat-")
         db = sqlite3.connect(Path(tmp) / "join.sqlite", isolation_level=None)
         try:
@@ -236,7 +236,7 @@ class InatSource:
     # ------------------------------------------------------------------------------------ loading
     def _load(self, db: sqlite3.Connection, stem: str, rows) -> None:
         batch: list[tuple] = []
-        marks = ",".join("?" * len(_SCHEMA_COLUMNS[stem]))
+        marks = ",".join("?" * {"taxa": 7, "observers": 3, "observations": 6}[stem])  # _SCHEMA's columns
         insert = f"INSERT OR IGNORE INTO {stem} VALUES ({marks})"
         for row in rows:
             batch.append(row)
@@ -258,7 +258,7 @@ class InatSource:
 
     def _load_taxa(self, db: sqlite3.Connection) -> None:
         def rows():
-            for _, text, fields, problem in self.tables["taxa"].rows():
+            for lineno, text, fields, problem in self.tables["taxa"].rows():
                 if fields is None:
                     yield text.split("\t", 1)[0].strip(), None, None, None, None, None, problem
                     continue
@@ -273,7 +273,15 @@ class InatSource:
                     if active.lower() not in _TRUE | _FALSE:
                         raise ValueError(f"active {active!r} is neither true nor false")
                 except ValueError as exc:
-                    yield taxon_id, None, None, None, None, None, f"taxa line: {exc}"
+                    yield (
+                        taxon_id,
+                        None,
+                        None,
+                        None,
+                        None,
+                        None,
+                        f"{self.tables['taxa'].name} line {lineno}: {exc}",
+                    )
                     continue
                 yield taxon_id, ancestry, value, rank, name, active.lower() in _TRUE, None
 
@@ -315,14 +323,6 @@ class InatSource:
         self._load(db, "observations", rows())
 
 
-#: Values per row of each temporary table (observations' rows carry the point to geocode until _finish).
-_SCHEMA_COLUMNS = {
-    "taxa": ("id", "ancestry", "level", "rank", "name", "active", "problem"),
-    "observers": ("id", "creator", "problem"),
-    "observations": ("uuid", "grade", "taxon", "country", "observed_on", "problem"),
-}
-
-
 class _PhotoJoin:
     """The photos streamed and joined, batch by batch, to the temporary tables (one read)."""
 
@@ -331,6 +331,7 @@ class _PhotoJoin:
         self.table = source.tables["photos"]
         self.taxa: dict[str, tuple] = {}
         self.observers: dict[str, tuple[str | None, str | None]] = {}
+        self.strings: dict[str, str] = {}
         self.within = None if self.cfg.within_taxon is None else str(self.cfg.within_taxon)
 
     def records(self) -> Iterator[tuple[str, Any]]:
@@ -366,14 +367,15 @@ class _PhotoJoin:
             return Unparseable(
                 text[:200], f"observation {uuid} is not in the observations table", "orphan_photo"
             )
+        # strings that repeat over records are shared, not one per record (the catalog keeps every record)
         _, grade, taxon_id, country, observed_on, problem = observation
+        grade, country, observed_on = self._shared(grade), self._shared(country), self._shared(observed_on)
         if problem:
             return Unparseable(text[:200], problem, "bad_row")
         if grade not in self.source.grades:
             kept = ", ".join(self.cfg.quality_grades)
-            return Unparseable(
-                text[:200], f"quality grade {grade!r} is not in inat.quality_grades ({kept})", "quality_grade"
-            )
+            why = self._shared(f"quality grade {grade!r} is not in inat.quality_grades ({kept})")
+            return Unparseable(text[:200], why, "quality_grade")
         if not taxon_id:
             return Unparseable(text[:200], f"observation {uuid} has no taxon", "no_taxon")
         taxon = self._taxon(taxon_id)
@@ -389,7 +391,7 @@ class _PhotoJoin:
             "image_url": self.cfg.photo_url.format(
                 photo_id=photo_id, size=self.cfg.photo_size, extension=extension
             ),
-            "license": license_ or None,
+            "license": self._shared(license_ or None),
             "source": self.cfg.source_name,
             "country": country,
             "creator": creator,
@@ -404,6 +406,14 @@ class _PhotoJoin:
         if species_id != taxon_id:
             raw["taxon_id"], raw["taxon_rank"] = int(taxon_id), rank
         return raw
+
+    def _shared(self, text: str | None) -> str | None:
+        """One string object per value for values that repeat (grades, dates, countries, licences)."""
+        if text is None:
+            return None
+        if len(self.strings) >= CACHE_ENTRIES:
+            self.strings.clear()
+        return self.strings.setdefault(text, text)
 
     def _observer(self, observer_id: str) -> tuple[str | None, str | None]:
         if observer_id not in self.observers:
