@@ -165,6 +165,7 @@ def preprocess_spec(bundle: Bundle, layout: str, input_name: str, output_name: s
         "labels": "labels.json: by class index, {name, training_images}",
         "few_shot_below": FEW_SHOT_BELOW,
         "checkpoint": {"path": str(bundle.checkpoint), "sha256": sha256_file(bundle.checkpoint)},
+        "attribution": attribution(bundle),
     }
 
 
@@ -192,11 +193,11 @@ def geometry(p: Preprocessing) -> dict:
     }
 
 
-def attribution(bundle: Bundle, out: Path) -> dict:
-    """The credits of the training images, for ``preprocess.json``'s ``attribution``: ``ATTRIBUTION.csv``
-    copied into ``out`` from the checkpoint's local shard root (``kind: file``), else where it lives
-    (``kind: link``: an ``s3://`` shard root's, not fetched), or why there is none (``kind: none``: no
-    shard root recorded, or a local one without the file: shards built before it existed)."""
+def attribution(bundle: Bundle) -> dict:
+    """Where the training images' credits are, for ``preprocess.json``'s ``attribution``: the checkpoint's
+    local shard root's ``ATTRIBUTION.csv``, which ``write_metadata`` copies beside the model (``kind:
+    file``), else where it lives (``kind: link``: an ``s3://`` shard root's, not fetched), or why there is
+    none (``kind: none``: no shard root recorded, or a local one without the file: built before it)."""
     shards = bundle.data.get("shards")
     if not shards:
         return {"kind": "none", "reason": "the checkpoint names no shard root"}
@@ -205,8 +206,7 @@ def attribution(bundle: Bundle, out: Path) -> dict:
     source = Path(shards) / ATTRIBUTION
     if not source.is_file():
         return {"kind": "none", "reason": f"{source} does not exist (shards built before it; rebuild them)"}
-    shutil.copyfile(source, out / ATTRIBUTION)  # streamed
-    digest = sha256_file(out / ATTRIBUTION)
+    digest = sha256_file(source)
     return {"kind": "file", "file": ATTRIBUTION, "source": str(source), "sha256": digest, "format": "csv"}
 
 
@@ -214,7 +214,8 @@ def write_metadata(bundle: Bundle, out: Path, layout: str, input_name: str, outp
     out.mkdir(parents=True, exist_ok=True)
     (out / "labels.json").write_text(json.dumps(label_entries(bundle), indent=1, ensure_ascii=False) + "\n")
     spec = preprocess_spec(bundle, layout, input_name, output_name)
-    spec["attribution"] = attribution(bundle, out)
+    if spec["attribution"]["kind"] == "file":
+        shutil.copyfile(spec["attribution"]["source"], out / ATTRIBUTION)  # streamed
     (out / "preprocess.json").write_text(json.dumps(spec, indent=2) + "\n")
 
 

@@ -1,7 +1,8 @@
 """The export bundle carries the credits of the training images: an ONNX export of the smoke student
 (trained on the shared test shards, which hold ATTRIBUTION.csv) copies the file beside the model and
-says so in preprocess.json; a checkpoint whose shards are in a store gets the file's location there; a
-local shard root without the file (built before it existed) is said to have none."""
+says so in preprocess.json (its attribution entry, as preprocess_spec gives it); a checkpoint whose
+shards are in a store gets the file's location there; a local shard root without the file (built
+before it existed) is said to have none."""
 
 from __future__ import annotations
 
