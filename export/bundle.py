@@ -215,6 +215,7 @@ def write_metadata(bundle: Bundle, out: Path, layout: str, input_name: str, outp
     (out / "labels.json").write_text(json.dumps(label_entries(bundle), indent=1, ensure_ascii=False) + "\n")
     spec = preprocess_spec(bundle, layout, input_name, output_name)
     if spec["attribution"]["kind"] == "file":
+        (out / ATTRIBUTION).unlink(missing_ok=True)  # a link there is replaced, never written through
         shutil.copyfile(spec["attribution"]["source"], out / ATTRIBUTION)  # streamed
     (out / "preprocess.json").write_text(json.dumps(spec, indent=2) + "\n")
 
