@@ -41,7 +41,8 @@ SHARED_WORLDS = {
                     "tests/sharding/test_tombstones_for_every_reader.py"),
     # tests/export/conftest.py: the trained student and its TF.js export (a conversion takes ~30 s)
     "student": ("tests/export/test_browser.py", "tests/export/test_bundle.py", "tests/export/test_onnx.py",
-                "tests/export/test_tfjs.py", "tests/export/test_preprocess_spec.py"),
+                "tests/export/test_tfjs.py", "tests/export/test_preprocess_spec.py",
+                "tests/export/test_attribution_bundle.py"),
 }  # fmt: skip
 
 #: The files that start Ray (a local instance, or the two-node test cluster): run on one worker, one after

@@ -146,6 +146,8 @@ def plan_fingerprint(splits_path: Path, cfg: BuildConfig) -> dict:
         "shards": asdict(cfg.shards),
         "images": image_fingerprint(cfg.images),
         "download_policy": failure_policy(cfg.download),  # a new allow-list re-attempts everything
+        # other opt-out directives judge every image again (opted_out failures are not final)
+        "opt_out": sorted(cfg.download.opt_out_directives),
         # finalize drops near-duplicates from the work parts for good: other settings start afresh
         "near_duplicates": asdict(cfg.near_duplicates),
         "sample_meta": [f.name for f in fields(SampleMeta)],  # parts of an older format are not reused

@@ -85,7 +85,7 @@ from flora.sharding.build.plan import (
 from flora.sharding.build.remote import Remote, prepare
 from flora.sharding.cache.config import cap_warning
 from flora.sharding.config import SPLIT_NAMES, BuildConfig, ShardConfig
-from flora.sharding.format.schema import DUPLICATES, FAILURES, MANIFEST
+from flora.sharding.format.schema import ATTRIBUTION, DUPLICATES, FAILURES, MANIFEST
 from flora.store import is_remote
 
 __all__ = ["BuildConfig", "ShardConfig", "build", "compact_shards"]
@@ -229,8 +229,8 @@ def refuse_links(out: Path) -> None:
         return
     for entry in os.scandir(out):
         name = entry.name
-        if name in (WORK_DIR, MANIFEST, FAILURES, DUPLICATES, *SPLIT_NAMES) or name.startswith(
-            "class_mapping"
+        if name in (WORK_DIR, MANIFEST, FAILURES, DUPLICATES, ATTRIBUTION, *SPLIT_NAMES) or name.startswith(
+            ("class_mapping", "dataset_card")
         ):
             _refuse_link(out, Path(entry.path))
             if name in (WORK_DIR, *SPLIT_NAMES) and entry.is_dir(follow_symlinks=False):
