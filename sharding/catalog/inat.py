@@ -59,7 +59,7 @@ from pathlib import Path
 from typing import Any
 
 from flora.sharding.catalog.geocode import CountryGeocoder
-from flora.sharding.catalog.sources import SourceError, Unparseable
+from flora.sharding.catalog.sources import SourceError, Unparseable, file_digest
 from flora.sharding.config import InatConfig
 
 #: The columns read from each table (others are ignored).
@@ -137,12 +137,8 @@ class _Table:
             try:
                 text = line.decode("utf-8")
             except UnicodeDecodeError as exc:
-                yield (
-                    lineno,
-                    line[:200].decode("utf-8", "replace"),
-                    None,
-                    f"{self.name} line {lineno}: not UTF-8: {exc}",
-                )
+                problem = f"{self.name} line {lineno}: not UTF-8: {exc}"
+                yield lineno, line[:200].decode("utf-8", "replace"), None, problem
                 continue
             fields = text.split("\t")
             if len(fields) != self.width:
@@ -200,8 +196,6 @@ class InatSource:
 
     def version(self) -> dict[str, Any]:
         """Format, folder name, each table's size and sha256, and (after a read) the newest observed_on."""
-        from flora.sharding.catalog.formats import file_digest
-
         out: dict[str, Any] = {
             "format": "inat",
             "name": self.folder.name,
@@ -229,6 +223,10 @@ class InatSource:
             self._load_observations(db)
             db.execute("COMMIT")
             yield from _PhotoJoin(self, db).records()
+        except sqlite3.Error as exc:  # the temporary index: a full or unwritable temporary folder
+            raise SourceError(
+                f"iNaturalist open data: the temporary join index in {tmp} failed: {exc}"
+            ) from None
         finally:
             db.close()
             shutil.rmtree(tmp, ignore_errors=True)
