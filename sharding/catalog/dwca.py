@@ -50,6 +50,7 @@ import io
 import re
 import shutil
 import sqlite3
+import sys
 import tempfile
 import xml.etree.ElementTree as ET
 import zipfile
@@ -100,6 +101,9 @@ MAX_EML_BYTES = 1 << 20
 MAX_LINE_BYTES = 1 << 20
 CHUNK = 1 << 18  # bytes read at a time: a few hundred rows
 SHOWN_CHARS = 300  # of a rejected row, in rejects.jsonl
+_SHARED = frozenset(
+    {"license", "creator", "rights_holder", "country", "datasetKey", "publisher", "eventDate"}
+)
 _UNDECODABLE = re.compile("[\udc80-\udcff]")
 _DOI = re.compile(r"(10\.\d{4,9}/[^\s<\"]+)")
 
@@ -143,9 +147,7 @@ class _Table:
         self.encoding = enc
         quote, sep = descriptor.fields_enclosed_by, descriptor.fields_terminated_by
         if quote and (len(quote) != 1 or len(sep) != 1):
-            raise SourceError(
-                f"{self.name}: quoted fields need 1-character separators, got {sep!r}, {quote!r}"
-            )
+            raise SourceError(f"{self.name}: quoting needs 1-character separators, got {sep!r}, {quote!r}")
         if not (root / self.name).is_file():
             raise SourceError(f"{self.name}, named in meta.xml, is missing from the archive")
 
@@ -313,7 +315,7 @@ class DwcaSource:
     def __init__(self, path: str | Path, cfg: DwcaConfig):
         self.path = Path(path)
         self.cfg = cfg
-        self.types = {t.lower() for t in cfg.media_types}
+        self.types = {t.lower(): t for t in cfg.media_types}
         self.counts: Counter[str] = Counter()  # rows read, per type and per reject reason: for diagnose
         self.root, self.zip = _open_archive(self.path)
         try:
@@ -360,10 +362,8 @@ class DwcaSource:
         if not c["rows"]:
             return f"the archive's {self.media.name} has no rows (its occurrences have no media)"
         if c["not_a_still_image"] == c["rows"]:
-            types = ", ".join(f"{t or 'empty'} {n:,}" for t, n in c.items() if t.startswith("type:"))
-            return (
-                f"none of its {c['rows']:,} multimedia rows is a {'/'.join(self.cfg.media_types)} ({types})"
-            )
+            types = ", ".join(f"{t[5:] or 'empty'} {n:,}" for t, n in c.items() if t.startswith("type:"))
+            return f"none of its {c['rows']:,} multimedia rows is a {'/'.join(self.types.values())} ({types})"
         if c["orphan_media"] == c["rows"] - c["not_a_still_image"]:
             return f"no multimedia row's coreid is an id of {self.core.name}"
         return None
@@ -419,11 +419,8 @@ class DwcaSource:
             return self._reject(text, f"its occurrence {coreid!r} is not in {self.core.name}", "orphan_media")
         line, bad, occ = found
         if bad is not None:
-            return self._reject(
-                text,
-                f"its occurrence row ({self.core.name} line {line}) is malformed: {bad}",
-                "bad_occurrence_row",
-            )
+            bad = f"its occurrence ({self.core.name} line {line}) is malformed: {bad}"
+            return self._reject(text, bad, "bad_occurrence_row")
         name, why = latin_name(occ)
         if why is not None:
             return self._reject(text, f"occurrence {coreid}: {why}", "not_species_rank")
@@ -437,14 +434,15 @@ class DwcaSource:
             "rights_holder": img.get("rightsHolder") or occ.get("rightsHolder"),
             "country": occ.get("countryCode"),
             "source": self.cfg.source_name,
-            "gbifID": coreid,
+            "gbifID": int(coreid) if coreid.isdigit() else coreid,
             "occurrenceID": occ.get("occurrenceID"),
             "datasetKey": occ.get("datasetKey"),
             "publisher": img.get("publisher"),
             "references": img.get("references") or occ.get("references"),
             "eventDate": occ.get("eventDate"),
         }
-        return {k: v for k, v in raw.items() if v is not None}
+        # values shared by many records (a dataset, a photographer, a date) are kept once: 900,000 records
+        return {k: sys.intern(v) if k in _SHARED else v for k, v in raw.items() if v is not None}
 
 
 def _sha256(path: Path) -> str:
