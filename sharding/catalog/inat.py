@@ -213,7 +213,7 @@ class InatSource:
         tmp = tempfile.mkdtemp(prefix="flora-inat-")
         db = sqlite3.connect(Path(tmp) / "join.sqlite", isolation_level=None)
         try:
-            for pragma in ("journal_mode=OFF", "synchronous=OFF", "cache_size=-32768", "temp_store=FILE"):
+            for pragma in ("journal_mode=OFF", "synchronous=OFF", "cache_size=-8192", "temp_store=FILE"):
                 db.execute(f"PRAGMA {pragma}")
             for statement in _SCHEMA:
                 db.execute(statement)
