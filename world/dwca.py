@@ -249,6 +249,7 @@ def write_dwca(
         The path and the counts of occurrences, multimedia rows and rows per dataset.
     """
     path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
     folder = Path(tempfile.mkdtemp(prefix="dwca-", dir=path.parent)) if zip else path
     try:
         folder.mkdir(parents=True, exist_ok=True)
