@@ -60,7 +60,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, Any
 
-from flora.sharding.catalog.sources import SourceError, Unparseable
+from flora.sharding.catalog.sources import SourceError, Unparseable, file_digest
 from flora.sharding.config import DwcaConfig
 
 MULTIMEDIA = "http://rs.gbif.org/terms/1.0/Multimedia"
@@ -373,12 +373,12 @@ class DwcaSource:
         from the EML metadata the title, pubDate and download DOI when it has them."""
         out: dict[str, Any] = {"format": "dwca", "name": self.path.name}
         if self.zip is not None:
-            out.update(bytes=self.path.stat().st_size, sha256=_sha256(self.path))
+            out.update(bytes=self.path.stat().st_size, sha256=file_digest(self.path))
         else:
             names = ["meta.xml", self.core.name, self.media.name]
             digest = hashlib.sha256()
             for name in names:
-                digest.update(f"{_sha256(self.path / name)}  {name}\n".encode())
+                digest.update(f"{file_digest(self.path / name)}  {name}\n".encode())
             out.update(bytes=sum((self.path / n).stat().st_size for n in names), sha256=digest.hexdigest())
         out.update(_eml(self.root / self.metadata))
         return out
@@ -443,12 +443,6 @@ class DwcaSource:
         }
         # values shared by many records (a dataset, a photographer, a date) are kept once: 900,000 records
         return {k: sys.intern(v) if k in _SHARED else v for k, v in raw.items() if v is not None}
-
-
-def _sha256(path: Path) -> str:
-    """A file's sha256, streamed (formats.file_digest's; not imported: formats imports this module)."""
-    with open(path, "rb") as fh:
-        return hashlib.file_digest(fh, "sha256").hexdigest()
 
 
 def _meta_root(text: bytes, path: Path) -> ET.Element:
