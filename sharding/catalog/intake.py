@@ -24,7 +24,7 @@ from typing import Any
 
 from flora.errors import FloraError
 from flora.sharding.catalog.licenses import LicenseTable
-from flora.sharding.catalog.records import Record, RecordError, put_meta, validate
+from flora.sharding.catalog.records import Record, RecordError, pack_meta, put_meta, validate
 from flora.sharding.catalog.regions import RegionTable
 from flora.sharding.catalog.sources import Unparseable
 
@@ -58,10 +58,10 @@ class Intake:
 
 
 class Interner:
-    """One shared copy of each repeated short string: species, sources, countries, creators, ``meta``
-    keys and values. A parsed record's strings are all new objects, and at 10^6 records these copies
-    were most of the catalog's memory. At most ``limit`` distinct strings are remembered (then new
-    ones are kept as they are), so a column of unique values costs a bounded table."""
+    """One shared copy of each repeated short string: species, sources, countries, creators. A parsed record's
+    strings are all new objects, and at 10^6 records these copies were most of the catalog's memory. At
+    most ``limit`` distinct strings are remembered (then new ones are kept as they are), so a column of
+    unique values costs a bounded table."""
 
     def __init__(self, limit: int = 1 << 18, longest: int = 64):
         self.limit, self.longest = limit, longest
@@ -104,7 +104,7 @@ def build_record(
         source=share(fields["source"]),
         country=share(country),
         region=share(region),
-        meta={share(k): share(v) for k, v in sorted(meta.items())},
+        meta=pack_meta(dict(sorted(meta.items()))),
         creator=share(fields["creator"]),
         rights_holder=share(fields["rights_holder"]),
         license_url=share(fields["license_url"] or licenses.url(fields["license"], license_id)),

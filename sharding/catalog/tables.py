@@ -179,7 +179,7 @@ class TableSource:
 
     def version(self) -> dict[str, Any]:
         """What the dataset card lists: format, file name, size and sha256 (Parquet: rows, writer)."""
-        from flora.sharding.catalog.formats import file_digest
+        from flora.sharding.catalog.sources import file_digest
 
         return {
             "format": self.fmt,
