@@ -11,6 +11,7 @@ Leaves out: the stages themselves. New stages add one step here as they land.
 from __future__ import annotations
 
 import argparse
+import csv
 import json
 import shutil
 import subprocess
@@ -43,6 +44,33 @@ def _run(step: str, argv: list[str]) -> None:
     if proc.returncode != 0:
         raise SystemExit(f"demo: step '{step}' failed with exit status {proc.returncode}")
     print(f"   ({time.perf_counter() - started:.1f} s)", flush=True)
+
+
+def _split_world(world: Path) -> Path:
+    """The world's catalog as version 1 (``catalog_v1.jsonl``: all but every ``V1_LEAVES_OUT``-th record,
+    and every line that is no JSON object) and the rest as a GBIF-style Darwin Core Archive
+    (``gbif_download.zip``), the public format version 2 brings; returns the archive's path."""
+    from world.dwca import write_dwca
+
+    kept, added = [], []
+    for i, line in enumerate((world / "catalog.jsonl").read_text(encoding="utf-8").splitlines(keepends=True)):
+        try:
+            record = json.loads(line) if i % V1_LEAVES_OUT == 0 else None
+        except ValueError:
+            record = None
+        if isinstance(record, dict):
+            added.append(record)
+        else:
+            kept.append(line)
+    (world / "catalog_v1.jsonl").write_text("".join(kept), encoding="utf-8")
+    archive = world / "gbif_download.zip"
+    written = write_dwca(added, archive)
+    print(
+        f"   version 2 adds {written.media_rows} images of {written.occurrences} occurrences as a GBIF "
+        f"download ({archive.name}: occurrence.txt, multimedia.txt, meta.xml)",
+        flush=True,
+    )
+    return archive
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -84,27 +112,18 @@ def main(argv: list[str] | None = None) -> int:
         )
         for path, fault in load_faults(out / "world" / "faults.json").items():
             server.set_fault(path, fault)
-        # The catalog grows once: version 1 is most of the world's records, version 2 all of them, split
-        # with --previous (frozen splits) and sharded incrementally over version 1's shards.
-        catalog = out / "world" / "catalog.jsonl"
-        lines = catalog.read_text(encoding="utf-8").splitlines(keepends=True)
-        (out / "world" / "catalog_v1.jsonl").write_text(
-            "".join(line for i, line in enumerate(lines) if i % V1_LEAVES_OUT), encoding="utf-8"
-        )
+        # The catalog grows once: version 1 is most of the world's records (JSON Lines); version 2 adds
+        # the rest, as a GBIF occurrence download (a Darwin Core Archive), split with --previous (frozen
+        # splits) and sharded incrementally over version 1's shards.
+        archive = _split_world(out / "world")
         versions = (
-            ("v1", "catalog_v1.jsonl", "splits_v1", []),
-            ("v2", "catalog.jsonl", "splits", ["--previous"]),
+            ("v1", ["catalog_v1.jsonl"], "splits_v1", []),
+            ("v2 (+ a GBIF download)", ["catalog_v1.jsonl", archive.name], "splits", ["--previous"]),
         )
-        for name, source, splits, previous in versions:
-            argv = [
-                "-m",
-                "flora.sharding",
-                "catalog",
-                "--source",
-                str(out / "world" / source),
-                "--out",
-                str(out / splits),
-            ]
+        for name, sources, splits, previous in versions:
+            argv = ["-m", "flora.sharding", "catalog", "--out", str(out / splits)]
+            for source in sources:
+                argv += ["--source", str(out / "world" / source)]
             argv += [*previous, str(out / "splits_v1")] if previous else []
             _run(f"catalog {name}", [*argv, "--config", "config/catalog_smoke.yaml"])
             _run(
@@ -216,6 +235,12 @@ def main(argv: list[str] | None = None) -> int:
         f"(injected faults), {acc['content_duplicates']} content duplicates; "
         f"accounting {'ok' if acc['ok'] else 'BROKEN'}"
     )
+    sources = json.loads((out / "splits" / "sources.json").read_text())["sources"]
+    print("   sources: " + " + ".join(f"{source['format']} {source['name']}" for source in sources))
+    credits = out / "shards" / "ATTRIBUTION.csv"
+    with credits.open(encoding="utf-8", newline="") as fh:
+        rows = sum(1 for _ in csv.reader(fh)) - 1  # the header
+    print(f"   credits: {credits.relative_to(out)} ({rows} images); card: shards/dataset_card.md")
     for kind, name in teachers.items():
         summary = json.loads((runs / name / "metrics.json").read_text())["summary"]
         test = json.loads((runs / name / "eval_test" / "results.json").read_text())

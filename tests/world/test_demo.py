@@ -68,6 +68,12 @@ def test_demo_runs_every_stage_and_a_second_run_is_identical_from_cache(tmp_path
     # the catalog grows once: frozen splits, then an incremental build over version 1's shards
     assert "frozen splits (--previous): kept " in first.stdout and ", moved 0" in first.stdout
     assert "incremental over " in first.stdout and " 0 rebuilt" in first.stdout
+    # version 2 brings a GBIF download (a Darwin Core Archive) beside version 1's JSON Lines
+    assert "as a GBIF download (gbif_download.zip" in first.stdout
+    assert "sources: jsonl catalog_v1.jsonl + dwca gbif_download.zip" in first.stdout
+    sharded = json.loads((tmp_path / "shards" / "manifest.json").read_text())["accounting"]["sharded"]
+    assert f"credits: shards/ATTRIBUTION.csv ({sharded} images)" in first.stdout
+    assert (tmp_path / "shards" / "dataset_card.md").is_file()
     # the summary's many/medium/few-shot line for each of the two teachers and the two students
     assert first.stdout.count("many/medium/few-shot top-1:") == 4
     # the summary compares accuracy and size; a shared machine's training speeds are no benchmark
