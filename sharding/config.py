@@ -105,7 +105,7 @@ class InatConfig:
     #: Observation quality grades kept; photos of other observations are rejected as ``quality_grade``.
     quality_grades: list[str] = field(default_factory=lambda: ["research"])
     #: The photo size downloaded (the open-data bucket's names).
-    photo_size: Literal["square", "small", "medium", "large", "original"] = "medium"
+    photo_size: Literal["thumb", "square", "small", "medium", "large", "original"] = "medium"
     #: Infraspecific taxa (subspecies, variety, form, ...): ``species`` maps them up to their species,
     #: ``keep`` makes each its own class (its trinomial).
     infraspecific: Literal["species", "keep"] = "species"

@@ -124,5 +124,11 @@ def open_sources(sources: str | list[str], cfg: Any):
         raise SourceError("no --source given")
     if cfg.format is not None and cfg.format not in FORMATS:
         raise SourceError(f"unknown --format {cfg.format!r}: expected one of {', '.join(FORMATS)}")
-    readers = [open_one(name, cfg.format or detect_format(name), cfg) for name in names]
+    formats = [cfg.format or detect_format(name) for name in names]
+    if cfg.columns and not {"csv", "tsv", "parquet"} & set(formats):
+        raise SourceError(
+            f"columns: maps the columns of CSV, TSV and Parquet tables, but no source is one "
+            f"({', '.join(f'{n} is {f}' for n, f in zip(names, formats, strict=True))})"
+        )
+    readers = [open_one(name, fmt, cfg) for name, fmt in zip(names, formats, strict=True)]
     return readers[0] if len(readers) == 1 else MultiSource(readers)
