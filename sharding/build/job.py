@@ -167,7 +167,8 @@ def obtain(record: dict, state: WorkerState, cfg: BuildConfig, prefix: str, use_
 
     A cached response whose ``X-Robots-Tag`` values (kept with every entry) opt out under this build's
     ``download.opt_out_directives`` fails as ``opted_out``, image or not; an entry that opted out under
-    other directives is fetched again (a retry round re-asks the host either way)."""
+    other directives is fetched again (a retry round re-asks the host either way), and so is one cached
+    before the header's values were kept, unless the directives are off."""
     url = record["image_url"]
     key = f"{prefix}|{url}"
     if state.cache is not None and key in state.present:
@@ -177,7 +178,9 @@ def obtain(record: dict, state: WorkerState, cfg: BuildConfig, prefix: str, use_
             text = f"{HEADER} {'; '.join(entry.meta['robots'])!r} opts out ({', '.join(why)}) (cached)"
             return Outcome(False, "cache", reason="opted_out", message=text, status=entry.meta.get("status"),
                            robots=tuple(entry.meta["robots"]))  # fmt: skip
-        if entry is not None and not why:
+        # an image cached before responses' headers were kept cannot be judged: fetched again
+        unjudged = entry is not None and "robots" not in entry.meta and bool(cfg.download.opt_out_directives)
+        if entry is not None and not why and not unjudged:
             if not entry.meta.get("failed"):
                 meta = entry.meta
                 if "phash_crops" not in meta:  # cached before the hashes existed: a function of the bytes

@@ -43,8 +43,6 @@ validation (records.py), metadata beyond ``version()`` (EML title, pubDate, the 
 
 from __future__ import annotations
 
-import codecs
-import csv
 import hashlib
 import io
 import re
@@ -58,8 +56,9 @@ import zlib
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
+from flora.sharding.catalog.delimited import split_rows, text_lines
 from flora.sharding.catalog.sources import SourceError, Unparseable, file_digest
 from flora.sharding.config import DwcaConfig
 
@@ -98,8 +97,6 @@ MAX_META_BYTES = 4 << 20
 #: How much of metadata.xml (EML) ``version`` reads for its title, date and DOI (they come first).
 MAX_EML_BYTES = 1 << 20
 #: A data line longer than this is a broken file (a missing line terminator), not a row.
-MAX_LINE_BYTES = 1 << 20
-CHUNK = 1 << 18  # bytes read at a time: a few hundred rows
 SHOWN_CHARS = 300  # of a rejected row, in rejects.jsonl
 _SHARED = frozenset(
     {"license", "creator", "rights_holder", "country", "datasetKey", "publisher", "eventDate"}
@@ -157,8 +154,8 @@ class _Table:
         d = self.descriptor
         skip, expected = d.lines_to_ignore, None
         with (root / self.name).open("rb") as raw:
-            lines = _lines(raw, d.lines_terminated_by.encode(self.encoding), self.encoding)
-            parsed = _split(lines, d.fields_terminated_by, d.fields_enclosed_by)
+            lines = text_lines(raw, d.lines_terminated_by.encode(self.encoding), self.encoding)
+            parsed = split_rows(lines, d.fields_terminated_by, d.fields_enclosed_by)
             for lineno, fields, text, problem in parsed:
                 if lineno <= skip:
                     if lineno == 1 and fields:
@@ -182,62 +179,6 @@ class _Table:
         return got[0].strip(), {
             c: v.strip() for c, v in zip(self.used, got[1:], strict=True) if v and v.strip()
         }
-
-
-def _lines(raw: IO[bytes], terminator: bytes, encoding: str) -> Iterator[tuple[int, str | None]]:
-    """The file's lines by number, decoded (undecodable bytes as surrogates), read ``CHUNK`` bytes at a
-    time; None for a line over ``MAX_LINE_BYTES``."""
-    strip_cr = terminator == b"\n"  # a file with CRLF line ends declared "\n"
-
-    def decode(line: bytes) -> str:
-        return (line[:-1] if strip_cr and line.endswith(b"\r") else line).decode(encoding, "surrogateescape")
-
-    buf, lineno, skipping = b"", 0, False
-    chunk = raw.read(CHUNK).removeprefix(codecs.BOM_UTF8)
-    while chunk:
-        *parts, buf = (buf + chunk).split(terminator)
-        for part in parts:
-            lineno += 1
-            yield lineno, None if skipping else decode(part)
-            skipping = False
-        if len(buf) > MAX_LINE_BYTES:
-            buf, skipping = b"", True
-        chunk = raw.read(CHUNK)
-    if buf or skipping:
-        yield lineno + 1, None if skipping else decode(buf)
-
-
-def _split(
-    lines: Iterator[tuple[int, str | None]], sep: str, quote: str
-) -> Iterator[tuple[int, list[str] | None, str, str | None]]:
-    """Lines -> ``(line number, fields, text, problem)``; with ``quote``, a quoted field may span lines."""
-    too_long = f"a line over {MAX_LINE_BYTES:,} bytes"
-    if not quote:
-        for lineno, text in lines:
-            if text is None:
-                yield lineno, None, "", too_long
-            else:
-                yield lineno, text.split(sep), text, None
-        return
-    numbers: list[int] = []
-
-    def feed() -> Iterator[str]:
-        for lineno, text in lines:
-            numbers.append(lineno)
-            yield (text if text is not None else "\x00") + "\n"
-
-    reader = csv.reader(feed(), delimiter=sep, quotechar=quote)
-    while True:
-        numbers.clear()
-        try:
-            fields = next(reader)
-        except StopIteration:
-            return
-        except csv.Error as exc:
-            yield (numbers[0] if numbers else 0), None, "", f"unreadable quoted row: {exc}"
-            continue
-        text = sep.join(fields)
-        yield (numbers[0] if numbers else 0), fields, text, (too_long if "\x00" in text else None)
 
 
 class _CoreIndex:
@@ -286,6 +227,10 @@ class _CoreIndex:
         shutil.rmtree(self.dir, ignore_errors=True)
 
 
+#: Qualifiers in the epithet's place that name no species ("Quercus sp.", "Carex cf. nigra").
+UNSURE = frozenset({"sp", "spp", "cf", "aff", "indet", "x"})
+
+
 def latin_name(occ: dict[str, str]) -> tuple[str | None, str | None]:
     """``(name, None)``, ``(None, why it is not a species)``, or ``(None, None)`` when there is no name
     (module docstring)."""
@@ -302,7 +247,8 @@ def latin_name(occ: dict[str, str]) -> tuple[str | None, str | None]:
     words = name.split()
     if words[1:2] == ["×"] and len(words) > 2:  # a hybrid: "Mentha × piperita"
         words = [words[0], "×" + words[2]]
-    if len(words) >= 2 and words[1][:1].islower():
+    epithet = words[1].removeprefix("×") if len(words) >= 2 else ""
+    if epithet[:1].islower() and not epithet.endswith(".") and epithet not in UNSURE:
         return f"{words[0]} {words[1]}", None
     return None, f"{name!r} names no species (no specific epithet)"
 
@@ -389,12 +335,16 @@ class DwcaSource:
             index = _CoreIndex(self.root, self.core)
         except (OSError, EOFError, zipfile.BadZipFile, zlib.error) as exc:
             raise SourceError(f"cannot read {self.core.name} in {self.path}: {exc}") from None
+        except sqlite3.Error as exc:  # the temporary index: a full or unwritable temporary folder
+            raise SourceError(
+                f"cannot index {self.core.name} of {self.path} in {tempfile.gettempdir()}: {exc}"
+            ) from None
         lineno = 0
         try:
             for lineno, fields, text, problem in self.media.rows(self.root):  # noqa: B007 - reported
                 self.counts["rows"] += 1
                 yield f"{self.media.name} line {lineno}", self._record(index, fields, text, problem)
-        except (OSError, EOFError, zipfile.BadZipFile, zlib.error) as exc:
+        except (OSError, EOFError, zipfile.BadZipFile, zlib.error, sqlite3.Error) as exc:
             raise SourceError(
                 f"cannot read {self.media.name} in {self.path} after line {lineno}: {exc}"
             ) from None
@@ -426,7 +376,7 @@ class DwcaSource:
             return self._reject(text, f"occurrence {coreid}: {why}", "not_species_rank")
         plant_id: int | str = occ.get("speciesKey") or occ.get("taxonKey") or coreid
         raw: dict[str, Any] = {
-            "plant_id": int(plant_id) if plant_id.isdigit() else plant_id,
+            "plant_id": int(plant_id) if plant_id.isascii() and plant_id.isdigit() else plant_id,
             "image_url": img.get("identifier"),
             "latin_name": name,
             "license": img.get("license") or occ.get("license"),
@@ -434,7 +384,7 @@ class DwcaSource:
             "rights_holder": img.get("rightsHolder") or occ.get("rightsHolder"),
             "country": occ.get("countryCode"),
             "source": self.cfg.source_name,
-            "gbifID": int(coreid) if coreid.isdigit() else coreid,
+            "gbifID": int(coreid) if coreid.isascii() and coreid.isdigit() else coreid,
             "occurrenceID": occ.get("occurrenceID"),
             "datasetKey": occ.get("datasetKey"),
             "publisher": img.get("publisher"),

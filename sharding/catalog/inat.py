@@ -142,12 +142,15 @@ class _Table:
                 continue
             fields = text.split("\t")
             if len(fields) != self.width:
-                problem = (
-                    f"{self.name} line {lineno}: {len(fields)} fields, expected {self.width} (its header's)"
-                )
+                problem = f"{self.name} line {lineno}: {len(fields)} fields, expected {self.width}"
                 yield lineno, text, None, problem
                 continue
             yield lineno, text, [fields[i].strip() for i in self.index], None
+
+    def key_of(self, text: str) -> str:
+        """The key column of a row that could not be read whole (where the header puts it), or ""."""
+        fields = text.split("\t")
+        return fields[self.index[0]].strip() if len(fields) > self.index[0] else ""
 
 
 def _number(text: str, what: str) -> float | None:
@@ -258,11 +261,11 @@ class InatSource:
         def rows():
             for lineno, text, fields, problem in self.tables["taxa"].rows():
                 if fields is None:
-                    yield text.split("\t", 1)[0].strip(), None, None, None, None, None, problem
+                    yield self.tables["taxa"].key_of(text), None, None, None, None, None, problem
                     continue
                 taxon_id, ancestry, level, rank, name, active = fields
                 try:
-                    if not taxon_id.isdigit():
+                    if not (taxon_id.isascii() and taxon_id.isdigit()):
                         raise ValueError(f"taxon_id {taxon_id!r} is not an integer")
                     value = _number(level, "rank_level")
                     value = RANK_LEVELS.get(rank.lower()) if value is None else value
@@ -289,7 +292,7 @@ class InatSource:
         def rows():
             for _, text, fields, problem in self.tables["observers"].rows():
                 if fields is None:
-                    yield text.split("\t", 1)[0].strip(), None, problem
+                    yield self.tables["observers"].key_of(text), None, problem
                 else:
                     observer_id, login, name = fields
                     yield observer_id, name or login or None, None
@@ -303,11 +306,11 @@ class InatSource:
             newest = ""
             for lineno, text, fields, problem in table.rows():
                 if fields is None:
-                    yield text.split("\t", 1)[0].strip(), None, None, None, None, problem, None
+                    yield table.key_of(text), None, None, None, None, problem, None
                     continue
                 uuid, lat, lon, taxon_id, grade, observed_on = fields
                 try:
-                    if taxon_id and not taxon_id.isdigit():
+                    if taxon_id and not (taxon_id.isascii() and taxon_id.isdigit()):
                         raise ValueError(f"taxon_id {taxon_id!r} is not an integer")
                     point = (_number(lat, "latitude"), _number(lon, "longitude"))
                 except ValueError as exc:
@@ -357,8 +360,12 @@ class _PhotoJoin:
 
     def _record(self, text: str, fields: list[str], observation: tuple | None) -> Any:
         photo_id, uuid, observer_id, extension, license_ = fields
-        if not photo_id.isdigit() or not extension:
-            why = f"photo_id {photo_id!r} is not an integer" if not photo_id.isdigit() else "no extension"
+        if not (photo_id.isascii() and photo_id.isdigit()) or not extension:
+            why = (
+                "no extension"
+                if photo_id.isascii() and photo_id.isdigit()
+                else f"photo_id {photo_id!r} is not an integer"
+            )
             return Unparseable(text[:200], f"{self.table.name}: {why}", "bad_row")
         if observation is None:
             self.source.orphans += 1

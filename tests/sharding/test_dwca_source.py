@@ -19,9 +19,10 @@ import pytest
 from flora.config import load_config
 from flora.io import read_jsonl
 from flora.sharding.__main__ import main
-from flora.sharding.catalog.dwca import DwcaSource
+from flora.sharding.catalog.dwca import DwcaSource, latin_name
 from flora.sharding.catalog.intake import NoUsableRecordError
 from flora.sharding.catalog.run import run_catalog
+from flora.sharding.catalog.sources import Unparseable
 from flora.sharding.config import CatalogConfig, DwcaConfig
 from world import WorldSpec, generate_catalog, write_jsonl
 from world.dwca import write_dwca
@@ -167,6 +168,18 @@ def test_edge_rows_each_in_their_place(edge, tmp_path):
     assert rows["photo1"]["meta"]["occurrenceID"] == "https://www.inaturalist.org/observations/77"
 
 
+def write_meta(folder: Path, attrs: str, core_fields: str, media_fields: str) -> None:
+    """A meta.xml for ``occ.csv`` (id in column 0) and ``media.csv`` (images by default type)."""
+    (folder / "meta.xml").write_text(
+        f'<archive xmlns="http://rs.tdwg.org/dwc/text/"><core {attrs} rowType="http://rs.tdwg.org/dwc/terms/Occurrence">'
+        f'<files><location>occ.csv</location></files><id index="0"/>{core_fields}</core>'
+        f'<extension {attrs} rowType="http://rs.gbif.org/terms/1.0/Multimedia">'
+        f'<files><location>media.csv</location></files>{media_fields}'
+        '<field term="http://purl.org/dc/terms/type" default="StillImage"/></extension></archive>',
+        encoding="utf-8",
+    )  # fmt: skip
+
+
 def test_quoted_archive_honours_meta_xml(tmp_path):
     """An IPT-style archive: comma-separated, quoted, CRLF, Latin-1, coreid not first, a default type,
     columns in another order than the header."""
@@ -180,17 +193,12 @@ def test_quoted_archive_honours_meta_xml(tmp_path):
     (folder / "occ.csv").write_bytes(occ.encode("latin-1"))
     (folder / "media.csv").write_bytes(media.encode("latin-1"))
     attrs = 'encoding="ISO-8859-1" fieldsTerminatedBy="," linesTerminatedBy="\\r\\n" fieldsEnclosedBy="&quot;" ignoreHeaderLines="1"'  # noqa: E501
-    (folder / "meta.xml").write_text(
-        f'<archive xmlns="http://rs.tdwg.org/dwc/text/"><core {attrs} rowType="http://rs.tdwg.org/dwc/terms/Occurrence">'
-        '<files><location>occ.csv</location></files><id index="0"/>'
+    write_meta(
+        folder, attrs,
         '<field index="1" term="http://rs.tdwg.org/dwc/terms/scientificName"/>'
-        '<field index="2" term="http://rs.tdwg.org/dwc/terms/countryCode" default="ES"/></core>'
-        f'<extension {attrs} rowType="http://rs.gbif.org/terms/1.0/Multimedia">'
-        '<files><location>media.csv</location></files><coreid index="1"/>'
-        '<field index="3" term="http://purl.org/dc/terms/creator"/>'
-        '<field index="2" term="http://purl.org/dc/terms/identifier"/>'
-        '<field term="http://purl.org/dc/terms/type" default="StillImage"/></extension></archive>',
-        encoding="utf-8",
+        '<field index="2" term="http://rs.tdwg.org/dwc/terms/countryCode" default="ES"/>',
+        '<coreid index="1"/><field index="3" term="http://purl.org/dc/terms/creator"/>'
+        '<field index="2" term="http://purl.org/dc/terms/identifier"/>',
     )  # fmt: skip
     got = list(DwcaSource(folder, DwcaConfig()))
     assert [position for position, _ in got] == ["media.csv line 2", "media.csv line 3"]
@@ -201,6 +209,32 @@ def test_quoted_archive_honours_meta_xml(tmp_path):
         "Ana",
         "ES",
     )
+
+
+def test_a_quote_left_open_loses_no_other_row(tmp_path):
+    """A quoted archive whose row 4 opens a quote it never closes: that row is a bad_row, and each line
+    after it is read as its own row (none swallowed into the open field, none lost)."""
+    folder = tmp_path / "open"
+    folder.mkdir()
+    (folder / "occ.csv").write_text('id,scientificName\n"o1","Olea europaea"\n', encoding="utf-8")
+    rows = [f'o1,http://127.0.0.1:9/q/{i}.jpg,"Creator {i}"' for i in range(40)]
+    rows[2] = 'o1,http://127.0.0.1:9/q/2.jpg,"Bob'
+    (folder / "media.csv").write_text(
+        "coreid,identifier,creator\n" + "\n".join(rows) + "\n", encoding="utf-8"
+    )
+    attrs = 'fieldsTerminatedBy="," linesTerminatedBy="\\n" fieldsEnclosedBy="&quot;" ignoreHeaderLines="1"'
+    write_meta(
+        folder, attrs,
+        '<field index="1" term="http://rs.tdwg.org/dwc/terms/scientificName"/>',
+        '<coreid index="0"/><field index="1" term="http://purl.org/dc/terms/identifier"/>'
+        '<field index="2" term="http://purl.org/dc/terms/creator"/>',
+    )  # fmt: skip
+    got = list(DwcaSource(folder, DwcaConfig()))
+    assert [position for position, _ in got] == [f"media.csv line {n}" for n in range(2, 42)]
+    bad = [raw for _, raw in got if isinstance(raw, Unparseable)]
+    assert len(bad) == 1 and bad[0].reason == "bad_row" and "a quote left open" in bad[0].message
+    creators = [raw["creator"] for _, raw in got if not isinstance(raw, Unparseable)]
+    assert creators == [f"Creator {i}" for i in range(40) if i != 2]
 
 
 def test_command_line_on_an_archive(archives, tmp_path):
@@ -319,3 +353,23 @@ def test_reading_holds_no_table_whole(tmp_path, monkeypatch):
     stopped.close()  # a reader stopped early (an error downstream) removes it too
     assert not list((tmp_path / "tmp").iterdir())
     shutil.rmtree(tmp_path / "tmp")
+
+
+@pytest.mark.parametrize(
+    ("occurrence", "expected"),
+    [
+        ({"species": "Quercus ilex"}, ("Quercus ilex", None)),
+        ({"genericName": "Olea", "specificEpithet": "europaea"}, ("Olea europaea", None)),
+        ({"scientificName": "Quercus ilex subsp. ballota (Desf.) Samp."}, ("Quercus ilex", None)),
+        ({"scientificName": "Mentha × piperita L."}, ("Mentha ×piperita", None)),
+        ({"scientificName": "Mentha ×piperita L."}, ("Mentha ×piperita", None)),
+        ({"scientificName": "Quercus sp."}, (None, "names no species")),
+        ({"scientificName": "Carex cf. nigra"}, (None, "names no species")),
+        ({"scientificName": "Quercus L.", "taxonRank": "GENUS"}, (None, "identified to genus")),
+        ({}, (None, None)),
+    ],
+)
+def test_the_species_of_an_occurrence_without_an_interpreted_species(occurrence, expected):
+    name, why = latin_name(occurrence)
+    assert name == expected[0]
+    assert (why is None) if expected[1] is None else (expected[1] in why)

@@ -322,3 +322,17 @@ def test_reading_holds_no_table_whole(tmp_path):
     print(f"peak {peak:,} bytes of Python objects for {data:,} bytes of tables")
     assert peak < data / 4, f"peak {peak:,} bytes of Python objects for {data:,} bytes of tables"
     assert set(Path(tempfile.gettempdir()).glob("flora-inat-*")) == temporary, "the join's folder is removed"
+
+
+def test_a_row_that_cannot_be_read_is_keyed_by_its_key_column_wherever_the_header_puts_it(tmp_path):
+    """A malformed observation row in a table whose header puts observation_uuid second still names
+    that observation (its photos are rejected for the row, not as photos of no observation)."""
+    from flora.sharding.catalog.inat import _Table
+
+    header = "observer_id\tobservation_uuid\tlatitude\tlongitude\ttaxon_id\tquality_grade\tobserved_on\n"
+    (tmp_path / "observations.csv").write_text(header + "7\tuuid-1\t40.1\n", encoding="utf-8")
+    table = _Table(tmp_path, "observations")
+    ((lineno, text, fields, problem),) = list(table.rows())
+    assert lineno == 2 and fields is None and "3 fields, expected 7" in problem
+    assert table.key_of(text) == "uuid-1"
+    assert table.key_of("7") == ""

@@ -17,7 +17,9 @@ import pytest
 
 from flora.config import ConfigError, load_config
 from flora.io import read_jsonl
+from flora.sharding.build.plan import image_fingerprint
 from flora.sharding.build.run import build
+from flora.sharding.cache.image_cache import ImageCache
 from flora.sharding.catalog.records import url_key
 from flora.sharding.catalog.run import run_catalog
 from flora.sharding.config import CatalogConfig
@@ -182,3 +184,27 @@ def test_a_retry_round_that_ignores_the_header_shards_them_in_place(opted):
     assert retried["failures_by_reason"] == {} and retried["accounting"]["sharded"] == len(opted.rows)
     assert json.loads((out / "manifest.json").read_text())["attribution"]["rows"] == len(opted.rows)
     assert credited(out) == tar_keys(out)
+
+
+def test_an_image_cached_before_headers_were_kept_is_fetched_again_and_judged(opted):
+    """A cache filled before responses' X-Robots-Tag values were stored (entries without ``robots``)
+    cannot say whether the host opts out: a build that honours the header fetches those images again
+    rather than shard them from the cache."""
+    out_urls = {url for value, url in opted.chosen.items() if HEADERS[value]}
+    cache = opted.root / "cache-old"
+    build(opted.splits, opted.root / "old-fill", config(cache, "download.opt_out_directives=[]"))
+    cfg = config(cache)
+    prefix = image_fingerprint(cfg.images)
+    store = ImageCache(cache, cfg.cache.max_bytes)
+    try:
+        for url in out_urls:  # as an older Flora wrote them: no robots
+            entry = store.get(f"{prefix}|{url}")
+            assert entry is not None and entry.meta["robots"]
+            store.put(f"{prefix}|{url}", entry.data, {k: v for k, v in entry.meta.items() if k != "robots"})
+    finally:
+        store.close()
+    before = {u: opted.server.request_count(urlsplit(u).path) for u in out_urls}
+    build(opted.splits, opted.root / "old-default", cfg)
+    assert {u for u, r in failures(opted.root / "old-default").items() if r == "opted_out"} == out_urls
+    assert all(opted.server.request_count(urlsplit(u).path) == before[u] + 1 for u in out_urls)
+    assert not {key(u) for u in out_urls} & tar_keys(opted.root / "old-default")
