@@ -15,7 +15,8 @@ name but is not that field's column goes to ``meta`` too, never into the field).
   one row at a time, and a row is at most ``MAX_ROW_BYTES``; a longer one (a 5 MB line, or an
   unterminated quote swallowing the lines after it) is one ``bad_row`` and reading goes on at the next
   line. A row whose field count differs from the header's, or that breaks the quoting rules, is a
-  ``bad_row`` at the line where it starts.
+  ``bad_row`` at the line where it starts; when it spans lines (a quote left open, within
+  ``REREAD_CHARS``), only its first line is, and the lines after it are read again as rows.
 * Parquet (``.parquet``, ``.pq``): pyarrow, one batch of ``table.batch_rows`` rows in memory at a time.
   Values keep their types (nulls are missing values; dates and timestamps become ISO strings, decimals
   strings, bytes hex, so that every value fits in JSON). ``count`` is the footer's row count.
@@ -39,6 +40,7 @@ import decimal
 import gzip
 import math
 import zlib
+from collections import deque
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -50,6 +52,8 @@ from flora.sharding.config import TableConfig
 
 #: Longest CSV row, in bytes (a field is at most a row): far above any real record (a few hundred
 #: bytes), small enough that a runaway quote or a binary blob costs a bounded amount of memory.
+#: The longest run of lines a quote left open may hold and still be read again line by line.
+REREAD_CHARS = 1 << 16
 MAX_ROW_BYTES = 1 << 20
 #: Parquet: bytes read at a time from a column chunk (pyarrow's buffered stream; its default reads a
 #: row group's column chunks whole, 33 MB for 50,000 of the sample world's rows, 7 MB this way).
@@ -280,9 +284,17 @@ class CsvTable(TableSource):
                     )
                     continue
                 except csv.Error as exc:
-                    yield self._bad(lines, f"malformed row: {exc}")
+                    if len(lines.taken) > 1:
+                        lines.read_again()
+                        reader = csv.reader(lines, delimiter=self.delimiter, strict=True)
+                    yield self._bad(lines, f"malformed row: {exc}", first_line=len(lines.taken) > 1)
                     continue
                 if not row:  # a blank line
+                    continue
+                if len(row) != width and len(lines.taken) > 1:  # a quote left open: lines read again
+                    lines.read_again()
+                    reader = csv.reader(lines, delimiter=self.delimiter, strict=True)
+                    yield self._bad(lines, f"{len(row)} fields across lines, the header has {width}", True)
                     continue
                 self.rows_read += 1
                 if len(row) != width:
@@ -293,10 +305,14 @@ class CsvTable(TableSource):
                     continue
                 yield f"line {lines.row_start}", self._record(row, empty_is_missing=True)
 
-    def _bad(self, lines: _Lines, message: str) -> tuple[str, Unparseable]:
+    def _bad(self, lines: _Lines, message: str, first_line: bool = False) -> tuple[str, Unparseable]:
+        """A bad row; ``first_line``: only its first line is rejected (the others are read again)."""
         self.rows_read += 1
         self.bad_rows += 1
-        return f"line {lines.row_start}", Unparseable(lines.head[:SHOWN_CHARS], message, reason="bad_row")
+        shown = lines.taken[0][1] if first_line else lines.head
+        if first_line:
+            message += "; a quote left open? the lines after it are read again"
+        return f"line {lines.row_start}", Unparseable(shown[:SHOWN_CHARS], message, reason="bad_row")
 
 
 class _Lines:
@@ -307,23 +323,38 @@ class _Lines:
     def __init__(self, fh, encoding: str, path: Path):
         self.fh, self.path, self.encoding = fh, path, encoding
         self.decoder = codecs.getincrementaldecoder(encoding)()
-        self.lineno = 0
+        self.lineno = self.read = 0
         self.row_start = 1
         self.row_bytes = 0
         #: The start of the current row, for messages and ``rejects.jsonl``.
         self.head = ""
+        #: The current row's lines, and lines to read again (``read_again``).
+        self.taken: list[tuple[int, str]] = []
+        self.again: deque[tuple[int, str]] = deque()
+        self.kept = 0  # characters in ``taken``: at most ``REREAD_CHARS``, then no line is kept
 
     def start_row(self) -> None:
-        self.row_start, self.row_bytes, self.head = self.lineno + 1, 0, ""
+        self.row_start = self.again[0][0] if self.again else self.lineno + 1
+        self.row_bytes, self.head, self.taken, self.kept = 0, "", [], 0
+
+    def read_again(self) -> None:
+        """The current row's lines after its first are read again as rows of their own: a quote left
+        open made one row of them (csv's strict quoting stops at the first quote it cannot close)."""
+        self.again.extendleft(reversed(self.taken[1:]))
 
     def __iter__(self) -> _Lines:
         return self
 
     def __next__(self) -> str:
+        if self.again:
+            self.lineno, text = self.again.popleft()
+            self._take(text)
+            self.head += text[:SHOWN_CHARS] if len(self.head) < SHOWN_CHARS else ""
+            return text
         raw = self.fh.readline(MAX_ROW_BYTES + 1 - self.row_bytes)
         if not raw:
             raise StopIteration
-        self.lineno += 1
+        self.lineno = self.read = self.read + 1
         self.row_bytes += len(raw)
         if self.row_bytes > MAX_ROW_BYTES:
             if len(self.head) < SHOWN_CHARS:
@@ -342,7 +373,15 @@ class _Lines:
             ) from None
         if len(self.head) < SHOWN_CHARS:
             self.head += text[:SHOWN_CHARS]
+        self._take(text)
         return text
+
+    def _take(self, text: str) -> None:
+        self.kept += len(text)
+        if self.kept <= REREAD_CHARS:
+            self.taken.append((self.lineno, text))
+        else:
+            self.taken = []  # too long a row to read again: rejected whole, as an oversized one
 
 
 class _CsvReader:

@@ -340,3 +340,21 @@ def test_table_encoding_reads_latin_1_and_refuses_one_not_read_by_lines(tmp_path
         TableSource(source, "csv", {}, TableConfig(encoding="utf-16"))
     assert catalog(source, tmp_path / "out", "table.encoding=klingon") == 2
     assert "table.encoding: unknown encoding 'klingon'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("others", ['"Creator {i}"', "Creator {i}"], ids=["quoted", "unquoted"])
+def test_a_quote_left_open_is_one_bad_line_and_no_other_row_is_lost(tmp_path, others):
+    """Row 3 opens a quote it never closes: with the other rows quoted, strict quoting stops at the
+    next quote; unquoted, the quote runs to the end of the file. Either way only its line is lost."""
+    rows = [f"{i},Olea europaea,http://127.0.0.1:9/q/{i}.jpg," + others.format(i=i) for i in range(40)]
+    rows[2] = '2,Olea europaea,http://127.0.0.1:9/q/2.jpg,"Bob'
+    path = tmp_path / "plants.csv"
+    path.write_text("plant_id,latin_name,image_url,creator\n" + "\n".join(rows) + "\n", encoding="utf-8")
+    got = list(TableSource(path, "csv", {}, TableConfig()))
+    assert [position for position, _ in got] == [f"line {n}" for n in range(2, 42)]
+    bad = [raw for _, raw in got if isinstance(raw, Unparseable)]
+    assert (
+        len(bad) == 1 and bad[0].reason == "bad_row" and "the lines after it are read again" in bad[0].message
+    )
+    creators = [raw["creator"] for _, raw in got if not isinstance(raw, Unparseable)]
+    assert creators == [f"Creator {i}" for i in range(40) if i != 2]
