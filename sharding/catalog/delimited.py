@@ -26,7 +26,9 @@ CHUNK = 1 << 18  # bytes read at a time: a few hundred rows
 def text_lines(raw: IO[bytes], terminator: bytes, encoding: str) -> Iterator[tuple[int, str | None]]:
     """The file's lines by number, decoded (undecodable bytes as surrogates), read ``CHUNK`` bytes at a
     time; None for a line over ``MAX_LINE_BYTES``."""
-    strip_cr = terminator == b"\n"  # a file with CRLF line ends declared "\n"
+    # "\n" and "\r\n" are read alike: files often end lines otherwise than their meta.xml says
+    strip_cr = terminator in (b"\n", b"\r\n")
+    terminator = b"\n" if strip_cr else terminator
 
     def decode(line: bytes) -> str:
         return (line[:-1] if strip_cr and line.endswith(b"\r") else line).decode(encoding, "surrogateescape")

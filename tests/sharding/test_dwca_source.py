@@ -373,3 +373,24 @@ def test_the_species_of_an_occurrence_without_an_interpreted_species(occurrence,
     name, why = latin_name(occurrence)
     assert name == expected[0]
     assert (why is None) if expected[1] is None else (expected[1] in why)
+
+
+@pytest.mark.parametrize("declared", ["\\n", "\\r\\n"])
+@pytest.mark.parametrize("written", ["\n", "\r\n"])
+def test_lines_end_as_the_file_ends_them_whatever_meta_xml_declares(tmp_path, declared, written):
+    folder = tmp_path / "ends"
+    folder.mkdir()
+    occ = written.join(["id\tscientificName", "o1\tOlea europaea", ""])
+    media = written.join(["coreid\tidentifier", *(f"o1\thttp://127.0.0.1:9/e/{i}.jpg" for i in range(3)), ""])
+    (folder / "occ.csv").write_text(occ, encoding="utf-8", newline="")
+    (folder / "media.csv").write_text(media, encoding="utf-8", newline="")
+    attrs = (
+        f'fieldsTerminatedBy="\\t" linesTerminatedBy="{declared}" fieldsEnclosedBy="" ignoreHeaderLines="1"'
+    )
+    write_meta(
+        folder, attrs,
+        '<field index="1" term="http://rs.tdwg.org/dwc/terms/scientificName"/>',
+        '<coreid index="0"/><field index="1" term="http://purl.org/dc/terms/identifier"/>',
+    )  # fmt: skip
+    got = [raw for _, raw in DwcaSource(folder, DwcaConfig())]
+    assert [raw["image_url"] for raw in got] == [f"http://127.0.0.1:9/e/{i}.jpg" for i in range(3)]
