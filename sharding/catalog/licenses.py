@@ -40,7 +40,8 @@ _NOISE_WORDS = {
 _NON_ALNUM = re.compile(r"[^a-z0-9]+")
 _CC_URL = re.compile(r"creativecommons\.org/(licenses|publicdomain)/([a-z-]+)", re.IGNORECASE)
 _CC_PREFIXES = ("creative-commons-", "creativecommons-")
-_VERSION = re.compile(r"(?<![\d.])([1-4]\.[05])(?![\d.])")
+#: The versions Creative Commons published (a jurisdiction's port keeps its version's deed here).
+_VERSION = re.compile(r"(?<![\d.])(1\.0|2\.0|2\.1|2\.5|3\.0|4\.0)(?![\d.])")
 #: Deeds by canonical id, where a versioned URL is built (``{version}``): Creative Commons' own paths.
 _CC_DEEDS = {"cc0": "publicdomain/zero/{version}/", "pdm": "publicdomain/mark/{version}/"}
 

@@ -59,3 +59,25 @@ def test_table_rejects_bad_class_and_ambiguous_alias(tmp_path):
     )
     with pytest.raises(ConfigError, match="names both"):
         LicenseTable.load(bad)
+
+
+@pytest.mark.parametrize(
+    ("raw", "url"),
+    [
+        ("CC BY-SA 3.0", "https://creativecommons.org/licenses/by-sa/3.0/"),
+        ("Attribution 2.5 Generic", "https://creativecommons.org/licenses/by/2.5/"),
+        ("cc-by-nc", "https://creativecommons.org/licenses/by-nc/4.0/"),
+        ("CC0 1.0 Universal", "https://creativecommons.org/publicdomain/zero/1.0/"),
+        (
+            "http://creativecommons.org/licenses/by/4.0/legalcode",
+            "http://creativecommons.org/licenses/by/4.0/legalcode",
+        ),
+        ("CC BY 3.5", "https://creativecommons.org/licenses/by/4.0/"),  # no such version: the table's deed
+        ("All rights reserved", None),
+        (None, None),
+    ],
+)
+def test_the_licence_url_is_the_value_the_version_s_deed_or_the_table_s(raw, url):
+    table = LicenseTable.load(BUNDLED_CONFIG_DIR / "licenses.yaml")
+    canonical, _ = table.classify(raw)
+    assert table.url(raw, canonical) == url
