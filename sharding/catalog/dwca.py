@@ -48,7 +48,6 @@ import io
 import re
 import shutil
 import sqlite3
-import sys
 import tempfile
 import xml.etree.ElementTree as ET
 import zipfile
@@ -96,11 +95,7 @@ SPECIES_RANKS = frozenset(
 MAX_META_BYTES = 4 << 20
 #: How much of metadata.xml (EML) ``version`` reads for its title, date and DOI (they come first).
 MAX_EML_BYTES = 1 << 20
-#: A data line longer than this is a broken file (a missing line terminator), not a row.
 SHOWN_CHARS = 300  # of a rejected row, in rejects.jsonl
-_SHARED = frozenset(
-    {"license", "creator", "rights_holder", "country", "datasetKey", "publisher", "eventDate"}
-)
 _UNDECODABLE = re.compile("[\udc80-\udcff]")
 _DOI = re.compile(r"(10\.\d{4,9}/[^\s<\"]+)")
 
@@ -391,8 +386,8 @@ class DwcaSource:
             "references": img.get("references") or occ.get("references"),
             "eventDate": occ.get("eventDate"),
         }
-        # values shared by many records (a dataset, a photographer, a date) are kept once: 900,000 records
-        return {k: sys.intern(v) if k in _SHARED else v for k, v in raw.items() if v is not None}
+        # repeated values are shared by the catalog (intake.Interner), and meta is held packed there
+        return {k: v for k, v in raw.items() if v is not None}
 
 
 def _meta_root(text: bytes, path: Path) -> ET.Element:

@@ -30,7 +30,6 @@ from pathlib import Path
 from typing import Any
 
 from flora.sharding.catalog.sources import MONGO_PREFIXES, JsonlSource, MongoSource, SourceError
-from flora.sharding.catalog.sources import file_digest as file_digest  # served here too
 
 FORMATS = ("jsonl", "mongodb", "dwca", "inat", "csv", "tsv", "parquet")
 #: Files that make a folder an iNaturalist open-data export (each ``.csv`` or ``.csv.gz``).

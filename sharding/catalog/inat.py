@@ -372,13 +372,12 @@ class _PhotoJoin:
             return Unparseable(
                 text[:200], f"observation {uuid} is not in the observations table", "orphan_photo"
             )
-        # strings that repeat over records are shared, not one per record (the catalog keeps every record)
         _, grade, taxon_id, country, observed_on, problem = observation
-        grade, country, observed_on = self._shared(grade), self._shared(country), self._shared(observed_on)
         if problem:
             return Unparseable(text[:200], problem, "bad_row")
         if grade not in self.source.grades:
             kept = ", ".join(self.cfg.quality_grades)
+            # one message object for the many photos it rejects (rejects are kept until written)
             why = self._shared(f"quality grade {grade!r} is not in inat.quality_grades ({kept})")
             return Unparseable(text[:200], why, "quality_grade")
         if not taxon_id:
@@ -396,7 +395,7 @@ class _PhotoJoin:
             "image_url": self.cfg.photo_url.format(
                 photo_id=photo_id, size=self.cfg.photo_size, extension=extension
             ),
-            "license": self._shared(license_ or None),
+            "license": license_ or None,
             "source": self.cfg.source_name,
             "country": country,
             "creator": creator,
@@ -413,7 +412,7 @@ class _PhotoJoin:
         return raw
 
     def _shared(self, text: str | None) -> str | None:
-        """One string object per value for values that repeat (grades, dates, countries, licences)."""
+        """One string object per repeated value (the catalog shares a record's strings; this, messages)."""
         if text is None:
             return None
         if len(self.strings) >= CACHE_ENTRIES:

@@ -18,19 +18,17 @@ from types import SimpleNamespace
 import pytest
 
 from flora import store
-from flora.config import load_config
 from flora.io import read_jsonl, sha256_file
 from flora.sharding.build.attribution import COLUMNS
 from flora.sharding.build.run import build
 from flora.sharding.catalog.records import url_key
-from flora.sharding.catalog.run import run_catalog
-from flora.sharding.config import CatalogConfig
-from flora.sharding.format.schema import SampleMeta, safe_key, write_index
+from flora.sharding.format.schema import SampleMeta, safe_key
 from flora.store import S3Url
 from world import ImageServer, WorldSpec, build_world
 
 from .build_settings import config
-from .test_incremental import tar_keys
+from .test_incremental import catalog_versions, tar_keys
+from .test_neardup import drop_json_fields
 
 #: The fields a sample's json gained with the credits: a build before them wrote none.
 CREDITS = ("creator", "rights_holder", "license_url", "source_link")
@@ -61,11 +59,7 @@ def credited(tmp_path_factory):
     for path, fault in w.faults.items():
         server.set_fault(path, fault)
     rows = credited_rows(w.records)
-    cat = load_config(CatalogConfig, None, ["progress=false"])
-    for name, chosen in (("v1", [r for i, r in enumerate(rows) if i % 10 != 9]), ("v2", rows)):
-        (root / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in chosen))
-    run_catalog(str(root / "v1.jsonl"), root / "splits_v1", cat)
-    run_catalog(str(root / "v2.jsonl"), root / "splits_v2", cat, previous=root / "splits_v1")
+    catalog_versions(root, [r for i, r in enumerate(rows) if i % 10 != 9], rows)
     cache = root / "cache"
     with server:
         v1 = build(root / "splits_v1", root / "v1", config(cache))
@@ -81,17 +75,7 @@ def as_built_before_credits(out: Path) -> str:
     updated) and records the older sample format in the manifest; returns the tar's path."""
     manifest = json.loads((out / "manifest.json").read_text())
     entry = manifest["shards"][0]
-    tar = out / entry["path"]
-    with tarfile.open(tar) as src:
-        members = [(m, src.extractfile(m).read()) for m in src]
-    with tarfile.open(tar, "w", format=tarfile.USTAR_FORMAT) as dst:
-        for member, data in members:
-            if member.name.endswith(".json"):
-                data = json.dumps({k: v for k, v in json.loads(data).items() if k not in CREDITS}).encode()
-                member.size = len(data)
-            dst.addfile(member, io.BytesIO(data))
-    write_index(tar)
-    entry.update(sha256=sha256_file(tar), bytes=tar.stat().st_size)
+    drop_json_fields(out, entry, CREDITS)
     settings = manifest["build_settings"]
     settings["sample_meta"] = [f for f in settings["sample_meta"] if f not in CREDITS]
     (out / "manifest.json").write_text(json.dumps(manifest))

@@ -38,6 +38,16 @@ def config(cache: Path) -> BuildConfig:
     return load_config(BuildConfig, None, [*SETTINGS, f"cache.path={cache}"])
 
 
+def catalog_versions(root: Path, v1_rows: list[dict], v2_rows: list[dict]) -> None:
+    """``root/splits_v1`` from ``v1_rows`` and ``root/splits_v2`` from ``v2_rows`` grown from it
+    (``--previous``: frozen splits), each through a JSONL file beside them."""
+    cat = load_config(CatalogConfig, None, ["progress=false"])
+    for name, chosen in (("v1", v1_rows), ("v2", v2_rows)):
+        (root / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in chosen))
+    run_catalog(str(root / "v1.jsonl"), root / "splits_v1", cat)
+    run_catalog(str(root / "v2.jsonl"), root / "splits_v2", cat, previous=root / "splits_v1")
+
+
 @pytest.fixture(scope="module")
 def grown(tmp_path_factory):
     """A world; catalog v1 (90% of its records) and v2 (all but a few removed, one relabelled, with
@@ -70,11 +80,7 @@ def grown(tmp_path_factory):
         for r in rows
         if r["image_url"] not in removed
     ]
-    cat = load_config(CatalogConfig, None, ["progress=false"])
-    for name, chosen in (("v1", v1_rows), ("v2", v2_rows)):
-        (root / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in chosen))
-    run_catalog(str(root / "v1.jsonl"), root / "splits_v1", cat)
-    run_catalog(str(root / "v2.jsonl"), root / "splits_v2", cat, previous=root / "splits_v1")
+    catalog_versions(root, v1_rows, v2_rows)
     cache = root / "cache"
     with server:
         v1 = build(root / "splits_v1", root / "v1", config(cache))

@@ -6,6 +6,7 @@ and within splits."""
 import io
 import json
 import tarfile
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -366,24 +367,28 @@ def only_via_the_originals_crops(original: bytes, copy: bytes) -> bool:
     return any(near) and all(far)
 
 
+def drop_json_fields(out: Path, entry: dict, names: tuple[str, ...]) -> None:
+    """Rewrites the tar of manifest ``entry`` under ``out`` as an older writer made it, its samples'
+    json without the fields ``names``; its index and the entry's sha256 and size follow."""
+    path = out / entry["path"]
+    with tarfile.open(path) as tar:
+        members = [(m, tar.extractfile(m).read()) for m in tar]
+    with tarfile.open(path, "w", format=tarfile.USTAR_FORMAT) as tar:
+        for member, data in members:
+            if member.name.endswith(".json"):
+                data = json.dumps({k: v for k, v in json.loads(data).items() if k not in names}).encode()
+                member.size = len(data)
+            tar.addfile(member, io.BytesIO(data))
+    write_index(path)
+    entry["sha256"], entry["bytes"] = sha256_file(path), path.stat().st_size
+
+
 def strip_crop_hashes(out):
     """Makes ``out`` a build from before crop hashes: its samples' json without ``phash_crops``, the
     manifest's sha256s and sample format to match."""
     manifest = json.loads((out / "manifest.json").read_text())
     for entry in manifest["shards"]:
-        path = out / entry["path"]
-        with tarfile.open(path) as tar:
-            members = [(m, tar.extractfile(m).read()) for m in tar]
-        with tarfile.open(path, "w", format=tarfile.USTAR_FORMAT) as tar:
-            for member, data in members:
-                if member.name.endswith(".json"):
-                    data = json.dumps(
-                        {k: v for k, v in json.loads(data).items() if k != "phash_crops"}
-                    ).encode()
-                    member.size = len(data)
-                tar.addfile(member, io.BytesIO(data))
-        write_index(path)
-        entry["sha256"], entry["bytes"] = sha256_file(path), path.stat().st_size
+        drop_json_fields(out, entry, ("phash_crops",))
     manifest["build_settings"]["sample_meta"].remove("phash_crops")
     (out / "manifest.json").write_text(json.dumps(manifest))
 
